@@ -1,0 +1,9 @@
+# Sizes of the growable C arrays. Small first sizes keep an idle connection
+# cheap (most browsers hold ~10 topics); arrays double when full.
+cdef enum:
+    TOPIC_INITIAL_SLOTS = 4
+    MEMBER_INITIAL_SLOTS = 4
+    QUEUE_INITIAL_SLOTS = 4
+    # A queue array larger than this is freed after a flush instead of kept,
+    # so one burst does not pin memory on an otherwise idle connection.
+    QUEUE_KEEP_SLOTS = 16

@@ -1,0 +1,3 @@
+include "consts.pxi"
+include "frames.pxd"
+include "hub.pxd"

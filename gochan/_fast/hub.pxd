@@ -1,0 +1,57 @@
+from cpython.object cimport PyObject
+
+
+cdef struct Membership:
+    PyObject* topic          # borrowed: the Topic is alive while it has members
+    Py_ssize_t index         # this subscriber's slot in topic.slots
+
+
+cdef class Topic:
+    cdef readonly str name
+    # Borrowed pointers to Subscribers; a subscriber leaves every topic before
+    # it can be freed (Hub.close, and Subscriber.__dealloc__ as a last resort).
+    cdef PyObject** slots
+    cdef Py_ssize_t count, capacity
+
+    cdef int _append(self, Subscriber sub) except -1
+    cdef void _remove_at(self, Py_ssize_t index) noexcept
+
+
+cdef class Subscriber:
+    cdef Hub hub
+    cdef object transport
+    cdef object _write               # transport.write, bound once
+    cdef readonly object owner       # what the caller attached (the Client)
+    # Frames queued since the last flush (owned references).
+    cdef PyObject** queue
+    cdef Py_ssize_t queue_len, queue_cap, queue_bytes
+    cdef Membership* members
+    cdef Py_ssize_t members_len, members_cap
+    cdef bint dirty, active
+    cdef readonly bint paused
+    cdef readonly bint closed
+
+    cdef int _enqueue(self, bytes frame) except -1
+    cdef void _clear_queue(self) noexcept
+    cdef Py_ssize_t _find(self, PyObject* topic) noexcept
+    cdef int _write_queue(self) except -1
+
+
+cdef class Hub:
+    cdef dict topics                 # name -> Topic
+    cdef set subscribers             # every open Subscriber
+    cdef list dirty                  # Subscribers with frames to write
+    cdef list doomed                 # slow consumers to abort at the next flush
+    cdef bint flush_scheduled
+    cdef object _call_soon
+    cdef object _flush_cb
+    cdef readonly Py_ssize_t max_pending
+    cdef readonly unsigned long long deliveries
+    cdef readonly unsigned long long messages
+    cdef readonly unsigned long long writes
+    cdef readonly unsigned long long bytes_written
+    cdef readonly unsigned long long slow_disconnects
+
+    cpdef Py_ssize_t publish(self, str topic, bytes frame) except -1
+    cdef inline int _mark_dirty(self, Subscriber sub) except -1
+    cdef int _detach(self, Subscriber sub, Py_ssize_t member) except -1

@@ -1,0 +1,367 @@
+# Topic table and fan-out.
+#
+# A Topic keeps its subscribers in a compact C array of borrowed pointers; a
+# Subscriber keeps, for each topic it is in, the Topic and its slot index, so
+# leaving a topic is O(1): the last slot is moved into the hole and the moved
+# subscriber's index is fixed up (a scan of its own few memberships).
+#
+# Publishing walks one array and appends the same frame object to each
+# subscriber's queue: no Python object is allocated per delivery. Queues are
+# written once per loop iteration (Hub.flush, scheduled with call_soon), so all
+# frames for one connection within an iteration leave in one write.
+
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_DECREF
+from cpython.mem cimport PyMem_Realloc, PyMem_Free
+from cpython.dict cimport PyDict_GetItem
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize,
+                            PyBytes_GET_SIZE)
+from libc.string cimport memcpy
+
+import logging as _logging
+
+_log = _logging.getLogger("gochan.server")
+
+# Bytes of unsent output a connection may hold before it is dropped as a slow
+# consumer (it reconnects and replays).
+DEFAULT_MAX_PENDING = 1 << 20
+
+
+cdef void* _grow(void* ptr, Py_ssize_t* capacity, Py_ssize_t initial,
+                 size_t item_size) except NULL:
+    cdef Py_ssize_t cap = capacity[0] * 2 if capacity[0] else initial
+    cdef void* new = PyMem_Realloc(ptr, <size_t>cap * item_size)
+    if new == NULL:
+        raise MemoryError()
+    capacity[0] = cap
+    return new
+
+
+cdef class Topic:
+    def __cinit__(self, str name):
+        self.name = name
+        self.slots = NULL
+        self.count = 0
+        self.capacity = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.slots)
+
+    def __len__(self):
+        return self.count
+
+    cdef int _append(self, Subscriber sub) except -1:
+        if self.count == self.capacity:
+            self.slots = <PyObject**>_grow(self.slots, &self.capacity,
+                                           TOPIC_INITIAL_SLOTS, sizeof(PyObject*))
+        self.slots[self.count] = <PyObject*>sub
+        self.count += 1
+        return 0
+
+    cdef void _remove_at(self, Py_ssize_t index) noexcept:
+        cdef Py_ssize_t last = self.count - 1
+        cdef Subscriber moved
+        cdef void* smaller
+        if index != last:
+            self.slots[index] = self.slots[last]
+            moved = <Subscriber>self.slots[index]
+            moved.members[moved._find(<PyObject*>self)].index = index
+        self.count = last
+        # Give memory back when a big topic empties out.
+        if self.capacity > TOPIC_INITIAL_SLOTS and self.count * 4 <= self.capacity:
+            smaller = PyMem_Realloc(self.slots, <size_t>(self.capacity // 2) * sizeof(PyObject*))
+            if smaller != NULL:
+                self.slots = <PyObject**>smaller
+                self.capacity //= 2
+
+
+cdef class Subscriber:
+    """One SSE stream's place in the fan-out: its queue and its topics."""
+
+    def __cinit__(self, Hub hub not None, object transport, object owner=None):
+        self.hub = hub
+        self.transport = transport
+        self._write = transport.write
+        self.owner = owner
+        self.queue = NULL
+        self.queue_len = self.queue_cap = self.queue_bytes = 0
+        self.members = NULL
+        self.members_len = self.members_cap = 0
+        self.paused = self.dirty = self.active = self.closed = False
+        hub.subscribers.add(self)
+
+    def __dealloc__(self):
+        # Hub.close() has normally run. Only C memory and owned frames are
+        # released here: the Topics may already be gone at interpreter exit.
+        self._clear_queue()
+        PyMem_Free(self.queue)
+        PyMem_Free(self.members)
+
+    @property
+    def topics(self):
+        """Names of the topics this stream is in (in no set order)."""
+        return [(<Topic>self.members[i].topic).name for i in range(self.members_len)]
+
+    @property
+    def pending_bytes(self):
+        """Bytes queued and not yet handed to the transport."""
+        return self.queue_bytes
+
+    def send(self, bytes frame not None):
+        """Queue one frame for this stream only (system frames, replay)."""
+        if self.closed:
+            return False
+        self._enqueue(frame)
+        self.active = True
+        self.hub._mark_dirty(self)
+        return True
+
+    def pause(self):
+        """The transport's buffer is full (``pause_writing``): hold frames."""
+        self.paused = True
+
+    def resume(self):
+        """The transport drained (``resume_writing``): write what was held."""
+        self.paused = False
+        if self.queue_len and not self.closed:
+            self._write_queue()
+
+    cdef int _enqueue(self, bytes frame) except -1:
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
+        if self.queue_bytes + size > self.hub.max_pending:
+            # A slow consumer: drop it rather than grow without bound.
+            self.closed = True
+            self._clear_queue()
+            self.hub.doomed.append(self)
+            self.hub._mark_dirty(self)
+            return 0
+        if self.queue_len == self.queue_cap:
+            self.queue = <PyObject**>_grow(self.queue, &self.queue_cap,
+                                           QUEUE_INITIAL_SLOTS, sizeof(PyObject*))
+        Py_INCREF(frame)
+        self.queue[self.queue_len] = <PyObject*>frame
+        self.queue_len += 1
+        self.queue_bytes += size
+        return 0
+
+    cdef void _clear_queue(self) noexcept:
+        cdef Py_ssize_t i
+        for i in range(self.queue_len):
+            Py_DECREF(<object>self.queue[i])
+        self.queue_len = 0
+        self.queue_bytes = 0
+        if self.queue_cap > QUEUE_KEEP_SLOTS:
+            PyMem_Free(self.queue)
+            self.queue = NULL
+            self.queue_cap = 0
+
+    cdef Py_ssize_t _find(self, PyObject* topic) noexcept:
+        cdef Py_ssize_t i
+        for i in range(self.members_len):
+            if self.members[i].topic == topic:
+                return i
+        return -1
+
+    cdef int _write_queue(self) except -1:
+        # One write for everything queued: the frame itself when there is one
+        # (no copy), else one joined buffer.
+        cdef Py_ssize_t i, pos = 0, size
+        cdef object data
+        cdef char* out
+        if self.queue_len == 0:
+            return 0
+        if self.queue_len == 1:
+            data = <object>self.queue[0]
+        else:
+            data = PyBytes_FromStringAndSize(NULL, self.queue_bytes)
+            out = PyBytes_AS_STRING(data)
+            for i in range(self.queue_len):
+                size = PyBytes_GET_SIZE(<object>self.queue[i])
+                memcpy(out + pos, PyBytes_AS_STRING(<object>self.queue[i]), size)
+                pos += size
+        self.hub.writes += 1
+        self.hub.bytes_written += self.queue_bytes
+        self._clear_queue()
+        self._write(data)
+        return 0
+
+
+cdef class Hub:
+    """Topic -> subscribers table and the fan-out that writes to them."""
+
+    def __cinit__(self, loop, Py_ssize_t max_pending=DEFAULT_MAX_PENDING):
+        if max_pending <= 0:
+            raise ValueError("max_pending must be positive")
+        self.topics = {}
+        self.subscribers = set()
+        self.dirty = []
+        self.doomed = []
+        self.flush_scheduled = False
+        self._call_soon = loop.call_soon
+        self._flush_cb = self.flush
+        self.max_pending = max_pending
+        self.deliveries = self.messages = self.writes = 0
+        self.bytes_written = self.slow_disconnects = 0
+
+    cdef inline int _mark_dirty(self, Subscriber sub) except -1:
+        if not sub.dirty:
+            sub.dirty = True
+            self.dirty.append(sub)
+            if not self.flush_scheduled:
+                self.flush_scheduled = True
+                self._call_soon(self._flush_cb)
+        return 0
+
+    cpdef Py_ssize_t publish(self, str topic, bytes frame) except -1:
+        """Queue ``frame`` on every subscriber of ``topic``; returns how many."""
+        cdef PyObject* found = PyDict_GetItem(self.topics, topic)
+        cdef Topic t
+        cdef Subscriber sub
+        cdef Py_ssize_t i, delivered = 0
+        self.messages += 1
+        if found == NULL:
+            return 0
+        t = <Topic>found
+        for i in range(t.count):
+            sub = <Subscriber>t.slots[i]
+            if sub.closed:
+                continue
+            sub._enqueue(frame)
+            sub.active = True
+            self._mark_dirty(sub)
+            delivered += 1
+        self.deliveries += delivered
+        return delivered
+
+    def subscribe(self, Subscriber sub not None, str topic not None):
+        """Put ``sub`` in ``topic``; False if it was there already or is closed."""
+        cdef PyObject* found
+        cdef Topic t
+        if sub.closed or sub.hub is not self:
+            return False
+        found = PyDict_GetItem(self.topics, topic)
+        if found == NULL:
+            t = Topic(topic)
+            self.topics[topic] = t
+        else:
+            t = <Topic>found
+            if sub._find(found) >= 0:
+                return False
+        if sub.members_len == sub.members_cap:
+            sub.members = <Membership*>_grow(sub.members, &sub.members_cap,
+                                             MEMBER_INITIAL_SLOTS, sizeof(Membership))
+        t._append(sub)
+        sub.members[sub.members_len].topic = <PyObject*>t
+        sub.members[sub.members_len].index = t.count - 1
+        sub.members_len += 1
+        return True
+
+    def unsubscribe(self, Subscriber sub not None, str topic not None):
+        """Take ``sub`` out of ``topic``; False if it was not in it."""
+        cdef PyObject* found = PyDict_GetItem(self.topics, topic)
+        cdef Py_ssize_t member
+        if found == NULL:
+            return False
+        member = sub._find(found)
+        if member < 0:
+            return False
+        self._detach(sub, member)
+        return True
+
+    cdef int _detach(self, Subscriber sub, Py_ssize_t member) except -1:
+        cdef Topic t = <Topic>sub.members[member].topic
+        t._remove_at(sub.members[member].index)
+        sub.members_len -= 1
+        sub.members[member] = sub.members[sub.members_len]
+        if t.count == 0:
+            del self.topics[t.name]
+        return 0
+
+    def close(self, Subscriber sub not None):
+        """Take ``sub`` out of every topic and drop what it had queued."""
+        sub.closed = True
+        sub._clear_queue()
+        while sub.members_len:
+            self._detach(sub, sub.members_len - 1)
+        self.subscribers.discard(sub)
+
+    def finish(self, Subscriber sub not None, bytes frame=None):
+        """End a stream gracefully: write what is queued (and ``frame``), then
+        close the transport once its buffer has drained."""
+        if not sub.closed:
+            if frame is not None:
+                sub._enqueue(frame)
+            if not sub.paused and not sub.closed:
+                try:
+                    sub._write_queue()
+                except Exception:
+                    pass
+        self.close(sub)
+        sub.transport.close()
+
+    def flush(self):
+        """Write every queue that has frames (runs once per loop iteration)."""
+        cdef Subscriber sub
+        cdef list dirty = self.dirty
+        self.flush_scheduled = False
+        self.dirty = []
+        for sub in dirty:
+            sub.dirty = False
+            if sub.closed or sub.paused:
+                continue
+            try:
+                sub._write_queue()
+            except Exception as exc:
+                _log.debug("write failed, closing stream: %r", exc)
+                self.close(sub)
+                sub.transport.abort()
+        if self.doomed:
+            dirty = self.doomed
+            self.doomed = []
+            for sub in dirty:
+                self.slow_disconnects += 1
+                self.close(sub)
+                sub.transport.abort()
+
+    def heartbeat(self, bytes frame not None):
+        """Send ``frame`` to every stream that sent nothing since the last call."""
+        cdef Subscriber sub
+        cdef Py_ssize_t sent = 0
+        for sub in self.subscribers:
+            if sub.closed:
+                continue
+            if sub.active:
+                sub.active = False
+                continue
+            sub._enqueue(frame)
+            self._mark_dirty(sub)
+            sent += 1
+        return sent
+
+    def subscriber_count(self, str topic not None):
+        """How many streams are in ``topic``."""
+        cdef PyObject* found = PyDict_GetItem(self.topics, topic)
+        return 0 if found == NULL else (<Topic>found).count
+
+    @property
+    def topic_count(self):
+        return len(self.topics)
+
+    @property
+    def connection_count(self):
+        return len(self.subscribers)
+
+    def open_subscribers(self):
+        """A snapshot list of the open subscribers."""
+        return list(self.subscribers)
+
+    def stats(self):
+        return {
+            "connections": len(self.subscribers),
+            "topics": len(self.topics),
+            "messages": self.messages,
+            "deliveries": self.deliveries,
+            "writes": self.writes,
+            "bytes_written": self.bytes_written,
+            "slow_disconnects": self.slow_disconnects,
+        }

@@ -1,0 +1,74 @@
+"""The Driver protocol: where messages come from.
+
+A driver holds ONE broker subscription per topic for the whole process; the
+streamer opens it with the first local subscriber and closes it after the last
+one leaves, and fans messages out locally. Every process that holds a topic
+receives every message of it (never competing consumers).
+
+Drivers call back into a :class:`Receiver` (the streamer) from the event loop's
+thread. ``on_message`` must not be awaited and must not block: it encodes the
+frame once and queues it on every subscribed connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+__all__ = ["Driver", "Receiver"]
+
+
+class Receiver(Protocol):
+    """What a driver delivers to (implemented by :class:`gochan.Streamer`)."""
+
+    def on_message(self, topic: str, data: bytes, event_id: str | None) -> None:
+        """A message arrived on ``topic``.
+
+        ``event_id`` is the broker's position for it when the broker has one
+        (a JetStream sequence, a stream entry id); ``None`` lets the streamer
+        number it.
+        """
+
+    def on_subscription_failure(self, topic: str, message: str) -> None:
+        """The broker subscription for ``topic`` failed after it had been made
+        (for example it could not be restored after a reconnect)."""
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """A broker binding. See ``gochan.drivers.mem.MemDriver`` for the reference."""
+
+    name: ClassVar[str]
+
+    @property
+    def ready(self) -> bool:
+        """True while the broker connection is usable (``/readyz``)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``/metrics`` (for example ``reconnects``)."""
+
+    def check_topic(self, topic: str) -> None:
+        """Raise :class:`gochan.errors.InvalidTopicError` if ``topic`` cannot be
+        mapped to the broker's naming rules. Must not do I/O."""
+
+    async def connect(self, receiver: Receiver) -> None:
+        """Connect to the broker; deliver messages to ``receiver`` from now on."""
+
+    async def subscribe(self, topic: str) -> None:
+        """Open the process's subscription for ``topic``.
+
+        Returns once messages published after it returns are sure to be
+        delivered. Raises :class:`gochan.errors.BrokerError` on failure.
+        Called at most once per topic until :meth:`unsubscribe`.
+        """
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Close the process's subscription for ``topic``."""
+
+    async def publish(self, topic: str, data: bytes) -> str | None:
+        """Publish ``data`` on ``topic`` so every process holding it receives it.
+
+        Returns the event id when the broker assigns one at publish time.
+        """
+
+    async def close(self) -> None:
+        """Close every subscription and the connection; idempotent."""

@@ -1,0 +1,78 @@
+"""Exceptions, grouped by who is at fault.
+
+They mix in builtins so that ``except ValueError`` keeps working for callers
+who do not know gochan's own classes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerConnectionError",
+    "BrokerError",
+    "ClientExistsError",
+    "ClosedError",
+    "ConfigurationError",
+    "GochanError",
+    "InterfaceError",
+    "InvalidClientIdError",
+    "InvalidTopicError",
+    "LimitExceededError",
+    "MissingExtraError",
+    "UnknownClientError",
+]
+
+
+class GochanError(Exception):
+    """Base class of every gochan error."""
+
+
+class InterfaceError(GochanError):
+    """The caller used gochan wrongly (bad argument, bad state)."""
+
+
+class ConfigurationError(InterfaceError, ValueError):
+    """A configuration value is invalid."""
+
+
+class MissingExtraError(ConfigurationError, ImportError):
+    """A driver's client library is not installed (``pip install gochan[EXTRA]``)."""
+
+
+class InvalidTopicError(InterfaceError, ValueError):
+    """A topic name breaks the rules of the protocol (or of the driver)."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"invalid topic {topic!r}: {reason}")
+        self.topic = topic
+        self.reason = reason
+
+
+class InvalidClientIdError(InterfaceError, ValueError):
+    """A client id is not 1..128 URL-safe characters."""
+
+
+class UnknownClientError(InterfaceError, KeyError):
+    """No client has that id."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else "unknown client"
+
+
+class ClientExistsError(InterfaceError, ValueError):
+    """A custom client was asked for with an id that is taken."""
+
+
+class LimitExceededError(InterfaceError, ValueError):
+    """A configured limit (topics per client, clients, ...) would be passed."""
+
+
+class BrokerError(GochanError):
+    """The broker refused or failed an operation."""
+
+
+class BrokerConnectionError(BrokerError, ConnectionError):
+    """The broker cannot be reached."""
+
+
+class ClosedError(GochanError):
+    """The streamer or driver is closed."""
