@@ -1,0 +1,115 @@
+"""Client: an identity and a set of topics. No I/O here.
+
+A client id is a bearer credential: whoever knows it can read the client's
+stream and change its subscriptions. Generated ids carry 144 random bits.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import TYPE_CHECKING, NamedTuple
+
+from .errors import InvalidClientIdError, InvalidTopicError
+
+if TYPE_CHECKING:
+    from ._fast import Subscriber
+
+__all__ = [
+    "MAX_CLIENT_ID_CHARS",
+    "MAX_TOPIC_BYTES",
+    "RESERVED_TOPIC",
+    "Client",
+    "TopicError",
+    "new_client_id",
+    "validate_client_id",
+    "validate_topic",
+]
+
+MAX_TOPIC_BYTES = 256
+MAX_CLIENT_ID_CHARS = 128
+RESERVED_TOPIC = "message"  # system frames use this event name
+CLIENT_ID_RANDOM_BYTES = 18  # 144 bits, base64url: 24 characters
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._~-]{1,%d}" % MAX_CLIENT_ID_CHARS)
+# C0 and C1 control characters and DEL: they would break the SSE framing
+# (CR, LF) or confuse logs and brokers.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def new_client_id() -> str:
+    """A fresh unguessable, URL-safe client id."""
+    return secrets.token_urlsafe(CLIENT_ID_RANDOM_BYTES)
+
+
+def validate_client_id(client_id: object) -> str:
+    """Return ``client_id`` if it is 1..128 URL-safe characters, else raise."""
+    if not isinstance(client_id, str) or not _CLIENT_ID.fullmatch(client_id):
+        raise InvalidClientIdError(
+            f"client id must be 1..{MAX_CLIENT_ID_CHARS} characters of A-Z a-z 0-9 . _ ~ -"
+        )
+    return client_id
+
+
+def validate_topic(topic: object) -> str:
+    """Return ``topic`` if the protocol allows it, else raise InvalidTopicError."""
+    if not isinstance(topic, str):
+        raise InvalidTopicError(repr(topic), "a topic must be a string")
+    if not topic:
+        raise InvalidTopicError(topic, "a topic cannot be empty")
+    if len(topic) > MAX_TOPIC_BYTES or len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
+        raise InvalidTopicError(topic[:32] + "...", f"longer than {MAX_TOPIC_BYTES} bytes")
+    if _CONTROL.search(topic):
+        raise InvalidTopicError(topic, "control characters are not allowed")
+    if topic == RESERVED_TOPIC:
+        raise InvalidTopicError(topic, f"{RESERVED_TOPIC!r} is reserved for system frames")
+    try:
+        topic.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidTopicError(topic, "not valid UTF-8 (lone surrogate)") from None
+    return topic
+
+
+class TopicError(NamedTuple):
+    """One topic of an update that could not be applied."""
+
+    topic: str
+    code: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"topic": self.topic, "code": self.code, "message": self.message}
+
+
+class Client:
+    """A client: its id, its topics in subscription order and its live streams."""
+
+    __slots__ = ("_topics", "closed", "expires_at", "id", "streams", "updating")
+
+    def __init__(self, client_id: str) -> None:
+        self.id = client_id
+        self._topics: dict[str, None] = {}
+        self.streams: list[Subscriber] = []
+        # Monotonic deadline after which the client is removed; None while it
+        # has a live stream.
+        self.expires_at: float | None = None
+        self.closed = False
+        self.updating: object = None  # the streamer's per-client update lock
+
+    @property
+    def topics(self) -> list[str]:
+        return list(self._topics)
+
+    def has_topic(self, topic: str) -> bool:
+        return topic in self._topics
+
+    # The streamer keeps topics, driver subscriptions and streams in step;
+    # these two are its only writers.
+    def _add_topic(self, topic: str) -> None:
+        self._topics[topic] = None
+
+    def _remove_topic(self, topic: str) -> bool:
+        return self._topics.pop(topic, False) is None
+
+    def __repr__(self) -> str:
+        return f"<Client {self.id[:6]}... topics={len(self._topics)} streams={len(self.streams)}>"

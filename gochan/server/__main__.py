@@ -1,0 +1,109 @@
+"""``python -m gochan.server``: run gochan as a standalone server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from ..config import Config
+from ..errors import ConfigurationError
+from ..streamer import Streamer
+
+FLAG_HELP = {
+    "host": "address to listen on (default 127.0.0.1: loopback only)",
+    "port": "port to listen on (default 3000)",
+    "driver": "message driver: mem (default), or a broker driver",
+    "client_ttl": "seconds a client outlives its last connection (default 60)",
+    "heartbeat": "seconds between heartbeats on idle streams (default 15)",
+    "log_level": "debug, info, warning or error (default info)",
+    "publish_key": "bearer token POST /publish requires (needed off loopback)",
+    "cors_origins": "comma-separated origins allowed by CORS, or *",
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m gochan.server",
+        description="gochan: relay pub/sub messages to browsers over Server-Sent Events. "
+        "Every option is also a YAML key (--config) and a GOCHAN_<NAME> variable; "
+        "driver options are --<driver>-<option> (GOCHAN_<DRIVER>_<OPTION>).",
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="read settings from a YAML file")
+    for f in dataclasses.fields(Config):
+        if f.name == "driver_options":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if kind == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=FLAG_HELP.get(f.name))
+    args, rest = parser.parse_known_args(argv)
+    driver_flags: dict[str, str] = {}
+    it = iter(rest)
+    for item in it:
+        if not item.startswith("--"):
+            parser.error(f"unexpected argument {item!r}")
+        name, eq, value = item[2:].partition("=")
+        if not eq:
+            value = next(it, None)  # type: ignore[arg-type]
+            if value is None:
+                parser.error(f"{item} needs a value")
+        driver = args.driver or "mem"
+        prefix = driver + "-"
+        if not name.startswith(prefix):
+            parser.error(f"unknown option {item!r}")
+        driver_flags[name[len(prefix) :].replace("-", "_")] = value
+    return args, driver_flags
+
+
+async def run(config: Config) -> None:
+    streamer = Streamer(config)
+    await streamer.start()
+    server = await streamer.serve()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    for host, port in server.sockets:
+        print(f"gochan listening on http://{host}:{port} (driver {config.driver})", flush=True)
+    if not config.loopback_only and not config.publish_key:
+        logging.getLogger("gochan.server").warning(
+            "listening beyond loopback without publish_key: POST /publish is refused"
+        )
+    await stop.wait()
+    logging.getLogger("gochan.server").info("shutting down")
+    await streamer.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, driver_flags = parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    try:
+        config = Config.from_sources(
+            yaml_file=args.config, flags=flags, driver_flags=driver_flags
+        )
+    except ConfigurationError as exc:
+        print(f"gochan: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        uvloop.run(run(config))
+    except OSError as exc:
+        print(f"gochan: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""HTTP/1.1 pieces the protocol needs: the request record and response bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+from urllib.parse import parse_qs
+
+__all__ = ["Request", "date_header", "response_head", "simple_response"]
+
+MAX_QUERY_FIELDS = 1100  # a browser may name ~1000 topics at connect
+
+_REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
+
+_date = b""
+
+
+def date_header() -> bytes:
+    return _date
+
+
+def refresh_date() -> None:
+    """Recompute the cached Date header (called by the server tick)."""
+    global _date
+    _date = b"Date: " + formatdate(usegmt=True).encode("ascii") + b"\r\n"
+
+
+refresh_date()
+
+
+class Request:
+    """One parsed request. Header names are lower-case; repeated ones joined."""
+
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query_string")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query_string: str,
+        headers: dict[str, str],
+        body: bytes,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query_string = query_string
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+
+    def query(self) -> dict[str, list[str]]:
+        if not self.query_string:
+            return {}
+        return parse_qs(
+            self.query_string,
+            keep_blank_values=True,
+            strict_parsing=False,
+            max_num_fields=MAX_QUERY_FIELDS,
+        )
+
+
+def response_head(
+    status: int,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    *,
+    content_length: int | None = None,
+    keep_alive: bool = True,
+) -> bytes:
+    parts = [
+        b"HTTP/1.1 %d %s\r\nServer: gochan\r\n" % (status, _REASONS.get(status, b"Unknown")),
+        _date,
+    ]
+    for name, value in headers:
+        parts.append(name + b": " + value + b"\r\n")
+    if content_length is not None:
+        parts.append(b"Content-Length: %d\r\n" % content_length)
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+TEXT = b"text/plain; charset=utf-8"
+JSON = b"application/json"
+
+
+def simple_response(
+    status: int,
+    body: bytes = b"",
+    *,
+    content_type: bytes = TEXT,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    keep_alive: bool = True,
+    head: bool = False,
+) -> bytes:
+    """A complete response with a Content-Length (no body for HEAD, 204, 304)."""
+    all_headers = list(headers)
+    if body or status not in (204, 304):
+        all_headers.insert(0, (b"Content-Type", content_type))
+    length = None if status in (204, 304) else len(body)
+    head_bytes = response_head(status, all_headers, content_length=length, keep_alive=keep_alive)
+    if head or status in (204, 304):
+        return head_bytes
+    return head_bytes + body

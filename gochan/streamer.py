@@ -1,0 +1,486 @@
+"""Streamer: clients, topics, TTLs and the driver. No I/O of its own.
+
+The streamer owns the fan-out hub (``gochan._fast.Hub``), keeps one driver
+subscription per topic however many clients hold it, and runs the one tick
+that sweeps heartbeats, client TTLs and whatever the server hooks in
+(header and keep-alive timeouts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ._fast import HEARTBEAT, Hub, Subscriber, encode_event, encode_system
+from .client import (
+    Client,
+    TopicError,
+    new_client_id,
+    validate_client_id,
+    validate_topic,
+)
+from .config import DEFAULT_TICK_S, Config
+from .drivers import Driver, create_driver
+from .errors import (
+    BrokerError,
+    ClientExistsError,
+    ClosedError,
+    InterfaceError,
+    LimitExceededError,
+    UnknownClientError,
+)
+from .log import logger
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["CLIENT_CLOSED_FRAME", "Streamer"]
+
+CLIENT_CLOSED_FRAME = encode_system(b"Client closed")
+
+TickHook = Callable[[float], None]
+
+
+def subscription_failure_frame(topic: str, message: str) -> bytes:
+    payload = {"error": {"code": "subscription-failure", "message": message, "topic": topic}}
+    return encode_system(orjson.dumps(payload))
+
+
+class Streamer:
+    """The embedding API: create clients, subscribe them, publish, serve.
+
+    Use it as ``async with Streamer(config) as streamer:`` or call
+    :meth:`start` and :meth:`close` yourself.
+    """
+
+    def __init__(self, config: Config | None = None, *, driver: Driver | None = None) -> None:
+        self.config = config or Config()
+        self.driver: Driver = driver or create_driver(
+            self.config.driver, self.config.driver_options
+        )
+        self._hub: Hub | None = None
+        self._clients: dict[str, Client] = {}
+        self._topic_refs: dict[str, int] = {}  # topic -> clients holding it
+        self._driver_topics: set[str] = set()  # topics the driver is subscribed to
+        self._topic_locks: dict[str, asyncio.Lock] = {}
+        self._expiry: list[tuple[float, int, str]] = []  # (deadline, n, client id)
+        self._expiry_n = itertools.count()
+        self._tick_hooks: list[TickHook] = []
+        self._tick_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._servers: list[Server] = []
+        self._next_heartbeat = 0.0
+        self._epoch = secrets.token_hex(4)
+        self._seq = 0
+        self._started = False
+        self._closed = False
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("messages_in", "published", "clients_created", "clients_expired",
+             "subscription_failures", "replay_hits", "replay_misses"),
+            0,
+        )  # fmt: skip
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the driver and start the tick. Idempotent."""
+        if self._closed:
+            raise ClosedError("streamer is closed")
+        if self._started:
+            return
+        loop = asyncio.get_running_loop()
+        self._hub = Hub(loop, self.config.max_pending_bytes)
+        await self.driver.connect(self)
+        self._started = True
+        self._next_heartbeat = time.monotonic() + self.config.heartbeat
+        self._tick_task = loop.create_task(self._tick_loop(), name="gochan-tick")
+
+    async def close(self) -> None:
+        """Stop servers, end every stream with ``Client closed``, close the driver."""
+        if self._closed:
+            return
+        self._closed = True
+        for server in list(self._servers):
+            await server.shutdown()
+        self.end_all_streams()
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            await asyncio.gather(self._tick_task, return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._clients.clear()
+        await self.driver.close()
+
+    async def __aenter__(self) -> Streamer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def hub(self) -> Hub:
+        if self._hub is None:
+            raise InterfaceError("the streamer is not started: await streamer.start()")
+        return self._hub
+
+    @property
+    def started(self) -> bool:
+        return self._started and not self._closed
+
+    @property
+    def ready(self) -> bool:
+        return self.started and self.driver.ready
+
+    def add_tick_hook(self, hook: TickHook) -> None:
+        """Call ``hook(now)`` on every tick (``time.monotonic()`` clock)."""
+        self._tick_hooks.append(hook)
+
+    def remove_tick_hook(self, hook: TickHook) -> None:
+        if hook in self._tick_hooks:
+            self._tick_hooks.remove(hook)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(DEFAULT_TICK_S)
+            try:
+                self.tick(time.monotonic())
+            except Exception:
+                logger.exception("tick failed")
+
+    def tick(self, now: float) -> None:
+        """One sweep: heartbeats when due, expired clients, server hooks."""
+        if now >= self._next_heartbeat:
+            self.hub.heartbeat(HEARTBEAT)
+            self._next_heartbeat = now + self.config.heartbeat
+        while self._expiry and self._expiry[0][0] <= now:
+            _deadline, _n, client_id = heapq.heappop(self._expiry)
+            client = self._clients.get(client_id)
+            if client is not None and client.expires_at is not None and client.expires_at <= now:
+                self.counters["clients_expired"] += 1
+                self._spawn(self.remove_client(client_id))
+        for hook in self._tick_hooks:
+            hook(now)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- clients -----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if not self._started or self._closed:
+            raise ClosedError("streamer is not running")
+
+    def _add_client(self, client_id: str) -> Client:
+        self._check_open()
+        if len(self._clients) >= self.config.max_clients:
+            raise LimitExceededError(f"too many clients (max_clients={self.config.max_clients})")
+        client = Client(client_id)
+        self._clients[client_id] = client
+        self.counters["clients_created"] += 1
+        self._arm_expiry(client)
+        return client
+
+    def _arm_expiry(self, client: Client) -> None:
+        client.expires_at = time.monotonic() + self.config.client_ttl
+        heapq.heappush(self._expiry, (client.expires_at, next(self._expiry_n), client.id))
+
+    def create_client(self) -> Client:
+        """A new client with a random id and no topics (no broker I/O)."""
+        return self._add_client(new_client_id())
+
+    async def new_client(self, topics: Iterable[str] = ()) -> Client:
+        """A new client with a random unguessable id, subscribed to ``topics``."""
+        client = self.create_client()
+        await self._subscribe_new(client, topics)
+        return client
+
+    async def new_custom_client(self, client_id: str, topics: Iterable[str] = ()) -> Client:
+        """A new client with the given id; an id in use raises ClientExistsError."""
+        validate_client_id(client_id)
+        if client_id in self._clients:
+            raise ClientExistsError(f"client id {client_id!r} is in use")
+        client = self._add_client(client_id)
+        await self._subscribe_new(client, topics)
+        return client
+
+    async def _subscribe_new(self, client: Client, topics: Iterable[str]) -> None:
+        topics = list(topics)
+        if not topics:
+            return
+        try:
+            errors = await self.update_subscriptions(client, add=topics)
+        except BaseException:
+            await self.remove_client(client.id)
+            raise
+        if errors:
+            raise BrokerError("; ".join(f"{e.topic}: {e.message}" for e in errors))
+
+    def get_client(self, client_id: str) -> Client | None:
+        return self._clients.get(client_id)
+
+    def _client(self, client: Client | str) -> Client:
+        if isinstance(client, Client):
+            if client.closed:
+                raise UnknownClientError(f"client {client.id!r} was removed")
+            return client
+        found = self._clients.get(client)
+        if found is None:
+            raise UnknownClientError(f"no client with id {client!r}")
+        return found
+
+    def count_clients(self) -> int:
+        return len(self._clients)
+
+    def client_topics(self, client: Client | str) -> list[str]:
+        return self._client(client).topics
+
+    async def remove_client(self, client: Client | str) -> bool:
+        """End the client's streams with ``Client closed`` and drop its topics."""
+        try:
+            found = self._client(client)
+        except UnknownClientError:
+            return False
+        found.closed = True
+        self._clients.pop(found.id, None)
+        for sub in list(found.streams):
+            self.hub.finish(sub, CLIENT_CLOSED_FRAME)
+        found.streams.clear()
+        for topic in found.topics:
+            found._remove_topic(topic)
+            await self._release(topic)
+        return True
+
+    # -- subscriptions -----------------------------------------------------
+
+    def check_topics(self, topics: Iterable[object]) -> list[str]:
+        """Validate topics against the protocol and the driver; raise on the first bad one."""
+        checked = []
+        for topic in topics:
+            valid = validate_topic(topic)
+            self.driver.check_topic(valid)
+            checked.append(valid)
+        return checked
+
+    async def subscribe(self, client: Client | str, topics: Iterable[str]) -> list[TopicError]:
+        return await self.update_subscriptions(client, add=topics)
+
+    async def unsubscribe(self, client: Client | str, topics: Iterable[str]) -> list[TopicError]:
+        return await self.update_subscriptions(client, remove=topics)
+
+    async def update_subscriptions(
+        self,
+        client: Client | str,
+        add: Iterable[str] = (),
+        remove: Iterable[str] = (),
+    ) -> list[TopicError]:
+        """Add then remove topics, in order. Invalid topics or a passed topic
+        limit raise before anything changes; broker failures are returned per
+        topic (and streamed to the client as subscription-failure frames)."""
+        found = self._client(client)
+        add_list = self.check_topics(add)
+        remove_list = self.check_topics(remove)
+        final = (set(found.topics) | set(add_list)) - set(remove_list)
+        if len(final) > self.config.max_topics_per_client:
+            raise LimitExceededError(
+                f"a client may hold at most {self.config.max_topics_per_client} topics"
+            )
+        lock = found.updating
+        if not isinstance(lock, asyncio.Lock):
+            lock = found.updating = asyncio.Lock()
+        async with lock:
+            return await self._apply(found, add_list, remove_list)
+
+    async def _apply(self, client: Client, add: list[str], remove: list[str]) -> list[TopicError]:
+        errors: list[TopicError] = []
+        hub = self.hub
+        for topic in add:
+            if client.has_topic(topic):
+                continue
+            try:
+                await self._acquire(topic)
+            except BrokerError as exc:
+                self.counters["subscription_failures"] += 1
+                errors.append(TopicError(topic, "subscription-failure", str(exc)))
+                frame = subscription_failure_frame(topic, str(exc))
+                for sub in client.streams:
+                    sub.send(frame)
+                continue
+            if client.closed:  # removed while we waited on the broker
+                await self._release(topic)
+                raise UnknownClientError(f"client {client.id!r} was removed")
+            client._add_topic(topic)
+            for sub in client.streams:
+                hub.subscribe(sub, topic)
+        for topic in remove:
+            if client._remove_topic(topic):
+                for sub in client.streams:
+                    hub.unsubscribe(sub, topic)
+                await self._release(topic)
+        return errors
+
+    async def _acquire(self, topic: str) -> None:
+        self._topic_refs[topic] = self._topic_refs.get(topic, 0) + 1
+        if topic in self._driver_topics:
+            return
+        try:
+            await self._reconcile(topic)
+        except BaseException:
+            self._drop_ref(topic)
+            raise
+
+    async def _release(self, topic: str) -> None:
+        self._drop_ref(topic)
+        if topic not in self._topic_refs and topic in self._driver_topics:
+            try:
+                await self._reconcile(topic)
+            except BrokerError as exc:
+                logger.warning("unsubscribe from %r failed: %s", topic, exc)
+
+    def _drop_ref(self, topic: str) -> None:
+        refs = self._topic_refs.get(topic, 0) - 1
+        if refs > 0:
+            self._topic_refs[topic] = refs
+        else:
+            self._topic_refs.pop(topic, None)
+
+    async def _reconcile(self, topic: str) -> None:
+        # One driver call at a time per topic, bringing the driver in line
+        # with whether any client holds the topic now.
+        lock = self._topic_locks.get(topic)
+        if lock is None:
+            lock = self._topic_locks[topic] = asyncio.Lock()
+        try:
+            async with lock:
+                wanted = topic in self._topic_refs
+                held = topic in self._driver_topics
+                if wanted and not held:
+                    await self.driver.subscribe(topic)
+                    self._driver_topics.add(topic)
+                elif held and not wanted:
+                    self._driver_topics.discard(topic)
+                    await self.driver.unsubscribe(topic)
+        finally:
+            if not lock.locked() and self._topic_locks.get(topic) is lock:
+                del self._topic_locks[topic]
+
+    # -- streams (used by the server) --------------------------------------
+
+    def attach(self, client: Client, transport: asyncio.WriteTransport) -> Subscriber:
+        """Register a live SSE stream of ``client``: it gets every message of
+        the client's topics from now on."""
+        hub = self.hub
+        sub = Subscriber(hub, transport, client)
+        for topic in client.topics:
+            hub.subscribe(sub, topic)
+        client.streams.append(sub)
+        client.expires_at = None
+        return sub
+
+    def detach(self, sub: Subscriber) -> None:
+        """The stream's connection is gone; the TTL starts with the last one."""
+        self.hub.close(sub)
+        client = sub.owner
+        if isinstance(client, Client) and sub in client.streams:
+            client.streams.remove(sub)
+            if not client.streams and not client.closed and not self._closed:
+                self._arm_expiry(client)
+
+    def end_all_streams(self) -> None:
+        """Send ``Client closed`` to every stream and close it (shutdown)."""
+        if self._hub is None:
+            return
+        for sub in self._hub.open_subscribers():
+            self._hub.finish(sub, CLIENT_CLOSED_FRAME)
+            self.detach(sub)
+
+    # -- messages ----------------------------------------------------------
+
+    def on_message(self, topic: str, data: bytes, event_id: str | None) -> None:
+        """Driver callback: encode once, queue on every stream of ``topic``."""
+        self.counters["messages_in"] += 1
+        if event_id is None:
+            self._seq += 1
+            event_id = f"{self._epoch}-{self._seq}"
+        hub = self._hub
+        if hub is not None:
+            hub.publish(topic, encode_event(topic, event_id, data))
+
+    def on_subscription_failure(self, topic: str, message: str) -> None:
+        """Driver callback: the broker lost ``topic``; tell its clients."""
+        self.counters["subscription_failures"] += 1
+        frame = subscription_failure_frame(topic, message)
+        for client in self._clients.values():
+            if client.has_topic(topic):
+                for sub in client.streams:
+                    sub.send(frame)
+
+    async def publish(self, topic: str, data: bytes | str) -> str | None:
+        """Publish through the driver (so every node gets it); returns the
+        event id when the driver knows it at publish time."""
+        self._check_open()
+        self.check_topics((topic,))
+        body = data.encode() if isinstance(data, str) else bytes(data)
+        self.counters["published"] += 1
+        return await self.driver.publish(topic, body)
+
+    def publish_nowait(self, topic: str, data: bytes) -> str | None:
+        """Publish without awaiting, for drivers that can (the in-memory one).
+        Raises InterfaceError for drivers that need a round trip."""
+        publish = getattr(self.driver, "publish_nowait", None)
+        if publish is None:
+            raise InterfaceError(f"driver {self.driver.name!r} cannot publish without awaiting")
+        self._check_open()
+        self.check_topics((topic,))
+        self.counters["published"] += 1
+        event_id: str | None = publish(topic, data)
+        return event_id
+
+    @property
+    def can_publish_nowait(self) -> bool:
+        return hasattr(self.driver, "publish_nowait")
+
+    # -- serving -----------------------------------------------------------
+
+    async def serve(self, host: str | None = None, port: int | None = None) -> Server:
+        """Listen on ``host:port`` (defaults from the config) and return the server."""
+        from .server import Server
+
+        await self.start()
+        server = Server(self, self.config)
+        await server.listen(host or self.config.host, self.config.port if port is None else port)
+        self._servers.append(server)
+        return server
+
+    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
+        """A factory for ``loop.create_server`` in the caller's own program.
+        The streamer must be started first."""
+        from .server import Server
+
+        server = Server(self, self.config)
+        self._servers.append(server)
+        return server.protocol_factory
+
+    def _forget_server(self, server: Server) -> None:
+        if server in self._servers:
+            self._servers.remove(server)
+
+    def stats(self) -> dict[str, Any]:
+        hub = self._hub.stats() if self._hub is not None else {}
+        return {
+            **self.counters,
+            **hub,
+            "clients": len(self._clients),
+            "driver_subscriptions": len(self._driver_topics),
+            "driver": self.driver.stats(),
+        }
