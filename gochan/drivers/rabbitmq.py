@@ -427,6 +427,12 @@ class RabbitMQDriver:
                 self._topics.discard(topic)
                 self._report_failure(topic, f"cannot restore the RabbitMQ binding: {exc}")
                 return False
+            if topic not in self._topics:  # unsubscribed while we restored it
+                try:
+                    await session.queue.unbind(session.exchange, topic, timeout=self._timeout)
+                except Exception as exc:
+                    broker_logger.warning("rabbitmq: restore interrupted: %r", exc)
+                    return False
         return session.usable
 
     def _report_failure(self, topic: str, message: str) -> None:
