@@ -14,6 +14,10 @@ __all__ = ["DRIVERS", "Driver", "MemDriver", "Receiver", "create_driver"]
 # name -> (module, class, pip extra that brings its client library)
 DRIVERS: dict[str, tuple[str, str, str | None]] = {
     "mem": ("gochan.drivers.mem", "MemDriver", None),
+    "kafka": ("gochan.drivers.kafka", "KafkaDriver", "kafka"),
+    "rabbitmq": ("gochan.drivers.rabbitmq", "RabbitMQDriver", "rabbitmq"),
+    "mqtt": ("gochan.drivers.mqtt", "MqttDriver", "mqtt"),
+    "postgres": ("gochan.drivers.postgres", "PostgresDriver", "postgres"),
 }
 
 

@@ -1,0 +1,486 @@
+"""The PostgreSQL driver (LISTEN/NOTIFY, through asyncpg).
+
+``NOTIFY`` reaches every session that ``LISTEN``\\s on the channel, so fan-out
+between gochan processes is what PostgreSQL does already. Each process holds
+one listening connection and, per gochan topic it holds, one ``LISTEN`` on the
+channel ``prefix + topic``; ``unsubscribe`` runs ``UNLISTEN``.
+
+``publish(topic, data)`` runs ``SELECT pg_notify(channel, payload)`` on a small
+connection pool (so publishing never waits behind the listener). Anything that
+can run SQL publishes the same way, and its payload reaches browsers
+unchanged::
+
+    SELECT pg_notify('gochan_orders', '{"id": 42}');
+    NOTIFY "gochan_orders", '{"id": 42}';    -- quoted: channel names fold to
+                                              -- lower case when unquoted
+
+Channel mapping: the channel is ``prefix + topic`` (default prefix
+``"gochan_"``), exact and case-sensitive (the driver quotes it as an
+identifier, ``"..."`` with ``"`` doubled). PostgreSQL identifiers hold at most
+63 bytes and would be silently truncated beyond, so a topic whose channel
+would be longer is refused with :class:`~gochan.errors.InvalidTopicError`
+(56 bytes of topic with the default prefix). Long names are not hashed: other
+publishers must be able to name the channel.
+
+Payloads: ``NOTIFY`` carries text in the database encoding, shorter than 8000
+bytes. ``publish`` therefore takes UTF-8 text without NUL bytes, under
+:data:`MAX_PAYLOAD_BYTES`; a binary body raises :class:`PayloadError` and an
+oversized one :class:`~gochan.errors.LimitExceededError`, both before any I/O
+(both are ``ValueError``\\s). Binary data is not encoded behind the
+publisher's back: whoever needs it sends base64 or JSON, and browsers get
+exactly that text. Received payloads are relayed as their UTF-8 bytes.
+
+Connection loss (server restart, ``pg_terminate_backend``, network cut, found
+by asyncpg or by a ``SELECT 1`` every ``ping_interval`` seconds): ``ready``
+turns False, the driver reconnects with exponential backoff and jitter, runs
+``LISTEN`` again for every topic it held and counts one reconnect. A topic the
+server refuses on the new connection is dropped and reported through
+``Receiver.on_subscription_failure``. Notifications sent while the listener is
+disconnected are lost for this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import unicodedata
+from collections.abc import Awaitable
+from typing import Any, ClassVar, TypeVar
+
+import asyncpg  # type: ignore[import-untyped]
+
+from ..errors import (
+    BrokerConnectionError,
+    BrokerError,
+    ClosedError,
+    ConfigurationError,
+    InterfaceError,
+    InvalidTopicError,
+    LimitExceededError,
+)
+from ..log import broker_logger
+from .base import Receiver
+
+__all__ = ["PayloadError", "PostgresDriver"]
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_PREFIX = "gochan_"
+DEFAULT_APPLICATION_NAME = "gochan"
+DEFAULT_POOL_SIZE = 4
+DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_PING_INTERVAL_S = 15.0
+DEFAULT_RECONNECT_MIN_S = 0.1
+DEFAULT_RECONNECT_MAX_S = 10.0
+
+MAX_TOPIC_BYTES = 256  # gochan's own limit
+MAX_CHANNEL_BYTES = 63  # NAMEDATALEN - 1
+MAX_PAYLOAD_BYTES = 7999  # NOTIFY refuses payloads of 8000 bytes and more
+
+_T = TypeVar("_T")
+
+
+class PayloadError(InterfaceError, ValueError):
+    """The message body cannot travel as a NOTIFY payload (not UTF-8 text, or NUL)."""
+
+
+def _check_gochan_topic(topic: str) -> bytes:
+    """The protocol's own rules (1..256 UTF-8 bytes, no control characters)."""
+    try:
+        raw = topic.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidTopicError(topic, "not encodable as UTF-8") from None
+    if not raw:
+        raise InvalidTopicError(topic, "empty")
+    if len(raw) > MAX_TOPIC_BYTES:
+        raise InvalidTopicError(topic, f"longer than {MAX_TOPIC_BYTES} bytes")
+    if any(unicodedata.category(ch) == "Cc" for ch in topic):
+        raise InvalidTopicError(topic, "contains a control character")
+    return raw
+
+
+def _backoff_s(attempt: int, low: float, high: float) -> float:
+    """Exponential backoff with jitter: about low * 2**attempt, capped at high."""
+    ceiling = min(high, low * (2 ** min(attempt, 32)))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def quote_channel(channel: str) -> str:
+    """``channel`` as a quoted SQL identifier, for ``LISTEN``/``NOTIFY``."""
+    return '"' + channel.replace('"', '""') + '"'
+
+
+class PostgresDriver:
+    """Fan-out over PostgreSQL LISTEN/NOTIFY (see the module docstring).
+
+    Keyword arguments (all optional; the config layer maps ``dsn`` to
+    ``--postgres-dsn`` and ``GOCHAN_POSTGRES_DSN``, and so on):
+
+    ``dsn``
+        libpq connection URI or keyword string, as asyncpg takes it (the
+        usual ``PG*`` environment variables fill what it leaves out).
+        Default ``postgresql://postgres@127.0.0.1:5432/postgres``.
+    ``prefix``
+        Prepended to every topic to form the channel name. Default
+        ``"gochan_"``; may be empty. At most 62 bytes.
+    ``application_name``
+        Shown in ``pg_stat_activity`` for the driver's connections.
+        Default ``"gochan"``.
+    ``pool_size``
+        Connections used for publishing, besides the listening one. Default 4.
+    ``timeout``
+        Seconds to wait for any server operation (connecting, LISTEN,
+        publishing) before failing with :class:`~gochan.errors.BrokerError`.
+        Default 5.
+    ``ping_interval``
+        Seconds between liveness checks of the listening connection, which
+        otherwise only notices a dead server when the socket closes.
+        Default 15.
+    ``reconnect_min``, ``reconnect_max``
+        Bounds, in seconds, of the exponential backoff between reconnection
+        attempts. Defaults 0.1 and 10.
+    """
+
+    name: ClassVar[str] = "postgres"
+
+    def __init__(
+        self,
+        dsn: str = DEFAULT_DSN,
+        prefix: str = DEFAULT_PREFIX,
+        application_name: str = DEFAULT_APPLICATION_NAME,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        ping_interval: float = DEFAULT_PING_INTERVAL_S,
+        reconnect_min: float = DEFAULT_RECONNECT_MIN_S,
+        reconnect_max: float = DEFAULT_RECONNECT_MAX_S,
+    ) -> None:
+        try:
+            prefix_bytes = len(prefix.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ConfigurationError(f"invalid PostgreSQL channel prefix {prefix!r}") from None
+        if prefix_bytes >= MAX_CHANNEL_BYTES or "\0" in prefix:
+            raise ConfigurationError(
+                f"invalid PostgreSQL channel prefix {prefix!r}: at most "
+                f"{MAX_CHANNEL_BYTES - 1} bytes, no NUL"
+            )
+        if pool_size < 1:
+            raise ConfigurationError("PostgreSQL pool_size must be at least 1")
+        if (
+            timeout <= 0
+            or ping_interval <= 0
+            or reconnect_min <= 0
+            or reconnect_max < reconnect_min
+        ):
+            raise ConfigurationError(
+                "PostgreSQL timeout, ping interval and reconnect delays must be "
+                "positive, with reconnect_min <= reconnect_max"
+            )
+        self._dsn = dsn
+        self._prefix = prefix
+        self._prefix_bytes = prefix_bytes
+        self._application_name = application_name
+        self._pool_size = int(pool_size)
+        self._timeout = float(timeout)
+        self._ping_interval = float(ping_interval)
+        self._reconnect_min = float(reconnect_min)
+        self._reconnect_max = float(reconnect_max)
+
+        self._receiver: Receiver | None = None
+        self._conn: Any = None  # the listening asyncpg.Connection
+        self._pool: Any = None  # asyncpg.Pool for publishing
+        self._lost = asyncio.Event()
+        # asyncpg runs one operation at a time per connection: LISTEN,
+        # UNLISTEN and pings of the listening connection take turns.
+        self._lock = asyncio.Lock()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._topics: set[str] = set()
+        self._ready = False
+        self._closed = False
+        self._reconnects = 0
+        self._published = 0
+        self._received = 0
+        self._failures = 0
+
+    # -- Driver protocol -------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def topics(self) -> frozenset[str]:
+        """The topics this process LISTENs to."""
+        return frozenset(self._topics)
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process id of the listening connection (None when down)."""
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return None
+        return int(conn.get_server_pid())
+
+    def channel(self, topic: str) -> str:
+        """The channel name for ``topic`` (unquoted); checks the topic first."""
+        self.check_topic(topic)
+        return self._prefix + topic
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "reconnects": self._reconnects,
+            "subscriptions": len(self._topics),
+            "published": self._published,
+            "received": self._received,
+            "subscription_failures": self._failures,
+            "connected": self._ready,
+        }
+
+    def check_topic(self, topic: str) -> None:
+        raw = _check_gochan_topic(topic)
+        if self._prefix_bytes + len(raw) > MAX_CHANNEL_BYTES:
+            raise InvalidTopicError(
+                topic,
+                f"longer than {MAX_CHANNEL_BYTES - self._prefix_bytes} bytes "
+                f"(a PostgreSQL channel name holds {MAX_CHANNEL_BYTES} bytes, "
+                f"prefix {self._prefix!r} included)",
+            )
+
+    def check_payload(self, data: bytes) -> str:
+        """``data`` as NOTIFY payload text; raises before any I/O if it cannot be."""
+        if len(data) > MAX_PAYLOAD_BYTES:
+            raise LimitExceededError(
+                f"message of {len(data)} bytes is too large for PostgreSQL NOTIFY "
+                f"(at most {MAX_PAYLOAD_BYTES} bytes)"
+            )
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PayloadError(
+                f"the postgres driver carries UTF-8 text only (NOTIFY payloads are "
+                f"text); encode binary data first, e.g. as base64: {exc}"
+            ) from None
+        if "\0" in text:
+            raise PayloadError("NOTIFY payloads cannot contain NUL bytes")
+        return text
+
+    async def connect(self, receiver: Receiver) -> None:
+        if self._closed:
+            raise ClosedError("driver is closed")
+        if self._receiver is not None:
+            raise BrokerError("driver is already connected")
+        try:
+            conn = await self._open_listener()
+        except Exception as exc:
+            raise BrokerConnectionError(f"cannot connect to PostgreSQL: {exc!r}") from exc
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._timeout,
+                server_settings={"application_name": self._application_name},
+            )
+        except Exception as exc:
+            conn.terminate()
+            raise BrokerConnectionError(f"cannot connect to PostgreSQL: {exc!r}") from exc
+        self._receiver = receiver
+        self._conn = conn
+        self._ready = True
+        self._supervisor = asyncio.get_running_loop().create_task(
+            self._supervise(), name="gochan-postgres-supervisor"
+        )
+
+    async def subscribe(self, topic: str) -> None:
+        self.check_topic(topic)
+        conn = self._usable_conn()
+        if topic in self._topics:
+            return
+        self._topics.add(topic)  # first: a notification racing the LISTEN is kept
+        try:
+            await self._bounded(self._locked(conn.add_listener(self._prefix + topic, self._notify)))
+        except BaseException as exc:
+            self._topics.discard(topic)
+            if isinstance(exc, Exception):
+                raise BrokerError(f"cannot LISTEN for {topic!r} on PostgreSQL: {exc!r}") from exc
+            raise
+
+    async def unsubscribe(self, topic: str) -> None:
+        if topic not in self._topics:
+            return
+        self._topics.discard(topic)  # nothing more is delivered for it from now on
+        conn = self._conn
+        if conn is None or not self._ready or conn.is_closed():
+            return  # a new session will not LISTEN to it
+        try:
+            await self._bounded(
+                self._locked(conn.remove_listener(self._prefix + topic, self._notify))
+            )
+        except Exception as exc:
+            raise BrokerError(f"cannot UNLISTEN {topic!r} on PostgreSQL: {exc!r}") from exc
+
+    async def publish(self, topic: str, data: bytes) -> str | None:
+        self.check_topic(topic)
+        payload = self.check_payload(data)
+        if self._closed:
+            raise ClosedError("driver is closed")
+        pool = self._pool
+        if pool is None:
+            raise BrokerConnectionError("not connected to PostgreSQL")
+        try:
+            await pool.execute(
+                "SELECT pg_notify($1, $2)", self._prefix + topic, payload, timeout=self._timeout
+            )
+        except (OSError, asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError) as exc:
+            raise BrokerConnectionError(
+                f"PostgreSQL connection failed while publishing on {topic!r}: {exc!r}"
+            ) from exc
+        except Exception as exc:
+            raise BrokerError(f"cannot publish on {topic!r} to PostgreSQL: {exc!r}") from exc
+        self._published += 1
+        return None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ready = False
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._close_conn(conn)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self._timeout)
+            except Exception as exc:
+                broker_logger.debug("postgres: error closing the pool: %r", exc)
+                pool.terminate()
+        self._topics.clear()
+        self._receiver = None
+
+    # -- internals ---------------------------------------------------------
+
+    def _usable_conn(self) -> Any:
+        if self._closed:
+            raise ClosedError("driver is closed")
+        conn = self._conn
+        if conn is None or not self._ready or conn.is_closed():
+            raise BrokerConnectionError("not connected to PostgreSQL (reconnecting)")
+        return conn
+
+    async def _bounded(self, aw: Awaitable[_T]) -> _T:
+        return await asyncio.wait_for(aw, self._timeout)
+
+    async def _locked(self, aw: Awaitable[_T]) -> _T:
+        async with self._lock:
+            return await aw
+
+    async def _open_listener(self) -> Any:
+        conn = await asyncpg.connect(
+            self._dsn,
+            timeout=self._timeout,
+            server_settings={"application_name": self._application_name},
+        )
+        self._lost = lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        broker_logger.debug("postgres: listening connection open (pid %s)", conn.get_server_pid())
+        return conn
+
+    async def _close_conn(self, conn: Any) -> None:
+        if conn.is_closed():
+            return
+        try:
+            await conn.close(timeout=self._timeout)
+        except Exception as exc:
+            broker_logger.debug("postgres: error closing the connection: %r", exc)
+            conn.terminate()
+
+    def _notify(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
+        topic = channel[len(self._prefix) :]
+        receiver = self._receiver
+        if receiver is None or topic not in self._topics or not channel.startswith(self._prefix):
+            return
+        self._received += 1
+        try:
+            receiver.on_message(topic, payload.encode("utf-8"), None)
+        except Exception:
+            broker_logger.exception("postgres: receiver failed on a message for %r", topic)
+
+    async def _supervise(self) -> None:
+        while True:
+            await self._watch()
+            self._ready = False
+            broker_logger.warning("postgres: listening connection lost, reconnecting")
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.terminate()
+            await self._reestablish()
+
+    async def _watch(self) -> None:
+        """Return once the listening connection is found dead."""
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), self._ping_interval)
+                return
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                return
+            try:
+                await self._bounded(self._locked(conn.fetchval("SELECT 1")))
+            except Exception as exc:
+                broker_logger.warning("postgres: ping failed: %r", exc)
+                return
+
+    async def _reestablish(self) -> None:
+        attempt = 0
+        while True:
+            await asyncio.sleep(_backoff_s(attempt, self._reconnect_min, self._reconnect_max))
+            attempt += 1
+            try:
+                conn = await self._open_listener()
+            except Exception as exc:
+                broker_logger.warning("postgres: reconnection attempt %d failed: %r", attempt, exc)
+                continue
+            self._conn = conn
+            try:
+                await self._restore(conn)
+            except Exception as exc:
+                broker_logger.warning("postgres: restore interrupted: %r", exc)
+                self._conn = None
+                conn.terminate()
+                continue
+            self._reconnects += 1
+            self._ready = True
+            broker_logger.info("postgres: reconnected, %d topics restored", len(self._topics))
+            return
+
+    async def _restore(self, conn: Any) -> None:
+        """LISTEN again to every held topic; raises if the connection fails."""
+        for topic in list(self._topics):
+            if topic not in self._topics:
+                continue  # unsubscribed meanwhile
+            channel = self._prefix + topic
+            try:
+                await self._bounded(self._locked(conn.add_listener(channel, self._notify)))
+            except asyncpg.PostgresError as exc:
+                if conn.is_closed():
+                    raise
+                self._topics.discard(topic)
+                self._report_failure(topic, f"cannot LISTEN again on PostgreSQL: {exc}")
+                continue
+            if topic not in self._topics:  # unsubscribed while we restored it
+                await self._bounded(self._locked(conn.remove_listener(channel, self._notify)))
+
+    def _report_failure(self, topic: str, message: str) -> None:
+        self._failures += 1
+        broker_logger.error("postgres: subscription to %r lost: %s", topic, message)
+        receiver = self._receiver
+        if receiver is not None:
+            try:
+                receiver.on_subscription_failure(topic, message)
+            except Exception:
+                broker_logger.exception("postgres: receiver failed on a subscription failure")
