@@ -1,0 +1,100 @@
+"""A Kafka test broker: librdkafka's mock cluster, run in its own process.
+
+There is no Apache Kafka here, but librdkafka (bundled in the confluent-kafka
+wheel) carries a mock cluster that speaks the real Kafka protocol on a real
+loopback port. confluent-kafka's Python API only exposes it through the
+``test.mock.num.brokers`` setting and keeps the cluster handle to itself, so
+this module drives the C API through ctypes instead; that also gives us
+``rd_kafka_mock_broker_set_down``/``set_up``, which drop every connection and
+refuse new ones, then accept again on the SAME port: a broker outage.
+
+Run as ``python -m tests.drivers._kafka_server`` (or by path). It prints
+``BOOTSTRAP host:port`` on stdout, then obeys one command per stdin line:
+``topic NAME PARTITIONS``, ``down``, ``up``, ``quit`` (EOF also quits), and
+answers each with ``ok`` or ``error ...``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+import confluent_kafka
+
+RD_KAFKA_PRODUCER = 0
+BROKER_ID = 1  # the mock numbers its brokers from 1
+ERRSTR_SIZE = 512
+
+
+def load_librdkafka() -> ctypes.CDLL:
+    libs_dir = os.path.join(
+        os.path.dirname(os.path.dirname(confluent_kafka.__file__)), "confluent_kafka.libs"
+    )
+    candidates = sorted(glob.glob(os.path.join(libs_dir, "librdkafka*.so*")))
+    if not candidates:
+        raise OSError(f"no bundled librdkafka in {libs_dir}")
+    lib = ctypes.CDLL(candidates[0])
+    vp = ctypes.c_void_p
+    lib.rd_kafka_conf_new.restype = vp
+    lib.rd_kafka_conf_set.argtypes = [
+        vp,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+    ]
+    lib.rd_kafka_new.restype = vp
+    lib.rd_kafka_new.argtypes = [ctypes.c_int, vp, ctypes.c_char_p, ctypes.c_size_t]
+    lib.rd_kafka_mock_cluster_new.restype = vp
+    lib.rd_kafka_mock_cluster_new.argtypes = [vp, ctypes.c_int]
+    lib.rd_kafka_mock_cluster_bootstraps.restype = ctypes.c_char_p
+    lib.rd_kafka_mock_cluster_bootstraps.argtypes = [vp]
+    lib.rd_kafka_mock_broker_set_down.argtypes = [vp, ctypes.c_int32]
+    lib.rd_kafka_mock_broker_set_up.argtypes = [vp, ctypes.c_int32]
+    lib.rd_kafka_mock_topic_create.argtypes = [vp, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
+    lib.rd_kafka_mock_cluster_destroy.argtypes = [vp]
+    lib.rd_kafka_destroy.argtypes = [vp]
+    return lib
+
+
+def main() -> int:
+    lib = load_librdkafka()
+    errstr = ctypes.create_string_buffer(ERRSTR_SIZE)
+    conf = lib.rd_kafka_conf_new()
+    # Keep the owning handle quiet: it never connects anywhere.
+    lib.rd_kafka_conf_set(conf, b"log_level", b"3", errstr, ERRSTR_SIZE)
+    rk = lib.rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, ERRSTR_SIZE)
+    if not rk:
+        print(f"error {errstr.value.decode()}", flush=True)
+        return 1
+    mcluster = lib.rd_kafka_mock_cluster_new(rk, 1)
+    if not mcluster:
+        print("error rd_kafka_mock_cluster_new failed", flush=True)
+        return 1
+    print(f"BOOTSTRAP {lib.rd_kafka_mock_cluster_bootstraps(mcluster).decode()}", flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words:
+            continue
+        cmd = words[0]
+        if cmd == "quit":
+            break
+        if cmd == "down":
+            err = lib.rd_kafka_mock_broker_set_down(mcluster, BROKER_ID)
+        elif cmd == "up":
+            err = lib.rd_kafka_mock_broker_set_up(mcluster, BROKER_ID)
+        elif cmd == "topic" and len(words) == 3:
+            err = lib.rd_kafka_mock_topic_create(mcluster, words[1].encode(), int(words[2]), 1)
+        else:
+            print(f"error unknown command {line.strip()!r}", flush=True)
+            continue
+        print("ok" if err == 0 else f"error code {err}", flush=True)
+    lib.rd_kafka_mock_cluster_destroy(mcluster)
+    lib.rd_kafka_destroy(rk)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
