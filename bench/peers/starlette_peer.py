@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import uvicorn
 from hub import Hub, parse_args
-from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response

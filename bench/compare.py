@@ -1,0 +1,654 @@
+"""Side-by-side SSE fan-out benchmark: gochan against sse-starlette and aiohttp-sse.
+
+The "1000topics" workload: C connections, each subscribed at connect to K of T topics
+(every topic gets about C*K/T subscribers), and a publisher sending round-robin over
+the topics at a rate R that steps up until the server no longer sustains it.
+
+Each server runs pinned to one core (``taskset -c 0``); the C load generator
+(``bench/loadgen``: subscribers and pipelined publisher in one epoll loop) runs on the
+other (``taskset -c 1``). Everything stays on 127.0.0.1; every wait is bounded and
+every process started here is killed on exit, Ctrl-C included.
+
+Usage:
+    python bench/compare.py            # full run: 10,000 connections, rates up to 300k/s
+    python bench/compare.py --quick    # smoke test: 1,000 connections, 3 short steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+LOADGEN_SRC = BENCH / "loadgen" / "sse_loadgen.c"
+LOADGEN_BIN = BENCH / "loadgen" / "build" / "sse_loadgen"
+RESULTS = BENCH / "results"
+
+SERVERS = ("gochan", "sse-starlette", "aiohttp-sse")
+DEFAULT_RATES = (100, 300, 1000, 3000, 10000, 30000, 100000, 300000)
+QUICK_RATES = (100, 1000, 10000)
+
+SUSTAINED_DELIVERY_RATIO = 0.95  # of expected deliveries, and of the target publish rate
+SUSTAINED_P99_US = 1_000_000
+GOOD_P99_US = 100_000
+LIGHT_LOAD_MAX_RATE = 300
+
+SERVER_START_TIMEOUT_S = 30.0
+SETTLE_S = 2.0
+STEP_PAUSE_S = 1.0
+STOP_TIMEOUT_S = 5.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+Json = dict[str, Any]
+
+
+def log(msg: str) -> None:
+    print(f"[compare] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def build_loadgen() -> Path:
+    """Compile the load generator if the binary is missing or older than its source."""
+    if LOADGEN_BIN.exists() and LOADGEN_BIN.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
+        return LOADGEN_BIN
+    LOADGEN_BIN.parent.mkdir(parents=True, exist_ok=True)
+    cc = os.environ.get("CC", "cc")
+    cmd = [cc, "-O2", "-g", "-Wall", "-Wextra", "-std=gnu11", "-o", str(LOADGEN_BIN)]
+    log(f"building load generator: {' '.join([*cmd, str(LOADGEN_SRC)])}")
+    subprocess.run([*cmd, str(LOADGEN_SRC)], check=True, timeout=120)
+    return LOADGEN_BIN
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def server_command(name: str, port: int, connections: int) -> list[str]:
+    py = sys.executable
+    common = ["--host", "127.0.0.1", "--port", str(port)]
+    if name == "gochan":
+        limit = str(connections + 1000)
+        return [
+            py,
+            "-m",
+            "gochan.server",
+            *common,
+            "--log-level",
+            "warning",
+            "--max-connections",
+            limit,
+            "--max-clients",
+            limit,
+        ]
+    if name == "sse-starlette":
+        return [py, str(BENCH / "peers" / "starlette_peer.py"), *common]
+    if name == "aiohttp-sse":
+        return [py, str(BENCH / "peers" / "aiohttp_peer.py"), *common]
+    raise ValueError(f"unknown server {name!r}")
+
+
+def pinned(core: str | None, cmd: list[str]) -> list[str]:
+    if core is None or shutil.which("taskset") is None:
+        return cmd
+    return ["taskset", "-c", core, *cmd]
+
+
+def stop_process(proc: subprocess.Popen[Any], name: str) -> None:
+    """SIGTERM, then SIGKILL after a bounded wait; the process group goes too."""
+    if proc.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            log(f"{name} did not exit after {sig.name}")
+
+
+@contextlib.contextmanager
+def started(
+    cmd: list[str], name: str, stdin: int | None = None, stdout: Any = None, stderr: Any = None
+) -> Iterator[subprocess.Popen[Any]]:
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,  # own process group: killpg reaches its children
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        stop_process(proc, name)
+
+
+def wait_listening(port: int, proc: subprocess.Popen[Any], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before listening")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"server not listening on port {port} after {timeout_s} s")
+
+
+# ---------------------------------------------------------------- /proc readings
+
+
+def rss_kib(pid: int) -> int:
+    return proc_status(pid, "VmRSS")
+
+
+def proc_status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def machine_busy_s() -> float:
+    """CPU seconds spent by all processes (user, nice, system; not irq/softirq) since boot."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return (int(fields[1]) + int(fields[2]) + int(fields[3])) / CLK_TCK
+
+
+def io_counters(pid: int) -> dict[str, int]:
+    """read/write syscall counts (syscr/syscw); empty when /proc/PID/io is unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return {}
+    return {k: int(v) for k, v in (line.split(": ") for line in text.splitlines())}
+
+
+# ---------------------------------------------------------------- load generator
+
+
+class LoadgenError(RuntimeError):
+    pass
+
+
+class Loadgen:
+    """Drives sse_loadgen in --control mode: one JSON line per command."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None and proc.stdin is not None
+        self.proc = proc
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(proc.stdout, selectors.EVENT_READ)
+        self.buf = ""
+        os.set_blocking(proc.stdout.fileno(), False)
+
+    def read_json(self, timeout_s: float) -> Json:
+        deadline = time.monotonic() + timeout_s
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while "\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LoadgenError(f"no output from load generator within {timeout_s:.0f} s")
+            if not self.sel.select(timeout=min(left, 1.0)):
+                if self.proc.poll() is not None:
+                    raise LoadgenError(f"load generator exited ({self.proc.returncode})")
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise LoadgenError(f"load generator closed its output ({self.proc.poll()})")
+            self.buf += chunk.decode()
+        line, self.buf = self.buf.split("\n", 1)
+        record: Json = json.loads(line)
+        if record.get("type") == "error":
+            raise LoadgenError(record.get("message", "error"))
+        return record
+
+    def command(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def step(self, rate: float, warmup: float, duration: float, drain: float) -> Json:
+        self.command(f"step {rate} {warmup} {duration} {drain}")
+        return self.read_json(warmup + duration + drain + 60.0)
+
+    def quit(self) -> Json | None:
+        with contextlib.suppress(LoadgenError, BrokenPipeError, OSError):
+            self.command("quit")
+            return self.read_json(30.0)
+        return None
+
+
+# ---------------------------------------------------------------- one server
+
+
+@dataclass
+class ServerResult:
+    name: str
+    ok: bool = False
+    error: str | None = None
+    version: str = ""
+    connect: Json = field(default_factory=dict)
+    rss_before_kib: int = 0
+    rss_after_kib: int = 0
+    rss_peak_kib: int = 0
+    steps: list[Json] = field(default_factory=list)
+
+    # ------------------------------------------------ derived metrics
+    def ready(self) -> int:
+        return int(self.connect.get("ready", 0))
+
+    def kib_per_conn(self) -> float | None:
+        if not self.ready():
+            return None
+        return (self.rss_after_kib - self.rss_before_kib) / self.ready()
+
+    def sustained_steps(self) -> list[Json]:
+        return [s for s in self.steps if s["sustained"]]
+
+    def max_sustained_deliveries(self) -> float | None:
+        steps = self.sustained_steps()
+        return max(s["deliveries_per_s"] for s in steps) if steps else None
+
+    def best_rate_p99_100ms(self) -> Json | None:
+        good = [s for s in self.sustained_steps() if s["latency_us"]["p99"] < GOOD_P99_US]
+        return max(good, key=lambda s: s["rate"]) if good else None
+
+    def light_load(self) -> Json | None:
+        light = [s for s in self.steps if s["rate"] <= LIGHT_LOAD_MAX_RATE]
+        return max(light, key=lambda s: s["rate"]) if light else None
+
+    def top_step(self) -> Json | None:
+        return self.steps[-1] if self.steps else None
+
+    def summary(self) -> Json:
+        best = self.best_rate_p99_100ms()
+        light = self.light_load()
+        top = self.top_step()
+        return {
+            "max_sustained_deliveries_per_s": self.max_sustained_deliveries(),
+            "max_sustained_rate": max((s["rate"] for s in self.sustained_steps()), default=None),
+            "best_rate_p99_lt_100ms": best["rate"] if best else None,
+            "best_deliveries_p99_lt_100ms": best["deliveries_per_s"] if best else None,
+            "light_load_rate": light["rate"] if light else None,
+            "light_load_p50_ms": light["latency_us"]["p50"] / 1000 if light else None,
+            "light_load_p99_ms": light["latency_us"]["p99"] / 1000 if light else None,
+            "kib_per_conn": self.kib_per_conn(),
+            "connect_time_s": self.connect.get("connect_time_s"),
+            "connected": self.ready(),
+            "top_rate": top["rate"] if top else None,
+            "loadgen_cpu_share_top": top["cpu_share"] if top else None,
+            "server_cpu_share_top": top.get("server_cpu_share") if top else None,
+        }
+
+
+def judge(step: Json) -> bool:
+    target = step["target"]
+    return bool(
+        step["published"] >= SUSTAINED_DELIVERY_RATIO * target
+        and step["expected"] > 0
+        and step["delivery_ratio"] >= SUSTAINED_DELIVERY_RATIO
+        and step["latency_us"]["p99"] < SUSTAINED_P99_US
+        and step["disconnects"] == 0
+    )
+
+
+def server_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {
+        "gochan": ["gochan", "uvloop", "httptools"],
+        "sse-starlette": ["sse-starlette", "starlette", "uvicorn", "uvloop", "httptools"],
+        "aiohttp-sse": ["aiohttp-sse", "aiohttp", "uvloop"],
+    }[name]
+    parts = []
+    for pkg in packages:
+        try:
+            parts.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg} ?")
+    return ", ".join(parts)
+
+
+def run_server(
+    name: str, args: argparse.Namespace, loadgen_bin: Path, logdir: Path
+) -> ServerResult:
+    result = ServerResult(name=name, version=server_version(name))
+    port = free_port()
+    cmd = pinned(args.server_cpu, server_command(name, port, args.connections))
+    log(f"{name}: starting on port {port}: {' '.join(cmd)}")
+    server_log = (logdir / f"{name}.log").open("w")
+    with contextlib.ExitStack() as stack:
+        stack.callback(server_log.close)
+        server = stack.enter_context(
+            started(cmd, name, stdin=subprocess.DEVNULL, stdout=server_log, stderr=server_log)
+        )
+        wait_listening(port, server, SERVER_START_TIMEOUT_S)
+        time.sleep(0.5)
+        result.rss_before_kib = rss_kib(server.pid)
+
+        lg_cmd = pinned(
+            args.client_cpu,
+            [
+                str(loadgen_bin),
+                "--control",
+                "--port",
+                str(port),
+                "--connections",
+                str(args.connections),
+                "--topics",
+                str(args.topics),
+                "--per-conn-topics",
+                str(args.per_conn_topics),
+                "--concurrency",
+                str(args.concurrency),
+                "--connect-timeout",
+                str(args.connect_timeout),
+                "--publishers",
+                str(args.publishers),
+                "--pipeline",
+                str(args.pipeline),
+                "--max-runtime",
+                str(args.max_runtime),
+            ],
+        )
+        lg_err = (logdir / f"{name}.loadgen.log").open("w")
+        stack.callback(lg_err.close)
+        lg_proc = stack.enter_context(
+            started(
+                lg_cmd,
+                f"{name} loadgen",
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=lg_err,
+            )
+        )
+        lg = Loadgen(lg_proc)
+        result.connect = lg.read_json(args.connect_timeout + 30.0)
+        log(
+            f"{name}: {result.ready()}/{args.connections} connected in "
+            f"{result.connect['connect_time_s']:.2f} s"
+        )
+        time.sleep(SETTLE_S)
+        result.rss_after_kib = rss_kib(server.pid)
+
+        for rate in args.rates:
+            if server.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {server.returncode}")
+            cpu0, io0, t0 = cpu_s(server.pid), io_counters(server.pid), time.monotonic()
+            lg0, busy0 = cpu_s(lg_proc.pid), machine_busy_s()
+            step = lg.step(rate, args.warmup, args.duration, args.drain)
+            wall = time.monotonic() - t0
+            cpu1, io1 = cpu_s(server.pid), io_counters(server.pid)
+            lg1, busy1 = cpu_s(lg_proc.pid), machine_busy_s()
+            # Server CPU over the whole step (warm-up + window + drain).
+            step["server_cpu_share"] = (cpu1 - cpu0) / wall if wall > 0 else None
+            # Cores used by everything else on the machine meanwhile: noise indicator.
+            other = (busy1 - busy0) - (cpu1 - cpu0) - (lg1 - lg0)
+            step["other_cpu_cores"] = max(other, 0.0) / wall if wall > 0 else None
+            if io0 and io1 and step["received"]:
+                total_rx = step["received"] + step["outside_window"]
+                step["server_syscw_per_delivery"] = (io1["syscw"] - io0["syscw"]) / total_rx
+            step["sustained"] = judge(step)
+            result.steps.append(step)
+            lat = step["latency_us"]
+            log(
+                f"{name}: rate {rate:>8g}/s published {step['publish_rate']:>9.0f}/s "
+                f"deliveries {step['deliveries_per_s']:>10.0f}/s "
+                f"ratio {step['delivery_ratio']:.3f} p50 {lat['p50'] / 1000:.1f} ms "
+                f"p99 {lat['p99'] / 1000:.1f} ms loadgen cpu {step['cpu_share']:.0%} "
+                f"server cpu {step['server_cpu_share']:.0%} "
+                f"other cpu {step['other_cpu_cores']:.2f} "
+                f"{'ok' if step['sustained'] else 'NOT SUSTAINED'}"
+            )
+            if not step["sustained"]:
+                break
+            time.sleep(STEP_PAUSE_S)
+        result.rss_peak_kib = proc_status(server.pid, "VmHWM")
+        lg.quit()
+        result.ok = True
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+ROWS: tuple[tuple[str, str, str, bool], ...] = (
+    # key, label, format, higher is better
+    ("max_sustained_deliveries_per_s", "max sustained deliveries/s", ",.0f", True),
+    ("max_sustained_rate", "  at publish rate (msgs/s)", ",.0f", True),
+    ("best_deliveries_p99_lt_100ms", "best deliveries/s with p99<100ms", ",.0f", True),
+    ("best_rate_p99_lt_100ms", "  at publish rate (msgs/s)", ",.0f", True),
+    ("light_load_p50_ms", "light-load p50 (ms)", ".2f", False),
+    ("light_load_p99_ms", "light-load p99 (ms)", ".2f", False),
+    ("kib_per_conn", "RSS per idle connection (KiB)", ".1f", False),
+    ("connect_time_s", "connect time, all conns (s)", ".2f", False),
+    ("connected", "connections ready", ",.0f", True),
+    ("top_rate", "top step rate (msgs/s)", ",.0f", True),
+    ("server_cpu_share_top", "server CPU share, top step", ".0%", False),
+    ("loadgen_cpu_share_top", "loadgen CPU share, top step", ".0%", False),
+)
+
+
+def table(results: list[ServerResult]) -> str:
+    names = [r.name for r in results]
+    sums = {r.name: r.summary() for r in results}
+    peers = [n for n in names if n != "gochan"] if "gochan" in names else []
+    header = ["metric", "better", *names, *(f"gochan/{p}" for p in peers)]
+    rows = [header]
+    for key, label, spec, higher in ROWS:
+        row = [label, "higher" if higher else "lower"]
+        for n in names:
+            value = sums[n][key]
+            row.append(fmt(value, spec))
+        for p in peers:
+            g, v = sums["gochan"][key], sums[p][key]
+            ratio = (
+                g / v if isinstance(g, int | float) and isinstance(v, int | float) and v else None
+            )
+            row.append(fmt(ratio, ".2f") + ("x" if ratio is not None else ""))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def steps_table(results: list[ServerResult]) -> str:
+    lines = [
+        f"{'server':<14} {'rate/s':>8} {'published/s':>11} {'deliveries/s':>12} {'ratio':>6} "
+        f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'srv cpu':>7} {'lg cpu':>6} "
+        f"{'other':>5}  ok"
+    ]
+    for r in results:
+        for s in r.steps:
+            lat = s["latency_us"]
+            lines.append(
+                f"{r.name:<14} {s['rate']:>8,.0f} {s['publish_rate']:>11,.0f} "
+                f"{s['deliveries_per_s']:>12,.0f} {s['delivery_ratio']:>6.3f} "
+                f"{lat['p50'] / 1000:>8.2f} {lat['p90'] / 1000:>8.2f} {lat['p99'] / 1000:>8.2f} "
+                f"{lat['max'] / 1000:>8.1f} {fmt(s.get('server_cpu_share'), '.0%'):>7} "
+                f"{s['cpu_share']:>6.0%} {fmt(s.get('other_cpu_cores'), '.2f'):>5}  "
+                f"{'yes' if s['sustained'] else 'no'}"
+            )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_rates(text: str) -> list[float]:
+    rates = [float(x) for x in text.split(",") if x.strip()]
+    if not rates or any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError("rates must be positive numbers, comma-separated")
+    return rates
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1,000 connections, 3 short steps")
+    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
+    p.add_argument("--connections", type=int, default=None, help="default 10000 (quick 1000)")
+    p.add_argument("--topics", type=int, default=1000)
+    p.add_argument("--per-conn-topics", type=int, default=10)
+    p.add_argument("--duration", type=float, default=None, help="measured seconds per step")
+    p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds per step")
+    p.add_argument("--drain", type=float, default=3.0, help="max seconds to wait for stragglers")
+    p.add_argument("--rates", type=parse_rates, default=None, help="publish rates, msgs/s")
+    p.add_argument("--concurrency", type=int, default=100, help="connects in flight")
+    p.add_argument("--connect-timeout", type=float, default=180.0)
+    p.add_argument("--publishers", type=int, default=1, help="publisher connections")
+    p.add_argument("--pipeline", type=int, default=1000, help="requests in flight per publisher")
+    p.add_argument("--server-cpu", default="0", help="core for the server ('' = no pinning)")
+    p.add_argument("--client-cpu", default="1", help="core for the load generator")
+    p.add_argument("--max-runtime", type=float, default=1800.0, help="per-server cap, seconds")
+    p.add_argument("--out", type=Path, default=None, help="JSON output path")
+    args = p.parse_args(argv)
+    quick = args.quick
+    if args.connections is None:
+        args.connections = 1000 if quick else 10000
+    if args.duration is None:
+        args.duration = 2.0 if quick else 5.0
+    if args.warmup is None:
+        args.warmup = 0.5 if quick else 2.0
+    if args.rates is None:
+        args.rates = list(QUICK_RATES if quick else DEFAULT_RATES)
+    args.server_cpu = args.server_cpu or None
+    args.client_cpu = args.client_cpu or None
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = set(args.servers) - set(SERVERS)
+    if unknown:
+        p.error(f"unknown servers: {', '.join(sorted(unknown))} (known: {', '.join(SERVERS)})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the context managers kill what we started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    loadgen_bin = build_loadgen()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    logdir = RESULTS / f"logs-{stamp}"
+    logdir.mkdir()
+    out = args.out or RESULTS / f"compare-{stamp}{'-quick' if args.quick else ''}.json"
+
+    loadavg_start = Path("/proc/loadavg").read_text().split()[:3]
+    results: list[ServerResult] = []
+    try:
+        for name in args.servers:
+            try:
+                results.append(run_server(name, args, loadgen_bin, logdir))
+            except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+                log(f"{name}: FAILED: {exc}")
+                results.append(ServerResult(name=name, error=str(exc)))
+    except KeyboardInterrupt:
+        log("interrupted; processes stopped")
+        return 130
+
+    report: Json = {
+        "workload": {
+            "name": "1000topics",
+            "connections": args.connections,
+            "topics": args.topics,
+            "per_conn_topics": args.per_conn_topics,
+            "subscribers_per_topic": args.connections * args.per_conn_topics / args.topics,
+            "rates": args.rates,
+            "warmup_s": args.warmup,
+            "duration_s": args.duration,
+            "drain_s": args.drain,
+            "publishers": args.publishers,
+            "pipeline": args.pipeline,
+            "server_cpu": args.server_cpu,
+            "client_cpu": args.client_cpu,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "loadavg_at_start": loadavg_start,
+        },
+        "criteria": {
+            "sustained": f"published >= {SUSTAINED_DELIVERY_RATIO:.0%} of target, deliveries "
+            f">= {SUSTAINED_DELIVERY_RATIO:.0%} of expected, p99 < "
+            f"{SUSTAINED_P99_US / 1e6:g} s, no disconnects",
+        },
+        "servers": {
+            r.name: {
+                "ok": r.ok,
+                "error": r.error,
+                "version": r.version,
+                "summary": r.summary(),
+                "connect": r.connect,
+                "rss_before_kib": r.rss_before_kib,
+                "rss_after_kib": r.rss_after_kib,
+                "rss_peak_kib": r.rss_peak_kib,
+                "steps": r.steps,
+            }
+            for r in results
+        },
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(
+        f"1000topics: {args.connections} connections x {args.per_conn_topics} topics of "
+        f"{args.topics} ({report['workload']['subscribers_per_topic']:g} subscribers/topic), "
+        f"{args.duration:g} s steps"
+    )
+    print()
+    print(steps_table(results))
+    print()
+    print(table(results))
+    for r in results:
+        print(f"{r.name}: {r.version}" + (f"  ERROR: {r.error}" if r.error else ""))
+    print(f"\nJSON: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
