@@ -31,7 +31,7 @@ MAX_CLIENT_ID_CHARS = 128
 RESERVED_TOPIC = "message"  # system frames use this event name
 CLIENT_ID_RANDOM_BYTES = 18  # 144 bits, base64url: 24 characters
 
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._~-]{1,%d}" % MAX_CLIENT_ID_CHARS)
+_CLIENT_ID = re.compile(rf"[A-Za-z0-9._~-]{{1,{MAX_CLIENT_ID_CHARS}}}")
 # C0 and C1 control characters and DEL: they would break the SSE framing
 # (CR, LF) or confuse logs and brokers.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -57,7 +57,10 @@ def validate_topic(topic: object) -> str:
         raise InvalidTopicError(repr(topic), "a topic must be a string")
     if not topic:
         raise InvalidTopicError(topic, "a topic cannot be empty")
-    if len(topic) > MAX_TOPIC_BYTES or len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
+    if (
+        len(topic) > MAX_TOPIC_BYTES
+        or len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES
+    ):
         raise InvalidTopicError(topic[:32] + "...", f"longer than {MAX_TOPIC_BYTES} bytes")
     if _CONTROL.search(topic):
         raise InvalidTopicError(topic, "control characters are not allowed")

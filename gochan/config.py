@@ -43,6 +43,22 @@ DEFAULT_WRITE_BUFFER_HIGH_BYTES = 64 * 1024
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
 DEFAULT_TICK_S = 0.5
 
+_POSITIVE = [
+    "client_ttl",
+    "heartbeat",
+    "max_connections",
+    "max_clients",
+    "max_topics_per_client",
+    "max_pending_bytes",
+    "write_buffer_high_bytes",
+    "max_url_bytes",
+    "max_header_bytes",
+    "max_headers",
+    "max_body_bytes",
+    "header_timeout",
+    "keepalive_timeout",
+]
+
 
 @dataclass
 class Config:
@@ -91,19 +107,16 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
-        positive = (
-            "client_ttl heartbeat max_connections max_clients max_topics_per_client "
-            "max_pending_bytes write_buffer_high_bytes max_url_bytes max_header_bytes "
-            "max_headers max_body_bytes header_timeout keepalive_timeout"
-        ).split()
-        for name in positive:
+        for name in _POSITIVE:
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive, not {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigurationError(f"port must be 0..65535, not {self.port}")
         if self.retry_ms < 0 or self.shutdown_grace < 0:
             raise ConfigurationError("retry_ms and shutdown_grace cannot be negative")
-        paths = [getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_path")]
+        paths = [
+            getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_path")
+        ]
         for path in paths:
             if not isinstance(path, str) or not path.startswith("/"):
                 raise ConfigurationError(f"paths must start with '/': {path!r}")
@@ -148,7 +161,7 @@ class Config:
         for name, value in (flags or {}).items():
             if value is not None:
                 values[name] = _coerce(name, fields[name].type, value)
-        for name, value in values.items():
+        for name in values:
             if name not in fields:
                 raise ConfigurationError(f"unknown configuration key {name!r}")
         driver = values.get("driver", "mem")
@@ -206,7 +219,7 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
 
 def driver_parameters(driver: str) -> dict[str, inspect.Parameter]:
     """The keyword options the driver's constructor takes."""
-    from .drivers import DRIVERS, create_driver  # noqa: F401  (errors for unknown names)
+    from .drivers import DRIVERS, create_driver
 
     if driver not in DRIVERS:
         create_driver(driver)  # raises the ConfigurationError listing known drivers
@@ -234,9 +247,7 @@ def _driver_options(
         param = params.get(name)
         if param is None:
             known = ", ".join(sorted(params)) or "none"
-            raise ConfigurationError(
-                f"driver {driver!r} has no option {name!r} (options: {known})"
-            )
+            raise ConfigurationError(f"driver {driver!r} has no option {name!r} (options: {known})")
         default = param.default
         kind = type(default).__name__ if default is not inspect.Parameter.empty else "str"
         options[name] = _coerce(f"{driver}.{name}", kind, value)

@@ -44,7 +44,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
         if kind == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=FLAG_HELP.get(f.name))
+            parser.add_argument(
+                flag, dest=f.name, metavar=f.name.upper(), help=FLAG_HELP.get(f.name)
+            )
     args, rest = parser.parse_known_args(argv)
     driver_flags: dict[str, str] = {}
     it = iter(rest)
@@ -53,9 +55,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
             parser.error(f"unexpected argument {item!r}")
         name, eq, value = item[2:].partition("=")
         if not eq:
-            value = next(it, None)  # type: ignore[arg-type]
-            if value is None:
+            following = next(it, None)
+            if following is None:
                 parser.error(f"{item} needs a value")
+            value = following
         driver = args.driver or "mem"
         prefix = driver + "-"
         if not name.startswith(prefix):
@@ -87,9 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, driver_flags = parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k != "config"}
     try:
-        config = Config.from_sources(
-            yaml_file=args.config, flags=flags, driver_flags=driver_flags
-        )
+        config = Config.from_sources(yaml_file=args.config, flags=flags, driver_flags=driver_flags)
     except ConfigurationError as exc:
         print(f"gochan: {exc}", file=sys.stderr)
         return 2

@@ -122,9 +122,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # A half-closed client gets its pending answers, then the close.
-        if self.busy or self.pipeline:
-            return True
-        return False
+        return bool(self.busy or self.pipeline)
 
     def pause_writing(self) -> None:
         if self.stream is not None:

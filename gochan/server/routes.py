@@ -218,7 +218,9 @@ class Router:
             if value is None:
                 value = []
             if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-                return self.reply(proto, request, 400, f"{key} must be a list of strings\n".encode())
+                return self.reply(
+                    proto, request, 400, f"{key} must be a list of strings\n".encode()
+                )
             lists.append(value)
         client = self.streamer.get_client(client_id)
         if client is None:
@@ -230,7 +232,12 @@ class Router:
         return self._update(proto, request, client, lists[0], lists[1])
 
     async def _update(
-        self, proto: HttpProtocol, request: Request, client: Client, add: list[str], remove: list[str]
+        self,
+        proto: HttpProtocol,
+        request: Request,
+        client: Client,
+        add: list[str],
+        remove: list[str],
     ) -> None:
         try:
             errors = await self.streamer.update_subscriptions(client, add, remove)
@@ -286,7 +293,9 @@ class Router:
             return self.reply_json(proto, request, 200, {"id": event_id})
         return self._publish(proto, request, topic, data)
 
-    async def _publish(self, proto: HttpProtocol, request: Request, topic: str, data: bytes) -> None:
+    async def _publish(
+        self, proto: HttpProtocol, request: Request, topic: str, data: bytes
+    ) -> None:
         try:
             event_id = await self.streamer.publish(topic, data)
         except (BrokerError, ClosedError) as exc:

@@ -1,0 +1,199 @@
+"""POST /update_subscriptions, POST /publish and the operations endpoints,
+end to end with a real HTTP client."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+import orjson
+
+from gochan import Config, MemDriver, Streamer
+from gochan.errors import BrokerError
+from gochan.server import Server
+
+from conftest import SSEStream, running
+
+
+@contextlib.asynccontextmanager
+async def client_and_stream(server: Server) -> AsyncIterator[tuple[str, SSEStream]]:
+    stream = await SSEStream.open(server.port, "/events")
+    client_id = (await stream.config())["config"]["client_id"]
+    try:
+        yield client_id, stream
+    finally:
+        await stream.close()
+
+
+async def test_update_add_remove_and_delivery() -> None:
+    async with running() as server, httpx.AsyncClient() as http:
+        base = f"http://127.0.0.1:{server.port}"
+        async with client_and_stream(server) as (client_id, stream):
+            r = await http.post(
+                base + "/update_subscriptions",
+                json={"client_id": client_id, "add": ["a", "b", "a"], "remove": []},
+            )
+            assert r.status_code == 200
+            assert r.json() == {"client_id": client_id, "subscriptions": ["a", "b"], "errors": []}
+            await http.post(base + "/publish?topic=b", content=b"to b")
+            assert (await stream.event())["data"] == "to b"
+            r = await http.post(
+                base + "/update_subscriptions", json={"client_id": client_id, "remove": ["b"]}
+            )
+            assert r.json()["subscriptions"] == ["a"]
+            # Removed before the response: nothing for b may follow it.
+            await http.post(base + "/publish?topic=b", content=b"late")
+            await http.post(base + "/publish?topic=a", content=b"to a")
+            assert (await stream.event())["data"] == "to a"
+            # Adds apply before removes.
+            r = await http.post(
+                base + "/update_subscriptions",
+                json={"client_id": client_id, "add": ["c"], "remove": ["c", "a"]},
+            )
+            assert r.json()["subscriptions"] == []
+
+
+async def test_update_errors() -> None:
+    async with running(max_body_bytes=1000) as server, httpx.AsyncClient() as http:
+        url = f"http://127.0.0.1:{server.port}/update_subscriptions"
+        async with client_and_stream(server) as (client_id, _stream):
+            cases = [
+                (b"{not json", 400, b"malformed JSON"),
+                (b"[1,2]", 400, b"JSON object"),
+                (b'{"add":["a"]}', 400, b"missing client_id"),
+                (b'{"client_id":"nobody","add":["a"]}', 400, b"Invalid Client ID"),
+                (orjson.dumps({"client_id": client_id, "add": "a"}), 400, b"list of strings"),
+                (orjson.dumps({"client_id": client_id, "add": [1]}), 400, b"list of strings"),
+                (orjson.dumps({"client_id": client_id, "add": ["a\nb"]}), 400, b"invalid topic"),
+                (orjson.dumps({"client_id": client_id, "add": ["message"]}), 400, b"reserved"),
+            ]
+            for body, status, text in cases:
+                r = await http.post(url, content=body)
+                assert r.status_code == status, body
+                assert text in r.content, (body, r.content)
+            assert server.streamer.client_topics(client_id) == []
+            r = await http.post(url, content=b'{"client_id":"%s","add":["%s"]}' % (
+                client_id.encode(), b"x" * 2000))  # fmt: skip
+            assert r.status_code == 413
+            r = await http.get(url)
+            assert r.status_code == 405
+            assert r.headers["allow"] == "POST, OPTIONS"
+            r = await http.put(url, content=b"{}")
+            assert r.status_code == 405
+
+
+class FlakyDriver(MemDriver):
+    """Fault injection: the broker refuses topics whose name starts with 'down'."""
+
+    async def subscribe(self, topic: str) -> None:
+        if topic.startswith("down"):
+            raise BrokerError(f"broker refused {topic}")
+        await super().subscribe(topic)
+
+
+async def test_broker_failures_are_reported_per_topic() -> None:
+    streamer = Streamer(Config(port=0), driver=FlakyDriver())
+    await streamer.start()
+    server = await streamer.serve()
+    try:
+        async with httpx.AsyncClient() as http, client_and_stream(server) as (client_id, stream):
+            r = await http.post(
+                f"http://127.0.0.1:{server.port}/update_subscriptions",
+                json={"client_id": client_id, "add": ["up", "down1"]},
+            )
+            assert r.status_code == 200
+            body = r.json()
+            assert body["subscriptions"] == ["up"]
+            assert body["errors"] == [
+                {
+                    "topic": "down1",
+                    "code": "subscription-failure",
+                    "message": "broker refused down1",
+                }
+            ]
+            assert await stream.frame() == (
+                b'event: message\ndata: {"error":{"code":"subscription-failure",'
+                b'"message":"broker refused down1","topic":"down1"}}\n\n'
+            )
+        # At connect, failures follow the first frame.
+        stream = await SSEStream.open(server.port, "/events?topic=down2&topic=ok")
+        assert (await stream.config())["subscriptions"] == ["ok"]
+        assert b'"topic":"down2"' in await stream.frame()
+        await stream.close()
+    finally:
+        await streamer.close()
+
+
+async def test_publish_errors_and_auth() -> None:
+    async with running() as server, httpx.AsyncClient() as http:
+        url = f"http://127.0.0.1:{server.port}/publish"
+        assert (await http.post(url, content=b"no topic")).status_code == 400
+        assert (await http.post(url + "?topic=a%0Ab", content=b"x")).status_code == 400
+        assert (await http.post(url, json={"data": 1})).status_code == 400
+        assert (await http.get(url)).status_code == 405
+    async with running(publish_key="s3cret") as server, httpx.AsyncClient() as http:
+        url = f"http://127.0.0.1:{server.port}/publish?topic=a"
+        assert (await http.post(url, content=b"x")).status_code == 401
+        bad = {"Authorization": "Bearer wrong"}
+        assert (await http.post(url, content=b"x", headers=bad)).status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert (await http.post(url, content=b"x", headers=good)).status_code == 200
+
+
+def test_publishing_off_loopback_needs_a_key() -> None:
+    assert Config(host="127.0.0.1").loopback_only and Config(host="::1").loopback_only
+    assert not Config(host="0.0.0.0").loopback_only
+
+
+async def test_publish_refused_without_key_when_not_loopback_only() -> None:
+    # Listen on loopback but configured as if public: the check is on config.host.
+    streamer = Streamer(Config(host="0.0.0.0", port=0))
+    await streamer.start()
+    server = await streamer.serve(host="127.0.0.1")
+    try:
+        async with httpx.AsyncClient() as http:
+            r = await http.post(f"http://127.0.0.1:{server.port}/publish?topic=a", content=b"x")
+            assert r.status_code == 403 and b"publish_key" in r.content
+    finally:
+        await streamer.close()
+
+
+async def test_cors_and_preflight() -> None:
+    async with running(cors_origins=["https://app.example"]) as server, httpx.AsyncClient() as http:
+        base = f"http://127.0.0.1:{server.port}"
+        r = await http.options(
+            base + "/update_subscriptions",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert r.status_code == 204
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        r = await http.get(base + "/healthz", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        stream = await SSEStream.open(server.port, "/events", {"Origin": "https://app.example"})
+        assert stream.headers["access-control-allow-origin"] == "https://app.example"
+        await stream.close()
+
+
+async def test_health_ready_metrics() -> None:
+    async with running() as server, httpx.AsyncClient() as http:
+        base = f"http://127.0.0.1:{server.port}"
+        assert (await http.get(base + "/healthz")).text == "ok\n"
+        assert (await http.get(base + "/readyz")).status_code == 200
+        stream = await SSEStream.open(server.port, "/events?topic=m")
+        await stream.config()
+        await http.post(base + "/publish?topic=m", content=b"x")
+        await stream.event()
+        metrics = (await http.get(base + "/metrics")).text
+        values = dict(
+            line.split(" ", 1) for line in metrics.splitlines() if not line.startswith("#")
+        )
+        assert values["gochan_streams"] == "1"
+        assert values["gochan_deliveries_total"] == "1"
+        assert values["gochan_messages_published_total"] == "1"
+        assert values["gochan_driver_ready"] == "1"
+        assert (await http.get(base + "/nope")).status_code == 404
+        await stream.close()
+        await server.streamer.driver.close()
+        assert (await http.get(base + "/readyz")).status_code == 503

@@ -1,0 +1,207 @@
+"""GET /events end to end over real sockets: headers, first frame, delivery,
+several connections per client, TTL, reconnects and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+import pytest
+
+from conftest import SSEStream, running, wait_for
+
+FIRST_HEADERS = {
+    "content-type": "text/event-stream",
+    "cache-control": "no-cache, no-store, must-revalidate, pre-check=0, post-check=0",
+    "connection": "keep-alive",
+    "server": "gochan",
+    "x-accel-buffering": "no",
+}
+
+
+async def test_stream_headers_and_first_frame() -> None:
+    async with running() as server:
+        stream = await SSEStream.open(server.port, "/events?topic=a&topic=b")
+        assert stream.status == 200
+        for name, value in FIRST_HEADERS.items():
+            assert stream.headers[name] == value
+        assert "content-length" not in stream.headers
+        first = await stream.frame()
+        client_id = server.streamer.count_clients() and next(iter(server.streamer._clients))
+        assert first == (
+            b'event: message\ndata: {"config":{"client_id":"%s","client_ttl_millis":60000},'
+            b'"subscriptions":["a","b"]}\n\n' % client_id.encode()
+        )
+        await stream.close()
+
+
+async def test_publish_is_delivered_with_id_and_multiline_data() -> None:
+    async with running() as server, httpx.AsyncClient() as http:
+        stream = await SSEStream.open(server.port, "/events?topic=a")
+        await stream.config()
+        url = f"http://127.0.0.1:{server.port}/publish"
+        r = await http.post(url, params={"topic": "a"}, content=b"l1\r\nl2\nl3")
+        assert r.status_code == 200
+        event_id = r.json()["id"]
+        raw = await stream.frame()
+        assert raw == b"event: a\nid: %s\ndata: l1\ndata: l2\ndata: l3\n\n" % event_id.encode()
+        # Form and JSON publish bodies, like Mercure.
+        await http.post(url, data={"topic": "a", "data": "from form"})
+        await http.post(url, json={"topic": "a", "data": {"n": 1}})
+        assert (await stream.event())["data"] == "from form"
+        assert (await stream.event())["data"] == '{"n":1}'
+        await stream.close()
+
+
+async def test_publish_to_zero_one_and_a_thousand_subscribers() -> None:
+    async with running() as server, httpx.AsyncClient() as http:
+        url = f"http://127.0.0.1:{server.port}/publish"
+        r = await http.post(url, params={"topic": "nobody"}, content=b"x")
+        assert r.status_code == 200
+        one = await SSEStream.open(server.port, "/events?topic=one")
+        await one.config()
+        await http.post(url, params={"topic": "one"}, content=b"solo")
+        assert (await one.event())["data"] == "solo"
+        many = await asyncio.gather(
+            *(SSEStream.open(server.port, "/events?topic=many") for _ in range(1000))
+        )
+        await asyncio.gather(*(s.config() for s in many))
+        assert server.streamer.hub.subscriber_count("many") == 1000
+        r = await http.post(url, params={"topic": "many"}, content=b"fan-out")
+        frames = await asyncio.gather(*(s.frame() for s in many))
+        expected = b"event: many\nid: %s\ndata: fan-out\n\n" % r.json()["id"].encode()
+        assert all(f == expected for f in frames)
+        await one.no_frame(0.1)
+        await asyncio.gather(*(s.close() for s in [one, *many]))
+
+
+async def test_several_connections_of_one_client_each_get_every_message() -> None:
+    async with running() as server, httpx.AsyncClient() as http:
+        first = await SSEStream.open(server.port, "/events?topic=t")
+        client_id = (await first.config())["config"]["client_id"]
+        others = [await SSEStream.open(server.port, f"/events?id={client_id}") for _ in range(2)]
+        for other in others:
+            config = await other.config()
+            assert config["config"]["client_id"] == client_id
+            assert config["subscriptions"] == ["t"]
+        for i in range(3):
+            await http.post(f"http://127.0.0.1:{server.port}/publish?topic=t", content=b"%d" % i)
+        for stream in [first, *others]:
+            assert [(await stream.event())["data"] for _ in range(3)] == ["0", "1", "2"]
+            await stream.close()
+
+
+async def test_unknown_and_invalid_client_ids() -> None:
+    async with running() as server:
+        stream = await SSEStream.open(server.port, "/events?id=doesnotexist")
+        assert stream.status == 401
+        assert await stream.body() == b"Invalid client ID\n"
+        bad = await SSEStream.open(server.port, "/events?id=bad%20id")
+        assert bad.status == 400
+        topic = await SSEStream.open(server.port, "/events?topic=a%0Ab")
+        assert topic.status == 400 and b"control characters" in await topic.body()
+        for s in (stream, bad, topic):
+            await s.close()
+    async with running(auto_create_clients=False) as server:
+        stream = await SSEStream.open(server.port, "/events")
+        assert stream.status == 401
+        await stream.close()
+
+
+async def test_ttl_expiry_and_reconnect_within_ttl() -> None:
+    async with running(client_ttl=0.6) as server:
+        streamer = server.streamer
+        stream = await SSEStream.open(server.port, "/events?topic=keep")
+        client_id = (await stream.config())["config"]["client_id"]
+        await stream.close()
+        await wait_for(lambda: not streamer.get_client(client_id).streams)  # type: ignore[union-attr]
+        await asyncio.sleep(0.2)  # within the TTL: reconnect keeps the topics
+        again = await SSEStream.open(server.port, f"/events?id={client_id}")
+        assert (await again.config())["subscriptions"] == ["keep"]
+        await again.close()
+        await wait_for(lambda: streamer.get_client(client_id) is None, timeout=5)
+        late = await SSEStream.open(server.port, f"/events?id={client_id}")
+        assert late.status == 401
+        await late.close()
+        assert streamer.driver.stats()["subscriptions"] == 0
+
+
+async def test_heartbeat_on_idle_stream() -> None:
+    async with running(heartbeat=0.2) as server:
+        stream = await SSEStream.open(server.port, "/events")
+        await stream.config()
+        assert await stream.frame(timeout=3) == b":\n\n"
+        await stream.close()
+
+
+async def test_last_event_id_without_history_says_not_recovered() -> None:
+    async with running() as server:
+        stream = await SSEStream.open(server.port, "/events", {"Last-Event-ID": "abc-1"})
+        await stream.config()
+        replay = orjson.loads((await stream.event())["data"])
+        assert replay == {"replay": {"last_event_id": "abc-1", "recovered": False}}
+        await stream.close()
+        stream = await SSEStream.open(server.port, "/events?last_event_id=abc-2")
+        await stream.config()
+        assert orjson.loads((await stream.event())["data"])["replay"]["last_event_id"] == "abc-2"
+        await stream.close()
+
+
+async def test_remove_client_ends_streams_with_client_closed() -> None:
+    async with running() as server:
+        stream = await SSEStream.open(server.port, "/events?topic=t")
+        client_id = (await stream.config())["config"]["client_id"]
+        await server.streamer.remove_client(client_id)
+        assert await stream.frame() == b"event: message\ndata: Client closed\n\n"
+        assert await stream.reader.read() == b""  # then the server closes
+        await stream.close()
+
+
+async def test_shutdown_sends_client_closed_to_every_stream() -> None:
+    async with running() as server:
+        port = server.port
+        streams = [await SSEStream.open(port, "/events?topic=t") for _ in range(3)]
+        for stream in streams:
+            await stream.config()
+        await server.streamer.close()
+        for stream in streams:
+            assert await stream.frame() == b"event: message\ndata: Client closed\n\n"
+            assert await stream.reader.read() == b""
+            await stream.close()
+        # New connections are refused once shut down.
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_slow_consumer_is_disconnected_and_others_get_everything() -> None:
+    options = {"max_pending_bytes": 256 * 1024, "write_buffer_high_bytes": 16 * 1024}
+    async with running(**options) as server:
+        slow = await SSEStream.open(server.port, "/events?topic=flood")
+        await slow.config()
+        fast = await SSEStream.open(server.port, "/events?topic=flood")
+        await fast.config()
+        received = bytearray()
+
+        async def drain() -> None:
+            frames = 0
+            while frames < 2000:
+                chunk = await fast.reader.read(1 << 16)
+                assert chunk
+                # Count frame ends in the new bytes only (one may straddle reads).
+                start = max(0, len(received) - 1)
+                received.extend(chunk)
+                frames += received.count(b"\n\n", start)
+
+        reader = asyncio.create_task(drain())
+        body = b"x" * 10_000
+        for _ in range(2000):  # 20 MB: far more than the socket buffers hold
+            await server.streamer.publish("flood", body)
+            await asyncio.sleep(0)
+        await asyncio.wait_for(reader, 20)
+        hub = server.streamer.hub
+        await wait_for(lambda: hub.slow_disconnects == 1)
+        assert hub.subscriber_count("flood") == 1
+        assert received.count(b"data: " + body) == 2000
+        await fast.close()
+        await slow.close()

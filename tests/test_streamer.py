@@ -1,0 +1,119 @@
+"""The embedding API (mirrors the original gochan Streamer)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gochan import (
+    ClientExistsError,
+    Config,
+    InvalidClientIdError,
+    InvalidTopicError,
+    LimitExceededError,
+    MemDriver,
+    Streamer,
+    UnknownClientError,
+)
+from gochan.client import new_client_id
+
+
+def test_generated_ids_are_unguessable() -> None:
+    ids = {new_client_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(len(i) == 24 for i in ids)  # 18 random bytes, base64url
+
+
+async def test_clients_topics_and_counts() -> None:
+    async with Streamer(Config()) as streamer:
+        a = await streamer.new_client(["x", "y"])
+        b = await streamer.new_custom_client("custom-id_1", ["y"])
+        assert streamer.count_clients() == 2
+        assert streamer.get_client("custom-id_1") is b
+        assert streamer.client_topics(a.id) == ["x", "y"]
+        assert await streamer.subscribe(b, ["z", "z"]) == []
+        assert streamer.client_topics(b) == ["y", "z"]
+        await streamer.unsubscribe(b.id, ["y", "not-held"])
+        assert streamer.client_topics(b) == ["z"]
+        assert await streamer.remove_client(a.id)
+        assert not await streamer.remove_client(a.id)
+        assert streamer.get_client(a.id) is None and streamer.count_clients() == 1
+        with pytest.raises(UnknownClientError):
+            streamer.client_topics(a.id)
+
+
+async def test_custom_client_errors() -> None:
+    async with Streamer() as streamer:
+        await streamer.new_custom_client("taken")
+        with pytest.raises(ClientExistsError):
+            await streamer.new_custom_client("taken")
+        with pytest.raises(ValueError):  # errors mix in builtins
+            await streamer.new_custom_client("taken")
+        for bad in ("", "has space", "x" * 129, "new\nline"):
+            with pytest.raises(InvalidClientIdError):
+                await streamer.new_custom_client(bad)
+
+
+async def test_invalid_topics_are_refused_and_change_nothing() -> None:
+    async with Streamer() as streamer:
+        client = await streamer.new_client(["ok"])
+        for bad in ("", "a\nb", "nul\x00", "message", "x" * 257, "\u00e9" * 129):
+            with pytest.raises(InvalidTopicError):
+                await streamer.subscribe(client, ["fine", bad])
+        assert client.topics == ["ok"]
+        with pytest.raises(InvalidTopicError):
+            await streamer.publish("a\rb", b"x")
+        assert (await streamer.subscribe(client, ["\u00e9" * 128])) == []  # 256 bytes: allowed
+
+
+async def test_topic_limit() -> None:
+    async with Streamer(Config(max_topics_per_client=3)) as streamer:
+        client = await streamer.new_client(["a", "b"])
+        with pytest.raises(LimitExceededError):
+            await streamer.subscribe(client, ["c", "d"])
+        assert client.topics == ["a", "b"]
+        # Removes in the same update count: the final set is what is limited.
+        await streamer.update_subscriptions(client, add=["c", "d"], remove=["a"])
+        assert client.topics == ["b", "c", "d"]
+
+
+async def test_one_driver_subscription_per_topic() -> None:
+    driver = MemDriver()
+    async with Streamer(driver=driver) as streamer:
+        clients = [await streamer.new_client(["shared"]) for _ in range(5)]
+        await streamer.subscribe(clients[0], ["own"])
+        assert driver.topics == {"shared", "own"}
+        for client in clients[:4]:
+            await streamer.remove_client(client)
+        assert driver.topics == {"shared"}
+        await streamer.unsubscribe(clients[4], ["shared"])
+        assert driver.topics == frozenset()
+
+
+async def test_client_ttl_without_connections() -> None:
+    async with Streamer(Config(client_ttl=30)) as streamer:
+        client = await streamer.new_client(["t"])
+        streamer.tick(time.monotonic() + 29)
+        await _settle()
+        assert streamer.get_client(client.id) is client
+        streamer.tick(time.monotonic() + 31)
+        await _settle()
+        assert streamer.get_client(client.id) is None
+        assert streamer.driver.stats()["subscriptions"] == 0
+
+
+async def test_publish_returns_event_id() -> None:
+    async with Streamer() as streamer:
+        first = await streamer.publish("t", b"a")
+        second = await streamer.publish("t", "b")
+        assert first and second and first != second
+        epoch, _, seq = str(second).rpartition("-")
+        assert seq == "2" and len(epoch) == 8
+
+
+async def _settle() -> None:
+    import asyncio
+
+    for _ in range(5):
+        await asyncio.sleep(0)
