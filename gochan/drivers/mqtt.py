@@ -202,6 +202,7 @@ class MqttDriver:
         self._published = 0
         self._received = 0
         self._failures = 0
+        self._stray = 0  # broker messages for topics not held (dropped)
 
     # -- Driver protocol -------------------------------------------------
 
@@ -226,6 +227,7 @@ class MqttDriver:
             "published": self._published,
             "received": self._received,
             "subscription_failures": self._failures,
+            "stray": self._stray,
             "connected": self._ready,
         }
 
@@ -362,11 +364,10 @@ class MqttDriver:
         if message.retain:
             return  # a stored message replayed by the broker, not a live one
         name = message.topic.value
-        if not name.startswith(self._prefix):
-            return
         topic = name[len(self._prefix) :]
         receiver = self._receiver
-        if receiver is None or topic not in self._topics:
+        if receiver is None or topic not in self._topics or not name.startswith(self._prefix):
+            self._stray += 1
             return
         payload = message.payload
         data = payload if isinstance(payload, bytes) else str(payload).encode("utf-8")

@@ -200,6 +200,7 @@ class PostgresDriver:
         self._published = 0
         self._received = 0
         self._failures = 0
+        self._stray = 0  # broker messages for topics not held (dropped)
 
     # -- Driver protocol -------------------------------------------------
 
@@ -232,6 +233,7 @@ class PostgresDriver:
             "published": self._published,
             "received": self._received,
             "subscription_failures": self._failures,
+            "stray": self._stray,
             "connected": self._ready,
         }
 
@@ -403,6 +405,7 @@ class PostgresDriver:
         topic = channel[len(self._prefix) :]
         receiver = self._receiver
         if receiver is None or topic not in self._topics or not channel.startswith(self._prefix):
+            self._stray += 1
             return
         self._received += 1
         try:

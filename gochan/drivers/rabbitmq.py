@@ -211,6 +211,7 @@ class RabbitMQDriver:
         self._published = 0
         self._received = 0
         self._failures = 0
+        self._stray = 0  # broker messages for topics not held (dropped)
 
     # -- Driver protocol -------------------------------------------------
 
@@ -235,6 +236,7 @@ class RabbitMQDriver:
             "published": self._published,
             "received": self._received,
             "subscription_failures": self._failures,
+            "stray": self._stray,
             "connected": self._ready,
         }
 
@@ -378,6 +380,7 @@ class RabbitMQDriver:
         # The filter drops what a binding being removed (or restored for a
         # topic unsubscribed meanwhile) still lets through.
         if topic is None or receiver is None or topic not in self._topics:
+            self._stray += 1
             return
         self._received += 1
         try:
