@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, cast
 
@@ -62,8 +61,9 @@ class HttpProtocol(asyncio.Protocol):
         self.server = server
         self.config = server.config
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.pipeline: deque[Request] = deque()
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        # A list, not a deque: an empty list is far smaller, and it stays short.
+        self.pipeline: list[Request] = []
         self.admitted = False
         self.busy = False
         self.task: asyncio.Task[None] | None = None
@@ -107,10 +107,11 @@ class HttpProtocol(asyncio.Protocol):
         self.server.forget(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.stream is not None or self.closing:
+        parser = self.parser
+        if parser is None or self.closing:
             return  # nothing is read from an event stream
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.fail(400, "protocol upgrades are not supported")
             return
@@ -190,6 +191,8 @@ class HttpProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None  # callbacks run only inside feed_data
         url = b"".join(self._url)
         try:
             parsed = httptools.parse_url(url)
@@ -198,12 +201,12 @@ class HttpProtocol(asyncio.Protocol):
         self.in_request = False
         self.pipeline.append(
             Request(
-                self.parser.get_method().decode("ascii", "replace"),
+                parser.get_method().decode("ascii", "replace"),
                 (parsed.path or b"/").decode("latin-1"),
                 (parsed.query or b"").decode("latin-1"),
                 self._headers,
                 b"".join(self._body),
-                self.parser.should_keep_alive(),
+                parser.should_keep_alive(),
             )
         )
         if len(self.pipeline) >= MAX_PIPELINE and not self.reading_paused and self.transport:
@@ -214,7 +217,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _run(self) -> None:
         while self.pipeline and not self.busy and self.stream is None and not self.closing:
-            request = self.pipeline.popleft()
+            request = self.pipeline.pop(0)
             try:
                 pending = self.server.router.dispatch(self, request)
             except Exception:
@@ -278,7 +281,12 @@ class HttpProtocol(asyncio.Protocol):
             return None
         self.transport.write(head)
         self.stream = self.server.streamer.attach(client, self.transport)
+        # Nothing more is parsed on this connection: free the parser state.
+        self.parser = None
         self.pipeline.clear()
+        self._headers = {}
+        self._url = []
+        self._body = []
         self.server.streaming(self)
         return self.stream
 
