@@ -2,7 +2,7 @@
 # and that same object is queued on every receiving connection.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 
 HEARTBEAT = b":\n\n"
 
@@ -12,25 +12,36 @@ cdef inline Py_ssize_t _put(char* out, Py_ssize_t pos, const char* src, Py_ssize
     return pos + n
 
 
+cdef inline Py_ssize_t _next_break(const char* data, Py_ssize_t pos, Py_ssize_t end,
+                                   bint has_cr) noexcept:
+    # Index of the next CR or LF at or after pos, or end. Bodies without CR
+    # (nearly all of them) are split with memchr, which is vectorized.
+    cdef const char* hit
+    if not has_cr:
+        hit = <const char*>memchr(data + pos, b'\n', end - pos)
+        return end if hit == NULL else hit - data
+    while pos < end and data[pos] != b'\n' and data[pos] != b'\r':
+        pos += 1
+    return pos
+
+
 cdef bytes _encode(const char* event, Py_ssize_t event_len,
                    const char* event_id, Py_ssize_t id_len,
                    const char* data, Py_ssize_t data_len):
     # Two passes over data: count the lines (CRLF, LF and CR all end one, as
     # the SSE spec reads them), then copy each behind its own "data: ".
-    cdef Py_ssize_t i = 0, lines = 1, seps = 0, size, pos = 0, start
-    cdef char c
-    while i < data_len:
-        c = data[i]
-        if c == b'\r':
-            lines += 1
+    cdef bint has_cr = memchr(data, b'\r', data_len) != NULL
+    cdef Py_ssize_t i = 0, lines = 1, seps = 0, size, pos = 0, brk
+    while True:
+        brk = _next_break(data, i, data_len, has_cr)
+        if brk == data_len:
+            break
+        lines += 1
+        seps += 1
+        if data[brk] == b'\r' and brk + 1 < data_len and data[brk + 1] == b'\n':
+            brk += 1
             seps += 1
-            if i + 1 < data_len and data[i + 1] == b'\n':
-                i += 1
-                seps += 1
-        elif c == b'\n':
-            lines += 1
-            seps += 1
-        i += 1
+        i = brk + 1
     # Each line becomes "data: " + line + "\n"; the separators are dropped.
     size = 7 + event_len + 1 + lines * 7 + (data_len - seps) + 1
     if event_id != NULL:
@@ -46,20 +57,18 @@ cdef bytes _encode(const char* event, Py_ssize_t event_len,
         pos = _put(out, pos, event_id, id_len)
         out[pos] = b'\n'
         pos += 1
-    start = 0
     i = 0
     while True:
-        if i == data_len or data[i] == b'\r' or data[i] == b'\n':
-            pos = _put(out, pos, b"data: ", 6)
-            pos = _put(out, pos, data + start, i - start)
-            out[pos] = b'\n'
-            pos += 1
-            if i == data_len:
-                break
-            if data[i] == b'\r' and i + 1 < data_len and data[i + 1] == b'\n':
-                i += 1
-            start = i + 1
-        i += 1
+        brk = _next_break(data, i, data_len, has_cr)
+        pos = _put(out, pos, b"data: ", 6)
+        pos = _put(out, pos, data + i, brk - i)
+        out[pos] = b'\n'
+        pos += 1
+        if brk == data_len:
+            break
+        if data[brk] == b'\r' and brk + 1 < data_len and data[brk + 1] == b'\n':
+            brk += 1
+        i = brk + 1
     out[pos] = b'\n'
     return frame
 
