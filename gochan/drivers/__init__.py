@@ -15,6 +15,7 @@ __all__ = ["DRIVERS", "Driver", "MemDriver", "Receiver", "create_driver"]
 DRIVERS: dict[str, tuple[str, str, str | None]] = {
     "mem": ("gochan.drivers.mem", "MemDriver", None),
     "kafka": ("gochan.drivers.kafka", "KafkaDriver", "kafka"),
+    "sqs": ("gochan.drivers.sqs", "SqsDriver", "sqs"),
     "rabbitmq": ("gochan.drivers.rabbitmq", "RabbitMQDriver", "rabbitmq"),
     "mqtt": ("gochan.drivers.mqtt", "MqttDriver", "mqtt"),
     "postgres": ("gochan.drivers.postgres", "PostgresDriver", "postgres"),
