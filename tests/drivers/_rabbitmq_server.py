@@ -85,7 +85,7 @@ class RabbitMQ:
         )
         found = set()
         for line in out.splitlines():
-            source, destination, key = (line.split("\t") + ["", "", ""])[:3]
+            source, destination, key = [*line.split("\t"), "", "", ""][:3]
             if source == exchange:
                 found.add((destination, key))
         return found
@@ -218,7 +218,7 @@ class TcpProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         self._writers.add(writer)
         self.accepted += 1
         upstream: asyncio.StreamWriter | None = None
@@ -233,7 +233,7 @@ class TcpProxy:
                 if w is not None:
                     self._writers.discard(w)
                     w.transport.abort()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

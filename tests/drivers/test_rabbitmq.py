@@ -200,7 +200,7 @@ def test_unmappable_topics_are_refused(topic: str, reason: str) -> None:
 def test_bad_configuration_is_refused() -> None:
     for kwargs in ({"exchange": ""}, {"exchange": "amq.topic"}, {"timeout": 0}):
         with pytest.raises(ConfigurationError):
-            RabbitMQDriver(**kwargs)  # type: ignore[arg-type]
+            RabbitMQDriver(**kwargs)
 
 
 def test_registry_builds_the_driver() -> None:

@@ -1,0 +1,457 @@
+"""MqttDriver against real MQTT brokers (see _mqtt_server for which ones).
+
+Tests on the shared broker keep to a random topic prefix of their own. Tests
+that kill the broker or read its log run a Mosquitto of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import aiomqtt
+import pytest
+import uvloop
+
+from gochan.drivers import create_driver
+from gochan.drivers.mqtt import MqttDriver
+from gochan.errors import (
+    BrokerConnectionError,
+    BrokerError,
+    ClosedError,
+    ConfigurationError,
+    InvalidTopicError,
+)
+
+from . import _mqtt_server
+from ._mqtt_server import Mosquitto, MqttBroker
+from .conftest import free_port
+
+_T = TypeVar("_T")
+DELIVERY_TIMEOUT_S = 10.0
+PROMPT_S = 1.0  # "promptly": how long a refusal while disconnected may take
+
+
+# -- harness ----------------------------------------------------------------
+
+
+def run(fn: Callable[[], Awaitable[_T]]) -> _T:
+    """Run a coroutine on uvloop (gochan's loop); fail on unhandled loop errors."""
+    unhandled: list[dict[str, Any]] = []
+
+    async def main() -> _T:
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: unhandled.append(ctx))
+        return await fn()
+
+    result = uvloop.run(main())
+    if unhandled:
+        pytest.fail(f"unhandled exception in the event loop: {unhandled[0]}")
+    return result
+
+
+class Recorder:
+    """The streamer's stand-in: records what the driver delivers."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, str | None]] = []
+        self.failures: list[tuple[str, str]] = []
+
+    def on_message(self, topic: str, data: bytes, event_id: str | None) -> None:
+        self.messages.append((topic, data, event_id))
+
+    def on_subscription_failure(self, topic: str, message: str) -> None:
+        self.failures.append((topic, message))
+
+    def bodies(self, topic: str) -> list[bytes]:
+        return [data for t, data, _ in self.messages if t == topic]
+
+    async def wait_for(self, topic: str, body: bytes, timeout: float = DELIVERY_TIMEOUT_S) -> None:
+        await until(lambda: body in self.bodies(topic), timeout, f"{body!r} on {topic!r}")
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def mqtt() -> Iterator[MqttBroker]:
+    broker = _mqtt_server.obtain()
+    yield broker
+    if broker.own is not None:
+        broker.own.close()
+
+
+@pytest.fixture
+def own_mosquitto() -> Iterator[Mosquitto]:
+    """A broker of this test's own, to kill or to read the log of."""
+    broker = Mosquitto()
+    broker.start()
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"gochan-test/{secrets.token_hex(4)}/"
+
+
+@asynccontextmanager
+async def connected(
+    broker: MqttBroker, **options: Any
+) -> AsyncIterator[tuple[MqttDriver, Recorder]]:
+    driver = MqttDriver(**{**broker.driver_options(), **options})
+    recorder = Recorder()
+    await driver.connect(recorder)
+    try:
+        yield driver, recorder
+    finally:
+        await driver.close()
+
+
+@asynccontextmanager
+async def plain_client(broker: MqttBroker) -> AsyncIterator[aiomqtt.Client]:
+    """An ordinary MQTT client, as any other application would use."""
+    async with aiomqtt.Client(
+        broker.host,
+        broker.port,
+        username=broker.username or None,
+        password=broker.password or None,
+        timeout=DELIVERY_TIMEOUT_S,
+    ) as client:
+        yield client
+
+
+async def plain_publish(
+    broker: MqttBroker, topic: str, *bodies: bytes, qos: int = 1, retain: bool = False
+) -> None:
+    async with plain_client(broker) as client:
+        for body in bodies:
+            await client.publish(topic, body, qos=qos, retain=retain)
+
+
+# -- no broker needed ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "topic",
+    ["sensors/kitchen/temp", "a//b", "/leading", "trailing/", "é/ü", "a b", "x" * 256, "a$b"],
+)
+def test_mappable_topics(topic: str) -> None:
+    MqttDriver().check_topic(topic)  # no connection, no I/O
+
+
+@pytest.mark.parametrize(
+    ("topic", "reason"),
+    [
+        ("+", "wildcards"),
+        ("#", "wildcards"),
+        ("a/+/b", "wildcards"),
+        ("a/#", "wildcards"),
+        ("chat#1", "wildcards"),
+        ("$SYS/broker/uptime", "reserved"),
+        ("$share/g/t", "reserved"),
+        ("a\ufffe", "non-character"),
+        ("a\ufdd0", "non-character"),
+        ("a\U0001ffff", "non-character"),
+        ("a\x85b", "control"),
+        ("a\x00b", "control"),
+        ("", "empty"),
+        ("x" * 257, "256 bytes"),
+    ],
+)
+def test_unmappable_topics_are_refused(topic: str, reason: str) -> None:
+    with pytest.raises(InvalidTopicError) as info:
+        MqttDriver().check_topic(topic)
+    assert info.value.topic == topic
+    assert reason in info.value.reason
+    assert isinstance(info.value, ValueError)
+
+
+def test_prefix_lifts_the_dollar_rule() -> None:
+    driver = MqttDriver(prefix="gochan/")
+    driver.check_topic("$price")  # "gochan/$price" is an ordinary topic
+    with pytest.raises(InvalidTopicError):
+        driver.check_topic("a/+")
+
+
+def test_bad_configuration_is_refused() -> None:
+    for kwargs in (
+        {"qos": 3},
+        {"prefix": "$SYS/"},
+        {"prefix": "a/+/"},
+        {"prefix": "#"},
+        {"port": 0},
+        {"timeout": 0},
+    ):
+        with pytest.raises(ConfigurationError):
+            MqttDriver(**kwargs)
+
+
+def test_registry_builds_the_driver() -> None:
+    driver = create_driver("mqtt", {"host": "example", "port": 1884, "qos": 0})
+    assert isinstance(driver, MqttDriver)
+    assert driver.name == "mqtt"
+    assert not driver.ready
+
+
+def test_connect_to_nothing_fails_promptly() -> None:
+    async def body() -> None:
+        driver = MqttDriver(port=free_port(), timeout=2)
+        with pytest.raises(BrokerConnectionError):
+            await asyncio.wait_for(driver.connect(Recorder()), 5)
+        assert not driver.ready
+        await driver.close()
+        with pytest.raises(ClosedError):
+            await driver.connect(Recorder())
+
+    run(body)
+
+
+# -- against the broker -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_plain_mqtt_publish_arrives_unchanged(mqtt: MqttBroker, prefix: str, qos: int) -> None:
+    binary = bytes(range(256)) + b"\r\n\n\rdata: x\x00"
+
+    async def body() -> None:
+        async with connected(mqtt, qos=qos) as (driver, rec):
+            assert driver.ready
+            await driver.subscribe(prefix + "orders")
+            await plain_publish(mqtt, prefix + "orders", binary, b"", b"second", qos=qos)
+            await rec.wait_for(prefix + "orders", b"second")
+            assert rec.bodies(prefix + "orders") == [binary, b"", b"second"]
+            assert all(event_id is None for _, _, event_id in rec.messages)
+            assert rec.failures == []
+
+    run(body)
+
+
+def test_mosquitto_pub_arrives_unchanged(mqtt: MqttBroker, prefix: str) -> None:
+    mosquitto_pub = shutil.which("mosquitto_pub")
+    if mosquitto_pub is None:
+        pytest.skip("mosquitto_pub is not installed")
+    binary = bytes(range(1, 256)) + b"\n\r\n"
+
+    async def body() -> None:
+        async with connected(mqtt) as (driver, rec):
+            await driver.subscribe(prefix + "cli")
+            auth = ["-u", mqtt.username, "-P", mqtt.password] if mqtt.username else []
+            process = await asyncio.create_subprocess_exec(
+                mosquitto_pub,
+                "-h",
+                mqtt.host,
+                "-p",
+                str(mqtt.port),
+                *auth,
+                "-q",
+                "1",
+                "-t",
+                prefix + "cli",
+                "-s",  # the message is stdin, byte for byte
+                stdin=asyncio.subprocess.PIPE,
+            )
+            await process.communicate(binary)
+            assert process.returncode == 0
+            await rec.wait_for(prefix + "cli", binary)
+            assert rec.bodies(prefix + "cli") == [binary]
+
+    run(body)
+
+
+def test_prefix_maps_topics(mqtt: MqttBroker, prefix: str) -> None:
+    async def body() -> None:
+        async with connected(mqtt, prefix=prefix) as (driver, rec):
+            await driver.subscribe("room/1")
+            await plain_publish(mqtt, "room/1", b"outside the prefix")
+            await plain_publish(mqtt, prefix + "room/1", b"inside")
+            await rec.wait_for("room/1", b"inside")
+            await driver.publish("room/1", b"from the driver")
+            await rec.wait_for("room/1", b"from the driver")
+            assert rec.bodies("room/1") == [b"inside", b"from the driver"]
+
+    run(body)
+
+
+def test_driver_publish_reaches_every_process(mqtt: MqttBroker, prefix: str) -> None:
+    """Two processes holding a topic both get every message: fan-out."""
+
+    async def body() -> None:
+        async with (
+            connected(mqtt, prefix=prefix) as (one, rec1),
+            connected(mqtt, prefix=prefix) as (two, rec2),
+            connected(mqtt, prefix=prefix) as (three, rec3),
+        ):
+            assert one.client_id != two.client_id
+            await one.subscribe("news")
+            await two.subscribe("news")
+            await three.subscribe("other")
+            sent = [f"message {i}".encode() for i in range(50)]
+            for data in sent[:25]:
+                assert await one.publish("news", data) is None
+            for data in sent[25:]:
+                await three.publish("news", data)  # from a process not holding it
+            await rec1.wait_for("news", sent[-1])
+            await rec2.wait_for("news", sent[-1])
+            assert rec1.bodies("news") == sent  # every message, in order
+            assert rec2.bodies("news") == sent
+            await three.publish("other", b"sentinel")
+            await rec3.wait_for("other", b"sentinel")
+            assert rec3.bodies("news") == []
+            assert three.stats()["stray"] == 0
+            assert one.stats()["published"] == 25
+
+    run(body)
+
+
+def test_subscribe_and_unsubscribe_open_and_close_the_subscription(
+    own_mosquitto: Mosquitto,
+) -> None:
+    broker = own_mosquitto.broker()
+
+    async def body() -> None:
+        async with connected(broker) as (driver, rec):
+            await plain_publish(broker, "t", b"before")
+            await driver.subscribe("t")
+            await driver.subscribe("sentinel")
+            await plain_publish(broker, "t", b"subscribed")
+            await rec.wait_for("t", b"subscribed")
+
+            await driver.unsubscribe("t")
+            assert driver.topics == {"sentinel"}
+            # Same publisher, same connection: had "after" been sent to us, it
+            # would have arrived before the sentinel.
+            await plain_publish(broker, "t", b"after", qos=1)
+            await plain_publish(broker, "sentinel", b"1", qos=1)
+            await rec.wait_for("sentinel", b"1")
+            assert rec.bodies("t") == [b"subscribed"]
+            assert driver.stats()["stray"] == 0  # the broker did not send it at all
+
+            await driver.unsubscribe("t")  # twice: harmless
+            await driver.subscribe("t")
+            await plain_publish(broker, "t", b"again")
+            await rec.wait_for("t", b"again")
+            # Seen from the broker: one SUBSCRIBE/UNSUBSCRIBE per call, no more.
+            await until(
+                lambda: len(own_mosquitto.subscriptions(driver.client_id)) >= 4, 5, "broker log"
+            )
+            assert own_mosquitto.subscriptions(driver.client_id) == [
+                ("subscribe", "t"),
+                ("subscribe", "sentinel"),
+                ("unsubscribe", "t"),
+                ("subscribe", "t"),
+            ]
+
+    run(body)
+
+
+def test_retained_messages_are_not_replayed(mqtt: MqttBroker, prefix: str) -> None:
+    async def body() -> None:
+        topic = prefix + "state"
+        await plain_publish(mqtt, topic, b"old state", retain=True)
+        try:
+            async with connected(mqtt) as (driver, rec):
+                await driver.subscribe(topic)
+                await driver.subscribe(prefix + "sentinel")
+                await plain_publish(mqtt, topic, b"live", retain=True)  # live: delivered
+                await plain_publish(mqtt, prefix + "sentinel", b"1")
+                await rec.wait_for(prefix + "sentinel", b"1")
+                await rec.wait_for(topic, b"live")
+                assert rec.bodies(topic) == [b"live"]
+        finally:
+            await plain_publish(mqtt, topic, b"", retain=True)  # clears it
+
+    run(body)
+
+
+def test_invalid_topics_are_refused_before_the_broker(mqtt: MqttBroker, prefix: str) -> None:
+    async def body() -> None:
+        async with connected(mqtt, prefix=prefix) as (driver, rec):
+            for topic in ("a/+", "#", "x\ufffe"):
+                with pytest.raises(InvalidTopicError):
+                    await driver.subscribe(topic)
+                with pytest.raises(InvalidTopicError):
+                    await driver.publish(topic, b"x")
+            assert driver.topics == frozenset()
+            await driver.subscribe("ok")  # the connection is untouched
+            await driver.publish("ok", b"fine")
+            await rec.wait_for("ok", b"fine")
+            assert driver.stats()["reconnects"] == 0
+
+    run(body)
+
+
+def test_close_is_idempotent(own_mosquitto: Mosquitto) -> None:
+    async def body() -> None:
+        driver = MqttDriver(host="127.0.0.1", port=own_mosquitto.port)
+        await driver.connect(Recorder())
+        await driver.subscribe("t")
+        await driver.close()
+        await driver.close()
+        assert not driver.ready
+        with pytest.raises(ClosedError):
+            await driver.subscribe("t")
+        with pytest.raises(ClosedError):
+            await driver.publish("t", b"x")
+        await until(
+            lambda: f"Client {driver.client_id} disconnected" in own_mosquitto.log(),
+            5,
+            "the broker to see the disconnection",
+        )
+
+    run(body)
+
+
+def test_broker_restart_mid_stream(own_mosquitto: Mosquitto) -> None:
+    broker = own_mosquitto.broker()
+
+    async def body() -> None:
+        async with connected(broker, reconnect_min=0.05, reconnect_max=0.3) as (driver, rec):
+            for topic in ("kept/1", "kept/2", "dropped"):
+                await driver.subscribe(topic)
+            await plain_publish(broker, "kept/1", b"before")
+            await rec.wait_for("kept/1", b"before")
+
+            await asyncio.to_thread(own_mosquitto.kill)
+            await until(lambda: not driver.ready, 5, "ready to turn False")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(BrokerError):
+                await driver.subscribe("new")
+            with pytest.raises(BrokerError):
+                await driver.publish("kept/1", b"lost")
+            assert loop.time() - started < PROMPT_S
+            await driver.unsubscribe("dropped")  # forgotten locally
+            await asyncio.sleep(0.5)  # a few failed reconnection attempts
+            assert not driver.ready
+
+            await asyncio.to_thread(own_mosquitto.start)  # same port, empty broker
+            await until(lambda: driver.ready, 10, "reconnection")
+            assert driver.stats()["reconnects"] == 1
+            assert driver.topics == {"kept/1", "kept/2"}
+            await plain_publish(broker, "dropped", b"no")
+            await plain_publish(broker, "kept/1", b"one")
+            await plain_publish(broker, "kept/2", b"two")
+            await rec.wait_for("kept/1", b"one")
+            await rec.wait_for("kept/2", b"two")
+            assert rec.bodies("dropped") == []
+            assert driver.stats()["stray"] == 0
+            assert rec.failures == []  # a connection failure is no topic's failure
+            # The restarted broker got the subscriptions again, "dropped" excepted.
+            events = own_mosquitto.subscriptions(driver.client_id)
+            assert sorted(events[-2:]) == [("subscribe", "kept/1"), ("subscribe", "kept/2")]
+            assert events.count(("subscribe", "dropped")) == 1
+            await driver.subscribe("new")  # and it works as before
+            await driver.publish("new", b"fresh")
+            await rec.wait_for("new", b"fresh")
+
+    run(body)
