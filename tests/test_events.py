@@ -205,3 +205,28 @@ async def test_slow_consumer_is_disconnected_and_others_get_everything() -> None
         assert received.count(b"data: " + body) == 2000
         await fast.close()
         await slow.close()
+
+
+async def test_reader_that_stalls_then_catches_up_gets_every_frame_in_order() -> None:
+    """Exercises partial socket writes: kernel buffer full, the transport takes
+    the rest, the stream pauses, queues, and resumes in order."""
+    async with running(max_pending_bytes=64 * 1024 * 1024) as server:
+        stream = await SSEStream.open(server.port, "/events?topic=big")
+        await stream.config()
+        body = b"y" * 20_000
+        for i in range(1000):  # 20 MB while nobody reads
+            await server.streamer.publish("big", b"%06d" % i + body)
+            if i % 50 == 0:
+                await asyncio.sleep(0.001)
+        hub = server.streamer.hub
+        assert hub.direct_writes > 0
+        (sub,) = hub.open_subscribers()
+        # The kernel and the transport are full: frames wait in our queue.
+        assert sub.paused and sub.pending_bytes > 1_000_000
+        seen = 0
+        while seen < 1000:
+            event = await stream.event()
+            assert event["data"] == "%06d" % seen + body.decode()
+            seen += 1
+        assert hub.slow_disconnects == 0
+        await stream.close()

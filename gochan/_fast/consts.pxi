@@ -7,3 +7,5 @@ cdef enum:
     # A queue array larger than this is freed after a flush instead of kept,
     # so one burst does not pin memory on an otherwise idle connection.
     QUEUE_KEEP_SLOTS = 16
+    # Frames gathered into one writev(); a longer queue is joined first.
+    MAX_IOV = 64

@@ -21,6 +21,10 @@ cdef class Subscriber:
     cdef Hub hub
     cdef object transport
     cdef object _write               # transport.write, bound once
+    # The socket, when frames may be written to it directly (plain TCP, and
+    # only while the transport holds nothing: see Subscriber.__cinit__); -1
+    # sends everything through the transport.
+    cdef int fd
     cdef readonly object owner       # what the caller attached (the Client)
     # Frames queued since the last flush (owned references).
     cdef PyObject** queue
@@ -35,6 +39,8 @@ cdef class Subscriber:
     cdef void _clear_queue(self) noexcept
     cdef Py_ssize_t _find(self, PyObject* topic) noexcept
     cdef int _write_queue(self) except -1
+    cdef int _send_direct(self) except -1
+    cdef bytes _joined(self, Py_ssize_t skip)
 
 
 cdef class Hub:
@@ -51,6 +57,8 @@ cdef class Hub:
     cdef readonly unsigned long long writes
     cdef readonly unsigned long long bytes_written
     cdef readonly unsigned long long slow_disconnects
+    cdef readonly unsigned long long direct_writes
+    cdef readonly bint direct
 
     cpdef Py_ssize_t publish(self, str topic, bytes frame) except -1
     cdef inline int _mark_dirty(self, Subscriber sub) except -1

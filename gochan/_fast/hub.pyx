@@ -9,6 +9,15 @@
 # subscriber's queue: no Python object is allocated per delivery. Queues are
 # written once per loop iteration (Hub.flush, scheduled with call_soon), so all
 # frames for one connection within an iteration leave in one write.
+#
+# That write is a writev() on the socket itself, straight from the queued
+# frames (no join, no call into the transport), whenever the transport's own
+# buffer is empty. Its high-water mark is set to 0, so the transport calls
+# pause_writing() as soon as it holds a byte and resume_writing() once it has
+# drained: `paused` is exactly "the transport has data", and ordering holds.
+# Whatever the kernel does not take goes to transport.write(), which buffers
+# it, polls the socket and pauses us; while paused, frames wait in our queue,
+# bounded by max_pending.
 
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_DECREF
@@ -17,6 +26,8 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
 from libc.string cimport memcpy
+from libc.errno cimport errno, EAGAIN, EINTR
+from posix.uio cimport iovec, writev
 
 import logging as _logging
 
@@ -35,6 +46,22 @@ cdef void* _grow(void* ptr, Py_ssize_t* capacity, Py_ssize_t initial,
         raise MemoryError()
     capacity[0] = cap
     return new
+
+
+cdef int _direct_fd(object transport) except -2:
+    # The socket of a plain TCP transport, or -1 (TLS, pipes, test doubles).
+    get_extra_info = getattr(transport, "get_extra_info", None)
+    if get_extra_info is None or get_extra_info("sslcontext") is not None:
+        return -1
+    if not hasattr(transport, "set_write_buffer_limits"):
+        return -1
+    sock = get_extra_info("socket")
+    if sock is None:
+        return -1
+    try:
+        return sock.fileno()
+    except Exception:
+        return -1
 
 
 cdef class Topic:
@@ -83,11 +110,19 @@ cdef class Subscriber:
         self.transport = transport
         self._write = transport.write
         self.owner = owner
+        self.fd = -1
+        if hub.direct:
+            self.fd = _direct_fd(transport)
         self.queue = NULL
         self.queue_len = self.queue_cap = self.queue_bytes = 0
         self.members = NULL
         self.members_len = self.members_cap = 0
         self.paused = self.dirty = self.active = self.closed = False
+        if self.fd >= 0:
+            transport.set_write_buffer_limits(0)
+            # Data still in the transport (a large response head): wait for
+            # its resume_writing() before writing around it.
+            self.paused = transport.get_write_buffer_size() > 0
         hub.subscribers.add(self)
 
     def __dealloc__(self):
@@ -163,35 +198,75 @@ cdef class Subscriber:
         return -1
 
     cdef int _write_queue(self) except -1:
-        # One write for everything queued: the frame itself when there is one
-        # (no copy), else one joined buffer.
-        cdef Py_ssize_t i, pos = 0, size
+        # One write for everything queued: writev() on the socket when the
+        # transport is empty, else the frame itself (no copy) or one joined
+        # buffer through the transport.
         cdef object data
-        cdef char* out
         if self.queue_len == 0:
             return 0
-        if self.queue_len == 1:
-            data = <object>self.queue[0]
-        else:
-            data = PyBytes_FromStringAndSize(NULL, self.queue_bytes)
-            out = PyBytes_AS_STRING(data)
-            for i in range(self.queue_len):
-                size = PyBytes_GET_SIZE(<object>self.queue[i])
-                memcpy(out + pos, PyBytes_AS_STRING(<object>self.queue[i]), size)
-                pos += size
+        if self.fd >= 0 and not self.paused and self.queue_len <= MAX_IOV:
+            return self._send_direct()
+        data = <object>self.queue[0] if self.queue_len == 1 else self._joined(0)
         self.hub.writes += 1
         self.hub.bytes_written += self.queue_bytes
         self._clear_queue()
         self._write(data)
         return 0
 
+    cdef bytes _joined(self, Py_ssize_t skip):
+        # The queued frames as one bytes object, without their first `skip` bytes.
+        cdef bytes data = PyBytes_FromStringAndSize(NULL, self.queue_bytes - skip)
+        cdef char* out = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t i, size, pos = 0
+        cdef const char* src
+        for i in range(self.queue_len):
+            src = PyBytes_AS_STRING(<object>self.queue[i])
+            size = PyBytes_GET_SIZE(<object>self.queue[i])
+            if skip >= size:
+                skip -= size
+                continue
+            memcpy(out + pos, src + skip, size - skip)
+            pos += size - skip
+            skip = 0
+        return data
+
+    cdef int _send_direct(self) except -1:
+        cdef iovec iov[MAX_IOV]
+        cdef Py_ssize_t i, total = self.queue_bytes
+        cdef ssize_t sent
+        cdef bytes rest
+        for i in range(self.queue_len):
+            iov[i].iov_base = PyBytes_AS_STRING(<object>self.queue[i])
+            iov[i].iov_len = PyBytes_GET_SIZE(<object>self.queue[i])
+        sent = writev(self.fd, iov, <int>self.queue_len)
+        if sent < 0:
+            if errno != EAGAIN and errno != EINTR:  # EWOULDBLOCK == EAGAIN on Linux
+                raise OSError(errno, "writev failed")
+            sent = 0
+        self.hub.writes += 1
+        self.hub.direct_writes += 1
+        self.hub.bytes_written += total
+        if sent == total:
+            self._clear_queue()
+            return 0
+        # The kernel took part of it: the transport buffers the rest, starts
+        # polling the socket and pauses us until it has drained.
+        rest = self._joined(sent)
+        self._clear_queue()
+        self._write(rest)
+        return 0
+
 
 cdef class Hub:
     """Topic -> subscribers table and the fan-out that writes to them."""
 
-    def __cinit__(self, loop, Py_ssize_t max_pending=DEFAULT_MAX_PENDING):
+    def __cinit__(self, loop, Py_ssize_t max_pending=DEFAULT_MAX_PENDING, bint direct=True):
         if max_pending <= 0:
             raise ValueError("max_pending must be positive")
+        # Write to sockets directly (see the top of this file); off, every
+        # write goes through transport.write().
+        self.direct = direct
+        self.direct_writes = 0
         self.topics = {}
         self.subscribers = set()
         self.dirty = []
@@ -362,6 +437,7 @@ cdef class Hub:
             "messages": self.messages,
             "deliveries": self.deliveries,
             "writes": self.writes,
+            "direct_writes": self.direct_writes,
             "bytes_written": self.bytes_written,
             "slow_disconnects": self.slow_disconnects,
         }
