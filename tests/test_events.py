@@ -226,7 +226,7 @@ async def test_reader_that_stalls_then_catches_up_gets_every_frame_in_order() ->
         seen = 0
         while seen < 1000:
             event = await stream.event()
-            assert event["data"] == "%06d" % seen + body.decode()
+            assert event["data"] == f"{seen:06d}" + body.decode()
             seen += 1
         assert hub.slow_disconnects == 0
         await stream.close()
