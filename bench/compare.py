@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import selectors
@@ -47,11 +48,16 @@ SUSTAINED_DELIVERY_RATIO = 0.95  # of expected deliveries, and of the target pub
 SUSTAINED_P99_US = 1_000_000
 GOOD_P99_US = 100_000
 LIGHT_LOAD_MAX_RATE = 300
+LOADGEN_SATURATED_SHARE = 0.9  # above this the load generator may be the bottleneck
+NOISY_OTHER_CORES = 0.25  # a failed step is retried once if others used more than this
+NOISY_RETRIES = 1
 
 SERVER_START_TIMEOUT_S = 30.0
 SETTLE_S = 2.0
 STEP_PAUSE_S = 1.0
 STOP_TIMEOUT_S = 5.0
+SETTLE_MAX_S = 15.0
+SETTLED_CPU_SHARE = 0.3
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -290,11 +296,13 @@ class ServerResult:
         return max(good, key=lambda s: s["rate"]) if good else None
 
     def light_load(self) -> Json | None:
+        """The lowest-rate step, if it is light (<= 300 msgs/s)."""
         light = [s for s in self.steps if s["rate"] <= LIGHT_LOAD_MAX_RATE]
-        return max(light, key=lambda s: s["rate"]) if light else None
+        return min(light, key=lambda s: s["rate"]) if light else None
 
     def top_step(self) -> Json | None:
-        return self.steps[-1] if self.steps else None
+        """The highest-rate step run (normally the first that failed)."""
+        return max(self.steps, key=lambda s: s["rate"]) if self.steps else None
 
     def summary(self) -> Json:
         best = self.best_rate_p99_100ms()
@@ -343,6 +351,67 @@ def server_version(name: str) -> str:
         except PackageNotFoundError:
             parts.append(f"{pkg} ?")
     return ", ".join(parts)
+
+
+def measure_step(name: str, pid: int, lg: Loadgen, rate: float, args: argparse.Namespace) -> Json:
+    """One rate step, with the server's CPU and write syscalls and the machine's noise."""
+    cpu0, io0, t0 = cpu_s(pid), io_counters(pid), time.monotonic()
+    lg0, busy0 = cpu_s(lg.proc.pid), machine_busy_s()
+    step = lg.step(rate, args.warmup, args.duration, args.drain)
+    wall = time.monotonic() - t0
+    cpu1, io1 = cpu_s(pid), io_counters(pid)
+    lg1, busy1 = cpu_s(lg.proc.pid), machine_busy_s()
+    # Server CPU over the whole step (warm-up + window + drain).
+    step["server_cpu_share"] = (cpu1 - cpu0) / wall if wall > 0 else None
+    # Cores used by everything else on the machine meanwhile: a noise indicator.
+    other = (busy1 - busy0) - (cpu1 - cpu0) - (lg1 - lg0)
+    step["other_cpu_cores"] = max(other, 0.0) / wall if wall > 0 else None
+    total_rx = step["received"] + step["outside_window"]
+    if io0 and io1 and total_rx:
+        step["server_syscw_per_delivery"] = (io1["syscw"] - io0["syscw"]) / total_rx
+    step["sustained"] = judge(step)
+    lat = step["latency_us"]
+    log(
+        f"{name}: rate {rate:>8g}/s published {step['publish_rate']:>9.0f}/s "
+        f"deliveries {step['deliveries_per_s']:>10.0f}/s "
+        f"ratio {step['delivery_ratio']:.3f} p50 {lat['p50'] / 1000:.1f} ms "
+        f"p99 {lat['p99'] / 1000:.1f} ms loadgen cpu {step['cpu_share']:.0%} "
+        f"server cpu {step['server_cpu_share']:.0%} "
+        f"other cpu {step['other_cpu_cores']:.2f} "
+        f"{'ok' if step['sustained'] else 'NOT SUSTAINED'}"
+    )
+    return step
+
+
+def settle(pid: int) -> None:
+    """After an overloaded step, wait (bounded) until the server is nearly idle again."""
+    deadline = time.monotonic() + SETTLE_MAX_S
+    while time.monotonic() < deadline:
+        c0 = cpu_s(pid)
+        time.sleep(0.5)
+        if (cpu_s(pid) - c0) / 0.5 < SETTLED_CPU_SHARE:
+            return
+    log(f"server still busy after {SETTLE_MAX_S:g} s")
+
+
+def step_with_retry(
+    name: str, server: subprocess.Popen[Any], lg: Loadgen, rate: float, args: argparse.Namespace
+) -> Json:
+    """Run a step; retry a failed one once if other processes were busy meanwhile."""
+    attempts: list[Json] = []
+    for attempt in range(1 + NOISY_RETRIES):
+        if server.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {server.returncode}")
+        step = measure_step(name, server.pid, lg, rate, args)
+        step["attempt"] = attempt + 1
+        attempts.append(step)
+        noisy = (step["other_cpu_cores"] or 0.0) > NOISY_OTHER_CORES
+        if step["sustained"] or not noisy or attempt == NOISY_RETRIES:
+            break
+        log(f"{name}: other processes used {step['other_cpu_cores']:.2f} cores; retrying")
+        settle(server.pid)
+    # A sustained attempt if any, else the least disturbed one.
+    return min(attempts, key=lambda s: (not s["sustained"], s["other_cpu_cores"] or 0.0))
 
 
 def run_server(
@@ -407,38 +476,29 @@ def run_server(
         time.sleep(SETTLE_S)
         result.rss_after_kib = rss_kib(server.pid)
 
+        ok_rate: float | None = None
+        fail_rate: float | None = None
         for rate in args.rates:
-            if server.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {server.returncode}")
-            cpu0, io0, t0 = cpu_s(server.pid), io_counters(server.pid), time.monotonic()
-            lg0, busy0 = cpu_s(lg_proc.pid), machine_busy_s()
-            step = lg.step(rate, args.warmup, args.duration, args.drain)
-            wall = time.monotonic() - t0
-            cpu1, io1 = cpu_s(server.pid), io_counters(server.pid)
-            lg1, busy1 = cpu_s(lg_proc.pid), machine_busy_s()
-            # Server CPU over the whole step (warm-up + window + drain).
-            step["server_cpu_share"] = (cpu1 - cpu0) / wall if wall > 0 else None
-            # Cores used by everything else on the machine meanwhile: noise indicator.
-            other = (busy1 - busy0) - (cpu1 - cpu0) - (lg1 - lg0)
-            step["other_cpu_cores"] = max(other, 0.0) / wall if wall > 0 else None
-            if io0 and io1 and step["received"]:
-                total_rx = step["received"] + step["outside_window"]
-                step["server_syscw_per_delivery"] = (io1["syscw"] - io0["syscw"]) / total_rx
-            step["sustained"] = judge(step)
+            step = step_with_retry(name, server, lg, rate, args)
             result.steps.append(step)
-            lat = step["latency_us"]
-            log(
-                f"{name}: rate {rate:>8g}/s published {step['publish_rate']:>9.0f}/s "
-                f"deliveries {step['deliveries_per_s']:>10.0f}/s "
-                f"ratio {step['delivery_ratio']:.3f} p50 {lat['p50'] / 1000:.1f} ms "
-                f"p99 {lat['p99'] / 1000:.1f} ms loadgen cpu {step['cpu_share']:.0%} "
-                f"server cpu {step['server_cpu_share']:.0%} "
-                f"other cpu {step['other_cpu_cores']:.2f} "
-                f"{'ok' if step['sustained'] else 'NOT SUSTAINED'}"
-            )
             if not step["sustained"]:
+                fail_rate = rate
                 break
+            ok_rate = rate
             time.sleep(STEP_PAUSE_S)
+        # Bisect (geometrically) between the last sustained and the first failed rate.
+        for _ in range(args.refine if ok_rate and fail_rate else 0):
+            assert ok_rate is not None and fail_rate is not None
+            mid = float(f"{math.sqrt(ok_rate * fail_rate):.2g}")
+            if not ok_rate < mid < fail_rate:
+                break
+            settle(server.pid)
+            step = step_with_retry(name, server, lg, mid, args)
+            result.steps.append(step)
+            if step["sustained"]:
+                ok_rate = mid
+            else:
+                fail_rate = mid
         result.rss_peak_kib = proc_status(server.pid, "VmHWM")
         lg.quit()
         result.ok = True
@@ -452,20 +512,21 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-ROWS: tuple[tuple[str, str, str, bool], ...] = (
-    # key, label, format, higher is better
-    ("max_sustained_deliveries_per_s", "max sustained deliveries/s", ",.0f", True),
-    ("max_sustained_rate", "  at publish rate (msgs/s)", ",.0f", True),
-    ("best_deliveries_p99_lt_100ms", "best deliveries/s with p99<100ms", ",.0f", True),
-    ("best_rate_p99_lt_100ms", "  at publish rate (msgs/s)", ",.0f", True),
-    ("light_load_p50_ms", "light-load p50 (ms)", ".2f", False),
-    ("light_load_p99_ms", "light-load p99 (ms)", ".2f", False),
-    ("kib_per_conn", "RSS per idle connection (KiB)", ".1f", False),
-    ("connect_time_s", "connect time, all conns (s)", ".2f", False),
-    ("connected", "connections ready", ",.0f", True),
-    ("top_rate", "top step rate (msgs/s)", ",.0f", True),
-    ("server_cpu_share_top", "server CPU share, top step", ".0%", False),
-    ("loadgen_cpu_share_top", "loadgen CPU share, top step", ".0%", False),
+ROWS: tuple[tuple[str, str, str, str], ...] = (
+    # key, label, format, which is better ("" = not a figure of merit: no ratio)
+    ("max_sustained_deliveries_per_s", "max sustained deliveries/s", ",.0f", "higher"),
+    ("max_sustained_rate", "  at publish rate (msgs/s)", ",.0f", "higher"),
+    ("best_deliveries_p99_lt_100ms", "best deliveries/s with p99<100ms", ",.0f", "higher"),
+    ("best_rate_p99_lt_100ms", "  at publish rate (msgs/s)", ",.0f", "higher"),
+    ("light_load_rate", "light load: publish rate (msgs/s)", ",.0f", ""),
+    ("light_load_p50_ms", "light-load p50 (ms)", ".2f", "lower"),
+    ("light_load_p99_ms", "light-load p99 (ms)", ".2f", "lower"),
+    ("kib_per_conn", "RSS per idle connection (KiB)", ".1f", "lower"),
+    ("connect_time_s", "connect time, all conns (s)", ".2f", "lower"),
+    ("connected", "connections ready", ",.0f", "higher"),
+    ("top_rate", "top step: publish rate (msgs/s)", ",.0f", ""),
+    ("server_cpu_share_top", "top step: server CPU share", ".0%", ""),
+    ("loadgen_cpu_share_top", "top step: loadgen CPU share", ".0%", ""),
 )
 
 
@@ -475,12 +536,15 @@ def table(results: list[ServerResult]) -> str:
     peers = [n for n in names if n != "gochan"] if "gochan" in names else []
     header = ["metric", "better", *names, *(f"gochan/{p}" for p in peers)]
     rows = [header]
-    for key, label, spec, higher in ROWS:
-        row = [label, "higher" if higher else "lower"]
+    for key, label, spec, better in ROWS:
+        row = [label, better]
         for n in names:
             value = sums[n][key]
             row.append(fmt(value, spec))
         for p in peers:
+            if not better:
+                row.append("")
+                continue
             g, v = sums["gochan"][key], sums[p][key]
             ratio = (
                 g / v if isinstance(g, int | float) and isinstance(v, int | float) and v else None
@@ -506,7 +570,7 @@ def steps_table(results: list[ServerResult]) -> str:
         f"{'other':>5}  ok"
     ]
     for r in results:
-        for s in r.steps:
+        for s in sorted(r.steps, key=lambda s: s["rate"]):
             lat = s["latency_us"]
             lines.append(
                 f"{r.name:<14} {s['rate']:>8,.0f} {s['publish_rate']:>11,.0f} "
@@ -540,6 +604,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds per step")
     p.add_argument("--drain", type=float, default=3.0, help="max seconds to wait for stragglers")
     p.add_argument("--rates", type=parse_rates, default=None, help="publish rates, msgs/s")
+    p.add_argument(
+        "--refine", type=int, default=None, help="bisection steps after the first failure"
+    )
     p.add_argument("--concurrency", type=int, default=100, help="connects in flight")
     p.add_argument("--connect-timeout", type=float, default=180.0)
     p.add_argument("--publishers", type=int, default=1, help="publisher connections")
@@ -558,6 +625,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = 0.5 if quick else 2.0
     if args.rates is None:
         args.rates = list(QUICK_RATES if quick else DEFAULT_RATES)
+    if args.refine is None:
+        args.refine = 0 if quick else 2
     args.server_cpu = args.server_cpu or None
     args.client_cpu = args.client_cpu or None
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -602,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_s": args.warmup,
             "duration_s": args.duration,
             "drain_s": args.drain,
+            "refine": args.refine,
             "publishers": args.publishers,
             "pipeline": args.pipeline,
             "server_cpu": args.server_cpu,
@@ -646,6 +716,18 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     for r in results:
         print(f"{r.name}: {r.version}" + (f"  ERROR: {r.error}" if r.error else ""))
+        top = r.top_step()
+        if top and top["cpu_share"] > LOADGEN_SATURATED_SHARE:
+            print(
+                f"WARNING: {r.name}: load generator used {top['cpu_share']:.0%} of its core at "
+                "the top step: it may be the bottleneck there"
+            )
+        noisy = [s["rate"] for s in r.steps if (s["other_cpu_cores"] or 0) > NOISY_OTHER_CORES]
+        if noisy:
+            print(
+                f"NOTE: {r.name}: other processes used > {NOISY_OTHER_CORES} cores during "
+                f"steps at {', '.join(f'{x:g}' for x in noisy)} msgs/s (noisy figures)"
+            )
     print(f"\nJSON: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 0 if all(r.ok for r in results) else 1
 
