@@ -376,6 +376,23 @@ class Streamer:
 
     # -- streams (used by the server) --------------------------------------
 
+    def open_stream(
+        self,
+        client: Client,
+        transport: asyncio.WriteTransport,
+        head: bytes,
+        last_event_id: str = "",
+    ) -> Subscriber:
+        """Write ``head`` (HTTP head and first frames), answer ``last_event_id``,
+        and attach the stream to the fan-out, all in one step of the loop."""
+        if last_event_id:
+            # No history is kept yet: say so rather than pretend (PROTOCOL.md).
+            self.counters["replay_misses"] += 1
+            replay = {"replay": {"last_event_id": last_event_id[:256], "recovered": False}}
+            head += encode_system(orjson.dumps(replay))
+        transport.write(head)
+        return self.attach(client, transport)
+
     def attach(self, client: Client, transport: asyncio.WriteTransport) -> Subscriber:
         """Register a live SSE stream of ``client``: it gets every message of
         the client's topics from now on."""

@@ -27,7 +27,7 @@ class Server:
     def __init__(self, streamer: Streamer, config: Config) -> None:
         self.streamer = streamer
         self.config = config
-        self.router = Router(self)
+        self.router = Router(streamer, config, self.metrics_text)
         self.connections = 0  # open TCP connections, streams included
         self.http: set[HttpProtocol] = set()  # connections not (yet) streaming
         self.connections_total = 0

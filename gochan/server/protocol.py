@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from .._fast import Subscriber
-from ..client import Client
 from ..log import server_logger
-from .http import Request, simple_response
+from .http import Request, response_head, simple_response
+from .routes import OpenStream, Reply, Response
 
 if TYPE_CHECKING:
     from .app import Server
@@ -219,31 +219,37 @@ class HttpProtocol(asyncio.Protocol):
         while self.pipeline and not self.busy and self.stream is None and not self.closing:
             request = self.pipeline.pop(0)
             try:
-                pending = self.server.router.dispatch(self, request)
+                reply = self.server.router.dispatch(request)
             except Exception:
                 server_logger.exception("handler failed: %s %s", request.method, request.path)
                 self.fail(500, "internal server error")
                 return
-            if pending is not None:
+            if isinstance(reply, (Response, OpenStream)):
+                self.deliver(reply, request)
+            else:
                 self.busy = True
-                self.task = asyncio.get_running_loop().create_task(self._finish(pending))
+                self.task = asyncio.get_running_loop().create_task(self._finish(reply, request))
                 return
         if self.reading_paused and len(self.pipeline) < MAX_PIPELINE // 2:
             self._resume_reading()
         if not self.busy and not self.pipeline and not self.in_request:
             self.deadline = time.monotonic() + self.config.keepalive_timeout
 
-    async def _finish(self, pending: Awaitable[None]) -> None:
+    async def _finish(self, pending: Awaitable[Reply], request: Request) -> None:
         try:
-            await pending
+            reply = await pending
         except asyncio.CancelledError:
             raise
         except Exception:
-            server_logger.exception("handler failed")
+            server_logger.exception("handler failed: %s %s", request.method, request.path)
             self.fail(500, "internal server error")
+            return
         finally:
             self.busy = False
             self.task = None
+        # No await between the handler's result and its delivery: a stream
+        # is attached in the same loop step its subscriptions were made in.
+        self.deliver(reply, request)
         if not self.closing:
             self._run()
 
@@ -254,10 +260,26 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- used by the routes ------------------------------------------------
 
-    def respond(self, data: bytes, request: Request) -> None:
-        """Write a complete response; close afterwards unless keep-alive."""
+    def deliver(self, reply: Reply, request: Request) -> None:
+        """Write a handler's reply: a whole response, or the start of a stream."""
         if self.closing or self.transport is None:
             return
+        cors = self.server.router.cors(request)
+        if isinstance(reply, OpenStream):
+            head = response_head(200, reply.headers + cors, keep_alive=True)
+            self.start_stream(head + reply.preamble, reply)
+            return
+        if reply.content_type is None:  # a bare head (HEAD of the event stream)
+            data = response_head(reply.status, reply.headers + cors, keep_alive=request.keep_alive)
+        else:
+            data = simple_response(
+                reply.status,
+                reply.body,
+                content_type=reply.content_type,
+                headers=reply.headers + cors,
+                keep_alive=request.keep_alive,
+                head=request.method == "HEAD",
+            )
         self.transport.write(data)
         if not request.keep_alive:
             self.closing = True
@@ -273,14 +295,14 @@ class HttpProtocol(asyncio.Protocol):
         self.transport.write(simple_response(status, body, keep_alive=False))
         self.transport.close()
 
-    def start_stream(self, head: bytes, client: Client) -> Subscriber | None:
-        """Send the response head and first frame, then hand the connection
+    def start_stream(self, head: bytes, reply: OpenStream) -> None:
+        """Send the response head and first frames, then hand the connection
         to the hub. Nothing is awaited between the two, so no message can
         fall between the first frame and live delivery."""
-        if self.closing or self.transport is None:
-            return None
-        self.transport.write(head)
-        self.stream = self.server.streamer.attach(client, self.transport)
+        assert self.transport is not None
+        self.stream = self.server.streamer.open_stream(
+            reply.client, self.transport, head, reply.last_event_id
+        )
         # Nothing more is parsed on this connection: free the parser state.
         self.parser = None
         self.pipeline.clear()
@@ -288,7 +310,8 @@ class HttpProtocol(asyncio.Protocol):
         self._url = []
         self._body = []
         self.server.streaming(self)
-        return self.stream
+        if self.reading_paused:  # paused while the head was written; streams read (EOF)
+            self._resume_reading()
 
     def expire(self, now: float) -> None:
         """Called by the server tick once the deadline has passed."""

@@ -1,17 +1,22 @@
-"""The endpoints: what each path answers. Handlers return None when they have
-answered already, or an awaitable when they must wait on the broker."""
+"""The endpoints: what each path answers.
+
+Handlers know nothing of sockets: they take a :class:`Request` and return a
+:class:`Response` or an :class:`OpenStream`, or an awaitable of one when they
+must wait on the broker. The raw protocol and the ASGI adapter render them.
+"""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qs
 
 import orjson
 
 from .._fast import encode_system
 from ..client import Client, validate_client_id
+from ..config import Config
 from ..errors import (
     BrokerError,
     ClosedError,
@@ -23,15 +28,35 @@ from ..errors import (
 )
 from ..log import server_logger
 from ..streamer import subscription_failure_frame
-from .http import JSON, TEXT, Request, response_head, simple_response
+from .http import JSON, TEXT, Request
 
 if TYPE_CHECKING:
-    from .app import Server
-    from .protocol import HttpProtocol
+    from ..streamer import Streamer
 
-__all__ = ["Router"]
+__all__ = ["OpenStream", "Reply", "Response", "Router"]
 
-Handler = Callable[["HttpProtocol", Request], Awaitable[None] | None]
+Headers = list[tuple[bytes, bytes]]
+
+
+class Response(NamedTuple):
+    status: int
+    body: bytes = b""
+    headers: Headers = []
+    content_type: bytes | None = TEXT  # None: the headers say it, no Content-Length
+
+
+class OpenStream(NamedTuple):
+    """Start the event stream of ``client``: the 200 head with ``headers``,
+    then ``preamble`` (retry, first frame, failures), then replay and live."""
+
+    client: Client
+    headers: Headers
+    preamble: bytes
+    last_event_id: str
+
+
+Reply = Response | OpenStream
+Handler = Callable[[Request], Reply | Awaitable[Reply]]
 
 SSE_HEADERS = (
     (b"Content-Type", b"text/event-stream"),
@@ -42,11 +67,19 @@ SSE_HEADERS = (
 PREFLIGHT_MAX_AGE_S = 600
 
 
+def _text(status: int, message: object, headers: Headers | None = None) -> Response:
+    return Response(status, f"{message}\n".encode(), headers or [])
+
+
+def _json(status: int, data: Any) -> Response:
+    return Response(status, orjson.dumps(data), [], JSON)
+
+
 class Router:
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.streamer = server.streamer
-        self.config = config = server.config
+    def __init__(self, streamer: Streamer, config: Config, metrics: Callable[[], str]) -> None:
+        self.streamer = streamer
+        self.config = config
+        self.metrics_text = metrics
         # path -> {method: handler}
         self.routes: dict[str, dict[str, Handler]] = {
             config.events_path: {"GET": self.events, "HEAD": self.events},
@@ -60,17 +93,17 @@ class Router:
 
     # -- dispatch ----------------------------------------------------------
 
-    def dispatch(self, proto: HttpProtocol, request: Request) -> Awaitable[None] | None:
+    def dispatch(self, request: Request) -> Reply | Awaitable[Reply]:
         methods = self.routes.get(request.path)
         if methods is None:
-            return self.reply(proto, request, 404, b"not found\n")
+            return _text(404, "not found")
         handler = methods.get(request.method)
         if handler is not None:
-            return handler(proto, request)
+            return handler(request)
         allow = ", ".join([*methods, "OPTIONS"]).encode()
         if request.method == "OPTIONS":
-            return self.preflight(proto, request, allow)
-        return self.reply(proto, request, 405, b"method not allowed\n", [(b"Allow", allow)])
+            return self.preflight(request, allow)
+        return _text(405, "method not allowed", [(b"Allow", allow)])
 
     def cors(self, request: Request) -> list[tuple[bytes, bytes]]:
         origin = request.headers.get("origin")
@@ -86,32 +119,7 @@ class Router:
             ]
         return []
 
-    def reply(
-        self,
-        proto: HttpProtocol,
-        request: Request,
-        status: int,
-        body: bytes,
-        headers: list[tuple[bytes, bytes]] | None = None,
-        content_type: bytes = TEXT,
-    ) -> None:
-        proto.respond(
-            simple_response(
-                status,
-                body,
-                content_type=content_type,
-                headers=(headers or []) + self.cors(request),
-                keep_alive=request.keep_alive,
-                head=request.method == "HEAD",
-            ),
-            request,
-        )
-        return None
-
-    def reply_json(self, proto: HttpProtocol, request: Request, status: int, data: Any) -> None:
-        return self.reply(proto, request, status, orjson.dumps(data), content_type=JSON)
-
-    def preflight(self, proto: HttpProtocol, request: Request, allow: bytes) -> None:
+    def preflight(self, request: Request, allow: bytes) -> Response:
         headers = [(b"Allow", allow)]
         if self.cors(request):
             headers += [
@@ -119,135 +127,102 @@ class Router:
                 (b"Access-Control-Allow-Headers", b"Content-Type, Authorization, Last-Event-ID"),
                 (b"Access-Control-Max-Age", b"%d" % PREFLIGHT_MAX_AGE_S),
             ]
-        return self.reply(proto, request, 204, b"", headers)
+        return Response(204, b"", headers)
 
     # -- GET /events -------------------------------------------------------
 
-    def events(self, proto: HttpProtocol, request: Request) -> Awaitable[None] | None:
+    def events(self, request: Request) -> Reply | Awaitable[Reply]:
         query = request.query()
         client_id = (query.get("id") or [""])[0]
         try:
             topics = self.streamer.check_topics(query.get("topic", ()))
         except InvalidTopicError as exc:
-            return self.reply(proto, request, 400, f"{exc}\n".encode())
+            return _text(400, exc)
         client: Client | None
         if client_id:
             try:
                 validate_client_id(client_id)
             except InvalidClientIdError as exc:
-                return self.reply(proto, request, 400, f"{exc}\n".encode())
+                return _text(400, exc)
             client = self.streamer.get_client(client_id)
             if client is None:
-                return self.reply(proto, request, 401, b"Invalid client ID\n")
+                return _text(401, "Invalid client ID")
         elif not self.config.auto_create_clients:
-            return self.reply(proto, request, 401, b"Invalid client ID\n")
+            return _text(401, "Invalid client ID")
         else:
             client = None
         if request.method == "HEAD":
-            head = [*SSE_HEADERS, *self.cors(request)]
-            return proto.respond(response_head(200, head, keep_alive=request.keep_alive), request)
+            return Response(200, b"", list(SSE_HEADERS), None)
         if client is None:
             try:
                 client = self.streamer.create_client()
             except LimitExceededError as exc:
-                return self.reply(proto, request, 503, f"{exc}\n".encode())
+                return _text(503, exc)
         last_id = request.headers.get("last-event-id") or (query.get("last_event_id") or [""])[0]
         if topics and any(not client.has_topic(t) for t in topics):
-            return self._subscribe_then_stream(proto, request, client, topics, last_id)
-        self._open_stream(proto, request, client, [], last_id)
-        return None
+            return self._subscribe_then_stream(client, topics, last_id)
+        return self._open_stream(client, [], last_id)
 
     async def _subscribe_then_stream(
-        self,
-        proto: HttpProtocol,
-        request: Request,
-        client: Client,
-        topics: list[str],
-        last_id: str,
-    ) -> None:
+        self, client: Client, topics: list[str], last_id: str
+    ) -> Reply:
         try:
             errors = await self.streamer.update_subscriptions(client, add=topics)
         except LimitExceededError as exc:
-            return self.reply(proto, request, 400, f"{exc}\n".encode())
+            return _text(400, exc)
         except (UnknownClientError, ClosedError):
-            return self.reply(proto, request, 401, b"Invalid client ID\n")
+            return _text(401, "Invalid client ID")
         failures = [subscription_failure_frame(e.topic, e.message) for e in errors]
-        self._open_stream(proto, request, client, failures, last_id)
-        return None
+        return self._open_stream(client, failures, last_id)
 
-    def _open_stream(
-        self,
-        proto: HttpProtocol,
-        request: Request,
-        client: Client,
-        extra_frames: list[bytes],
-        last_id: str,
-    ) -> None:
+    def _open_stream(self, client: Client, extra_frames: list[bytes], last_id: str) -> OpenStream:
         config = self.config
         first = {
             "config": {"client_id": client.id, "client_ttl_millis": int(config.client_ttl * 1000)},
             "subscriptions": client.topics,
         }
-        parts = [response_head(200, [*SSE_HEADERS, *self.cors(request)], keep_alive=True)]
-        if config.retry_ms:
-            parts.append(b"retry: %d\n" % config.retry_ms)
+        parts = [b"retry: %d\n" % config.retry_ms] if config.retry_ms else []
         parts.append(encode_system(orjson.dumps(first)))
         parts.extend(extra_frames)
-        if last_id:
-            # No history is kept yet: say so rather than pretend (PROTOCOL.md).
-            self.streamer.counters["replay_misses"] += 1
-            replay = {"replay": {"last_event_id": last_id[:256], "recovered": False}}
-            parts.append(encode_system(orjson.dumps(replay)))
-        proto.start_stream(b"".join(parts), client)
+        return OpenStream(client, list(SSE_HEADERS), b"".join(parts), last_id)
 
     # -- POST /update_subscriptions ----------------------------------------
 
-    def update_subscriptions(self, proto: HttpProtocol, request: Request) -> Awaitable[None] | None:
+    def update_subscriptions(self, request: Request) -> Reply | Awaitable[Reply]:
         try:
             body = orjson.loads(request.body)
         except orjson.JSONDecodeError:
-            return self.reply(proto, request, 400, b"malformed JSON body\n")
+            return _text(400, "malformed JSON body")
         if not isinstance(body, dict):
-            return self.reply(proto, request, 400, b"the body must be a JSON object\n")
+            return _text(400, "the body must be a JSON object")
         client_id = body.get("client_id")
         if not isinstance(client_id, str) or not client_id:
-            return self.reply(proto, request, 400, b"missing client_id\n")
+            return _text(400, "missing client_id")
         lists = []
         for key in ("add", "remove"):
             value = body.get(key, [])
             if value is None:
                 value = []
             if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-                return self.reply(
-                    proto, request, 400, f"{key} must be a list of strings\n".encode()
-                )
+                return _text(400, f"{key} must be a list of strings")
             lists.append(value)
         client = self.streamer.get_client(client_id)
         if client is None:
-            return self.reply(proto, request, 400, b"Invalid Client ID\n")
+            return _text(400, "Invalid Client ID")
         try:
             self.streamer.check_topics(lists[0] + lists[1])
         except InvalidTopicError as exc:
-            return self.reply(proto, request, 400, f"{exc}\n".encode())
-        return self._update(proto, request, client, lists[0], lists[1])
+            return _text(400, exc)
+        return self._update(client, lists[0], lists[1])
 
-    async def _update(
-        self,
-        proto: HttpProtocol,
-        request: Request,
-        client: Client,
-        add: list[str],
-        remove: list[str],
-    ) -> None:
+    async def _update(self, client: Client, add: list[str], remove: list[str]) -> Reply:
         try:
             errors = await self.streamer.update_subscriptions(client, add, remove)
         except LimitExceededError as exc:
-            return self.reply(proto, request, 400, f"{exc}\n".encode())
+            return _text(400, exc)
         except UnknownClientError:
-            return self.reply(proto, request, 400, b"Invalid Client ID\n")
-        return self.reply_json(
-            proto,
-            request,
+            return _text(400, "Invalid Client ID")
+        return _json(
             200,
             {
                 "client_id": client.id,
@@ -271,40 +246,38 @@ class Router:
             return None
         return "missing or wrong publish key (Authorization: Bearer <key>)"
 
-    def publish(self, proto: HttpProtocol, request: Request) -> Awaitable[None] | None:
+    def publish(self, request: Request) -> Reply | Awaitable[Reply]:
         refused = self._may_publish(request)
         if refused is not None:
             status = 403 if not self.config.publish_key else 401
             headers = [(b"WWW-Authenticate", b'Bearer realm="gochan"')] if status == 401 else []
-            return self.reply(proto, request, status, f"{refused}\n".encode(), headers)
+            return _text(status, refused, headers)
         try:
             topic, data = self._read_publish(request)
         except ValueError as exc:
-            return self.reply(proto, request, 400, f"{exc}\n".encode())
+            return _text(400, exc)
         try:
             self.streamer.check_topics((topic,))
         except InvalidTopicError as exc:
-            return self.reply(proto, request, 400, f"{exc}\n".encode())
+            return _text(400, exc)
         if self.streamer.can_publish_nowait:
             try:
                 event_id = self.streamer.publish_nowait(topic, data)
             except ClosedError as exc:
-                return self.reply(proto, request, 503, f"{exc}\n".encode())
-            return self.reply_json(proto, request, 200, {"id": event_id})
-        return self._publish(proto, request, topic, data)
+                return _text(503, exc)
+            return _json(200, {"id": event_id})
+        return self._publish(topic, data)
 
-    async def _publish(
-        self, proto: HttpProtocol, request: Request, topic: str, data: bytes
-    ) -> None:
+    async def _publish(self, topic: str, data: bytes) -> Reply:
         try:
             event_id = await self.streamer.publish(topic, data)
         except (BrokerError, ClosedError) as exc:
             server_logger.warning("publish to %r failed: %s", topic, exc)
-            return self.reply(proto, request, 503, f"publish failed: {exc}\n".encode())
+            return _text(503, f"publish failed: {exc}")
         except InterfaceError as exc:
-            return self.reply(proto, request, 400, f"{exc}\n".encode())
+            return _text(400, exc)
         status = 200 if event_id is not None else 202
-        return self.reply_json(proto, request, status, {"id": event_id})
+        return _json(status, {"id": event_id})
 
     def _read_publish(self, request: Request) -> tuple[str, bytes]:
         query = request.query()
@@ -336,19 +309,14 @@ class Router:
 
     # -- operations --------------------------------------------------------
 
-    def healthz(self, proto: HttpProtocol, request: Request) -> None:
-        return self.reply(proto, request, 200, b"ok\n")
+    def healthz(self, request: Request) -> Response:
+        return _text(200, "ok")
 
-    def readyz(self, proto: HttpProtocol, request: Request) -> None:
+    def readyz(self, request: Request) -> Response:
         if self.streamer.ready:
-            return self.reply(proto, request, 200, b"ready\n")
-        return self.reply(proto, request, 503, b"driver not ready\n")
+            return _text(200, "ready")
+        return _text(503, "driver not ready")
 
-    def metrics(self, proto: HttpProtocol, request: Request) -> None:
-        return self.reply(
-            proto,
-            request,
-            200,
-            self.server.metrics_text().encode(),
-            content_type=b"text/plain; version=0.0.4; charset=utf-8",
-        )
+    def metrics(self, request: Request) -> Response:
+        body = self.metrics_text().encode()
+        return Response(200, body, [], b"text/plain; version=0.0.4; charset=utf-8")
