@@ -16,6 +16,7 @@ DRIVERS: dict[str, tuple[str, str, str | None]] = {
     "mem": ("gochan.drivers.mem", "MemDriver", None),
     "kafka": ("gochan.drivers.kafka", "KafkaDriver", "kafka"),
     "sqs": ("gochan.drivers.sqs", "SqsDriver", "sqs"),
+    "pubsub": ("gochan.drivers.pubsub", "PubSubDriver", "pubsub"),
     "rabbitmq": ("gochan.drivers.rabbitmq", "RabbitMQDriver", "rabbitmq"),
     "mqtt": ("gochan.drivers.mqtt", "MqttDriver", "mqtt"),
     "postgres": ("gochan.drivers.postgres", "PostgresDriver", "postgres"),
