@@ -102,6 +102,7 @@ class Config:
     healthz_path: str = "/healthz"
     readyz_path: str = "/readyz"
     metrics_path: str = "/metrics"
+    client_js_path: str = "/gochan.js"  # the browser client, served by gochan
 
     def __post_init__(self) -> None:
         self.validate()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
+from functools import cache
+from importlib import resources
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qs
 
@@ -75,6 +77,11 @@ def _json(status: int, data: Any) -> Response:
     return Response(status, orjson.dumps(data), [], JSON)
 
 
+@cache
+def _client_js() -> bytes:
+    return resources.files("gochan").joinpath("static/gochan.js").read_bytes()
+
+
 class Router:
     def __init__(self, streamer: Streamer, config: Config, metrics: Callable[[], str]) -> None:
         self.streamer = streamer
@@ -88,6 +95,7 @@ class Router:
             config.healthz_path: {"GET": self.healthz, "HEAD": self.healthz},
             config.readyz_path: {"GET": self.readyz, "HEAD": self.readyz},
             config.metrics_path: {"GET": self.metrics, "HEAD": self.metrics},
+            config.client_js_path: {"GET": self.client_js, "HEAD": self.client_js},
         }
         self._origins = set(config.cors_origins)
 
@@ -320,3 +328,12 @@ class Router:
     def metrics(self, request: Request) -> Response:
         body = self.metrics_text().encode()
         return Response(200, body, [], b"text/plain; version=0.0.4; charset=utf-8")
+
+    def client_js(self, request: Request) -> Response:
+        """The browser client (an ES module), so pages can import it from gochan."""
+        try:
+            body = _client_js()
+        except OSError:
+            return _text(404, "gochan.js is not installed")
+        headers = [(b"Cache-Control", b"public, max-age=300")]
+        return Response(200, body, headers, b"text/javascript; charset=utf-8")
