@@ -14,6 +14,8 @@ __all__ = ["DRIVERS", "Driver", "MemDriver", "Receiver", "create_driver"]
 # name -> (module, class, pip extra that brings its client library)
 DRIVERS: dict[str, tuple[str, str, str | None]] = {
     "mem": ("gochan.drivers.mem", "MemDriver", None),
+    "nats": ("gochan.drivers.nats", "NatsDriver", "nats"),
+    "redis": ("gochan.drivers.redis", "RedisDriver", "redis"),
     "kafka": ("gochan.drivers.kafka", "KafkaDriver", "kafka"),
     "sqs": ("gochan.drivers.sqs", "SqsDriver", "sqs"),
     "pubsub": ("gochan.drivers.pubsub", "PubSubDriver", "pubsub"),

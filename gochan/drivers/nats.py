@@ -1,0 +1,702 @@
+"""The NATS driver: core NATS pub/sub by default, JetStream for durable topics.
+
+Topic to subject mapping
+------------------------
+A topic is used as the NATS subject as it is, after an optional ``prefix``::
+
+    subject = prefix + topic        # prefix "" (default) or e.g. "gochan."
+
+so ``nats pub orders.eu ...`` reaches the gochan topic ``orders.eu`` (with
+``prefix="gochan."``: ``nats pub gochan.orders.eu ...``). ``.`` is NATS's
+token separator and is allowed inside topics as a hierarchy separator, but
+every token must be non-empty (no leading, trailing or doubled ``.``).
+Topics are refused by :meth:`NatsDriver.check_topic` when they contain
+whitespace of any kind, control characters, or the wildcard characters ``*``
+and ``>`` (anywhere, not only as whole tokens: a browser subscribes to exact
+topics, never to patterns). Without a prefix, topics starting with ``$`` are
+refused too: ``$SYS``, ``$JS``, ``$KV`` ... are the server's own subjects.
+Any other UTF-8 is passed through; subjects are case-sensitive.
+
+Delivery
+--------
+The driver holds one NATS connection and ONE plain subscription (never a
+queue group) per topic, so every gochan process receives every message. The
+message body is relayed byte for byte; headers are ignored.
+
+With ``jetstream=True`` the driver publishes through JetStream (the stream
+sequence is returned as the event id) and subscribes with an ordered,
+ephemeral push consumer per topic that starts after the stream's last
+message at subscription time (only new messages). The last stream sequence
+seen per topic is remembered, so after a reconnect the consumer resumes right
+after it: messages stored while the connection was down are delivered, none
+twice. The event id passed to ``Receiver.on_message`` is the stream sequence
+(a decimal string, unique across the stream's topics).
+
+Reconnects
+----------
+The driver reconnects by itself (the client library's own reconnect is
+disabled so that there is one code path): exponential backoff with jitter
+between ``reconnect_wait`` and ``reconnect_wait_max``, then every held topic
+is subscribed again. ``ready`` is False meanwhile, ``subscribe`` and
+``publish`` raise :class:`~gochan.errors.BrokerConnectionError` at once, and
+``Receiver.on_subscription_failure`` is called only for topics the server
+refused to restore (a permissions violation, a JetStream API error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import api
+
+from ..errors import (
+    BrokerConnectionError,
+    BrokerError,
+    ClosedError,
+    ConfigurationError,
+    InvalidTopicError,
+)
+from ..log import broker_logger
+from .base import Receiver
+
+__all__ = ["NatsDriver"]
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+DEFAULT_PREFIX = ""
+DEFAULT_STREAM = "GOCHAN"
+DEFAULT_STREAM_MAX_AGE_S = 3600.0
+DEFAULT_STREAM_MAX_MSGS_PER_SUBJECT = 1000
+DEFAULT_CONNECT_TIMEOUT_S = 2.0
+DEFAULT_REQUEST_TIMEOUT_S = 5.0
+DEFAULT_RECONNECT_WAIT_S = 0.1
+DEFAULT_RECONNECT_WAIT_MAX_S = 5.0
+DEFAULT_PING_INTERVAL_S = 20.0
+DEFAULT_MAX_OUTSTANDING_PINGS = 2
+DEFAULT_IDLE_HEARTBEAT_S = 5.0
+DEFAULT_CLIENT_NAME = "gochan"
+
+_WILDCARDS = frozenset("*>")
+# nats-py lower-cases the server's -ERR text before handing it to error_cb.
+_PERMISSION_RE = re.compile(r'permissions violation for subscription to "(.*?)"')
+
+# Failures of the connection itself, as opposed to a refusal of one operation.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+def _subject_problem(subject: str) -> str | None:
+    """Why ``subject`` is not a literal NATS subject, or None if it is one."""
+    for ch in subject:
+        if ch.isspace():
+            return "NATS subjects cannot contain whitespace"
+        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+            return "NATS subjects cannot contain control characters"
+        if ch in _WILDCARDS:
+            return f"{ch!r} is a NATS wildcard"
+    if "" in subject.split("."):
+        return "'.' separates NATS subject tokens, which cannot be empty"
+    return None
+
+
+def _backoff(attempt: int, base_s: float, cap_s: float) -> float:
+    """Exponential backoff with jitter: in [d/2, d], d = min(cap, base * 2**attempt)."""
+    delay = min(cap_s, base_s * 2 ** min(attempt, 30))
+    return random.uniform(delay / 2, delay)
+
+
+async def _flush(nc: Client, timeout_s: float) -> None:
+    """Wait until the server has processed every command sent before.
+
+    ``Client.flush`` alone is not enough: nats-py writes its PING straight to
+    the socket while earlier SUB and PUB commands may still sit in the
+    pending buffer waiting for the flusher task, so the PONG can come back
+    before the server has seen them (a message published just after
+    ``subscribe`` returned would be missed, a refused SUB reported late).
+    So first wait for the flusher to have written the pending buffer
+    (``_flush_pending(force_flush=True)`` waits for exactly that).
+    """
+    flush_pending = getattr(nc, "_flush_pending", None)
+    if flush_pending is not None:
+        await asyncio.wait_for(flush_pending(force_flush=True), timeout_s)
+    else:  # the flusher was woken when the commands were queued: let it run
+        await asyncio.sleep(0)
+    # nats-py annotates the timeout as int; asyncio takes float seconds.
+    await nc.flush(timeout=cast(int, timeout_s))
+
+
+def _stop_consumer_tasks(sub: Subscription) -> None:
+    """Cancel the heartbeat and flow-control tasks of a JetStream subscription.
+
+    nats-py cancels them in ``PushSubscription.unsubscribe`` only when the
+    connection is still open; after a lost connection its heartbeat task
+    would sleep on for two heartbeat intervals before noticing.
+    """
+    jsi = getattr(getattr(sub, "_sub", None), "_jsi", None)
+    for name in ("_hbtask", "_fctask"):
+        task = getattr(jsi, name, None)
+        if isinstance(task, asyncio.Task):
+            task.cancel()
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password, for logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid url>"
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class NatsDriver:
+    """Relay NATS subjects (core pub/sub, or JetStream) to gochan topics.
+
+    Keyword arguments (all optional; the config layer exposes each one as
+    ``--nats-<name>`` and ``GOCHAN_NATS_<NAME>``):
+
+    url
+        NATS server URL, ``nats://[user:password@]host:port``; several
+        servers of a cluster may be given separated by commas.
+    prefix
+        Prepended to every topic to make its subject; ``""`` or a valid
+        subject ending with ``.`` (``"gochan."``). Required with JetStream.
+    jetstream
+        Publish and subscribe through JetStream (durable, with stream
+        sequences as event ids) instead of core NATS.
+    stream
+        JetStream stream name.
+    create_stream
+        Create ``stream`` if missing, with subjects ``<prefix>>``, file
+        storage and the two limits below. An existing stream is used as is.
+    stream_max_age
+        Seconds a message is kept in a stream created by the driver.
+    stream_max_msgs_per_subject
+        Messages kept per topic in a stream created by the driver (-1: no limit).
+    connect_timeout
+        Seconds allowed for one connection attempt (TCP, TLS, handshake).
+    request_timeout
+        Seconds allowed for a round trip: subscription confirmation,
+        publish confirmation, JetStream API calls.
+    reconnect_wait
+        Seconds before the first reconnection attempt; doubled each time.
+    reconnect_wait_max
+        Longest wait between two reconnection attempts, in seconds.
+    ping_interval
+        Seconds between keepalive pings; the connection is considered dead
+        after two unanswered pings.
+    idle_heartbeat
+        Seconds between JetStream consumer heartbeats (gap detection).
+    publish_flush
+        Core NATS only: wait for the server to confirm each publish (one
+        round trip) so a successful ``publish`` means the server has it.
+    name
+        Connection name, shown by the server's monitoring (``/connz``).
+    """
+
+    name: ClassVar[str] = "nats"
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        prefix: str = DEFAULT_PREFIX,
+        jetstream: bool = False,
+        stream: str = DEFAULT_STREAM,
+        create_stream: bool = True,
+        stream_max_age: float = DEFAULT_STREAM_MAX_AGE_S,
+        stream_max_msgs_per_subject: int = DEFAULT_STREAM_MAX_MSGS_PER_SUBJECT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+        reconnect_wait: float = DEFAULT_RECONNECT_WAIT_S,
+        reconnect_wait_max: float = DEFAULT_RECONNECT_WAIT_MAX_S,
+        ping_interval: float = DEFAULT_PING_INTERVAL_S,
+        idle_heartbeat: float = DEFAULT_IDLE_HEARTBEAT_S,
+        publish_flush: bool = True,
+        name: str = DEFAULT_CLIENT_NAME,
+    ) -> None:
+        self._servers = [s.strip() for s in url.split(",") if s.strip()]
+        if not self._servers:
+            raise ConfigurationError("nats url must name at least one server")
+        if prefix and (not prefix.endswith(".") or _subject_problem(prefix[:-1])):
+            raise ConfigurationError(
+                f"nats prefix {prefix!r} must be empty or a valid subject ending with '.'"
+                " (e.g. 'gochan.')"
+            )
+        if jetstream and not prefix:
+            raise ConfigurationError(
+                "nats jetstream needs a prefix (e.g. 'gochan.'): the stream holds '<prefix>>'"
+            )
+        if jetstream and (not stream or _subject_problem(stream) or "." in stream):
+            raise ConfigurationError(f"invalid JetStream stream name {stream!r}")
+        for option, value in (
+            ("connect_timeout", connect_timeout),
+            ("request_timeout", request_timeout),
+            ("reconnect_wait", reconnect_wait),
+            ("reconnect_wait_max", reconnect_wait_max),
+            ("ping_interval", ping_interval),
+            ("idle_heartbeat", idle_heartbeat),
+        ):
+            if value <= 0:
+                raise ConfigurationError(f"nats {option} must be positive, not {value!r}")
+        self._url = ",".join(_redact(s) for s in self._servers)
+        self._prefix = prefix
+        self._jetstream = jetstream
+        self._stream = stream
+        self._create_stream = create_stream
+        self._stream_max_age_s = stream_max_age
+        self._stream_max_msgs_per_subject = stream_max_msgs_per_subject
+        self._connect_timeout_s = connect_timeout
+        self._request_timeout_s = request_timeout
+        self._reconnect_wait_s = reconnect_wait
+        self._reconnect_wait_max_s = max(reconnect_wait, reconnect_wait_max)
+        self._ping_interval_s = ping_interval
+        self._idle_heartbeat_s = idle_heartbeat
+        self._publish_flush = publish_flush
+        self._client_name = name
+
+        self._receiver: Receiver | None = None
+        self._nc: Client | None = None
+        self._ready = False
+        self._closed = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        # Topics the streamer holds (including any being restored) and the
+        # live broker subscription of each.
+        self._topics: set[str] = set()
+        self._subs: dict[str, Subscription] = {}
+        # JetStream: last stream sequence delivered (or skipped) per topic.
+        self._positions: dict[str, int] = {}
+        # Lower-cased subject -> the server's refusal (see _PERMISSION_RE).
+        self._denied: dict[str, str] = {}
+        self._reconnects = 0
+
+    # -- Driver protocol ---------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._closed
+
+    def stats(self) -> dict[str, Any]:
+        return {"reconnects": self._reconnects, "subscriptions": len(self._subs)}
+
+    def check_topic(self, topic: str) -> None:
+        if not topic:
+            raise InvalidTopicError(topic, "empty topic")
+        problem = _subject_problem(topic)
+        if problem is None and not self._prefix and topic.startswith("$"):
+            problem = "subjects starting with '$' are reserved by the NATS server"
+        if problem is not None:
+            raise InvalidTopicError(topic, problem)
+
+    async def connect(self, receiver: Receiver) -> None:
+        if self._closed:
+            raise ClosedError("driver is closed")
+        if self._nc is not None or self._reconnect_task is not None:
+            raise BrokerError("nats driver is already connected")
+        nc = await self._open()
+        if self._closed:  # closed while connecting
+            await self._discard(nc)
+            raise ClosedError("driver is closed")
+        self._receiver = receiver
+        self._nc = nc
+        self._ready = True
+        broker_logger.info("connected to NATS at %s", self._url)
+
+    async def subscribe(self, topic: str) -> None:
+        self._check_open()
+        self.check_topic(topic)
+        nc = self._connected()
+        if topic in self._topics:
+            return
+        self._topics.add(topic)
+        try:
+            last_seq = await self._stream_last_seq(nc) if self._jetstream else None
+            subs, failures = await self._open_subs(nc, [topic], last_seq)
+        except BaseException:
+            self._forget(topic)
+            raise
+        if topic in failures:
+            self._forget(topic)
+            raise BrokerError(failures[topic])
+        sub = subs[topic]
+        if topic in self._topics and self._nc is nc:
+            self._subs[topic] = sub
+        else:  # unsubscribed, or the connection was lost, meanwhile
+            await self._quiet_unsubscribe(sub)
+            if self._nc is not nc:
+                raise BrokerConnectionError("connection to NATS lost while subscribing")
+
+    async def unsubscribe(self, topic: str) -> None:
+        self._forget(topic)
+        sub = self._subs.pop(topic, None)
+        if sub is not None:
+            await self._quiet_unsubscribe(sub)
+
+    async def publish(self, topic: str, data: bytes) -> str | None:
+        self._check_open()
+        self.check_topic(topic)
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            raise BrokerConnectionError(f"not connected to NATS at {self._url}")
+        subject = self._prefix + topic
+        try:
+            if self._jetstream:
+                js = nc.jetstream(timeout=self._request_timeout_s)
+                ack = await js.publish(subject, data, stream=self._stream)
+                return str(ack.seq)
+            await nc.publish(subject, data)
+            if self._publish_flush:
+                await _flush(nc, self._request_timeout_s)
+        except nats.errors.MaxPayloadError as exc:
+            raise BrokerError(
+                f"message of {len(data)} bytes exceeds the NATS server's max_payload"
+            ) from exc
+        except _CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(f"publish to NATS failed: {exc!r}") from exc
+        except nats.errors.Error as exc:
+            raise BrokerError(f"publish to NATS subject {subject!r} failed: {exc}") from exc
+        return None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ready = False
+        task, self._reconnect_task = self._reconnect_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        nc, self._nc = self._nc, None
+        subs = list(self._subs.values())
+        self._subs.clear()
+        self._topics.clear()
+        self._positions.clear()
+        self._receiver = None
+        for sub in subs:
+            if nc is not None and nc.is_connected:
+                await self._quiet_unsubscribe(sub)
+            else:
+                _stop_consumer_tasks(sub)
+        if nc is not None:
+            await self._discard(nc)
+
+    # -- connection --------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("driver is closed")
+
+    def _connected(self) -> Client:
+        nc = self._nc
+        if nc is None or not self._ready or not nc.is_connected:
+            raise BrokerConnectionError(f"not connected to NATS at {self._url} (reconnecting)")
+        return nc
+
+    async def _open(self) -> Client:
+        """A new connection (stream ensured with JetStream), or BrokerError."""
+        nc = Client()
+        connect_errors: list[Exception] = []
+
+        async def on_error(exc: Exception) -> None:
+            if nc is self._nc:
+                await self._on_error(nc, exc)
+            else:
+                connect_errors.append(exc)
+
+        async def on_disconnected() -> None:
+            if nc is self._nc:
+                self._ready = False
+
+        async def on_closed() -> None:
+            self._on_closed(nc)
+
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=self._servers,
+                    name=self._client_name,
+                    allow_reconnect=False,
+                    # Even without reconnects nats-py retries the initial
+                    # connect (max_reconnect_attempts times per server, waiting
+                    # reconnect_time_wait in between): once more, at once.
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0,
+                    connect_timeout=max(1, round(self._connect_timeout_s)),
+                    ping_interval=max(1, round(self._ping_interval_s)),
+                    max_outstanding_pings=DEFAULT_MAX_OUTSTANDING_PINGS,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    closed_cb=on_closed,
+                ),
+                self._connect_timeout_s,
+            )
+            if self._jetstream:
+                await self._ensure_stream(nc)
+        except BaseException as exc:
+            await self._discard(nc)
+            if isinstance(exc, BrokerError) or not isinstance(exc, Exception):
+                raise
+            cause = connect_errors[-1] if connect_errors else exc
+            raise BrokerConnectionError(
+                f"cannot connect to NATS at {self._url}: {cause!r}"
+            ) from exc
+        return nc
+
+    async def _discard(self, nc: Client) -> None:
+        try:
+            await asyncio.wait_for(nc.close(), self._request_timeout_s)
+        except Exception as exc:  # closing a broken connection may fail: it is gone anyway
+            broker_logger.debug("closing a NATS connection failed: %r", exc)
+
+    async def _ensure_stream(self, nc: Client) -> None:
+        js = nc.jetstream(timeout=self._request_timeout_s)
+        try:
+            try:
+                await js.stream_info(self._stream)
+                return
+            except nats.js.errors.NotFoundError:
+                if not self._create_stream:
+                    raise BrokerError(f"JetStream stream {self._stream!r} does not exist") from None
+            await js.add_stream(
+                api.StreamConfig(
+                    name=self._stream,
+                    subjects=[self._prefix + ">"],
+                    storage=api.StorageType.FILE,
+                    max_age=self._stream_max_age_s,
+                    max_msgs_per_subject=self._stream_max_msgs_per_subject,
+                )
+            )
+            broker_logger.info(
+                "created JetStream stream %s for subjects %s>", self._stream, self._prefix
+            )
+        except nats.errors.NoRespondersError as exc:
+            raise BrokerError(f"JetStream is not enabled on the NATS server ({exc!r})") from exc
+        except nats.js.errors.APIError as exc:
+            raise BrokerError(f"JetStream stream {self._stream!r}: {exc}") from exc
+
+    async def _stream_last_seq(self, nc: Client) -> int:
+        js = nc.jetstream(timeout=self._request_timeout_s)
+        try:
+            info = await js.stream_info(self._stream)
+        except _CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(f"JetStream stream info failed: {exc!r}") from exc
+        except nats.errors.Error as exc:
+            raise BrokerError(f"JetStream stream {self._stream!r}: {exc}") from exc
+        return info.state.last_seq
+
+    async def _on_error(self, nc: Client, exc: Exception) -> None:
+        match = _PERMISSION_RE.search(str(exc))
+        if match is None:
+            broker_logger.warning("NATS error: %s", exc)
+            return
+        key = match.group(1)
+        self._denied[key] = str(exc)
+        # A subscription being opened checks _denied itself after its flush;
+        # one that was already open has just been revoked by the server.
+        for topic, sub in list(self._subs.items()):
+            if (self._prefix + topic).lower() == key:
+                self._forget(topic)
+                del self._subs[topic]
+                await self._quiet_unsubscribe(sub)
+                self._report_failure(topic, str(exc))
+
+    def _on_closed(self, nc: Client) -> None:
+        if self._closed or nc is not self._nc:
+            return
+        self._nc = None
+        self._ready = False
+        for sub in self._subs.values():
+            _stop_consumer_tasks(sub)
+        self._subs.clear()
+        broker_logger.warning(
+            "lost the connection to NATS at %s; reconnecting (%d topics)",
+            self._url,
+            len(self._topics),
+        )
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.get_running_loop().create_task(
+                self._reconnect(), name="gochan-nats-reconnect"
+            )
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while not self._closed:
+            await asyncio.sleep(
+                _backoff(attempt, self._reconnect_wait_s, self._reconnect_wait_max_s)
+            )
+            attempt += 1
+            try:
+                nc = await self._open()
+            except BrokerError as exc:
+                broker_logger.info("NATS reconnection attempt %d failed: %s", attempt, exc)
+                continue
+            self._nc = nc
+            try:
+                restored = await self._restore(nc)
+            except BrokerConnectionError as exc:
+                broker_logger.info("NATS connection lost while resubscribing: %s", exc)
+                restored = False
+            if not restored or self._nc is not nc or not nc.is_connected:
+                if self._nc is nc:
+                    self._nc = None
+                    await self._discard(nc)
+                continue
+            self._reconnects += 1
+            self._ready = True
+            broker_logger.info(
+                "reconnected to NATS at %s; %d topics resubscribed", self._url, len(self._subs)
+            )
+            return
+
+    async def _restore(self, nc: Client) -> bool:
+        """Subscribe every held topic on ``nc``; False if ``nc`` was lost meanwhile."""
+        topics = sorted(self._topics)
+        if not topics:
+            return True
+        last_seq: int | None = None
+        if self._jetstream:
+            last_seq = await self._stream_last_seq(nc)
+            for topic, position in list(self._positions.items()):
+                if position > last_seq:  # the stream was purged or recreated
+                    broker_logger.warning(
+                        "JetStream stream %s restarted below sequence %d; topic %r resumes at %d",
+                        self._stream,
+                        position,
+                        topic,
+                        last_seq,
+                    )
+                    self._positions[topic] = last_seq
+        subs, failures = await self._open_subs(nc, topics, last_seq)
+        for topic, sub in subs.items():
+            if topic in self._topics and self._nc is nc:
+                self._subs[topic] = sub
+            else:
+                await self._quiet_unsubscribe(sub)
+        for topic, message in failures.items():
+            if topic in self._topics:
+                self._forget(topic)
+                self._report_failure(topic, message)
+        return self._nc is nc
+
+    # -- subscriptions -----------------------------------------------------
+
+    async def _open_subs(
+        self, nc: Client, topics: list[str], last_seq: int | None
+    ) -> tuple[dict[str, Subscription], dict[str, str]]:
+        """Subscribe ``topics`` on ``nc`` and wait for the server to have them.
+
+        Returns the subscriptions and, per refused topic, the server's reason.
+        Raises BrokerConnectionError if the connection fails meanwhile.
+        """
+        subs: dict[str, Subscription] = {}
+        failures: dict[str, str] = {}
+        try:
+            for topic in topics:
+                if topic not in self._topics:
+                    continue
+                subject = self._prefix + topic
+                self._denied.pop(subject.lower(), None)
+                try:
+                    subs[topic] = await self._open_sub(nc, topic, subject, last_seq)
+                except nats.js.errors.APIError as exc:
+                    failures[topic] = f"JetStream refused the consumer for {subject!r}: {exc}"
+            # Any -ERR for these SUBs arrives before the PONG, and nats-py runs
+            # error_cb inline while reading, so _denied is complete after this.
+            await _flush(nc, self._request_timeout_s)
+        except BaseException as exc:
+            for sub in subs.values():
+                await self._quiet_unsubscribe(sub)
+            if isinstance(exc, _CONNECTION_ERRORS):
+                raise BrokerConnectionError(f"NATS subscription failed: {exc!r}") from exc
+            if isinstance(exc, nats.errors.Error):
+                raise BrokerError(f"NATS subscription failed: {exc}") from exc
+            raise
+        for topic in list(subs):
+            refusal = self._denied.pop((self._prefix + topic).lower(), None)
+            if refusal is not None:
+                await self._quiet_unsubscribe(subs.pop(topic))
+                failures[topic] = refusal
+        return subs, failures
+
+    async def _open_sub(
+        self, nc: Client, topic: str, subject: str, last_seq: int | None
+    ) -> Subscription:
+        callback = self._callback(topic)
+        if not self._jetstream:
+            return await nc.subscribe(subject, cb=callback)
+        assert last_seq is not None
+        start = self._positions.setdefault(topic, last_seq)
+        js = nc.jetstream(timeout=self._request_timeout_s)
+        return await js.subscribe(
+            subject,
+            cb=callback,
+            stream=self._stream,
+            ordered_consumer=True,
+            idle_heartbeat=self._idle_heartbeat_s,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            config=api.ConsumerConfig(opt_start_seq=start + 1),
+        )
+
+    def _callback(self, topic: str) -> Callable[[Msg], Awaitable[None]]:
+        jetstream = self._jetstream
+
+        async def on_msg(msg: Msg) -> None:
+            receiver = self._receiver
+            if receiver is None or topic not in self._topics:
+                return
+            event_id: str | None = None
+            if jetstream:
+                seq = msg.metadata.sequence.stream
+                if seq <= self._positions.get(topic, 0):
+                    return  # redelivered by a consumer reset
+                self._positions[topic] = seq
+                event_id = str(seq)
+            try:
+                receiver.on_message(topic, msg.data, event_id)
+            except Exception:
+                broker_logger.exception("receiver failed on a message for topic %r", topic)
+
+        return on_msg
+
+    async def _quiet_unsubscribe(self, sub: Subscription) -> None:
+        try:
+            await sub.unsubscribe()
+        except (nats.errors.Error, OSError) as exc:  # the connection went with it
+            broker_logger.debug("NATS unsubscribe failed: %r", exc)
+        _stop_consumer_tasks(sub)
+
+    def _forget(self, topic: str) -> None:
+        self._topics.discard(topic)
+        self._positions.pop(topic, None)
+
+    def _report_failure(self, topic: str, message: str) -> None:
+        broker_logger.warning("NATS subscription for topic %r failed: %s", topic, message)
+        receiver = self._receiver
+        if receiver is not None:
+            try:
+                receiver.on_subscription_failure(topic, message)
+            except Exception:
+                broker_logger.exception("receiver failed on a subscription failure")
