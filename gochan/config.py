@@ -103,6 +103,7 @@ class Config:
     readyz_path: str = "/readyz"
     metrics_path: str = "/metrics"
     client_js_path: str = "/gochan.js"  # the browser client, served by gochan
+    static_dir: str = ""  # files served at / for GET (index.html for /); off when empty
 
     def __post_init__(self) -> None:
         self.validate()

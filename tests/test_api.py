@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import orjson
 
+import gochan
 from gochan import Config, MemDriver, Streamer
 from gochan.errors import BrokerError
 from gochan.server import Server
 
-from conftest import SSEStream, running
+from conftest import SSEStream, raw_request, running
 
 
 @contextlib.asynccontextmanager
@@ -197,3 +199,30 @@ async def test_health_ready_metrics() -> None:
         await stream.close()
         await server.streamer.driver.close()
         assert (await http.get(base + "/readyz")).status_code == 503
+
+
+async def test_static_dir_and_client_js(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<h1>hi</h1>")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "app.js").write_text("export {}")
+    (tmp_path.parent / "secret.txt").write_text("no")
+    async with running(static_dir=str(tmp_path)) as server, httpx.AsyncClient() as http:
+        base = f"http://127.0.0.1:{server.port}"
+        r = await http.get(base + "/")
+        assert r.status_code == 200 and r.text == "<h1>hi</h1>"
+        assert r.headers["content-type"] == "text/html; charset=utf-8"
+        r = await http.get(base + "/sub/app.js")
+        assert r.status_code == 200 and "javascript" in r.headers["content-type"]
+        for bad in ("/../secret.txt", "/%2e%2e/secret.txt", "/sub/../../secret.txt", "/missing"):
+            answer = await raw_request(server.port, f"GET {bad} HTTP/1.1\r\n\r\n".encode(), 1)
+            assert answer.startswith(b"HTTP/1.1 404"), (bad, answer[:40])
+        assert (await http.post(base + "/")).status_code == 404
+        r = await http.get(base + "/gochan.js")
+        shipped = Path(gochan.__file__).parent / "static" / "gochan.js"
+        if shipped.exists():
+            assert r.status_code == 200 and r.content == shipped.read_bytes()
+            assert r.headers["content-type"].startswith("text/javascript")
+        else:
+            assert r.status_code == 404
+    async with running() as server, httpx.AsyncClient() as http:
+        assert (await http.get(f"http://127.0.0.1:{server.port}/")).status_code == 404

@@ -11,8 +11,10 @@ import hmac
 from collections.abc import Awaitable, Callable
 from functools import cache
 from importlib import resources
+from mimetypes import guess_type
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import orjson
 
@@ -98,12 +100,15 @@ class Router:
             config.client_js_path: {"GET": self.client_js, "HEAD": self.client_js},
         }
         self._origins = set(config.cors_origins)
+        self._static = Path(config.static_dir).resolve() if config.static_dir else None
 
     # -- dispatch ----------------------------------------------------------
 
     def dispatch(self, request: Request) -> Reply | Awaitable[Reply]:
         methods = self.routes.get(request.path)
         if methods is None:
+            if self._static is not None and request.method in ("GET", "HEAD"):
+                return self.static(request)
             return _text(404, "not found")
         handler = methods.get(request.method)
         if handler is not None:
@@ -337,3 +342,21 @@ class Router:
             return _text(404, "gochan.js is not installed")
         headers = [(b"Cache-Control", b"public, max-age=300")]
         return Response(200, body, headers, b"text/javascript; charset=utf-8")
+
+    def static(self, request: Request) -> Response:
+        """A file under ``static_dir`` (``index.html`` for a directory)."""
+        assert self._static is not None
+        relative = unquote(request.path).lstrip("/")
+        target = (self._static / relative).resolve()
+        if target != self._static and self._static not in target.parents:
+            return _text(404, "not found")  # outside the directory: ../ tricks
+        if target.is_dir():
+            target = target / "index.html"
+        try:
+            body = target.read_bytes()
+        except OSError:
+            return _text(404, "not found")
+        ctype = guess_type(target.name)[0] or "application/octet-stream"
+        if ctype.startswith("text/") or ctype == "application/javascript":
+            ctype += "; charset=utf-8"
+        return Response(200, body, [(b"Cache-Control", b"no-cache")], ctype.encode())
