@@ -214,7 +214,8 @@ async def test_static_dir_and_client_js(tmp_path: Path) -> None:
         r = await http.get(base + "/sub/app.js")
         assert r.status_code == 200 and "javascript" in r.headers["content-type"]
         for bad in ("/../secret.txt", "/%2e%2e/secret.txt", "/sub/../../secret.txt", "/missing"):
-            answer = await raw_request(server.port, f"GET {bad} HTTP/1.1\r\n\r\n".encode(), 1)
+            request = f"GET {bad} HTTP/1.1\r\nConnection: close\r\n\r\n".encode()
+            answer = await raw_request(server.port, request)
             assert answer.startswith(b"HTTP/1.1 404"), (bad, answer[:40])
         assert (await http.post(base + "/")).status_code == 404
         r = await http.get(base + "/gochan.js")
