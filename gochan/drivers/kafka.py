@@ -309,7 +309,7 @@ class KafkaDriver:
             await self._has_topics.wait()
             try:
                 batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
-            except KafkaError as exc:
+            except Exception as exc:  # never let the loop die: log, pause, go on
                 broker_logger.warning("kafka: fetch failed: %r", exc)
                 await asyncio.sleep(CONSUME_ERROR_BACKOFF_S)
                 continue
@@ -384,9 +384,12 @@ class KafkaDriver:
         for topic in lost:
             broker_logger.warning("kafka: topic %r is gone after a reconnect", topic)
             if receiver is not None:
-                receiver.on_subscription_failure(
-                    topic, "the Kafka topic no longer exists after a reconnect"
-                )
+                try:
+                    receiver.on_subscription_failure(
+                        topic, "the Kafka topic no longer exists after a reconnect"
+                    )
+                except Exception:
+                    broker_logger.exception("kafka: receiver failed on a failure for %r", topic)
 
     @staticmethod
     async def _stop_quietly(*clients: Any) -> None:

@@ -407,6 +407,10 @@ class PubSubDriver:
             except _NETWORK_ERRORS as exc:
                 self._mark_lost(sub, exc)
                 continue
+            except Exception as exc:  # never let the loop die: log, pause, go on
+                broker_logger.exception("pubsub: pull on %s failed unexpectedly: %r", sub.path, exc)
+                await asyncio.sleep(self.reconnect_max)
+                continue
             if not messages:
                 continue
             for message in messages:
@@ -447,6 +451,9 @@ class PubSubDriver:
                 except _NETWORK_ERRORS as exc:
                     broker_logger.debug("pubsub: still unreachable: %r", exc)
                     delay = min(delay * 2, self.reconnect_max)
+                except Exception as exc:  # keep supervising whatever happens
+                    broker_logger.exception("pubsub: restore failed unexpectedly: %r", exc)
+                    delay = self.reconnect_max
             self.reconnects += 1
             self._lost.clear()
             self._up.set()
@@ -457,7 +464,12 @@ class PubSubDriver:
             for topic, reason in failed:
                 broker_logger.warning("pubsub: subscription for %r lost: %s", topic, reason)
                 if receiver is not None:
-                    receiver.on_subscription_failure(topic, reason)
+                    try:
+                        receiver.on_subscription_failure(topic, reason)
+                    except Exception:
+                        broker_logger.exception(
+                            "pubsub: receiver failed on a failure for %r", topic
+                        )
 
     async def _restore_all(self) -> list[tuple[str, str]]:
         """Recreate the subscriptions the service forgot.

@@ -416,6 +416,10 @@ class SqsDriver:
             except (BotoCoreError, ClientError, OSError, asyncio.TimeoutError) as exc:
                 await self._restore(exc)
                 continue
+            except Exception as exc:  # never let the loop die: log, pause, go on
+                broker_logger.exception("sqs: receive failed unexpectedly: %r", exc)
+                await asyncio.sleep(self.reconnect_max)
+                continue
             messages = response.get("Messages", [])
             if not messages:
                 continue
@@ -498,7 +502,10 @@ class SqsDriver:
         for topic, reason in failed:
             broker_logger.warning("sqs: subscription for %r lost: %s", topic, reason)
             if receiver is not None:
-                receiver.on_subscription_failure(topic, reason)
+                try:
+                    receiver.on_subscription_failure(topic, reason)
+                except Exception:
+                    broker_logger.exception("sqs: receiver failed on a failure for %r", topic)
 
 
 def _error_code(exc: ClientError) -> str:

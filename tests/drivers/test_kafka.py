@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import selectors
 import subprocess
 import sys
 import time
@@ -114,8 +115,6 @@ class MockKafka:
     def _readline(self, timeout: float) -> str:
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
-        import selectors
-
         with selectors.DefaultSelector() as sel:
             sel.register(self.proc.stdout, selectors.EVENT_READ)
             if not sel.select(max(0.0, deadline - time.monotonic())):
