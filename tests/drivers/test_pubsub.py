@@ -406,3 +406,32 @@ def test_emulator_restart_is_survived(server: PubSubServer) -> None:
             await driver.close()
 
     run(main())
+
+
+def test_a_subscription_that_cannot_be_restored_is_reported(server: PubSubServer) -> None:
+    emulator = server.emulator
+    if emulator is None:
+        pytest.skip("restarts its own emulator (GOCHAN_PUBSUB_EMULATOR_HOST is set)")
+    topic = unique("doomed")
+
+    async def main() -> None:
+        rec = Recorder()
+        driver = make_driver(server, create_topics=False)
+        await driver.connect(rec)
+        try:
+            await asyncio.to_thread(official_publish, server, driver.topic_id(topic), b"x")
+            await driver.subscribe(topic)
+            # The restarted emulator has no topic, and the driver may not create one.
+            await asyncio.to_thread(emulator.stop)
+            await wait_until(lambda: not driver.ready)
+            await asyncio.to_thread(emulator.start)
+            await rec.wait_for(lambda: bool(rec.failures), timeout=30)
+            assert [t for t, _ in rec.failures] == [topic]
+            assert driver.ready
+            assert driver.stats()["subscriptions"] == 0
+            assert driver.stats()["reconnects"] == 1
+            await driver.unsubscribe(topic)  # the streamer's follow-up is harmless
+        finally:
+            await driver.close()
+
+    run(main())
