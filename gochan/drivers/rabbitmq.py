@@ -53,6 +53,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 from aio_pika.exceptions import AMQPChannelError
+from yarl import URL
 
 from ..errors import (
     BrokerConnectionError,
@@ -160,7 +161,8 @@ class RabbitMQDriver:
         with ``amq.`` (reserved by the broker).
     ``connection_name``
         Name shown for the connection in the management UI and by
-        ``rabbitmqctl list_connections``. Default ``"gochan"``.
+        ``rabbitmqctl list_connections`` (a ``?name=`` in the URL wins).
+        Default ``"gochan"``.
     ``timeout``
         Seconds to wait for any broker operation (connecting, binding,
         publishing) before failing with :class:`~gochan.errors.BrokerError`.
@@ -344,11 +346,10 @@ class RabbitMQDriver:
         return session
 
     async def _open_session(self) -> _Session:
-        connection = await aio_pika.connect(
-            self._url,
-            timeout=self._timeout,
-            client_properties={"connection_name": self._connection_name},
-        )
+        url = URL(self._url)
+        if "name" not in url.query:  # aiormq's way to name the connection
+            url = url.update_query(name=self._connection_name)
+        connection = await aio_pika.connect(url, timeout=self._timeout)
         try:
             channel = connection.channel(publisher_confirms=True)
             await asyncio.wait_for(channel.initialize(), self._timeout)
