@@ -42,6 +42,9 @@ DEFAULT_MAX_PENDING_BYTES = 1024 * 1024
 DEFAULT_WRITE_BUFFER_HIGH_BYTES = 64 * 1024
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
 DEFAULT_TICK_S = 0.5
+DEFAULT_HISTORY_SIZE = 10_000  # messages kept for Last-Event-ID replay
+DEFAULT_HISTORY_BYTES = 16 * 1024 * 1024
+DEFAULT_HISTORY_AGE_S = 300.0
 
 _POSITIVE = [
     "client_ttl",
@@ -82,6 +85,11 @@ class Config:
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
     write_buffer_high_bytes: int = DEFAULT_WRITE_BUFFER_HIGH_BYTES
 
+    # Replay (Last-Event-ID): what is kept in memory; any of them 0 turns it off
+    history_size: int = DEFAULT_HISTORY_SIZE
+    history_bytes: int = DEFAULT_HISTORY_BYTES
+    history_age: float = DEFAULT_HISTORY_AGE_S
+
     # HTTP limits
     max_url_bytes: int = DEFAULT_MAX_URL_BYTES
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
@@ -114,8 +122,9 @@ class Config:
                 raise ConfigurationError(f"{name} must be positive, not {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigurationError(f"port must be 0..65535, not {self.port}")
-        if self.retry_ms < 0 or self.shutdown_grace < 0:
-            raise ConfigurationError("retry_ms and shutdown_grace cannot be negative")
+        for name in ("retry_ms", "shutdown_grace", "history_size", "history_bytes", "history_age"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"{name} cannot be negative")
         paths = [
             getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_path")
         ]

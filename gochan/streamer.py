@@ -36,6 +36,7 @@ from .errors import (
     LimitExceededError,
     UnknownClientError,
 )
+from .history import History
 from .log import logger
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 __all__ = ["CLIENT_CLOSED_FRAME", "Streamer"]
 
 CLIENT_CLOSED_FRAME = encode_system(b"Client closed")
+# Replay is written in slices of this many bytes, the next one once the
+# socket has taken the last, so a long backlog never sits in memory twice.
+REPLAY_SLICE_BYTES = 256 * 1024
 
 TickHook = Callable[[float], None]
 
@@ -77,8 +81,13 @@ class Streamer:
         self._background: set[asyncio.Task[Any]] = set()
         self._servers: list[Server] = []
         self._next_heartbeat = 0.0
+        # Event ids are "<epoch>-<seq>": the random epoch tells this process's
+        # ids from an earlier run's, so a stale Last-Event-ID is recognised.
         self._epoch = secrets.token_hex(4)
         self._seq = 0
+        config = self.config
+        self.history = History(config.history_size, config.history_bytes, config.history_age)
+        self._replays: dict[Subscriber, int] = {}  # streams still replaying -> last seq sent
         self._started = False
         self._closed = False
         self.counters: dict[str, int] = dict.fromkeys(
@@ -167,6 +176,7 @@ class Streamer:
             if client is not None and client.expires_at is not None and client.expires_at <= now:
                 self.counters["clients_expired"] += 1
                 self._spawn(self.remove_client(client_id))
+        self.history.expire(now)
         for hook in self._tick_hooks:
             hook(now)
 
@@ -321,7 +331,8 @@ class Streamer:
                 raise UnknownClientError(f"client {client.id!r} was removed")
             client._add_topic(topic)
             for sub in client.streams:
-                hub.subscribe(sub, topic)
+                if sub not in self._replays:  # a replaying stream joins when it is done
+                    hub.subscribe(sub, topic)
         for topic in remove:
             if client._remove_topic(topic):
                 for sub in client.streams:
@@ -353,6 +364,7 @@ class Streamer:
             self._topic_refs[topic] = refs
         else:
             self._topic_refs.pop(topic, None)
+            self.history.forget_topic(topic)
 
     async def _reconcile(self, topic: str) -> None:
         # One driver call at a time per topic, bringing the driver in line
@@ -383,29 +395,100 @@ class Streamer:
         head: bytes,
         last_event_id: str = "",
     ) -> Subscriber:
-        """Write ``head`` (HTTP head and first frames), answer ``last_event_id``,
-        and attach the stream to the fan-out, all in one step of the loop."""
-        if last_event_id:
-            # No history is kept yet: say so rather than pretend (PROTOCOL.md).
-            self.counters["replay_misses"] += 1
-            replay = {"replay": {"last_event_id": last_event_id[:256], "recovered": False}}
-            head += encode_system(orjson.dumps(replay))
-        transport.write(head)
-        return self.attach(client, transport)
+        """Write ``head`` (HTTP head and first frames), replay what the stream
+        missed after ``last_event_id``, and attach it to the fan-out.
 
-    def attach(self, client: Client, transport: asyncio.WriteTransport) -> Subscriber:
-        """Register a live SSE stream of ``client``: it gets every message of
-        the client's topics from now on."""
-        hub = self.hub
-        sub = Subscriber(hub, transport, client)
-        for topic in client.topics:
-            hub.subscribe(sub, topic)
+        Nothing is awaited from the history read to the attach: a message is
+        either in the replay or live, never both, never neither. A long replay
+        is written slice by slice; the stream joins its topics when it is done.
+        """
+        sub = self._new_stream(client, transport)
+        if not last_event_id:
+            transport.write(head)
+            self._join(sub)
+            return sub
+        seq = self._parse_event_id(last_event_id)
+        recovered = (
+            seq is not None
+            and self.history.enabled
+            and self.history.complete_after(seq, client.topics)
+        )
+        self.counters["replay_hits" if recovered else "replay_misses"] += 1
+        replay = {"replay": {"last_event_id": last_event_id[:256], "recovered": recovered}}
+        transport.write(head + encode_system(orjson.dumps(replay)))
+        if recovered:
+            assert seq is not None
+            self._replays[sub] = seq
+            self._replay_step(sub)
+        else:
+            self._join(sub)
+        return sub
+
+    def _parse_event_id(self, event_id: str) -> int | None:
+        epoch, _, seq = event_id.rpartition("-")
+        if epoch != self._epoch or not seq.isdigit():
+            return None  # another process's or another run's id
+        return int(seq)
+
+    def _new_stream(self, client: Client, transport: asyncio.WriteTransport) -> Subscriber:
+        sub = Subscriber(self.hub, transport, client)
         client.streams.append(sub)
         client.expires_at = None
         return sub
 
+    def _join(self, sub: Subscriber) -> None:
+        hub = self.hub
+        client = sub.owner
+        assert isinstance(client, Client)
+        for topic in client.topics:
+            hub.subscribe(sub, topic)
+
+    def _replay_step(self, sub: Subscriber) -> None:
+        seq = self._replays.get(sub)
+        if seq is None:
+            return
+        if sub.closed:
+            del self._replays[sub]
+            return
+        if sub.paused or sub.pending_bytes:
+            return  # resume_replay() or the next step continues once it drains
+        client = sub.owner
+        assert isinstance(client, Client)
+        topics = set(client.topics)
+        if not self.history.complete_after(seq, topics):
+            # The history moved past this stream while it read: it reconnects
+            # and is told it was not recovered.
+            del self._replays[sub]
+            self.hub.finish(sub)
+            return
+        budget = REPLAY_SLICE_BYTES
+        for item in self.history.after(seq):
+            seq = item.seq
+            if item.topic in topics:
+                sub.send(item.frame)
+                budget -= len(item.frame)
+                if budget <= 0:
+                    self._replays[sub] = seq
+                    asyncio.get_running_loop().call_soon(self._replay_step, sub)
+                    return
+        del self._replays[sub]
+        self._join(sub)
+
+    def resume_replay(self, sub: Subscriber) -> None:
+        """The stream's socket drained: go on replaying if it was."""
+        if sub in self._replays:
+            self._replay_step(sub)
+
+    def attach(self, client: Client, transport: asyncio.WriteTransport) -> Subscriber:
+        """Register a live SSE stream of ``client`` (the caller has written the
+        response head): it gets every message of the client's topics from now on."""
+        sub = self._new_stream(client, transport)
+        self._join(sub)
+        return sub
+
     def detach(self, sub: Subscriber) -> None:
         """The stream's connection is gone; the TTL starts with the last one."""
+        self._replays.pop(sub, None)
         self.hub.close(sub)
         client = sub.owner
         if isinstance(client, Client) and sub in client.streams:
@@ -423,15 +506,22 @@ class Streamer:
 
     # -- messages ----------------------------------------------------------
 
-    def on_message(self, topic: str, data: bytes, event_id: str | None) -> None:
-        """Driver callback: encode once, queue on every stream of ``topic``."""
+    def on_message(self, topic: str, data: bytes, event_id: str | None) -> str:
+        """Driver callback: number the message (unless the broker did), encode
+        it once, keep it for replay and queue it on every stream of ``topic``."""
         self.counters["messages_in"] += 1
-        if event_id is None:
+        if event_id is not None:
+            frame = encode_event(topic, event_id, data)
+        else:
             self._seq += 1
             event_id = f"{self._epoch}-{self._seq}"
+            frame = encode_event(topic, event_id, data)
+            if self.history.enabled and topic in self._topic_refs:
+                self.history.add(self._seq, topic, frame, time.monotonic())
         hub = self._hub
         if hub is not None:
-            hub.publish(topic, encode_event(topic, event_id, data))
+            hub.publish(topic, frame)
+        return event_id
 
     def on_subscription_failure(self, topic: str, message: str) -> None:
         """Driver callback: the broker lost ``topic``; tell its clients."""

@@ -105,6 +105,9 @@ async def test_client_ttl_without_connections() -> None:
 
 async def test_publish_returns_event_id() -> None:
     async with Streamer() as streamer:
+        # Nobody holds the topic: nothing is sent, no id.
+        assert await streamer.publish("t", b"lost") is None
+        await streamer.new_client(["t"])
         first = await streamer.publish("t", b"a")
         second = await streamer.publish("t", "b")
         assert first and second and first != second

@@ -20,12 +20,12 @@ __all__ = ["Driver", "Receiver"]
 class Receiver(Protocol):
     """What a driver delivers to (implemented by :class:`gochan.Streamer`)."""
 
-    def on_message(self, topic: str, data: bytes, event_id: str | None) -> None:
-        """A message arrived on ``topic``.
+    def on_message(self, topic: str, data: bytes, event_id: str | None) -> str:
+        """A message arrived on ``topic``; returns the event id it was sent with.
 
         ``event_id`` is the broker's position for it when the broker has one
         (a JetStream sequence, a stream entry id); ``None`` lets the streamer
-        number it.
+        number it (and keep it for Last-Event-ID replay).
         """
 
     def on_subscription_failure(self, topic: str, message: str) -> None:

@@ -2,13 +2,13 @@
 
 Messages never leave the process. It keeps the same contract as a broker
 driver (one subscription per topic, delivery only for subscribed topics) so
-that the streamer cannot tell the difference, and numbers every message with
-an id made of a random per-process epoch and a sequence number.
+that the streamer cannot tell the difference. It numbers nothing: the
+streamer does, and publish returns that id (None when no client holds the
+topic, so nothing was sent).
 """
 
 from __future__ import annotations
 
-import secrets
 from typing import Any, ClassVar
 
 from ..errors import ClosedError
@@ -24,10 +24,6 @@ class MemDriver:
         self._receiver: Receiver | None = None
         self._topics: set[str] = set()
         self._closed = False
-        # The epoch tells ids of this process apart from those of an earlier
-        # run, so a browser's Last-Event-ID from before a restart is known stale.
-        self._epoch = secrets.token_hex(4)
-        self._seq = 0
         self.published = 0
 
     @property
@@ -56,18 +52,16 @@ class MemDriver:
     async def unsubscribe(self, topic: str) -> None:
         self._topics.discard(topic)
 
-    def publish_nowait(self, topic: str, data: bytes) -> str:
+    def publish_nowait(self, topic: str, data: bytes) -> str | None:
         """Publish without a round trip (there is no broker to wait for)."""
         if self._closed or self._receiver is None:
             raise ClosedError("driver is not connected")
-        self._seq += 1
         self.published += 1
-        event_id = f"{self._epoch}-{self._seq}"
         if topic in self._topics:
-            self._receiver.on_message(topic, data, event_id)
-        return event_id
+            return self._receiver.on_message(topic, data, None)
+        return None
 
-    async def publish(self, topic: str, data: bytes) -> str:
+    async def publish(self, topic: str, data: bytes) -> str | None:
         return self.publish_nowait(topic, data)
 
     async def close(self) -> None:

@@ -136,6 +136,7 @@ class HttpProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.stream is not None:
             self.stream.resume()
+            self.server.streamer.resume_replay(self.stream)
         elif self.reading_paused and len(self.pipeline) < MAX_PIPELINE:
             self._resume_reading()
 

@@ -1,0 +1,95 @@
+"""History: the bounded in-memory record that Last-Event-ID replay reads.
+
+Every message the streamer numbers itself (``<epoch>-<seq>``) is kept here as
+the very frame that was sent, in one ring in publish order, so a reconnecting
+stream gets the same bytes again. The ring is bounded by count, bytes and age,
+always evicting the oldest; for each topic it remembers the newest sequence
+number it has evicted (its floor), which is what tells a complete replay
+from one with a hole in it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Collection, Iterator
+from itertools import islice
+from typing import NamedTuple
+
+__all__ = ["History", "Retained"]
+
+
+class Retained(NamedTuple):
+    seq: int
+    topic: str
+    frame: bytes
+    at: float  # monotonic time it was added
+
+
+class History:
+    def __init__(self, max_messages: int, max_bytes: int, max_age_s: float) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self._ring: deque[Retained] = deque()
+        self._floors: dict[str, int] = {}  # topic -> newest evicted seq
+        self.bytes = 0
+        self.last_seq = 0  # the newest seq added (0: none yet)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_messages > 0 and self.max_bytes > 0 and self.max_age_s > 0
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest retained seq (last_seq + 1 when empty)."""
+        return self._ring[0].seq if self._ring else self.last_seq + 1
+
+    def add(self, seq: int, topic: str, frame: bytes, now: float) -> None:
+        if seq != self.last_seq + 1 and self._ring:
+            # Numbering restarted or skipped: what is kept can no longer be
+            # located by seq, so start over.
+            self.clear()
+        self.last_seq = seq
+        self._ring.append(Retained(seq, topic, frame, now))
+        self.bytes += len(frame)
+        while len(self._ring) > self.max_messages or self.bytes > self.max_bytes:
+            self._evict()
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        deadline = now - self.max_age_s
+        ring = self._ring
+        while ring and ring[0].at < deadline:
+            self._evict()
+
+    def _evict(self) -> None:
+        old = self._ring.popleft()
+        self.bytes -= len(old.frame)
+        self._floors[old.topic] = old.seq
+
+    def forget_topic(self, topic: str) -> None:
+        """No client holds ``topic`` any more: its floor is not needed. Its
+        frames leave with the ring's normal eviction."""
+        self._floors.pop(topic, None)
+
+    def clear(self) -> None:
+        for item in self._ring:
+            self._floors[item.topic] = item.seq
+        self._ring.clear()
+        self.bytes = 0
+
+    def complete_after(self, seq: int, topics: Collection[str]) -> bool:
+        """True when every message on ``topics`` after ``seq`` is retained."""
+        if seq > self.last_seq:
+            return False
+        return all(self._floors.get(topic, 0) <= seq for topic in topics)
+
+    def after(self, seq: int) -> Iterator[Retained]:
+        """Retained messages with a seq greater than ``seq``, oldest first."""
+        ring = self._ring
+        if not ring:
+            return iter(())
+        return islice(ring, max(0, seq + 1 - ring[0].seq), None)

@@ -1,0 +1,178 @@
+"""Last-Event-ID replay from the in-memory history: exactly the missed
+messages, in order, then live, with no gap and no duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import orjson
+
+from gochan.history import History
+
+from conftest import SSEStream, running, wait_for
+
+
+def test_history_bounds_and_floors() -> None:
+    history = History(max_messages=3, max_bytes=100, max_age_s=10)
+    for seq in range(1, 6):
+        history.add(seq, "a" if seq % 2 else "b", b"x" * 10, now=0.0)
+    assert len(history) == 3 and history.first_seq == 3 and history.bytes == 30
+    # 1 (a) and 2 (b) were evicted.
+    assert history.complete_after(2, ["a", "b"])
+    assert not history.complete_after(1, ["b"])
+    assert history.complete_after(1, ["c"])  # nothing of c was ever lost
+    assert not history.complete_after(9, ["a"])  # from the future
+    assert [r.seq for r in history.after(3)] == [4, 5]
+    history.add(6, "a", b"y" * 95, now=0.0)  # the byte bound evicts the rest
+    assert [r.seq for r in history.after(0)] == [6] and history.bytes == 95
+    history.expire(now=20.0)
+    assert len(history) == 0 and history.bytes == 0
+    assert not history.complete_after(5, ["a"])
+
+
+def test_history_memory_stays_within_its_bound() -> None:
+    history = History(max_messages=1_000_000, max_bytes=1_000_000, max_age_s=60)
+    rng = random.Random(1)
+    for seq in range(1, 50_001):
+        history.add(seq, f"t{seq % 100}", b"z" * rng.randrange(10, 200), now=seq / 1000)
+        assert history.bytes <= 1_000_000
+    assert history.bytes > 900_000 and history.first_seq > 1
+
+
+async def publish(http: httpx.AsyncClient, port: int, topic: str, body: str) -> str:
+    r = await http.post(f"http://127.0.0.1:{port}/publish?topic={topic}", content=body.encode())
+    event_id: str = r.json()["id"]
+    return event_id
+
+
+async def test_reconnect_gets_exactly_the_missed_messages_then_live() -> None:
+    async with running() as server, httpx.AsyncClient() as http:
+        port = server.port
+        stream = await SSEStream.open(port, "/events?topic=a&topic=b")
+        client_id = (await stream.config())["config"]["client_id"]
+        await publish(http, port, "a", "before")
+        last = await stream.event()
+        assert last["data"] == "before"
+        await stream.close()
+        missed = [
+            (topic, await publish(http, port, topic, f"{topic}{i}"))
+            for i, topic in enumerate(["a", "b", "other", "b", "a"])
+        ]
+        again = await SSEStream.open(port, f"/events?id={client_id}", {"Last-Event-ID": last["id"]})
+        await again.config()
+        replay = orjson.loads((await again.event())["data"])
+        assert replay == {"replay": {"last_event_id": last["id"], "recovered": True}}
+        expected = [(t, i) for t, i in missed if t != "other"]
+        got = [(e["event"], e["id"]) for e in [await again.event() for _ in expected]]
+        assert got == expected
+        live_id = await publish(http, port, "b", "live")
+        live = await again.event()
+        assert (live["id"], live["data"]) == (live_id, "live")
+        await again.no_frame(0.2)  # no duplicate of anything
+        await again.close()
+
+
+async def test_last_event_id_query_parameter_and_new_client() -> None:
+    async with running() as server, httpx.AsyncClient() as http:
+        port = server.port
+        stream = await SSEStream.open(port, "/events?topic=q")
+        await stream.config()
+        first = await publish(http, port, "q", "1")
+        await stream.event()
+        await stream.close()
+        second = await publish(http, port, "q", "2")
+        # A fresh client (no id) naming the topic at connect, as a plain
+        # EventSource("/events?topic=q") reconnecting does.
+        again = await SSEStream.open(port, f"/events?topic=q&last_event_id={first}")
+        await again.config()
+        assert orjson.loads((await again.event())["data"])["replay"]["recovered"] is True
+        event = await again.event()
+        assert (event["id"], event["data"]) == (second, "2")
+        await again.close()
+
+
+async def test_too_old_or_unknown_ids_are_not_recovered() -> None:
+    async with running(history_size=3) as server, httpx.AsyncClient() as http:
+        port = server.port
+        stream = await SSEStream.open(port, "/events?topic=o")
+        client_id = (await stream.config())["config"]["client_id"]
+        first = await publish(http, port, "o", "first")
+        await stream.close()
+        for i in range(5):
+            await publish(http, port, "o", f"m{i}")
+        for last_id in (first, "ffffffff-1", "garbage", first.split("-")[0] + "-999"):
+            again = await SSEStream.open(
+                port, f"/events?id={client_id}", {"Last-Event-ID": last_id}
+            )
+            await again.config()
+            replay = orjson.loads((await again.event())["data"])["replay"]
+            assert replay == {"last_event_id": last_id, "recovered": False}
+            await again.no_frame(0.1)  # nothing is replayed when it cannot be whole
+            await again.close()
+        assert server.streamer.counters["replay_misses"] == 4
+
+
+async def test_racing_publishes_during_reconnects_are_neither_lost_nor_doubled() -> None:
+    async with running() as server:
+        streamer = server.streamer
+        port = server.port
+        stream = await SSEStream.open(port, "/events?topic=r1&topic=r2")
+        client_id = (await stream.config())["config"]["client_id"]
+        published: list[str] = []
+        stop = asyncio.Event()
+
+        async def publisher() -> None:
+            i = 0
+            while not stop.is_set():
+                event_id = await streamer.publish("r1" if i % 3 else "r2", b"%d" % i)
+                assert event_id is not None
+                published.append(event_id)
+                i += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(publisher())
+        received: list[str] = []
+        for _ in range(20):
+            for _ in range(random.randrange(1, 20)):
+                event = await stream.event()
+                if event["event"] != "message":
+                    received.append(event["id"])
+            await stream.close()  # drop mid-flow, resume from the last id seen
+            stream = await SSEStream.open(
+                port, f"/events?id={client_id}", {"Last-Event-ID": received[-1]}
+            )
+            await stream.config()
+            assert orjson.loads((await stream.event())["data"])["replay"]["recovered"]
+        stop.set()
+        await task
+        while len(received) < len(published):
+            received.append((await stream.event())["id"])
+        assert received == published  # every message once, in publish order
+        await stream.close()
+
+
+async def test_long_backlog_is_streamed_not_buffered_whole() -> None:
+    options = {"max_pending_bytes": 512 * 1024, "history_bytes": 64 * 1024 * 1024}
+    async with running(**options) as server:
+        streamer = server.streamer
+        stream = await SSEStream.open(server.port, "/events?topic=big")
+        client_id = (await stream.config())["config"]["client_id"]
+        await streamer.publish("big", b"start")
+        last = (await stream.event())["id"]
+        await stream.close()
+        await wait_for(lambda: streamer.hub.connection_count == 0)
+        body = b"w" * 10_000
+        ids = [await streamer.publish("big", body + b"%d" % i) for i in range(800)]  # 8 MB
+        again = await SSEStream.open(
+            server.port, f"/events?id={client_id}", {"Last-Event-ID": last}
+        )
+        await again.config()
+        assert orjson.loads((await again.event())["data"])["replay"]["recovered"]
+        got = [(await again.event())["id"] for _ in ids]
+        assert got == ids
+        assert streamer.hub.slow_disconnects == 0  # 8 MB through a 512 KiB bound
+        live = await streamer.publish("big", b"live")
+        assert (await again.event())["id"] == live
+        await again.close()
