@@ -22,6 +22,8 @@ Bodies are relayed as the record value, byte for byte (a null value, a
 tombstone, becomes an empty body); keys and headers are ignored, and
 ``publish`` writes records without a key (the producer spreads them over the
 partitions: use one-partition topics where the order of messages matters).
+A ``publish`` that fails with a timeout has an unknown outcome: the producer
+may still write the record afterwards.
 
 Outages: aiokafka reconnects by itself; a health probe (a metadata request
 every ``health_interval`` seconds, more often while the broker is away) sets

@@ -27,7 +27,9 @@ Bodies are relayed as the message data, byte for byte (Pub/Sub carries bytes);
 attributes and ordering keys are ignored. Pub/Sub refuses a message with
 neither data nor attributes, so an empty body is published with the attribute
 ``gochan-empty=1``. Event ids are Pub/Sub message ids; ``publish`` returns
-the id of the message it published.
+the id of the message it published. Pub/Sub does not keep order without
+ordering keys, and delivers at least once (a message whose acknowledgement
+was lost comes again after the 10 s ack deadline).
 
 Outages: a failed pull makes the driver not :attr:`ready`; a supervisor probes
 the service with exponential backoff, then checks every subscription and
