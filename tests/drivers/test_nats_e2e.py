@@ -1,0 +1,57 @@
+"""The NATS driver end to end through gochan's HTTP surface (tests/drivers/e2e.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import nats
+import pytest
+
+from . import e2e
+from ._nats_server import NatsServer
+from .conftest import broker_unavailable
+
+
+@pytest.fixture
+def server() -> Iterator[NatsServer]:
+    try:
+        own = NatsServer()
+        own.start()
+    except (OSError, RuntimeError) as exc:
+        broker_unavailable(f"cannot start nats-server: {exc}")
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+def broker(server: NatsServer, **options: object) -> e2e.Broker:
+    async def publish(topic: str, data: bytes) -> None:
+        nc = await nats.connect(server.url)
+        try:
+            await nc.publish(topic, data)  # a plain `nats pub`: no prefix configured
+            await nc.flush()
+        finally:
+            await nc.close()
+
+    async def restart() -> None:
+        await asyncio.to_thread(server.restart)
+
+    async def subscribed(topic: str) -> bool:
+        subs = await asyncio.to_thread(server.subscriptions, "gochan")
+        return topic in subs
+
+    return e2e.Broker("nats", {"url": server.url, **options}, publish, restart, subscribed)
+
+
+async def test_relay(server: NatsServer) -> None:
+    await e2e.check_relay(broker(server))
+
+
+async def test_subscription_lifecycle(server: NatsServer) -> None:
+    await e2e.check_subscription_lifecycle(broker(server))
+
+
+async def test_broker_restart(server: NatsServer) -> None:
+    await e2e.check_broker_restart(broker(server, reconnect_wait=0.1, reconnect_wait_max=0.5))
