@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 from .conftest import broker_unavailable, free_port, port_open
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+REAL_SERVER_SCRIPT = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 NODE_START_TIMEOUT_S = 60.0
 CTL_TIMEOUT_S = 60.0
 
@@ -128,8 +130,10 @@ class RabbitMQ:
 def obtain() -> RabbitMQ:
     url = os.environ.get("GOCHAN_RABBITMQ_URL")
     if url:
-        host = urlsplit(url).hostname or ""
-        return RabbitMQ(url=url, local=host in ("127.0.0.1", "localhost", "::1"))
+        parts = urlsplit(url)
+        # rabbitmqctl reaches the default local node only.
+        local = parts.hostname in ("127.0.0.1", "localhost", "::1") and parts.port in (None, 5672)
+        return RabbitMQ(url=url, local=local)
     if port_open("127.0.0.1", 5672):
         return RabbitMQ(url=DEFAULT_URL)
     return start_node()
@@ -137,7 +141,10 @@ def obtain() -> RabbitMQ:
 
 def start_node() -> RabbitMQ:
     """A RabbitMQ node of our own, on free ports, with its data in a temp dir."""
-    server = shutil.which("rabbitmq-server")
+    # Debian's /usr/sbin/rabbitmq-server is a wrapper that su's to the
+    # rabbitmq user and loses our environment: run the real script.
+    server = REAL_SERVER_SCRIPT if os.path.exists(REAL_SERVER_SCRIPT) else None
+    server = server or shutil.which("rabbitmq-server")
     if server is None:
         broker_unavailable(
             "no RabbitMQ: GOCHAN_RABBITMQ_URL unset, 5672 closed, no rabbitmq-server"
@@ -145,8 +152,19 @@ def start_node() -> RabbitMQ:
     port = free_port()
     tmpdir = tempfile.mkdtemp(prefix="gochan-rabbitmq-")
     node = f"gochan-test-{port}@localhost"
+    uid: int | None = None  # None: as ourselves
+    gid: int | None = None
+    home = os.environ.get("HOME", tmpdir)
+    if os.geteuid() == 0:
+        # As the rabbitmq user, with its Erlang cookie: rabbitmqctl (which
+        # also runs as that user) can then reach the node.
+        with contextlib.suppress(KeyError):
+            user = pwd.getpwnam("rabbitmq")
+            uid, gid, home = user.pw_uid, user.pw_gid, user.pw_dir
+            os.chown(tmpdir, uid, gid)
     env = {
         **os.environ,
+        "HOME": home,
         "RABBITMQ_NODENAME": node,
         "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
         "RABBITMQ_NODE_PORT": str(port),
@@ -157,16 +175,22 @@ def start_node() -> RabbitMQ:
         "RABBITMQ_ENABLED_PLUGINS_FILE": os.path.join(tmpdir, "enabled_plugins"),
         "RABBITMQ_CONFIG_FILE": os.path.join(tmpdir, "rabbitmq"),
     }
-    with open(os.path.join(tmpdir, "enabled_plugins"), "w") as f:
-        f.write("[].\n")
-    with open(os.path.join(tmpdir, "rabbitmq.conf"), "w") as f:
-        f.write("loopback_users = none\n")
+    for name, text in (("enabled_plugins", "[].\n"), ("rabbitmq.conf", "loopback_users = none\n")):
+        path = os.path.join(tmpdir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        if uid is not None and gid is not None:
+            os.chown(path, uid, gid)
     process = subprocess.Popen(
         [server],
         env=env,
+        cwd=tmpdir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        user=uid,
+        group=gid,
+        extra_groups=None if uid is None else [],
     )
     broker = RabbitMQ(
         url=f"amqp://guest:guest@127.0.0.1:{port}/",
