@@ -5,6 +5,9 @@ the same machine can compute latency.
 
     python examples/1000topics/server.py --topics 1000 --interval 0.001
     python examples/1000topics/clients.py --connections 1000
+
+The server also serves this directory: open http://127.0.0.1:3000/ for the
+browser page (index.html), which subscribes with gochan.js and shows live rates.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import argparse
 import asyncio
 import signal
 import time
+from pathlib import Path
 
 import uvloop
 
 from gochan import Config, Streamer
+
+HERE = Path(__file__).resolve().parent
 
 
 def payload(topic: str) -> bytes:
@@ -39,12 +45,12 @@ async def publish_forever(streamer: Streamer, topics: list[str], interval: float
 
 
 async def main(args: argparse.Namespace) -> None:
-    config = Config(host=args.host, port=args.port, heartbeat=args.heartbeat)
+    config = Config(host=args.host, port=args.port, heartbeat=args.heartbeat, static_dir=str(HERE))
     topics = [f"Topic{i}" for i in range(args.topics)]
     async with Streamer(config) as streamer:
         server = await streamer.serve()
         print(
-            f"1000topics: http://{args.host}:{server.port}/events  "
+            f"1000topics: http://{args.host}:{server.port}/ (page), /events  "
             f"({args.topics} topics, one message every {args.interval}s)",
             flush=True,
         )
