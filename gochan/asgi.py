@@ -1,0 +1,501 @@
+"""ASGI adapter: serve gochan's endpoints from a Starlette or FastAPI app.
+
+:class:`GochanASGI` is an ASGI 3 application that answers with the same
+handlers as gochan's own server (:class:`gochan.server.routes.Router`), so the
+wire protocol is the same: paths, status codes, headers, first frame and
+data frames byte for byte. The host app brings its routing and middleware
+(authentication, CORS, sessions)::
+
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from gochan import Config, Streamer
+    from gochan.asgi import GochanASGI
+
+    realtime = GochanASGI(Streamer(Config(publish_key="s3cret")))
+    app = FastAPI(lifespan=realtime.lifespan)  # starts and closes the Streamer
+    app.mount("/realtime", realtime)  # /realtime/events, /realtime/publish, ...
+
+Lifespan
+    The Streamer must run: pass :meth:`GochanASGI.lifespan` as the host app's
+    ``lifespan`` (or enter it from your own lifespan). When GochanASGI *is* the
+    ASGI app, it answers the server's ``lifespan`` messages itself. While it
+    runs, SIGINT/SIGTERM first end every stream with ``Client closed``, then
+    reach the server's own handler: without that, servers such as uvicorn
+    wait for streams that never end before they shut down.
+
+Publishing
+    With ``publish_key_required=True`` (the default) ``POST /publish`` needs
+    ``Authorization: Bearer <publish_key>``, and, unlike gochan's server, no
+    key at all refuses every publish (403): the adapter cannot tell how the
+    host app is exposed, so there is no loopback exemption. When the host's
+    own middleware decides who may publish, pass
+    ``publish_key_required=False``.
+
+Backpressure
+    Each stream's bytes wait in a small buffer that one task hands to the ASGI
+    ``send()``. Past ``write_buffer_high_bytes`` the stream is paused, as a
+    socket whose buffer is full, so frames wait in gochan's bounded queue and
+    a consumer more than ``max_pending_bytes`` behind is dropped, as with
+    gochan's server (it ends without ``Client closed``; the client reconnects).
+
+The ASGI server decides framing (uvicorn sends the stream chunked) and adds
+its own headers: run uvicorn with ``server_header=False`` (``--no-server-header``)
+so only ``Server: gochan`` is sent. CORS may come from gochan's
+``cors_origins`` or from the host's middleware, not both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from types import FrameType
+from typing import Any
+
+from ._fast import Subscriber
+from .config import Config
+from .log import server_logger
+from .server.app import Server
+from .server.http import Request
+from .server.routes import OpenStream, Response, Router
+from .streamer import CLIENT_CLOSED_FRAME, Streamer
+
+__all__ = ["GochanASGI", "Message", "Receive", "Scope", "Send"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# How long a stream dropped by gochan (slow consumer) may take to end its
+# response cleanly before the connection is left to the ASGI server to close.
+DEFAULT_END_TIMEOUT_S = 1.0
+
+_SERVER_HEADER = (b"server", b"gochan")
+_END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+_EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_OPEN, _CLOSING, _ABORTED = 0, 1, 2
+
+
+class _Router(Router):
+    """gochan's handlers; the publish check without the loopback exemption."""
+
+    def __init__(
+        self,
+        streamer: Streamer,
+        config: Config,
+        metrics: Callable[[], str],
+        publish_key_required: bool,
+    ) -> None:
+        super().__init__(streamer, config, metrics)
+        self.publish_key_required = publish_key_required
+
+    def _may_publish(self, request: Request) -> str | None:
+        if not self.publish_key_required:
+            return None  # the host app's middleware decided
+        if not self.config.publish_key:
+            return (
+                "publishing needs a key: set publish_key (GOCHAN_PUBLISH_KEY), or pass "
+                "GochanASGI(publish_key_required=False) when the app authorizes publishers"
+            )
+        return super()._may_publish(request)
+
+
+class _StreamTransport(asyncio.WriteTransport):
+    """What the hub writes one event stream to: a buffer that :meth:`pump`
+    hands to the ASGI ``send()``, with the pause/resume of a socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, high_water: int, grace: float) -> None:
+        super().__init__()
+        self.loop = loop
+        self.high_water = high_water
+        self.grace = grace
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.state = _OPEN
+        self.paused = False
+        self.sub: Subscriber | None = None
+        self.pump_task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # -- what the hub calls ------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.state != _OPEN:
+            return
+        self.chunks.append(bytes(data))
+        self.size += len(data)
+        if self.size > self.high_water and not self.paused and self.sub is not None:
+            self.paused = True
+            self.sub.pause()
+        self._wake()
+
+    def close(self) -> None:
+        """Graceful: what is buffered is sent, then the response ends (within
+        ``grace`` seconds, or the stream is cut)."""
+        if self.state == _OPEN:
+            self.state = _CLOSING
+            self._deadline = self.loop.call_later(self.grace, self._stop_pump)
+            self._wake()
+
+    def abort(self) -> None:
+        """Drop what is buffered and stop sending now (slow consumer)."""
+        if self.state != _ABORTED:
+            self.state = _ABORTED
+            self.chunks = []
+            self.size = 0
+            self._stop_pump()
+
+    def is_closing(self) -> bool:
+        return self.state != _OPEN
+
+    def get_write_buffer_size(self) -> int:
+        return self.size
+
+    # -- what the adapter calls --------------------------------------------
+
+    def attach(self, sub: Subscriber) -> None:
+        self.sub = sub
+        if self.size > self.high_water and not self.paused:
+            self.paused = True
+            sub.pause()
+
+    def release(self) -> None:
+        """The stream is over: ignore further writes, drop references."""
+        self.state = _ABORTED
+        self.chunks = []
+        self.size = 0
+        self.sub = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    async def pump(self, send: Send, start: Message) -> None:
+        """Send the head, then everything written, until gochan ends the stream."""
+        await send(start)
+        while True:
+            if not self.chunks:
+                if self.state != _OPEN:
+                    break
+                self._waiter = self.loop.create_future()
+                await self._waiter
+                continue
+            chunks = self.chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.chunks = []
+            self.size = 0
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            # send() returned: the server took the bytes, so we have drained.
+            if self.paused and self.state == _OPEN and self.sub is not None:
+                self.paused = False
+                self.sub.resume()  # may write (and pause) again at once
+        if self.state == _CLOSING:
+            await send(_END)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _stop_pump(self) -> None:
+        if self.pump_task is not None and not self.pump_task.done():
+            self.pump_task.cancel()
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the mount point, as Starlette's Mount computes it:
+    ``path`` holds the full path and ``root_path`` the mount prefix (older
+    Starlette versions put only the remainder in ``path``)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        path = path[len(root) :]
+    return path or "/"
+
+
+class GochanASGI:
+    """gochan's HTTP endpoints as an ASGI 3 application.
+
+    ``streamer`` must be started before requests arrive: use :meth:`lifespan`.
+    ``publish_key_required=False`` leaves the decision of who may publish to
+    the host app's middleware. Limits (``max_body_bytes``, ``max_connections``
+    for requests in flight, ``write_buffer_high_bytes``, ``max_pending_bytes``)
+    and paths come from the streamer's config.
+    """
+
+    def __init__(
+        self,
+        streamer: Streamer,
+        *,
+        publish_key_required: bool = True,
+        handle_signals: bool = True,
+    ) -> None:
+        self.streamer = streamer
+        self.config = streamer.config
+        # A Server that never listens: its counters (fed by ASGI requests
+        # here) and its Prometheus text, so /metrics reads the same.
+        self.server = Server(streamer, self.config)
+        streamer.remove_tick_hook(self.server._tick)  # it has no sockets to sweep
+        self.router: Router = _Router(
+            streamer, self.config, self.server.metrics_text, publish_key_required
+        )
+        self.handle_signals = handle_signals
+        self._streams: set[Subscriber] = set()
+        self._exiting = False
+
+    # -- ASGI --------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1003})  # refused before accept
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    try:
+                        await stack.enter_async_context(self.lifespan())
+                    except Exception as exc:
+                        await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                        return
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await stack.aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    def lifespan(self, app: object = None) -> contextlib.AbstractAsyncContextManager[None]:
+        """Start the streamer; on exit end every stream and close it. Pass it
+        as ``FastAPI(lifespan=...)``/``Starlette(lifespan=...)``, or enter it
+        in your own lifespan: ``async with realtime.lifespan(app): yield``."""
+        return self._running()
+
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        await self.streamer.start()
+        restore = _chain_exit_signals(self.end_streams) if self.handle_signals else None
+        try:
+            yield
+        finally:
+            if restore is not None:
+                restore()
+            self.end_streams()
+            await self.streamer.close()
+
+    def end_streams(self) -> None:
+        """Refuse new streams and end every stream served here with
+        ``Client closed`` (server shutdown). Other requests are still served."""
+        self._exiting = True
+        if not self.streamer.started:
+            return
+        hub = self.streamer.hub
+        for sub in list(self._streams):
+            hub.finish(sub, CLIENT_CLOSED_FRAME)
+            self.streamer.detach(sub)
+
+    # -- requests ----------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = self.server
+        server.connections_total += 1
+        if server.connections >= self.config.max_connections:
+            server.connections_refused += 1
+            await self._respond(scope, send, Response(503, b"too many connections\n"), [])
+            return
+        server.connections += 1
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            server.connections -= 1
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.streamer.started:
+            message = b"gochan is not running (start it in the app's lifespan)\n"
+            await self._respond(scope, send, Response(503, message), [])
+            return
+        request = await self._request(scope, receive)
+        if isinstance(request, Response):
+            self.server.bad_requests += 1
+            await self._respond(scope, send, request, [(b"connection", b"close")])
+            return
+        try:
+            reply = self.router.dispatch(request)
+            if not isinstance(reply, (Response, OpenStream)):
+                reply = await reply
+        except Exception:
+            server_logger.exception("handler failed: %s %s", request.method, request.path)
+            reply = Response(500, b"internal server error\n")
+        # No await between the handler's result and the stream's attachment:
+        # it joins its topics in the same loop step they were subscribed in.
+        cors = self.router.cors(request)
+        if isinstance(reply, OpenStream):
+            await self._stream(scope, receive, send, reply, cors)
+        else:
+            await self._respond(scope, send, reply, cors, head=request.method == "HEAD")
+
+    async def _request(self, scope: Scope, receive: Receive) -> Request | Response:
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope.get("headers", ()):
+            name = bytes(raw_name).decode("latin-1").lower()
+            value = bytes(raw_value).decode("latin-1")
+            previous = headers.get(name)
+            headers[name] = value if previous is None else previous + ", " + value
+        limit = self.config.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                if int(length) > limit:
+                    return Response(413, b"request body too large\n")
+            except ValueError:
+                return Response(400, b"invalid Content-Length\n")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # http.disconnect: answer anyway, the server drops it
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                return Response(413, b"request body too large\n")
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        return Request(
+            scope["method"],
+            _route_path(scope),
+            bytes(scope.get("query_string", b"")).decode("latin-1"),
+            headers,
+            b"".join(chunks),
+            True,
+        )
+
+    def _headers(
+        self, scope: Scope, headers: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        out = [_SERVER_HEADER]
+        out += [(name.lower(), value) for name, value in headers]
+        if scope.get("http_version", "1.1") not in ("1.0", "1.1"):
+            out = [h for h in out if h[0] != b"connection"]  # HTTP/2+ forbids it
+        return out
+
+    async def _respond(
+        self,
+        scope: Scope,
+        send: Send,
+        reply: Response,
+        cors: list[tuple[bytes, bytes]],
+        *,
+        head: bool = False,
+    ) -> None:
+        """A whole response, with the headers gochan's server would send."""
+        status, body = reply.status, reply.body
+        headers: list[tuple[bytes, bytes]] = []
+        ctype = reply.content_type
+        bare = ctype is None  # a bare head (HEAD of the event stream)
+        if ctype is not None and (body or status not in (204, 304)):
+            headers.append((b"content-type", ctype))
+        headers += reply.headers + cors
+        if not bare and status not in (204, 304):
+            headers.append((b"content-length", b"%d" % len(body)))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": self._headers(scope, headers),
+            }
+        )
+        if head or bare or status in (204, 304):
+            body = b""
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _stream(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        reply: OpenStream,
+        cors: list[tuple[bytes, bytes]],
+    ) -> None:
+        if self._exiting:
+            await self._respond(scope, send, Response(503, b"shutting down\n"), cors)
+            return
+        loop = asyncio.get_running_loop()
+        config = self.config
+        transport = _StreamTransport(loop, config.write_buffer_high_bytes, config.shutdown_grace)
+        # Only the SSE preamble: the ASGI server writes the HTTP head.
+        sub = self.streamer.open_stream(
+            reply.client, transport, reply.preamble, reply.last_event_id
+        )
+        transport.attach(sub)
+        self._streams.add(sub)
+        start = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": self._headers(scope, reply.headers + cors),
+        }
+        pump = transport.pump_task = loop.create_task(transport.pump(send, start))
+        watch = loop.create_task(_until_disconnect(receive))
+        try:
+            await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._streams.discard(sub)
+            self.streamer.detach(sub)
+            transport.release()
+            for task in (pump, watch):
+                task.cancel()
+            await asyncio.gather(pump, watch, return_exceptions=True)
+        if watch.done() and not watch.cancelled():
+            return  # the client went away
+        if not pump.cancelled():
+            exc = pump.exception()
+            if exc is not None:
+                server_logger.debug("event stream send failed: %r", exc)
+            return  # ended cleanly with the last chunk, or the server refused
+        # Dropped by gochan (slow consumer, or the close did not flush in
+        # time): end the response if the server takes it at once.
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(send(dict(_END)), DEFAULT_END_TIMEOUT_S)
+
+
+def _chain_exit_signals(callback: Callable[[], None]) -> Callable[[], None] | None:
+    """Run ``callback`` on the loop when SIGINT/SIGTERM arrive, then the
+    Python handler already installed (the ASGI server's); returns the undo.
+    Signals with no Python handler (default or ignored) are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Callable[[int, FrameType | None], Any]] = {}
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(callback)
+        previous[sig](sig, frame)
+
+    for sig in _EXIT_SIGNALS:
+        current = signal.getsignal(sig)
+        if callable(current):
+            previous[sig] = current
+            signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, old)
+
+    return restore
