@@ -538,6 +538,7 @@ static void pub_connect(int k) {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     set_nonblock(fd);
+    memset(p, 0, sizeof *p);
     p->fd = fd;
     p->connected = 1;
     p->out_cap = (size_t)o_pipeline * 512 + 65536;
@@ -545,6 +546,18 @@ static void pub_connect(int k) {
     if (!p->out) die("malloc");
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (1ull << 32) | (uint64_t)k};
     if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
+}
+
+/* Publishers connect per step: an idle keep-alive connection between steps
+ * could be closed by the server's keep-alive timeout. */
+static void pub_close(int k) {
+    pub_t *p = &pubs[k];
+    if (p->fd > 0) {
+        epoll_ctl(ep, EPOLL_CTL_DEL, p->fd, NULL);
+        close(p->fd);
+    }
+    free(p->out);
+    memset(p, 0, sizeof *p);
 }
 
 static void pub_flush(int k) {
@@ -612,6 +625,7 @@ static void pub_readable(int k) {
         fprintf(stderr, "sse_loadgen: publisher connection closed by server\n");
         epoll_ctl(ep, EPOLL_CTL_DEL, p->fd, NULL);
         close(p->fd);
+        p->fd = -1;
         p->connected = 0;
         pub_errors++;
         return;
@@ -752,6 +766,7 @@ static void step_begin(double rate, double warmup, double duration, double drain
     win_disconnects = 0;
     memset(&h_lat, 0, sizeof h_lat);
     win_start = win_end = 0;
+    for (int k = 0; k < o_pubs; k++) pub_connect(k);
     phase = PH_WARMUP;
     phase_end = now + (uint64_t)(warmup * 1e9);
 }
@@ -778,6 +793,7 @@ static void phase_advance(uint64_t now) {
     }
     if (phase == PH_DRAIN && (now >= drain_deadline || rx_win >= expected_win)) {
         print_step(now);
+        for (int k = 0; k < o_pubs; k++) pub_close(k);
         phase = PH_IDLE;
     }
 }
@@ -937,7 +953,6 @@ int main(int argc, char **argv) {
             if (next_conn >= o_conns && in_handshake <= 0) {
                 connect_done_ns = now;
                 print_connect();
-                for (int k = 0; k < o_pubs; k++) pub_connect(k);
                 phase = PH_IDLE;
             } else if (now > connect_deadline) {
                 for (int i = 0; i < o_conns; i++)
@@ -947,7 +962,6 @@ int main(int argc, char **argv) {
                 next_conn = o_conns;
                 connect_done_ns = now;
                 print_connect();
-                for (int k = 0; k < o_pubs; k++) pub_connect(k);
                 phase = PH_IDLE;
             }
         }
@@ -995,8 +1009,7 @@ int main(int argc, char **argv) {
             setsockopt(conns[i].fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
             close(conns[i].fd);
         }
-    for (int k = 0; k < o_pubs; k++)
-        if (pubs[k].connected) close(pubs[k].fd);
+    for (int k = 0; k < o_pubs; k++) pub_close(k);
     double u, s;
     double cpu = cpu_seconds(&u, &s);
     printf("{\"type\":\"exit\",\"events_total\":%llu,\"system_events\":%llu,\"disconnects\":%llu,"
