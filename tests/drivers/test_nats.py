@@ -9,6 +9,7 @@ restart it always use a server they started themselves.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -708,5 +709,26 @@ def test_jetstream_missing_stream_without_create(nats_url: str) -> None:
         with pytest.raises(BrokerError, match=r"does not exist|not enabled"):
             await driver.connect(Recorder())
         await driver.close()
+
+    run(main())
+
+
+def test_a_subscription_revoked_while_held_is_reported(own_nats: NatsServer) -> None:
+    kept, revoked = unique("kept"), unique("revoked")
+    own_nats.user, own_nats.password = "gochan", "s3cret"
+    own_nats.set_config(PERMISSIONS.format(deny='"nothing"'))
+    own_nats.restart()
+
+    async def main() -> None:
+        async with connected(own_nats.url) as (driver, rec):
+            await driver.subscribe(kept)
+            await driver.subscribe(revoked)
+            own_nats.set_config(PERMISSIONS.format(deny=f'"{revoked}"'))
+            assert own_nats.proc is not None
+            own_nats.proc.send_signal(signal.SIGHUP)  # reload the configuration
+            await rec.wait_for(lambda: bool(rec.failures))
+            assert [t for t, _ in rec.failures] == [revoked]
+            assert driver.ready
+            assert driver.stats() == {"reconnects": 0, "subscriptions": 1}
 
     run(main())

@@ -1,0 +1,81 @@
+"""A redis-server process owned by a test: started on a free loopback port
+without persistence, stoppable and restartable on the SAME port (a broker
+outage, which also empties it), optionally with other settings from the next
+start on (``--user`` ACL rules), and always stopped afterwards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .conftest import free_port, port_open, require_binary
+
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 10.0
+
+
+class RedisServer:
+    def __init__(self) -> None:
+        self.binary = require_binary("redis-server")
+        self.port = free_port()
+        self._tmp = tempfile.TemporaryDirectory(prefix="gochan-redis-")
+        self.log_path = Path(self._tmp.name) / "redis.log"
+        self.extra_args: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.proc is None, "already running"
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self._tmp.name,
+            "--logfile", str(self.log_path),
+            *self.extra_args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not port_open("127.0.0.1", self.port, 0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = self.log()
+                self.stop()
+                raise RuntimeError(f"redis-server did not start:\n{log}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self._tmp.cleanup()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return "<no log>"
+
+
+def external_url() -> str | None:
+    return os.environ.get("GOCHAN_REDIS_URL") or None
