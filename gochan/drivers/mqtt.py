@@ -221,6 +221,10 @@ class MqttDriver:
         return self._client_id
 
     def stats(self) -> dict[str, Any]:
+        """``reconnects`` (connections restored after a loss), ``subscriptions``
+        (topics held), ``published``, ``received`` (delivered to the
+        receiver), ``subscription_failures``, ``stray`` (messages the broker
+        sent for topics not held, dropped) and ``connected``."""
         return {
             "reconnects": self._reconnects,
             "subscriptions": len(self._topics),
@@ -384,6 +388,8 @@ class MqttDriver:
                     self._dispatch(message)
             except aiomqtt.MqttError as exc:
                 broker_logger.warning("mqtt: connection lost (%s), reconnecting", exc)
+            except Exception:  # a bug must not leave the driver silently stuck
+                broker_logger.exception("mqtt: supervisor error, starting afresh")
             self._ready = False
             await self._close_client(client)
             client = await self._reestablish()

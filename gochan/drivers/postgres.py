@@ -227,6 +227,10 @@ class PostgresDriver:
         return self._prefix + topic
 
     def stats(self) -> dict[str, Any]:
+        """``reconnects`` (connections restored after a loss), ``subscriptions``
+        (topics held), ``published``, ``received`` (delivered to the
+        receiver), ``subscription_failures``, ``stray`` (messages the broker
+        sent for topics not held, dropped) and ``connected``."""
         return {
             "reconnects": self._reconnects,
             "subscriptions": len(self._topics),
@@ -415,13 +419,19 @@ class PostgresDriver:
 
     async def _supervise(self) -> None:
         while True:
-            await self._watch()
-            self._ready = False
-            broker_logger.warning("postgres: listening connection lost, reconnecting")
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                conn.terminate()
-            await self._reestablish()
+            try:
+                await self._watch()
+                self._ready = False
+                broker_logger.warning("postgres: listening connection lost, reconnecting")
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.terminate()
+                await self._reestablish()
+            except Exception:  # a bug must not leave the driver silently stuck
+                broker_logger.exception("postgres: supervisor error, starting afresh")
+                self._ready = False
+                self._lost.set()
+                await asyncio.sleep(self._reconnect_max)
 
     async def _watch(self) -> None:
         """Return once the listening connection is found dead."""

@@ -232,6 +232,10 @@ class RabbitMQDriver:
         return self._session.queue.name if self._session is not None else None
 
     def stats(self) -> dict[str, Any]:
+        """``reconnects`` (connections restored after a loss), ``subscriptions``
+        (topics held), ``published``, ``received`` (delivered to the
+        receiver), ``subscription_failures``, ``stray`` (messages the broker
+        sent for topics not held, dropped) and ``connected``."""
         return {
             "reconnects": self._reconnects,
             "subscriptions": len(self._topics),
@@ -391,11 +395,17 @@ class RabbitMQDriver:
 
     async def _supervise(self, session: _Session) -> None:
         while True:
-            await session.lost.wait()
-            self._ready = False
-            broker_logger.warning("rabbitmq: connection lost, reconnecting")
-            await session.close(self._timeout, delete_queue=False)
-            session = await self._reestablish()
+            try:
+                await session.lost.wait()
+                self._ready = False
+                broker_logger.warning("rabbitmq: connection lost, reconnecting")
+                await session.close(self._timeout, delete_queue=False)
+                session = await self._reestablish()
+            except Exception:  # a bug must not leave the driver silently stuck
+                broker_logger.exception("rabbitmq: supervisor error, starting afresh")
+                self._ready = False
+                session.mark_lost()
+                await asyncio.sleep(self._reconnect_max)
 
     async def _reestablish(self) -> _Session:
         attempt = 0
