@@ -1,20 +1,13 @@
-"""Test plumbing: async tests run on uvloop, real servers on port 0, and a
-raw-socket SSE reader that sees the exact bytes on the wire."""
+"""Test plumbing: ``async def`` tests run on uvloop (helpers: tests/support.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
-from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import pytest
 import uvloop
-
-from gochan import Config, Streamer
-from gochan.server import Server
 
 TEST_TIMEOUT_S = 30.0
 
@@ -36,129 +29,3 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if unhandled:
         pytest.fail(f"unhandled exception in the event loop: {unhandled[0]}")
     return True
-
-
-@contextlib.asynccontextmanager
-async def running(**options: Any) -> AsyncIterator[Server]:
-    """A started Streamer serving on 127.0.0.1 and a free port."""
-    config = Config(**{"port": 0, **options})
-    streamer = Streamer(config)
-    await streamer.start()
-    server = await streamer.serve()
-    try:
-        yield server
-    finally:
-        await streamer.close()
-
-
-class SSEStream:
-    """A raw HTTP/1.1 client for GET /events that keeps the exact bytes."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.status = 0
-        self.head = b""
-        self.headers: dict[str, str] = {}
-        self.buffer = b""
-
-    @classmethod
-    async def open(
-        cls, port: int, target: str = "/events", headers: dict[str, str] | None = None
-    ) -> SSEStream:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: test\r\n{extra}\r\n".encode())
-        stream = cls(reader, writer)
-        stream.head = await reader.readuntil(b"\r\n\r\n")
-        lines = stream.head.decode("latin-1").split("\r\n")
-        stream.status = int(lines[0].split()[1])
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                stream.headers[name.strip().lower()] = value.strip()
-        return stream
-
-    async def body(self) -> bytes:
-        """The rest of a non-stream response (Content-Length bodies)."""
-        length = int(self.headers.get("content-length", "0"))
-        return await self.reader.readexactly(length)
-
-    async def frame(self, timeout: float = 5.0) -> bytes:
-        """The next frame, raw, including its blank line."""
-        while b"\n\n" not in self.buffer:
-            chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
-            if not chunk:
-                raise EOFError(f"stream ended; unparsed: {self.buffer!r}")
-            self.buffer += chunk
-        frame, _, self.buffer = self.buffer.partition(b"\n\n")
-        return frame + b"\n\n"
-
-    async def event(self, timeout: float = 5.0, skip_heartbeats: bool = True) -> dict[str, str]:
-        """The next frame parsed into fields (data lines joined with \\n)."""
-        while True:
-            raw = await self.frame(timeout)
-            if skip_heartbeats and raw.startswith(b":"):
-                continue
-            return parse_frame(raw)
-
-    async def config(self) -> dict[str, Any]:
-        first = await self.event()
-        assert first["event"] == "message"
-        data: dict[str, Any] = orjson.loads(first["data"])
-        return data
-
-    async def no_frame(self, wait: float = 0.3) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            frame = await self.frame(wait)
-            raise AssertionError(f"unexpected frame {frame!r}")
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await self.writer.wait_closed()
-
-
-def parse_frame(raw: bytes) -> dict[str, str]:
-    fields: dict[str, str] = {}
-    data: list[str] = []
-    for line in raw.decode().split("\n"):
-        if not line or line.startswith(":"):
-            continue
-        name, _, value = line.partition(": ")
-        if name == "data":
-            data.append(value)
-        else:
-            fields[name] = value
-    if data:
-        fields["data"] = "\n".join(data)
-    return fields
-
-
-async def raw_request(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
-    """Send raw bytes, read until the server closes (or the timeout)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    chunks = []
-    try:
-        while True:
-            chunk = await asyncio.wait_for(reader.read(65536), read_timeout)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    except asyncio.TimeoutError:
-        pass
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-    return b"".join(chunks)
-
-
-async def wait_for(predicate: Any, timeout: float = 5.0, step: float = 0.01) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(step)

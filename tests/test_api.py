@@ -14,8 +14,7 @@ import gochan
 from gochan import Config, MemDriver, Streamer
 from gochan.errors import BrokerError
 from gochan.server import Server
-
-from conftest import SSEStream, raw_request, running
+from tests.support import SSEStream, raw_request, running
 
 
 @contextlib.asynccontextmanager

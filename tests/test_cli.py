@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,7 @@ import pytest
 from gochan.config import Config
 from gochan.errors import ConfigurationError
 from gochan.server.__main__ import parse_args
-
-from conftest import SSEStream
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support import SSEStream, free_port
 
 
 async def start_server(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:

@@ -9,7 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import SSEStream, running, wait_for
+from tests.support import SSEStream, running, wait_for
 
 FIRST_HEADERS = {
     "content-type": "text/event-stream",

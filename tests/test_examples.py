@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from test_cli import free_port
+from tests.support import free_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "1000topics"
 

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from conftest import SSEStream, raw_request, running
+from tests.support import SSEStream, raw_request, running
 
 
 def responses(data: bytes) -> list[tuple[int, bytes]]:

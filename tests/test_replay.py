@@ -10,8 +10,7 @@ import httpx
 import orjson
 
 from gochan.history import History
-
-from conftest import SSEStream, running, wait_for
+from tests.support import SSEStream, running, wait_for
 
 
 def test_history_bounds_and_floors() -> None:

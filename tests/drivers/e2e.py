@@ -18,8 +18,7 @@ import httpx
 
 from gochan import Config, Streamer
 from gochan.server import Server
-
-from conftest import SSEStream
+from tests.support import SSEStream
 
 DELIVERY_TIMEOUT_S = 10.0
 RECOVERY_TIMEOUT_S = 30.0
