@@ -60,8 +60,9 @@ class Recorder:
         self.messages: list[tuple[str, bytes, str | None]] = []
         self.failures: list[tuple[str, str]] = []
 
-    def on_message(self, topic: str, data: bytes, event_id: str | None) -> None:
+    def on_message(self, topic: str, data: bytes, event_id: str | None) -> str:
         self.messages.append((topic, data, event_id))
+        return event_id or str(len(self.messages))  # the streamer numbers it
 
     def on_subscription_failure(self, topic: str, message: str) -> None:
         self.failures.append((topic, message))
