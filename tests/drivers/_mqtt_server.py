@@ -128,6 +128,20 @@ class Mosquitto:
                 events.append(("unsubscribe", rest[len(client_id) + 1 :]))
         return events
 
+    def topic_subscribed(self, topic: str) -> bool:
+        """Whether some client holds a subscription to ``topic``, from the log."""
+        holders: set[str] = set()
+        for line in self.log().splitlines():
+            _, _, rest = line.partition(": ")
+            if not rest.endswith(" " + topic):
+                continue
+            words = rest[: -len(topic) - 1].split(" ")
+            if len(words) == 2 and words[1] in ("0", "1", "2"):
+                holders.add(words[0])  # "<client> <qos> <topic>": SUBSCRIBE
+            elif len(words) == 1:
+                holders.discard(words[0])  # "<client> <topic>": UNSUBSCRIBE
+        return bool(holders)
+
     def broker(self) -> MqttBroker:
         return MqttBroker(host="127.0.0.1", port=self.port, own=self)
 

@@ -27,7 +27,7 @@ from gochan.errors import (
     InvalidTopicError,
 )
 
-from . import _mqtt_server
+from . import _mqtt_server, e2e
 from ._mqtt_server import Mosquitto, MqttBroker
 from .conftest import free_port
 
@@ -456,3 +456,36 @@ def test_broker_restart_mid_stream(own_mosquitto: Mosquitto) -> None:
             await rec.wait_for("new", b"fresh")
 
     run(body)
+
+
+# -- end to end, through gochan's HTTP surface (tests/drivers/e2e.py) -------------
+
+
+def e2e_broker(mosquitto: Mosquitto) -> e2e.Broker:
+    broker = mosquitto.broker()
+
+    async def publish(topic: str, data: bytes) -> None:
+        await plain_publish(broker, topic, data)
+
+    async def restart() -> None:
+        await asyncio.to_thread(mosquitto.kill)
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(mosquitto.start)
+
+    async def subscribed(topic: str) -> bool:
+        return await asyncio.to_thread(mosquitto.topic_subscribed, topic)
+
+    options = {**broker.driver_options(), "reconnect_min": 0.05, "reconnect_max": 0.5}
+    return e2e.Broker("mqtt", options, publish, restart, subscribed)
+
+
+def test_e2e_relay(own_mosquitto: Mosquitto) -> None:
+    run(lambda: e2e.check_relay(e2e_broker(own_mosquitto)))
+
+
+def test_e2e_subscription_lifecycle(own_mosquitto: Mosquitto) -> None:
+    run(lambda: e2e.check_subscription_lifecycle(e2e_broker(own_mosquitto)))
+
+
+def test_e2e_broker_restart(own_mosquitto: Mosquitto) -> None:
+    run(lambda: e2e.check_broker_restart(e2e_broker(own_mosquitto)))

@@ -28,7 +28,7 @@ from gochan.errors import (
     LimitExceededError,
 )
 
-from . import _postgres_server
+from . import _postgres_server, e2e
 from ._postgres_server import Postgres
 from .conftest import free_port
 
@@ -432,3 +432,44 @@ def test_outage_then_recovery(postgres: Postgres, prefix: str) -> None:
             assert driver.ready and driver.stats()["reconnects"] == 1
 
     run(body)
+
+
+# -- end to end, through gochan's HTTP surface (tests/drivers/e2e.py) -------------
+
+
+def e2e_broker(postgres: Postgres, prefix: str) -> e2e.Broker:
+    app = f"gochan-e2e-{secrets.token_hex(4)}"
+
+    async def publish(topic: str, data: bytes) -> None:
+        await notify(postgres.dsn, prefix + topic, data.decode())
+
+    async def restart() -> None:
+        """Every connection of the nodes dropped by the server, as a restart would."""
+        async with plain_connection(postgres.dsn) as conn:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = $1",
+                app,
+            )
+
+    options = {
+        "dsn": postgres.dsn,
+        "prefix": prefix,
+        "application_name": app,
+        "reconnect_min": 0.05,
+        "reconnect_max": 0.5,
+    }
+    # LISTENs are private to their session: no probe from the server's side.
+    return e2e.Broker("postgres", options, publish, restart, None)
+
+
+def test_e2e_relay(postgres: Postgres, prefix: str) -> None:
+    run(lambda: e2e.check_relay(e2e_broker(postgres, prefix)))
+
+
+def test_e2e_subscription_lifecycle(postgres: Postgres, prefix: str) -> None:
+    run(lambda: e2e.check_subscription_lifecycle(e2e_broker(postgres, prefix)))
+
+
+def test_e2e_broker_restart(postgres: Postgres, prefix: str) -> None:
+    run(lambda: e2e.check_broker_restart(e2e_broker(postgres, prefix)))

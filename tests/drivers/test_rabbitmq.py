@@ -27,7 +27,7 @@ from gochan.errors import (
     InvalidTopicError,
 )
 
-from . import _rabbitmq_server
+from . import _rabbitmq_server, e2e
 from ._rabbitmq_server import RabbitMQ, TcpProxy
 
 _T = TypeVar("_T")
@@ -484,5 +484,70 @@ def test_only_topics_refused_on_reconnect_are_reported(rabbitmq: RabbitMQ, excha
                 assert driver.stats()["subscription_failures"] == 1
         finally:
             await ctl("delete_user", user)
+
+    run(with_exchange_cleanup(rabbitmq.url, exchange, body))
+
+
+# -- end to end, through gochan's HTTP surface (tests/drivers/e2e.py) -------------
+
+
+def e2e_broker(
+    rabbitmq: RabbitMQ,
+    exchange: str,
+    url: str | None = None,
+    restart: Callable[[], Awaitable[None]] | None = None,
+) -> e2e.Broker:
+    async def publish(topic: str, data: bytes) -> None:
+        await plain_publish(rabbitmq.url, exchange, topic, data)
+
+    async def subscribed(topic: str) -> bool:
+        bindings = await asyncio.to_thread(rabbitmq.bindings, exchange)
+        return any(key == topic for _, key in bindings)
+
+    options = {
+        "url": url or rabbitmq.url,
+        "exchange": exchange,
+        "reconnect_min": 0.05,
+        "reconnect_max": 0.5,
+    }
+    probe = subscribed if rabbitmq.ctl_available() else None
+    return e2e.Broker("rabbitmq", options, publish, restart, probe)
+
+
+def test_e2e_relay(rabbitmq: RabbitMQ, exchange: str) -> None:
+    run(
+        with_exchange_cleanup(
+            rabbitmq.url, exchange, lambda: e2e.check_relay(e2e_broker(rabbitmq, exchange))
+        )
+    )
+
+
+def test_e2e_subscription_lifecycle(rabbitmq: RabbitMQ, exchange: str) -> None:
+    run(
+        with_exchange_cleanup(
+            rabbitmq.url,
+            exchange,
+            lambda: e2e.check_subscription_lifecycle(e2e_broker(rabbitmq, exchange)),
+        )
+    )
+
+
+def test_e2e_broker_restart(rabbitmq: RabbitMQ, exchange: str) -> None:
+    """The broker, as seen through a relay, goes away and comes back."""
+
+    async def body() -> None:
+        proxy = TcpProxy(rabbitmq.host, rabbitmq.port)
+        await proxy.start()
+
+        async def restart() -> None:
+            await proxy.stop()
+            await asyncio.sleep(0.5)
+            await proxy.start()
+
+        url = rabbitmq.url.replace(f":{rabbitmq.port}/", f":{proxy.port}/", 1)
+        try:
+            await e2e.check_broker_restart(e2e_broker(rabbitmq, exchange, url, restart))
+        finally:
+            await proxy.stop()
 
     run(with_exchange_cleanup(rabbitmq.url, exchange, body))
