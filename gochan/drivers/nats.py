@@ -549,27 +549,37 @@ class NatsDriver:
             )
             attempt += 1
             try:
-                nc = await self._open()
-            except BrokerError as exc:
-                broker_logger.info("NATS reconnection attempt %d failed: %s", attempt, exc)
-                continue
-            self._nc = nc
-            try:
-                restored = await self._restore(nc)
-            except BrokerConnectionError as exc:
-                broker_logger.info("NATS connection lost while resubscribing: %s", exc)
-                restored = False
-            if not restored or self._nc is not nc or not nc.is_connected:
-                if self._nc is nc:
-                    self._nc = None
-                    await self._discard(nc)
-                continue
+                if await self._reconnect_once(attempt):
+                    return
+            except Exception:  # never let the reconnect loop die
+                broker_logger.exception("NATS reconnection attempt %d failed", attempt)
+
+    async def _reconnect_once(self, attempt: int) -> bool:
+        try:
+            nc = await self._open()
+        except BrokerError as exc:
+            broker_logger.info("NATS reconnection attempt %d failed: %s", attempt, exc)
+            return False
+        self._nc = nc
+        restored = False
+        try:
+            restored = await self._restore(nc) and self._nc is nc and nc.is_connected
+        except BrokerError as exc:
+            broker_logger.info("NATS resubscription failed: %s", exc)
+        finally:
+            if not restored and self._nc is nc:
+                self._nc = None
+                for sub in self._subs.values():
+                    _stop_consumer_tasks(sub)
+                self._subs.clear()
+                await self._discard(nc)
+        if restored:
             self._reconnects += 1
             self._ready = True
             broker_logger.info(
                 "reconnected to NATS at %s; %d topics resubscribed", self._url, len(self._subs)
             )
-            return
+        return restored
 
     async def _restore(self, nc: Client) -> bool:
         """Subscribe every held topic on ``nc``; False if ``nc`` was lost meanwhile."""

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection, ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -188,8 +188,15 @@ class RedisDriver:
         ping_interval: float = DEFAULT_PING_INTERVAL_S,
         name: str = DEFAULT_CLIENT_NAME,
     ) -> None:
-        if not url:
-            raise ConfigurationError("redis url must not be empty")
+        try:
+            url_options = parse_url(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid redis url {_redact(url)!r}: {exc}") from exc
+        if str(url_options.get("protocol", 2)) != "2":
+            # The subscriber connection parses RESP2 replies itself.
+            raise ConfigurationError(
+                "the redis driver speaks RESP2: remove protocol=3 from the url"
+            )
         for option, value in (
             ("stream_block", stream_block),
             ("connect_timeout", connect_timeout),
@@ -384,8 +391,9 @@ class RedisDriver:
     async def _open_conn(self) -> AbstractConnection:
         """A new subscriber connection, or BrokerConnectionError."""
         assert self._listen_pool is not None
-        conn = _new_connection(self._listen_pool)
+        conn: AbstractConnection | None = None
         try:
+            conn = _new_connection(self._listen_pool)
             await asyncio.wait_for(
                 _connect(conn), self._connect_timeout_s + self._command_timeout_s
             )
@@ -394,7 +402,8 @@ class RedisDriver:
                 reply = await asyncio.wait_for(conn.read_response(), self._command_timeout_s)
                 self._reader_id = int(reply)
         except BaseException as exc:
-            await self._drop_conn(conn)
+            if conn is not None:
+                await self._drop_conn(conn)
             if isinstance(exc, Exception):
                 raise BrokerConnectionError(
                     f"cannot connect to Redis at {self._safe_url}: {exc!r}"
@@ -447,6 +456,8 @@ class RedisDriver:
                         exc,
                         len(self._topics),
                     )
+            except Exception:  # a bug must not leave the driver without a listener
+                broker_logger.exception("Redis listener failed; reconnecting")
             finally:
                 was_ready = self._ready
                 if self._conn is conn:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -83,6 +84,8 @@ class NatsServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # in case a test paused it
         proc.terminate()
         try:
             proc.wait(STOP_TIMEOUT_S)

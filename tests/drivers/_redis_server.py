@@ -6,6 +6,7 @@ start on (``--user`` ACL rules), and always stopped afterwards."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -55,6 +56,8 @@ class RedisServer:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # in case a test paused it
         proc.terminate()
         try:
             proc.wait(STOP_TIMEOUT_S)

@@ -9,6 +9,7 @@ restart it always use a server they started themselves.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import uuid
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
+import uvloop
 
 from gochan.drivers import create_driver
 from gochan.errors import (
@@ -51,7 +53,8 @@ _T = TypeVar("_T")
 
 
 def run(coro: Awaitable[_T]) -> _T:
-    """asyncio.run that also fails on exceptions nobody retrieved and on tasks
+    """Run ``coro`` on uvloop, as the server does (``GOCHAN_TEST_LOOP=asyncio``
+    for the stdlib loop); fail on exceptions nobody retrieved and on tasks
     left running (a stuck listener)."""
     errors: list[dict[str, Any]] = []
 
@@ -61,7 +64,10 @@ def run(coro: Awaitable[_T]) -> _T:
         await no_tasks_left()
         return result
 
-    result = asyncio.run(main())
+    if os.environ.get("GOCHAN_TEST_LOOP", "uvloop") == "uvloop":
+        result = uvloop.run(main())
+    else:
+        result = asyncio.run(main())
     assert not errors, f"unhandled exceptions in the event loop: {errors}"
     return result
 
@@ -530,6 +536,31 @@ def test_broker_restart_is_survived(own_nats: NatsServer) -> None:
             await asyncio.to_thread(own_nats.restart)
             await wait_until(lambda: driver.stats()["reconnects"] == 2, RECONNECT_TIMEOUT_S)
             assert driver.ready
+
+    run(main())
+
+
+def test_a_silent_broker_is_detected(own_nats: NatsServer) -> None:
+    """A broker that stops answering (not closing) is noticed by the pings."""
+    topic = unique("silent")
+
+    async def main() -> None:
+        async with connected(own_nats.url, ping_interval=1.0) as (driver, rec):
+            await driver.subscribe(topic)
+            assert own_nats.proc is not None
+            os.kill(own_nats.proc.pid, signal.SIGSTOP)
+            try:
+                await wait_until(lambda: not driver.ready, 10.0)
+            finally:
+                os.kill(own_nats.proc.pid, signal.SIGCONT)
+            await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
+            assert driver.stats()["reconnects"] >= 1
+            async with raw_client(own_nats.url) as nc:
+                await nc.publish(topic, b"awake")
+                await nc.flush()
+            await rec.wait_messages(1)
+            await asyncio.sleep(0.2)
+            assert rec.messages == [(topic, b"awake", None)]
 
     run(main())
 

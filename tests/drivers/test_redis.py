@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
+import uvloop
 
 from gochan.drivers import create_driver
 from gochan.errors import BrokerConnectionError, BrokerError, ClosedError, ConfigurationError
@@ -45,7 +46,8 @@ _T = TypeVar("_T")
 
 
 def run(coro: Awaitable[_T]) -> _T:
-    """asyncio.run that also fails on exceptions nobody retrieved and on tasks
+    """Run ``coro`` on uvloop, as the server does (``GOCHAN_TEST_LOOP=asyncio``
+    for the stdlib loop); fail on exceptions nobody retrieved and on tasks
     left running (a stuck listener)."""
     errors: list[dict[str, Any]] = []
 
@@ -55,7 +57,10 @@ def run(coro: Awaitable[_T]) -> _T:
         await no_tasks_left()
         return result
 
-    result = asyncio.run(main())
+    if os.environ.get("GOCHAN_TEST_LOOP", "uvloop") == "uvloop":
+        result = uvloop.run(main())
+    else:
+        result = asyncio.run(main())
     assert not errors, f"unhandled exceptions in the event loop: {errors}"
     return result
 
@@ -188,9 +193,6 @@ def own_redis() -> Iterator[RedisServer]:
     try:
         yield server
     finally:
-        if server.proc is not None:
-            with suppress(ProcessLookupError):
-                os.kill(server.proc.pid, signal.SIGCONT)
         server.close()
 
 
@@ -207,6 +209,8 @@ def test_every_topic_maps_to_a_channel(topic: str) -> None:
     "options",
     [
         {"url": ""},
+        {"url": "http://127.0.0.1:6379"},
+        {"url": "redis://127.0.0.1:6379/0?protocol=3"},
         {"connect_timeout": 0},
         {"ping_interval": -1},
         {"stream_maxlen": -1},
