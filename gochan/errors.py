@@ -18,6 +18,7 @@ __all__ = [
     "InvalidTopicError",
     "LimitExceededError",
     "MissingExtraError",
+    "ReplayGapError",
     "UnknownClientError",
 ]
 
@@ -68,6 +69,10 @@ class LimitExceededError(InterfaceError, ValueError):
 
 class BrokerError(GochanError):
     """The broker refused or failed an operation."""
+
+
+class ReplayGapError(BrokerError):
+    """Messages after a Last-Event-ID are no longer kept: replay would have a hole."""
 
 
 class BrokerConnectionError(BrokerError, ConnectionError):

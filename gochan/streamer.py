@@ -27,13 +27,14 @@ from .client import (
     validate_topic,
 )
 from .config import DEFAULT_TICK_S, Config
-from .drivers import Driver, create_driver
+from .drivers import Driver, DurableDriver, create_driver
 from .errors import (
     BrokerError,
     ClientExistsError,
     ClosedError,
     InterfaceError,
     LimitExceededError,
+    ReplayGapError,
     UnknownClientError,
 )
 from .history import History
@@ -50,6 +51,21 @@ CLIENT_CLOSED_FRAME = encode_system(b"Client closed")
 REPLAY_SLICE_BYTES = 256 * 1024
 
 TickHook = Callable[[float], None]
+
+
+class _Held:
+    """Live frames kept for a stream while the broker replays to it."""
+
+    __slots__ = ("bytes", "frames")
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int | None, bytes]] = []
+        self.bytes = 0
+
+
+def replay_frame(last_event_id: str, recovered: bool) -> bytes:
+    replay = {"replay": {"last_event_id": last_event_id[:256], "recovered": recovered}}
+    return encode_system(orjson.dumps(replay))
 
 
 def subscription_failure_frame(topic: str, message: str) -> bytes:
@@ -88,6 +104,11 @@ class Streamer:
         config = self.config
         self.history = History(config.history_size, config.history_bytes, config.history_age)
         self._replays: dict[Subscriber, int] = {}  # streams still replaying -> last seq sent
+        # Durable drivers: streams replaying from the broker, and the live
+        # frames (with their positions) held for them meanwhile.
+        self._durable = self.driver if isinstance(self.driver, DurableDriver) else None
+        self._held: dict[Subscriber, _Held] = {}
+        self._drained: dict[Subscriber, asyncio.Event] = {}
         self._started = False
         self._closed = False
         self.counters: dict[str, int] = dict.fromkeys(
@@ -331,8 +352,8 @@ class Streamer:
                 raise UnknownClientError(f"client {client.id!r} was removed")
             client._add_topic(topic)
             for sub in client.streams:
-                if sub not in self._replays:  # a replaying stream joins when it is done
-                    hub.subscribe(sub, topic)
+                if sub not in self._replays and sub not in self._held:
+                    hub.subscribe(sub, topic)  # a replaying stream joins when it is done
         for topic in remove:
             if client._remove_topic(topic):
                 for sub in client.streams:
@@ -407,6 +428,13 @@ class Streamer:
             transport.write(head)
             self._join(sub)
             return sub
+        if self._durable is not None:
+            position = self._durable.event_position(last_event_id)
+            if position is not None:
+                transport.write(head)
+                self._held[sub] = _Held()
+                self._spawn(self._replay_from_broker(sub, position, last_event_id))
+                return sub
         seq = self._parse_event_id(last_event_id)
         recovered = (
             seq is not None
@@ -414,8 +442,7 @@ class Streamer:
             and self.history.complete_after(seq, client.topics)
         )
         self.counters["replay_hits" if recovered else "replay_misses"] += 1
-        replay = {"replay": {"last_event_id": last_event_id[:256], "recovered": recovered}}
-        transport.write(head + encode_system(orjson.dumps(replay)))
+        transport.write(head + replay_frame(last_event_id, recovered))
         if recovered:
             assert seq is not None
             self._replays[sub] = seq
@@ -478,6 +505,68 @@ class Streamer:
         """The stream's socket drained: go on replaying if it was."""
         if sub in self._replays:
             self._replay_step(sub)
+        drained = self._drained.get(sub)
+        if drained is not None:
+            drained.set()
+
+    async def _replay_from_broker(self, sub: Subscriber, position: int, last_event_id: str) -> None:
+        """Replay from a durable broker while live frames are held, then send
+        the held ones the replay did not cover and join the live fan-out."""
+        driver = self._durable
+        assert driver is not None
+        client = sub.owner
+        assert isinstance(client, Client)
+        sent_upto = position
+        answered = False
+        try:
+            replay = driver.replay(client.topics, position)
+            try:
+                async for topic, data, event_id in replay:
+                    if not answered:
+                        answered = True
+                        self.counters["replay_hits"] += 1
+                        sub.send(replay_frame(last_event_id, True))
+                    if sub.closed:
+                        return
+                    if client.has_topic(topic):
+                        sub.send(encode_event(topic, event_id, data))
+                    sent_upto = max(sent_upto, driver.event_position(event_id) or sent_upto)
+                    if sub.paused or sub.pending_bytes >= REPLAY_SLICE_BYTES:
+                        await self._wait_drained(sub)
+            finally:
+                await replay.aclose()
+            if not answered:
+                answered = True
+                self.counters["replay_hits"] += 1
+                sub.send(replay_frame(last_event_id, True))
+        except (ReplayGapError, BrokerError) as exc:
+            if answered:
+                # Part of it went out; the rest cannot: make the browser
+                # reconnect and be told it was not recovered.
+                logger.warning("replay failed midway: %s", exc)
+                self._held.pop(sub, None)
+                self.hub.finish(sub)
+                return
+            self.counters["replay_misses"] += 1
+            sub.send(replay_frame(last_event_id, False))
+        finally:
+            held = self._held.pop(sub, None)
+            self._drained.pop(sub, None)
+        if sub.closed or held is None:
+            return
+        for held_position, frame in held.frames:
+            if held_position is None or held_position > sent_upto:
+                sub.send(frame)
+        self._join(sub)
+
+    async def _wait_drained(self, sub: Subscriber) -> None:
+        while not sub.closed and (sub.paused or sub.pending_bytes):
+            if sub.paused:
+                drained = self._drained.setdefault(sub, asyncio.Event())
+                drained.clear()
+                await drained.wait()
+            else:
+                await asyncio.sleep(0)  # the flush runs at the end of this iteration
 
     def attach(self, client: Client, transport: asyncio.WriteTransport) -> Subscriber:
         """Register a live SSE stream of ``client`` (the caller has written the
@@ -489,6 +578,10 @@ class Streamer:
     def detach(self, sub: Subscriber) -> None:
         """The stream's connection is gone; the TTL starts with the last one."""
         self._replays.pop(sub, None)
+        self._held.pop(sub, None)
+        drained = self._drained.pop(sub, None)
+        if drained is not None:
+            drained.set()
         self.hub.close(sub)
         client = sub.owner
         if isinstance(client, Client) and sub in client.streams:
@@ -512,6 +605,8 @@ class Streamer:
         self.counters["messages_in"] += 1
         if event_id is not None:
             frame = encode_event(topic, event_id, data)
+            if self._held:
+                self._hold(topic, event_id, frame)
         else:
             self._seq += 1
             event_id = f"{self._epoch}-{self._seq}"
@@ -522,6 +617,19 @@ class Streamer:
         if hub is not None:
             hub.publish(topic, frame)
         return event_id
+
+    def _hold(self, topic: str, event_id: str, frame: bytes) -> None:
+        assert self._durable is not None
+        position = self._durable.event_position(event_id)
+        for sub, held in list(self._held.items()):
+            client = sub.owner
+            if isinstance(client, Client) and client.has_topic(topic):
+                held.frames.append((position, frame))
+                held.bytes += len(frame)
+                if held.bytes > self.config.max_pending_bytes:
+                    # Live traffic outran the replay: a slow consumer.
+                    del self._held[sub]
+                    self.hub.finish(sub)
 
     def on_subscription_failure(self, topic: str, message: str) -> None:
         """Driver callback: the broker lost ``topic``; tell its clients."""

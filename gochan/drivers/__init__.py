@@ -6,10 +6,10 @@ import importlib
 from typing import Any
 
 from ..errors import ConfigurationError, MissingExtraError
-from .base import Driver, Receiver
+from .base import Driver, DurableDriver, Receiver
 from .mem import MemDriver
 
-__all__ = ["DRIVERS", "Driver", "MemDriver", "Receiver", "create_driver"]
+__all__ = ["DRIVERS", "Driver", "DurableDriver", "MemDriver", "Receiver", "create_driver"]
 
 # name -> (module, class, pip extra that brings its client library)
 DRIVERS: dict[str, tuple[str, str, str | None]] = {

@@ -12,9 +12,10 @@ frame once and queues it on every subscribed connection.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["Driver", "Receiver"]
+__all__ = ["Driver", "DurableDriver", "Receiver"]
 
 
 class Receiver(Protocol):
@@ -72,3 +73,32 @@ class Driver(Protocol):
 
     async def close(self) -> None:
         """Close every subscription and the connection; idempotent."""
+
+
+@runtime_checkable
+class DurableDriver(Driver, Protocol):
+    """A driver whose broker keeps messages (JetStream, Redis Streams, Kafka)
+    and numbers them, so Last-Event-ID replay can read them back on any node
+    and after a restart.
+
+    Its event ids name broker positions; ``replay`` reads what came after
+    one. Messages it delivers live carry the same ids, so the streamer can
+    join replay and live delivery without a gap or a duplicate.
+    """
+
+    def event_position(self, event_id: str) -> int | None:
+        """The broker position ``event_id`` names, or None if it is not one of
+        this driver's ids (another driver's, another stream's, garbage).
+        Positions only grow in publish order."""
+
+    def replay(
+        self, topics: Sequence[str], after: int
+    ) -> AsyncGenerator[tuple[str, bytes, str], None]:
+        """Messages on ``topics`` after position ``after`` as (topic, data,
+        event id), in position order, through at least the newest message
+        stored when it was called.
+
+        Raises :class:`gochan.errors.ReplayGapError` before yielding anything
+        when some of those messages are no longer kept (or the position is
+        from the future), and :class:`gochan.errors.BrokerError` on failure.
+        """
