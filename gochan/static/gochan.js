@@ -46,7 +46,9 @@
 //                codes: "subscription-failure" (the broker refused a topic),
 //                "update-failed" (the update request was refused or failed),
 //                or a code from the server's "errors" list.
-//   "replay"     replay outcome after a reconnect   {lastEventId, recovered}
+//   "replay"     after a reconnection that resent an id: {lastEventId, recovered}.
+//                recovered: the messages missed since are replayed next (then
+//                live, no gap, no duplicate); false: they are lost, refetch state.
 //   "closed"     the server ended the stream ("Client closed"; the client
 //                reconnects unless close() is called)  {}
 //   "message"    any other system frame             {data}
@@ -367,13 +369,8 @@ export class Gochan extends EventTarget {
       if (error.topic !== undefined) this._failed.add(error.topic); // not retried until changed
       this.dispatchEvent(makeEvent("error", { ...error }));
     } else if (frame && typeof frame === "object" && frame.replay) {
-      this.dispatchEvent(
-        makeEvent("replay", {
-          lastEventId: frame.replay.last_event_id,
-          recovered: Boolean(frame.replay.recovered),
-          ...frame.replay,
-        }),
-      );
+      const { last_event_id: lastEventId, recovered, ...rest } = frame.replay;
+      this.dispatchEvent(makeEvent("replay", { ...rest, lastEventId, recovered: Boolean(recovered) }));
     } else {
       this.dispatchEvent(makeEvent("message", { data: raw }));
     }

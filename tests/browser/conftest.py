@@ -83,7 +83,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: while Playwright's sync driver runs, its event
+# loop counts as running in this thread, and the async tests elsewhere in the
+# suite could not start theirs.
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     try:
         from playwright.sync_api import sync_playwright

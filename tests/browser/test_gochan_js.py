@@ -111,7 +111,8 @@ def test_reconnects_as_the_same_client_after_a_drop(
     browser: BrowserSession, example: ExampleServer, gochan_server: Any, tcp_proxy: Any
 ) -> None:
     """The connection drops, the server keeps the client: the next stream is
-    the same client, with its topics, and no update call is needed."""
+    the same client, with its topics (no update call needed), and what was
+    published meanwhile is replayed, once."""
     base, _ = gochan_server("--cors-origins", example.url, "--retry-ms", "300")
     proxy = tcp_proxy(int(base.rsplit(":", 1)[1]))
     page = browser.page
@@ -126,6 +127,7 @@ def test_reconnects_as_the_same_client_after_a_drop(
     # 1. The first stream's URL has no client id: gochan.js opens the next one
     #    itself, as this client, resuming after the last id it saw.
     proxy.cut()
+    gap1 = publish(base, "news", "while away 1")
     browser.wait_js("() => sys.filter(([t]) => t === 'reconnect').length === 1")
     urls = browser.js("() => window.__sources.map((es) => es.url)")
     assert len(urls) == 3  # the page's own stream, then gochan.js's first and second
@@ -133,19 +135,27 @@ def test_reconnects_as_the_same_client_after_a_drop(
     assert query.get("id") == client_id and query.get("last_event_id") == first
     assert "topic" not in query
     second = publish(base, "news", "m2")
-    assert received(browser, 2)[-1]["id"] == second
+    assert received(browser, 3)[-1]["id"] == second
 
     # 2. Now the browser reconnects the same EventSource by itself.
     proxy.cut()
+    gap2 = publish(base, "news", "while away 2")
     browser.wait_js("() => sys.filter(([t]) => t === 'reconnect').length === 2")
     assert browser.js("() => window.__sources.length") == 3
     third = publish(base, "news", "m3")
-    assert received(browser, 3)[-1]["id"] == third
+    got = received(browser, 5)
+    assert [g["id"] for g in got] == [first, gap1, second, gap2, third]
+    assert [g["data"] for g in got] == ["m1", "while away 1", "m2", "while away 2", "m3"]
 
     events = browser.js("() => window.sys")
     reconnects = [detail for kind, detail in events if kind == "reconnect"]
     same = {"clientId": client_id, "previousClientId": client_id, "sameClient": True}
     assert reconnects == [same, same]
+    replays = [detail for kind, detail in events if kind == "replay"]
+    assert replays == [
+        {"lastEventId": first, "recovered": True},  # from ?last_event_id=
+        {"lastEventId": second, "recovered": True},  # from the browser's Last-Event-ID
+    ]
     assert [kind for kind, _ in events].count("disconnect") == 2
     assert browser.js("() => gc.subscriptions") == ["news"]
     assert updates == []  # the server kept the topics: nothing to re-apply
