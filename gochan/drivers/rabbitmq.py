@@ -128,7 +128,7 @@ class _Session:
 
     async def close(self, timeout: float, *, delete_queue: bool) -> None:
         self.lost.set()
-        if delete_queue and self.usable_for_cleanup:
+        if delete_queue and not (self.connection.is_closed or self.channel.is_closed):
             try:
                 # Cancelled first, or the broker warns that it cancelled it.
                 await self.queue.cancel(self.consumer_tag, timeout=timeout)
@@ -139,10 +139,6 @@ class _Session:
             await asyncio.wait_for(self.connection.close(), timeout)
         except Exception as exc:
             broker_logger.debug("rabbitmq: error closing the connection: %r", exc)
-
-    @property
-    def usable_for_cleanup(self) -> bool:
-        return not (self.connection.is_closed or self.channel.is_closed)
 
 
 class RabbitMQDriver:
