@@ -287,7 +287,9 @@ class Router:
         except (BrokerError, ClosedError) as exc:
             server_logger.warning("publish to %r failed: %s", topic, exc)
             return _text(503, f"publish failed: {exc}")
-        except InterfaceError as exc:
+        except LimitExceededError as exc:  # e.g. a body over the broker's size limit
+            return _text(413, exc)
+        except InterfaceError as exc:  # e.g. a body the broker cannot carry
             return _text(400, exc)
         status = 200 if event_id is not None else 202
         return _json(status, {"id": event_id})

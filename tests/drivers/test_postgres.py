@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
+import httpx
 import pytest
 import uvloop
 
@@ -473,3 +474,17 @@ def test_e2e_subscription_lifecycle(postgres: Postgres, prefix: str) -> None:
 
 def test_e2e_broker_restart(postgres: Postgres, prefix: str) -> None:
     run(lambda: e2e.check_broker_restart(e2e_broker(postgres, prefix)))
+
+
+def test_e2e_bodies_postgres_cannot_carry_are_refused(postgres: Postgres, prefix: str) -> None:
+    """Binary and oversized bodies: 400 and 413 from POST /publish, nothing sent."""
+
+    async def main() -> None:
+        broker = e2e_broker(postgres, prefix)
+        async with e2e.nodes(broker, 1) as (node,), httpx.AsyncClient() as http:
+            url = f"http://127.0.0.1:{node.port}/publish?topic={broker.topic('x')}"
+            assert (await http.post(url, content=b"\xff\xfe binary")).status_code == 400
+            assert (await http.post(url, content=b"a" * 9000)).status_code == 413
+            assert (await http.post(url, content=b"fine")).status_code in (200, 202)
+
+    run(main)
