@@ -408,7 +408,7 @@ export class Gochan extends EventTarget {
   }
 
   _dispatchTopic(event) {
-    if (!(event instanceof MessageEvent) || event.currentTarget !== this._es) return;
+    if (!(event instanceof MessageEvent) || event.target !== this._es) return;
     const topic = event.type;
     if (event.lastEventId) this._lastEventId = event.lastEventId;
     const handlers = this._handlers.get(topic);

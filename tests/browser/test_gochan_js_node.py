@@ -1,0 +1,33 @@
+"""gochan.js's logic under Node's test runner (gochan_js.test.mjs): a
+scripted EventSource and fetch drive the branches a real server rarely takes
+(update failures, refused topics, 401 then a new client, backoff)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from .conftest import ROOT, browser_unavailable
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_gochan_js_under_node(tmp_path: Path) -> None:
+    node = shutil.which("node")
+    if node is None:
+        browser_unavailable("node is not installed")
+    # An .mjs copy: Node loads it as an ES module whatever its version.
+    copy = tmp_path / "gochan.mjs"
+    shutil.copyfile(ROOT / "gochan" / "static" / "gochan.js", copy)
+    result = subprocess.run(
+        [node, "--test", "--test-reporter=spec", str(HERE / "gochan_js.test.mjs")],
+        env={**os.environ, "GOCHAN_JS": str(copy), "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fail 0" in result.stdout, result.stdout
