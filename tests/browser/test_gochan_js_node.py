@@ -1,6 +1,7 @@
 """gochan.js's logic under Node's test runner (gochan_js.test.mjs): a
 scripted EventSource and fetch drive the branches a real server rarely takes
-(update failures, refused topics, 401 then a new client, backoff)."""
+(update failures, refused topics, 401 then a new client, backoff); and
+gochan.d.ts type-checks under tsc --strict."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from .conftest import ROOT, browser_unavailable
 
 HERE = Path(__file__).resolve().parent
+INTEROP = ROOT / "tests" / "interop"
 
 
 def test_gochan_js_under_node(tmp_path: Path) -> None:
@@ -31,3 +33,19 @@ def test_gochan_js_under_node(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fail 0" in result.stdout, result.stdout
+
+
+def test_gochan_d_ts_type_checks() -> None:
+    """tsc --strict compiles tests/interop/types_check.ts against gochan.d.ts:
+    the documented usage type-checks and its @ts-expect-error misuses fail."""
+    node = shutil.which("node")
+    tsc = INTEROP / "node_modules" / "typescript" / "bin" / "tsc"
+    if node is None or not tsc.is_file():
+        browser_unavailable("typescript is missing: npm ci --prefix tests/interop")
+    result = subprocess.run(
+        [node, str(tsc), "-p", str(INTEROP / "tsconfig.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
