@@ -37,21 +37,21 @@
 //   that throws is reported (reportError) and does not stop the others.
 //
 // Events on the Gochan object (an EventTarget; CustomEvent, payload in .detail)
-//   "open"       a stream connected                 {url}
-//   "config"     a config frame                     {clientId, clientTtlMillis, config, subscriptions}
-//   "reconnect"  a stream after the first is ready  {clientId, previousClientId, sameClient}
-//   "disconnect" the stream dropped                 {clientId}
-//   "error"      subscription failure frame, a per-topic update error or a
-//                failed update request              {code, message, topic?, status?}
-//                codes: "subscription-failure" (the broker refused a topic),
-//                "update-failed" (the update request was refused or failed),
-//                or a code from the server's "errors" list.
-//   "replay"     after a reconnection that resent an id: {lastEventId, recovered}.
-//                recovered: the messages missed since are replayed next (then
-//                live, no gap, no duplicate); false: they are lost, refetch state.
-//   "closed"     the server ended the stream ("Client closed"; the client
-//                reconnects unless close() is called)  {}
-//   "message"    any other system frame             {data}
+//   "open"        a stream connected: {url}
+//   "config"      a config frame: {clientId, clientTtlMillis, config, subscriptions}
+//   "reconnect"   a stream after the first is ready:
+//                 {clientId, previousClientId, sameClient}
+//   "disconnect"  the stream dropped: {clientId}
+//   "error"       {code, message, topic?, status?}: a subscription failure frame
+//                 or a per-topic error of an update (code "subscription-failure"
+//                 or the server's), or a failed update call ("update-failed",
+//                 status 0 for a network error)
+//   "replay"      after a reconnection that resent an id: {lastEventId, recovered};
+//                 recovered: the messages missed since come next (then live, no
+//                 gap, no duplicate); false: they are lost, refetch your state
+//   "closed"      the server ended the stream ("Client closed"); the client
+//                 reconnects unless close() is called: {}
+//   "message"     any other system frame: {data}
 //
 // Authentication
 // - Cookies: pass { withCredentials: true } for a cross-origin gochan; the
@@ -67,6 +67,7 @@
 const RESERVED_TOPIC = "message";
 const MAX_TOPIC_BYTES = 256;
 const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?:^|[^\ud800-\udbff])[\udc00-\udfff]/;
 // Topics put in the first URL, at most (the server limits the request line to
 // 8 KiB by default); the rest follow in one update call.
 const URL_TOPICS_BUDGET = 4000;
@@ -85,6 +86,9 @@ export function checkTopic(topic) {
   }
   if (CONTROL.test(topic)) {
     throw new TypeError("gochan: control characters are not allowed in a topic");
+  }
+  if (LONE_SURROGATE.test(topic)) {
+    throw new TypeError("gochan: a topic must be valid UTF-8 (lone surrogate)");
   }
   if (topic === RESERVED_TOPIC) {
     throw new TypeError(`gochan: "${RESERVED_TOPIC}" is reserved for system frames`);
@@ -108,7 +112,8 @@ function makeEvent(type, detail) {
 
 export class Gochan extends EventTarget {
   /**
-   * @param {string} [baseUrl] where gochan is ("" = this page's origin), e.g. "https://push.example.com"
+   * @param {string} [baseUrl] where gochan is, e.g. "https://push.example.com"
+   *   ("": this page's origin)
    * @param {object} [options] see gochan.d.ts
    */
   constructor(baseUrl = "", options = {}) {
@@ -344,10 +349,13 @@ export class Gochan extends EventTarget {
     const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** this._attempts);
     this._attempts = Math.min(this._attempts + 1, 16);
     clearTimeout(this._reopenTimer);
-    this._reopenTimer = setTimeout(() => {
-      this._reopenTimer = null;
-      if (!this._closed && !this._es) this._open(this._clientId);
-    }, delay * (0.5 + Math.random() / 2));
+    this._reopenTimer = setTimeout(
+      () => {
+        this._reopenTimer = null;
+        if (!this._closed && !this._es) this._open(this._clientId);
+      },
+      delay * (0.5 + Math.random() / 2),
+    );
   }
 
   _onSystem(event) {
@@ -370,7 +378,9 @@ export class Gochan extends EventTarget {
       this.dispatchEvent(makeEvent("error", { ...error }));
     } else if (frame && typeof frame === "object" && frame.replay) {
       const { last_event_id: lastEventId, recovered, ...rest } = frame.replay;
-      this.dispatchEvent(makeEvent("replay", { ...rest, lastEventId, recovered: Boolean(recovered) }));
+      this.dispatchEvent(
+        makeEvent("replay", { ...rest, lastEventId, recovered: Boolean(recovered) }),
+      );
     } else {
       this.dispatchEvent(makeEvent("message", { data: raw }));
     }
@@ -438,6 +448,14 @@ export class Gochan extends EventTarget {
     for (const resolve of waiters) resolve();
   }
 
+  _retryLater() {
+    if (this._timer !== null) return;
+    this._timer = setTimeout(() => {
+      this._timer = null;
+      this._sync();
+    }, BACKOFF_MIN_MS * 2);
+  }
+
   _clearTimer() {
     if (this._timer !== null) clearTimeout(this._timer);
     this._timer = null;
@@ -478,11 +496,7 @@ export class Gochan extends EventTarget {
     this._update(this._clientId, add, remove).then((retry) => {
       this._inflight = false;
       if (retry) {
-        // Transient failure: try again later (a new config frame also does).
-        this._timer = this._timer ?? setTimeout(() => {
-          this._timer = null;
-          this._sync();
-        }, BACKOFF_MIN_MS * 2);
+        this._retryLater(); // transient failure (a new config frame also retries)
       } else {
         this._sync();
       }
@@ -522,7 +536,8 @@ export class Gochan extends EventTarget {
       } catch (_) {
         answer = null;
       }
-      const subscriptions = answer && Array.isArray(answer.subscriptions) ? answer.subscriptions : null;
+      const subscriptions =
+        answer && Array.isArray(answer.subscriptions) ? answer.subscriptions : null;
       if (subscriptions) this._confirmed = new Set(subscriptions);
       else {
         for (const topic of add) this._confirmed.add(topic);
@@ -542,6 +557,8 @@ export class Gochan extends EventTarget {
     if (response.status === 400 && /invalid client id/i.test(message)) {
       // The server forgot the client (restart, TTL): the stream's reconnect
       // finds out too; if it still looks open, start over with a new client.
+      // Either way nothing more is sent before the next config frame.
+      this._configured = false;
       if (this._es && this._es.readyState === 1) {
         this._previousClientId = this._clientId;
         this._clientId = null;

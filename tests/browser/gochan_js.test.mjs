@@ -81,7 +81,11 @@ function fakeServer() {
       if (init.method === "HEAD") return new Response(null, { status: server.headStatus });
       for (const t of call.body.add) server.topics.add(t);
       for (const t of call.body.remove) server.topics.delete(t);
-      const answer = { client_id: call.body.client_id, subscriptions: [...server.topics], errors: [] };
+      const answer = {
+        client_id: call.body.client_id,
+        subscriptions: [...server.topics],
+        errors: [],
+      };
       return new Response(JSON.stringify(answer), { status: 200 });
     },
     get updates() {
@@ -100,7 +104,16 @@ function client(options = {}) {
     fetch: server.fetch,
     ...options,
   });
-  for (const type of ["open", "config", "reconnect", "disconnect", "error", "replay", "closed", "message"]) {
+  for (const type of [
+    "open",
+    "config",
+    "reconnect",
+    "disconnect",
+    "error",
+    "replay",
+    "closed",
+    "message",
+  ]) {
     gc.addEventListener(type, (e) => events.push([type, e.detail]));
   }
   return gc;
@@ -158,7 +171,10 @@ test("several handlers per topic: the first adds it, the last removes it", async
   server.topics = new Set(["t"]);
   last().config("c1", ["t"]);
   last().frame("t", "hello\nworld", "e-1");
-  assert.deepEqual(got, [["one", "hello\nworld", "t", "e-1", "t"], ["two", "hello\nworld"]]);
+  assert.deepEqual(got, [
+    ["one", "hello\nworld", "t", "e-1", "t"],
+    ["two", "hello\nworld"],
+  ]);
   assert.equal(gc.lastEventId, "e-1");
   offTwo();
   await gc.flush();
@@ -170,7 +186,7 @@ test("several handlers per topic: the first adds it, the last removes it", async
   assert.deepEqual(server.updates, [{ client_id: "c1", add: [], remove: ["t"] }]);
 });
 
-test("a dropped first stream reconnects as the same client and re-applies the difference", async () => {
+test("a dropped first stream reconnects as the same client, then re-applies changes", async () => {
   const gc = client();
   gc.subscribe("a", () => {});
   await tick();
@@ -257,9 +273,10 @@ test("refused topics are reported once, not retried in a loop", async () => {
   await gc.flush();
   await gc.flush();
   assert.equal(server.updates.length, 1);
-  assert.deepEqual(events.filter(([t]) => t === "error").map(([, d]) => d), [
-    { topic: "bad", code: "subscription-failure", message: "broker said no" },
-  ]);
+  assert.deepEqual(
+    events.filter(([t]) => t === "error").map(([, d]) => d),
+    [{ topic: "bad", code: "subscription-failure", message: "broker said no" }],
+  );
   // Subscribing again (after unsubscribing) is a new attempt.
   gc.unsubscribe("bad");
   gc.subscribe("bad", () => {});
@@ -324,7 +341,10 @@ test("system frames become events; topics named like EventSource events are topi
   es.frame("message", JSON.stringify({ replay: { last_event_id: "e-0", recovered: false } }));
   es.frame("message", JSON.stringify({ something: "new" }));
   es.frame("message", "Client closed");
-  assert.deepEqual(got, [["error", "a topic message"], ["open", ""]]);
+  assert.deepEqual(got, [
+    ["error", "a topic message"],
+    ["open", ""],
+  ]);
   assert.deepEqual(events.slice(2), [
     ["error", failure],
     ["replay", { lastEventId: "e-0", recovered: false }],
@@ -352,10 +372,23 @@ test("a throwing handler is reported and the others still run", async () => {
 
 test("topics gochan would refuse are refused at once", () => {
   const gc = client();
-  for (const bad of ["", "message", "a\nb", "nul\u0000", "c1\u0085", "x".repeat(257), "é".repeat(129), 7]) {
+  const refused = [
+    "",
+    "message",
+    "a\nb",
+    "nul\u0000",
+    "c1\u0085",
+    "x".repeat(257),
+    "é".repeat(129),
+    "\ud800",
+    "a\udc00",
+    7,
+  ];
+  for (const bad of refused) {
     assert.throws(() => gc.subscribe(bad, () => {}), TypeError, JSON.stringify(bad));
   }
   assert.equal(checkTopic("é".repeat(128)), "é".repeat(128)); // 256 bytes
+  assert.equal(checkTopic("🎉 ☃ a/b?c"), "🎉 ☃ a/b?c");
   assert.throws(() => gc.subscribe("ok", "not a function"), TypeError);
   assert.deepEqual(gc.topics, []);
 });

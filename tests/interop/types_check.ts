@@ -41,8 +41,12 @@ gc.addEventListener("error", (e) => {
   const topic: string | undefined = detail.topic;
   console.log(detail.code, detail.message, topic, detail.status);
 });
-gc.addEventListener("replay", (e) => console.log(e.detail.lastEventId, e.detail.recovered === true));
-gc.addEventListener("reconnect", (e) => console.log(e.detail.sameClient, e.detail.previousClientId));
+gc.addEventListener("replay", (e) =>
+  console.log(e.detail.lastEventId, e.detail.recovered === true),
+);
+gc.addEventListener("reconnect", (e) =>
+  console.log(e.detail.sameClient, e.detail.previousClientId),
+);
 gc.addEventListener("disconnect", (e) => console.log(e.detail.clientId));
 gc.addEventListener("open", (e) => console.log(e.detail.url));
 gc.addEventListener("closed", () => gc.close());
