@@ -51,6 +51,7 @@ import redis.asyncio
 from redis.asyncio.connection import AbstractConnection, ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from ..errors import BrokerConnectionError, BrokerError, ClosedError, ConfigurationError
@@ -269,11 +270,13 @@ class RedisDriver:
             "protocol": 2,
         }
         # One retry lets a pooled connection broken by a server restart be
-        # replaced at once; the subscriber connection has its own loop.
+        # replaced at once (a command lost with its connection may then run
+        # twice); the subscriber connection has its own loop.
         self._redis = redis.asyncio.Redis.from_url(
             self._url,
             socket_timeout=self._command_timeout_s,
             retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
             **options,
         )
         # Subscriber reads block for as long as the channel is quiet: no
