@@ -341,12 +341,14 @@ class NatsDriver:
             self._forget(topic)
             raise BrokerError(failures[topic])
         sub = subs[topic]
-        if topic in self._topics and self._nc is nc:
+        if topic in self._topics and self._nc is nc and topic not in self._subs:
             self._subs[topic] = sub
-        else:  # unsubscribed, or the connection was lost, meanwhile
-            await self._quiet_unsubscribe(sub)
-            if self._nc is not nc:
-                raise BrokerConnectionError("connection to NATS lost while subscribing")
+            return
+        # Unsubscribed meanwhile (and maybe subscribed again by a call that
+        # finished first), or the connection was lost: this one is not needed.
+        await self._quiet_unsubscribe(sub)
+        if self._nc is not nc:
+            raise BrokerConnectionError("connection to NATS lost while subscribing")
 
     async def unsubscribe(self, topic: str) -> None:
         self._forget(topic)
@@ -601,7 +603,7 @@ class NatsDriver:
                     self._positions[topic] = last_seq
         subs, failures = await self._open_subs(nc, topics, last_seq)
         for topic, sub in subs.items():
-            if topic in self._topics and self._nc is nc:
+            if topic in self._topics and self._nc is nc and topic not in self._subs:
                 self._subs[topic] = sub
             else:
                 await self._quiet_unsubscribe(sub)

@@ -395,6 +395,26 @@ def test_messages_published_right_after_subscribe_are_delivered(nats_url: str) -
     run(main())
 
 
+def test_overlapping_subscribe_unsubscribe_leaves_one_subscription(own_nats: NatsServer) -> None:
+    topic = unique("overlap")
+
+    async def main() -> None:
+        async with connected(own_nats.url, name="overlap") as (driver, rec):
+            first = asyncio.create_task(driver.subscribe(topic))
+            await asyncio.sleep(0)  # the first subscribe is on its way
+            await driver.unsubscribe(topic)
+            await driver.subscribe(topic)
+            await first
+            assert await asyncio.to_thread(own_nats.subscriptions, "overlap") == [topic]
+            assert driver.stats()["subscriptions"] == 1
+            await driver.publish(topic, b"once")
+            await rec.wait_messages(1)
+            await asyncio.sleep(0.2)
+            assert rec.messages == [(topic, b"once", None)]
+
+    run(main())
+
+
 def test_subscriptions_seen_from_the_broker(own_nats: NatsServer) -> None:
     name = unique("gochan-conn")
     t1, t2 = unique("seen"), unique("seen") + ".sub"

@@ -331,6 +331,37 @@ def test_only_subscribed_topics_are_delivered(redis_url: str) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("streams", [False, True])
+def test_overlapping_subscribe_unsubscribe_leaves_one_subscription(
+    redis_url: str, streams: bool
+) -> None:
+    topic = unique("overlap")
+    prefix = unique("gt") + ":"
+
+    async def main() -> None:
+        async with (
+            connected(redis_url, prefix=prefix, streams=streams) as (driver, rec),
+            raw_client(redis_url) as client,
+        ):
+            try:
+                first = asyncio.create_task(driver.subscribe(topic))
+                await asyncio.sleep(0)  # the first subscribe is on its way
+                await driver.unsubscribe(topic)
+                await driver.subscribe(topic)
+                await first
+                if not streams:
+                    assert await numsub(client, prefix + topic) == 1
+                assert driver.stats()["subscriptions"] == 1
+                await driver.publish(topic, b"once")
+                await rec.wait_messages(1)
+                await asyncio.sleep(0.2)
+                assert [(t, d) for t, d, _ in rec.messages] == [(topic, b"once")]
+            finally:
+                await client.delete(prefix + topic)
+
+    run(main())
+
+
 def test_subscriptions_seen_from_the_broker(redis_url: str) -> None:
     t1, t2 = unique("seen"), unique("seen")
     name = unique("conn")
