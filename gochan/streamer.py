@@ -106,7 +106,8 @@ class Streamer:
         self._replays: dict[Subscriber, int] = {}  # streams still replaying -> last seq sent
         # Durable drivers: streams replaying from the broker, and the live
         # frames (with their positions) held for them meanwhile.
-        self._durable = self.driver if isinstance(self.driver, DurableDriver) else None
+        driver = self.driver
+        self._durable = driver if isinstance(driver, DurableDriver) and driver.durable else None
         self._held: dict[Subscriber, _Held] = {}
         self._drained: dict[Subscriber, asyncio.Event] = {}
         self._started = False

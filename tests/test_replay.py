@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncGenerator, Sequence
 
 import httpx
 import orjson
 
+from gochan import Config, MemDriver, Streamer
 from gochan.history import History
 from tests.support import SSEStream, running, wait_for
 
@@ -175,3 +177,74 @@ async def test_long_backlog_is_streamed_not_buffered_whole() -> None:
         live = await streamer.publish("big", b"live")
         assert (await again.event())["id"] == live
         await again.close()
+
+
+class ScriptedDurableDriver(MemDriver):
+    """A durable driver whose broker is a list, and whose replay lets the
+    test deliver live messages in the middle of it (unit-testing the
+    streamer's hand-off; NATS JetStream runs it for real in
+    tests/drivers/test_nats_replay.py)."""
+
+    durable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, bytes]] = []  # position = index + 1
+        self.during_replay: list[int] = []  # positions delivered live mid-replay
+        self.stored_during_replay: list[tuple[str, bytes]] = []
+
+    def store(self, topic: str, data: bytes) -> None:
+        self.log.append((topic, data))
+
+    def event_position(self, event_id: str) -> int | None:
+        return int(event_id[1:]) if event_id.startswith("p") else None
+
+    def deliver(self, position: int) -> None:
+        topic, data = self.log[position - 1]
+        assert self._receiver is not None
+        self._receiver.on_message(topic, data, f"p{position}")
+
+    async def replay(
+        self, topics: Sequence[str], after: int
+    ) -> AsyncGenerator[tuple[str, bytes, str], None]:
+        end = len(self.log)
+        for position in range(after + 1, end + 1):
+            topic, data = self.log[position - 1]
+            if topic in topics:
+                yield topic, data, f"p{position}"
+            if position == after + 1:
+                # Live delivery overtakes the replay: messages it will also
+                # read (duplicates to drop) and one stored after it began,
+                # past its end (to keep).
+                for item in self.stored_during_replay:
+                    self.store(*item)
+                for live in self.during_replay:
+                    self.deliver(live)
+                await asyncio.sleep(0)
+
+
+async def test_durable_hand_off_drops_duplicates_and_keeps_what_follows() -> None:
+    driver = ScriptedDurableDriver()
+    streamer = Streamer(Config(port=0), driver=driver)
+    await streamer.start()
+    server = await streamer.serve()
+    try:
+        for i in range(1, 6):
+            driver.store("d", b"m%d" % i)  # positions 1..5 stored while away
+        driver.stored_during_replay = [("d", b"m6")]
+        driver.during_replay = [4, 5, 6]
+        stream = await SSEStream.open(server.port, "/events?topic=d", {"Last-Event-ID": "p1"})
+        await stream.config()
+        assert (await stream.event())["data"] == orjson.dumps(
+            {"replay": {"last_event_id": "p1", "recovered": True}}
+        ).decode()
+        got = [await stream.event() for _ in range(5)]
+        assert [e["id"] for e in got] == ["p2", "p3", "p4", "p5", "p6"]
+        assert [e["data"] for e in got] == ["m2", "m3", "m4", "m5", "m6"]
+        driver.store("d", b"m7")
+        driver.deliver(7)  # live after the hand-off
+        assert (await stream.event())["id"] == "p7"
+        await stream.no_frame(0.2)
+        await stream.close()
+    finally:
+        await streamer.close()

@@ -86,6 +86,11 @@ class DurableDriver(Driver, Protocol):
     join replay and live delivery without a gap or a duplicate.
     """
 
+    @property
+    def durable(self) -> bool:
+        """True when this instance keeps messages (a driver may offer a
+        durable mode, like NATS with or without JetStream)."""
+
     def event_position(self, event_id: str) -> int | None:
         """The broker position ``event_id`` names, or None if it is not one of
         this driver's ids (another driver's, another stream's, garbage).

@@ -32,6 +32,18 @@ after it: messages stored while the connection was down are delivered, none
 twice. The event id passed to ``Receiver.on_message`` is the stream sequence
 (a decimal string, unique across the stream's topics).
 
+Replay
+------
+With JetStream the driver is a :class:`~gochan.drivers.base.DurableDriver`:
+a browser's Last-Event-ID (a stream sequence) is resumed from the stream on
+any gochan process using it, and after restarts. A temporary pull consumer
+reads the stream from the next sequence up to its last message at that
+moment (the live consumers cover what follows; the streamer joins the two by
+sequence). The replay is refused as incomplete when the id is beyond the
+stream's last sequence or older than its first. Limits that drop single
+topics' messages (``stream_max_msgs_per_subject``) can open a hole this check
+does not see; size them for the reconnect window you want to cover.
+
 Reconnects
 ----------
 The driver reconnects by itself (the client library's own reconnect is
@@ -49,7 +61,7 @@ import asyncio
 import contextlib
 import random
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -67,6 +79,7 @@ from ..errors import (
     ClosedError,
     ConfigurationError,
     InvalidTopicError,
+    ReplayGapError,
 )
 from ..log import broker_logger
 from .base import Receiver
@@ -86,6 +99,8 @@ DEFAULT_PING_INTERVAL_S = 20.0
 DEFAULT_MAX_OUTSTANDING_PINGS = 2
 DEFAULT_IDLE_HEARTBEAT_S = 5.0
 DEFAULT_CLIENT_NAME = "gochan"
+REPLAY_BATCH = 256  # messages fetched per round trip when replaying
+REPLAY_CONSUMER_IDLE_S = 30.0  # the server drops a forgotten replay consumer after this
 
 _WILDCARDS = frozenset("*>")
 # nats-py lower-cases the server's -ERR text before handing it to error_cb.
@@ -404,6 +419,82 @@ class NatsDriver:
                 _stop_consumer_tasks(sub)
         if nc is not None:
             await self._discard(nc)
+
+    # -- replay (DurableDriver) ---------------------------------------------
+
+    @property
+    def durable(self) -> bool:
+        """True with JetStream: event ids are stream sequences that replay reads."""
+        return self._jetstream
+
+    def event_position(self, event_id: str) -> int | None:
+        if not self._jetstream or not (event_id.isascii() and event_id.isdigit()):
+            return None
+        return int(event_id)
+
+    async def replay(
+        self, topics: Sequence[str], after: int
+    ) -> AsyncGenerator[tuple[str, bytes, str], None]:
+        if not self._jetstream:
+            raise ReplayGapError("core NATS keeps no messages to replay")
+        nc = self._connected()
+        js = nc.jetstream(timeout=self._request_timeout_s)
+        wanted = {self._prefix + topic: topic for topic in topics}
+        try:
+            info = await js.stream_info(self._stream)
+        except _CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(f"JetStream stream info failed: {exc!r}") from exc
+        except nats.errors.Error as exc:
+            raise BrokerError(f"JetStream stream info failed: {exc}") from exc
+        first, last = info.state.first_seq, info.state.last_seq
+        if after > last:
+            raise ReplayGapError(
+                f"sequence {after} is beyond stream {self._stream}'s last ({last})"
+            )
+        if after + 1 < first:
+            raise ReplayGapError(f"stream {self._stream} no longer keeps sequence {after + 1}")
+        if after == last or not wanted:
+            return
+        # One subject: the server filters; several: read the stream, filter here
+        # (nats-server 2.9 takes one filter subject per consumer).
+        subject = next(iter(wanted)) if len(wanted) == 1 else self._prefix + ">"
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=after + 1,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=REPLAY_CONSUMER_IDLE_S,
+            mem_storage=True,
+        )
+        try:
+            psub = await js.pull_subscribe(subject, stream=self._stream, config=config)
+        except _CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(f"JetStream replay failed: {exc!r}") from exc
+        except nats.errors.Error as exc:
+            raise BrokerError(f"JetStream replay failed: {exc}") from exc
+        try:
+            pending = (await psub.consumer_info()).num_pending or 0
+            seq = after
+            while pending > 0 and seq < last:
+                msgs = await psub.fetch(REPLAY_BATCH, timeout=self._request_timeout_s)
+                for msg in msgs:
+                    meta = msg.metadata
+                    seq = meta.sequence.stream
+                    pending = meta.num_pending
+                    if seq > last:
+                        return  # the live consumers have this one
+                    topic = wanted.get(msg.subject)
+                    if topic is not None:
+                        yield topic, msg.data, str(seq)
+        except _CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(f"JetStream replay failed: {exc!r}") from exc
+        except nats.errors.Error as exc:
+            raise BrokerError(f"JetStream replay failed: {exc}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                consumer = await psub.consumer_info()
+                await js.delete_consumer(self._stream, consumer.name)
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
 
     # -- connection --------------------------------------------------------
 

@@ -1,0 +1,149 @@
+"""Replay that loses nothing with NATS JetStream: a browser resumes from its
+Last-Event-ID on another gochan process, and on a restarted one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import nats
+import orjson
+import pytest
+
+from gochan import Config, Streamer
+from gochan.server import Server
+from tests.support import SSEStream
+
+from ._nats_server import NatsServer
+from .conftest import broker_unavailable
+
+
+@pytest.fixture
+def server() -> Iterator[NatsServer]:
+    try:
+        own = NatsServer()
+        own.start()
+    except (OSError, RuntimeError) as exc:
+        broker_unavailable(f"cannot start nats-server: {exc}")
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+def options(server: NatsServer, stream: str) -> dict[str, Any]:
+    return {"url": server.url, "jetstream": True, "prefix": "gochan.", "stream": stream}
+
+
+@contextlib.asynccontextmanager
+async def node(server: NatsServer, stream: str) -> AsyncIterator[Server]:
+    streamer = Streamer(Config(port=0, driver="nats", driver_options=options(server, stream)))
+    await streamer.start()
+    try:
+        yield await streamer.serve()
+    finally:
+        await streamer.close()
+
+
+async def open_stream(port: int, last_id: str = "") -> SSEStream:
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    # A plain EventSource("/events?topic=t1&topic=t2") reconnecting: no client
+    # id in its URL, so any node can take it.
+    stream = await SSEStream.open(port, "/events?topic=t1&topic=t2", headers)
+    assert (await stream.config())["subscriptions"] == ["t1", "t2"]
+    return stream
+
+
+async def replay_answer(stream: SSEStream) -> dict[str, Any]:
+    event = await stream.event()
+    answer: dict[str, Any] = orjson.loads(event["data"])["replay"]
+    return answer
+
+
+async def js_publish(server: NatsServer, stream: str, subject: str, data: bytes) -> str:
+    nc = await nats.connect(server.url)
+    try:
+        ack = await nc.jetstream().publish(subject, data, stream=stream)
+        return str(ack.seq)
+    finally:
+        await nc.close()
+
+
+async def test_resume_on_another_process_and_after_a_restart(server: NatsServer) -> None:
+    name = "R" + secrets.token_hex(4).upper()
+    async with node(server, name) as a, node(server, name) as b:
+        first = await open_stream(a.port)
+        await a.streamer.publish("t1", b"m0")
+        seen = await first.event()
+        assert seen["data"] == "m0"
+        await first.close()
+        missed = [
+            ("t1", await b.streamer.publish("t1", b"m1")),
+            ("t2", await js_publish(server, name, "gochan.t2", b"m2")),  # any NATS client
+            ("t1", await b.streamer.publish("t1", b"m3\nline")),
+        ]
+        await b.streamer.publish("elsewhere", b"not for us")
+        resumed = await open_stream(b.port, seen["id"])
+        assert await replay_answer(resumed) == {"last_event_id": seen["id"], "recovered": True}
+        got = [await resumed.event() for _ in missed]
+        assert [(e["event"], e["id"]) for e in got] == missed
+        assert [e["data"] for e in got] == ["m1", "m2", "m3\nline"]
+        live = await a.streamer.publish("t2", b"live")
+        assert (await resumed.event())["id"] == live
+        await resumed.no_frame(0.3)
+        last = live
+        await resumed.close()
+    # Both processes are gone; a new one on the same stream takes over.
+    after_restart = await js_publish(server, name, "gochan.t1", b"while down")
+    async with node(server, name) as c:
+        resumed = await open_stream(c.port, str(last))
+        assert (await replay_answer(resumed))["recovered"] is True
+        event = await resumed.event()
+        assert (event["id"], event["data"]) == (after_restart, "while down")
+        await resumed.close()
+
+
+async def test_racing_publishes_across_reconnects(server: NatsServer) -> None:
+    name = "R" + secrets.token_hex(4).upper()
+    async with node(server, name) as a, node(server, name) as b:
+        published: list[str] = []
+        stop = asyncio.Event()
+
+        async def publisher() -> None:
+            i = 0
+            while not stop.is_set():
+                published.append(await js_publish(server, name, f"gochan.t{1 + i % 2}", b"%d" % i))
+                i += 1
+
+        stream = await open_stream(a.port)
+        task = asyncio.create_task(publisher())
+        received: list[str] = []
+        for hop in range(6):
+            while len(received) < 5 * (hop + 1):
+                event = await stream.event()
+                if event["event"] != "message":
+                    received.append(event["id"])
+            await stream.close()
+            stream = await open_stream((b if hop % 2 == 0 else a).port, received[-1])
+            assert (await replay_answer(stream))["recovered"] is True
+        stop.set()
+        await task
+        while len(received) < len(published):
+            received.append((await stream.event(timeout=10))["id"])
+        assert received == published  # each once, in stream order, across 6 hand-offs
+        await stream.close()
+
+
+async def test_unknown_or_future_ids_are_not_recovered(server: NatsServer) -> None:
+    name = "R" + secrets.token_hex(4).upper()
+    async with node(server, name) as a:
+        await a.streamer.publish("t1", b"x")
+        for last_id in ("999999", "not-a-sequence"):
+            stream = await open_stream(a.port, last_id)
+            assert await replay_answer(stream) == {"last_event_id": last_id, "recovered": False}
+            live = await a.streamer.publish("t1", b"live")
+            assert (await stream.event())["id"] == live  # live delivery still starts
+            await stream.close()
