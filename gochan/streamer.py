@@ -337,9 +337,13 @@ class Streamer:
         errors: list[TopicError] = []
         hub = self.hub
         for topic in add:
-            if client.has_topic(topic):
-                continue
             try:
+                if client.has_topic(topic):
+                    if topic not in self._driver_topics:
+                        # The broker lost it (on_subscription_failure): adding
+                        # it again is how a client asks for another try.
+                        await self._reconcile(topic)
+                    continue
                 await self._acquire(topic)
             except BrokerError as exc:
                 self.counters["subscription_failures"] += 1
@@ -633,8 +637,10 @@ class Streamer:
                     self.hub.finish(sub)
 
     def on_subscription_failure(self, topic: str, message: str) -> None:
-        """Driver callback: the broker lost ``topic``; tell its clients."""
+        """Driver callback: the broker lost ``topic``; tell its clients. The
+        topic stays theirs; the next add of it (by any client) subscribes again."""
         self.counters["subscription_failures"] += 1
+        self._driver_topics.discard(topic)
         frame = subscription_failure_frame(topic, message)
         for client in self._clients.values():
             if client.has_topic(topic):

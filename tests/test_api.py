@@ -226,3 +226,25 @@ async def test_static_dir_and_client_js(tmp_path: Path) -> None:
             assert r.status_code == 404
     async with running() as server, httpx.AsyncClient() as http:
         assert (await http.get(f"http://127.0.0.1:{server.port}/")).status_code == 404
+
+
+async def test_a_topic_the_broker_lost_can_be_added_again() -> None:
+    driver = MemDriver()
+    streamer = Streamer(Config(port=0), driver=driver)
+    await streamer.start()
+    server = await streamer.serve()
+    try:
+        async with httpx.AsyncClient() as http, client_and_stream(server) as (client_id, stream):
+            url = f"http://127.0.0.1:{server.port}/update_subscriptions"
+            await http.post(url, json={"client_id": client_id, "add": ["t"]})
+            # What a driver does when a topic cannot be restored after a reconnect.
+            await driver.unsubscribe("t")
+            streamer.on_subscription_failure("t", "not restored")
+            assert b'"topic":"t"' in await stream.frame()
+            assert await streamer.publish("t", b"lost") is None  # nobody subscribed
+            r = await http.post(url, json={"client_id": client_id, "add": ["t"]})
+            assert r.json()["errors"] == [] and "t" in driver.topics
+            await streamer.publish("t", b"back")
+            assert (await stream.event())["data"] == "back"
+    finally:
+        await streamer.close()
