@@ -186,11 +186,15 @@ document.getElementById("login").onsubmit = async (event) => {
 """
 
 
-def create_app(users: Mapping[str, User] | None = None, config: Config | None = None) -> FastAPI:
-    """The app; ``users`` maps tokens to users (default: ``EXAMPLE_TOKENS``)."""
+def create_app(
+    users: Mapping[str, User] | None = None, streamer: Streamer | None = None
+) -> FastAPI:
+    """The app; ``users`` maps tokens to users (default: ``EXAMPLE_TOKENS``),
+    ``streamer`` is configured from ``GOCHAN_*`` variables by default."""
     if users is None:
         users = parse_tokens(os.environ.get("EXAMPLE_TOKENS", DEMO_TOKENS))
-    streamer = Streamer(config or Config.from_sources())
+    if streamer is None:
+        streamer = Streamer(Config.from_sources())
     # The app's middleware decides who publishes: gochan's key check is off.
     realtime = GochanASGI(streamer, publish_key_required=False)
     app = FastAPI(
