@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 __all__ = ["History", "Retained"]
 
+MAX_FLOORS = 4096  # per-topic floors kept before old ones are folded together
+
 
 class Retained(NamedTuple):
     seq: int
@@ -31,7 +33,8 @@ class History:
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self._ring: deque[Retained] = deque()
-        self._floors: dict[str, int] = {}  # topic -> newest evicted seq
+        self._floors: dict[str, int] = {}  # topic -> oldest id replayable in full
+        self._shared_floor = 0  # the floor of every topic not in _floors
         self.bytes = 0
         self.last_seq = 0  # the newest seq added (0: none yet)
 
@@ -68,16 +71,29 @@ class History:
     def _evict(self) -> None:
         old = self._ring.popleft()
         self.bytes -= len(old.frame)
-        self._floors[old.topic] = old.seq
+        self._set_floor(old.topic, old.seq)
 
-    def forget_topic(self, topic: str) -> None:
-        """No client holds ``topic`` any more: its floor is not needed. Its
-        frames leave with the ring's normal eviction."""
-        self._floors.pop(topic, None)
+    def topic_held(self, topic: str) -> None:
+        """A client holds ``topic`` again (or for the first time): what was
+        published on it while nobody did was not kept, so a replay from
+        before this point would have a hole."""
+        self._set_floor(topic, self.last_seq + 1)
+
+    def _set_floor(self, topic: str, seq: int) -> None:
+        if self._floors.get(topic, self._shared_floor) >= seq:
+            return
+        self._floors[topic] = seq
+        if len(self._floors) > MAX_FLOORS:
+            # Fold floors older than the ring into the shared one: a Last-Event-ID
+            # that old is checked against the most cautious of them.
+            first = self.first_seq
+            old = [t for t, floor in self._floors.items() if floor < first]
+            for t in old or list(self._floors)[: len(self._floors) // 2]:
+                self._shared_floor = max(self._shared_floor, self._floors.pop(t))
 
     def clear(self) -> None:
-        for item in self._ring:
-            self._floors[item.topic] = item.seq
+        self._shared_floor = self.last_seq + 1
+        self._floors.clear()
         self._ring.clear()
         self.bytes = 0
 
@@ -85,7 +101,8 @@ class History:
         """True when every message on ``topics`` after ``seq`` is retained."""
         if seq > self.last_seq:
             return False
-        return all(self._floors.get(topic, 0) <= seq for topic in topics)
+        floors, shared = self._floors, self._shared_floor
+        return all(seq >= floors.get(topic, shared) for topic in topics)
 
     def after(self, seq: int) -> Iterator[Retained]:
         """Retained messages with a seq greater than ``seq``, oldest first."""

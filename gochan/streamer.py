@@ -367,7 +367,9 @@ class Streamer:
         return errors
 
     async def _acquire(self, topic: str) -> None:
-        self._topic_refs[topic] = self._topic_refs.get(topic, 0) + 1
+        refs = self._topic_refs[topic] = self._topic_refs.get(topic, 0) + 1
+        if refs == 1:
+            self.history.topic_held(topic)
         if topic in self._driver_topics:
             return
         try:
@@ -390,7 +392,6 @@ class Streamer:
             self._topic_refs[topic] = refs
         else:
             self._topic_refs.pop(topic, None)
-            self.history.forget_topic(topic)
 
     async def _reconcile(self, topic: str) -> None:
         # One driver call at a time per topic, bringing the driver in line

@@ -33,6 +33,23 @@ def test_history_bounds_and_floors() -> None:
     assert not history.complete_after(5, ["a"])
 
 
+def test_history_release_and_folded_floors() -> None:
+    history = History(max_messages=10, max_bytes=10_000, max_age_s=10)
+    history.add(1, "a", b"1", now=0.0)
+    history.add(2, "b", b"2", now=0.0)
+    # Nobody held "a" for a while; held again now: what it had meanwhile is gone.
+    history.topic_held("a")
+    history.add(3, "b", b"3", now=0.0)
+    assert not history.complete_after(1, ["a"]) and not history.complete_after(2, ["a"])
+    assert history.complete_after(3, ["a"])
+    assert history.complete_after(1, ["b"])
+    for i in range(5000):  # more topics than floors are kept
+        history.topic_held(f"t{i}")
+    assert len(history._floors) <= 4096
+    # Folding only makes answers more cautious, never wrongly complete.
+    assert not history.complete_after(1, ["a"])
+
+
 def test_history_memory_stays_within_its_bound() -> None:
     history = History(max_messages=1_000_000, max_bytes=1_000_000, max_age_s=60)
     rng = random.Random(1)
@@ -91,6 +108,23 @@ async def test_last_event_id_query_parameter_and_new_client() -> None:
         assert orjson.loads((await again.event())["data"])["replay"]["recovered"] is True
         event = await again.event()
         assert (event["id"], event["data"]) == (second, "2")
+        await again.close()
+
+
+async def test_messages_nobody_held_are_not_claimed_recovered() -> None:
+    async with running() as server, httpx.AsyncClient() as http:
+        port = server.port
+        stream = await SSEStream.open(port, "/events?topic=gap")
+        client_id = (await stream.config())["config"]["client_id"]
+        await publish(http, port, "gap", "seen")
+        last = (await stream.event())["id"]
+        await stream.close()
+        await server.streamer.remove_client(client_id)  # nobody holds "gap" now
+        r = await http.post(f"http://127.0.0.1:{port}/publish?topic=gap", content=b"lost")
+        assert r.json()["id"] is None
+        again = await SSEStream.open(port, "/events?topic=gap", {"Last-Event-ID": last})
+        await again.config()
+        assert orjson.loads((await again.event())["data"])["replay"]["recovered"] is False
         await again.close()
 
 
