@@ -41,6 +41,7 @@
 #define MAX_EVENTS 1024
 #define MAX_STEPS 64
 #define MAX_PUBS 16
+#define MAX_LAG_S 0.05
 
 /* ---------------------------------------------------------------- utils */
 
@@ -276,6 +277,7 @@ static double cur_warmup, cur_duration, cur_drain;
 static uint64_t pub_sent;   /* messages built since pub_start */
 static uint64_t topic_rr;   /* round-robin cursor */
 static uint64_t pub_win, expected_win, rx_win, rx_outside, rx_total, sys_events, heartbeats;
+static uint64_t pub_skipped;
 static uint64_t pub_responses, pub_errors, pub_non2xx, disconnects, conn_errors, bytes_in, reads;
 static uint64_t win_disconnects;
 static hist_t h_lat;
@@ -663,6 +665,14 @@ static void pub_tick(uint64_t now) {
     if (now <= pub_start) return;
     double due_f = cur_rate * (double)(now - pub_start) / 1e9;
     uint64_t due = (uint64_t)due_f;
+    /* Open loop, bounded lag: a publisher held back (pipeline full) does not
+     * burst later to catch up; what it could not send in time is skipped and
+     * counted, so a step never shows more than its rate. */
+    uint64_t max_lag = (uint64_t)(cur_rate * MAX_LAG_S) + 1;
+    if (due > pub_sent + max_lag) {
+        if (phase == PH_MEASURE) pub_skipped += due - pub_sent - max_lag;
+        pub_sent = due - max_lag;
+    }
     if (due <= pub_sent) return;
     uint64_t want = due - pub_sent;
     int measuring = phase == PH_MEASURE;
@@ -730,7 +740,8 @@ static void print_step(uint64_t now) {
     for (int k = 0; k < o_pubs; k++) inflight += pubs[k].inflight;
     printf("{\"type\":\"step\",\"rate\":%.1f,\"warmup_s\":%.3f,\"duration_s\":%.3f,"
            "\"drain_s\":%.3f,\"target\":%.0f,\"published\":%llu,\"publish_rate\":%.1f,"
-           "\"pub_inflight_end\":%llu,\"pub_non2xx\":%llu,\"pub_errors\":%llu,"
+           "\"pub_skipped\":%llu,\"pub_inflight_end\":%llu,\"pub_non2xx\":%llu,"
+           "\"pub_errors\":%llu,"
            "\"expected\":%llu,\"received\":%llu,\"delivery_ratio\":%.5f,"
            "\"deliveries_per_s\":%.1f,\"outside_window\":%llu,\"live\":%d,"
            "\"disconnects\":%llu,\"per_conn_min\":%llu,\"per_conn_max\":%llu,"
@@ -738,7 +749,7 @@ static void print_step(uint64_t now) {
            "\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f,\"cpu_share\":%.4f,",
            cur_rate, cur_warmup, cur_duration, (double)(now - win_end) / 1e9, target,
            (unsigned long long)pub_win, (double)pub_win / cur_duration,
-           (unsigned long long)inflight, (unsigned long long)pub_non2xx,
+           (unsigned long long)pub_skipped, (unsigned long long)inflight, (unsigned long long)pub_non2xx,
            (unsigned long long)pub_errors, (unsigned long long)expected_win,
            (unsigned long long)rx_win,
            expected_win ? (double)rx_win / (double)expected_win : 0.0,
@@ -761,7 +772,7 @@ static void step_begin(double rate, double warmup, double duration, double drain
     pub_start = now;
     pub_sent = 0;
     pub_win = expected_win = rx_win = rx_outside = 0;
-    pub_non2xx = pub_errors = 0;
+    pub_non2xx = pub_errors = pub_skipped = 0;
     heartbeats = 0;
     win_disconnects = 0;
     memset(&h_lat, 0, sizeof h_lat);
