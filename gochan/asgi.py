@@ -128,12 +128,18 @@ class _StreamTransport(asyncio.WriteTransport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.state != _OPEN:
             return
-        self.chunks.append(bytes(data))
+        if type(data) is not bytes:
+            data = bytes(data)
+        self.chunks.append(data)
         self.size += len(data)
         if self.size > self.high_water and not self.paused and self.sub is not None:
             self.paused = True
             self.sub.pause()
-        self._wake()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def close(self) -> None:
         """Graceful: what is buffered is sent, then the response ends (within
@@ -199,8 +205,10 @@ class _StreamTransport(asyncio.WriteTransport):
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _stop_pump(self) -> None:
         if self.pump_task is not None and not self.pump_task.done():
