@@ -338,6 +338,8 @@ class GochanASGI:
             await self._respond(scope, send, Response(503, message), [])
             return
         request = await self._request(scope, receive)
+        if request is None:
+            return
         if isinstance(request, Response):
             self.server.bad_requests += 1
             await self._respond(scope, send, request, [(b"connection", b"close")])
@@ -357,7 +359,8 @@ class GochanASGI:
         else:
             await self._respond(scope, send, reply, cors, head=request.method == "HEAD")
 
-    async def _request(self, scope: Scope, receive: Receive) -> Request | Response:
+    async def _request(self, scope: Scope, receive: Receive) -> Request | Response | None:
+        """The request, or the refusal to send, or None if the client left."""
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope.get("headers", ()):
             name = bytes(raw_name).decode("latin-1").lower()
@@ -377,7 +380,7 @@ class GochanASGI:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                break  # http.disconnect: answer anyway, the server drops it
+                return None  # gone before the body was complete: nothing to do
             body = message.get("body", b"")
             size += len(body)
             if size > limit:

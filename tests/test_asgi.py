@@ -598,6 +598,61 @@ async def test_limits_and_an_unstarted_streamer() -> None:
         await streamer.close()
 
 
+async def test_a_body_cut_short_is_not_published() -> None:
+    async with fastapi_example() as served:
+        stream = await open_stream(served, "/realtime/events?topic=cut", BOB)
+        await stream.config()
+        _, writer = await asyncio.open_connection("127.0.0.1", served.port)
+        writer.write(
+            b"POST /realtime/publish?topic=cut HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer alice-token\r\nContent-Length: 100\r\n\r\nonly part"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+        await writer.wait_closed()
+        await stream.no_frame()
+        assert served.app.state.streamer.counters["published"] == 0
+        await stream.close()
+
+
+async def test_http2_streams_drop_the_connection_header() -> None:
+    """A direct ASGI call, as an HTTP/2 server would make it."""
+    streamer = Streamer(Config())
+    realtime = GochanASGI(streamer)
+    sent: list[dict[str, Any]] = []
+    gone = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message.get("more_body"):
+            gone.set()
+
+    scope = {
+        "type": "http",
+        "http_version": "2",
+        "method": "GET",
+        "path": "/events",
+        "root_path": "",
+        "query_string": b"topic=h2",
+        "headers": [(b"host", b"x")],
+    }
+    async with realtime.lifespan():
+        await realtime(scope, receive, send)
+        assert streamer.hub.connection_count == 0  # detached on disconnect
+    start, first = sent[:2]
+    names = [name for name, _ in start["headers"]]
+    assert start["status"] == 200 and b"connection" not in names
+    assert (b"content-type", b"text/event-stream") in start["headers"]
+    assert first["body"].startswith(b"event: message\ndata: {")
+
+
 # -- same answers as gochan's own server --------------------------------------
 
 PARITY_CLIENT = "parity-client"
