@@ -362,13 +362,19 @@ def measure_step(name: str, pid: int, lg: Loadgen, rate: float, args: argparse.N
     wall = time.monotonic() - t0
     cpu1, io1 = cpu_s(pid), io_counters(pid)
     lg1, busy1 = cpu_s(lg.proc.pid), machine_busy_s()
-    # Server CPU over the whole step (warm-up + window + drain).
-    step["server_cpu_share"] = (cpu1 - cpu0) / wall if wall > 0 else None
+    # Server CPU and write syscalls over the measured window (read by the load
+    # generator at the window's edges); over the whole step if unavailable.
+    if step.get("server_cpu_s", -1) >= 0:
+        step["server_cpu_share"] = step["server_cpu_s"] / step["duration_s"]
+    else:
+        step["server_cpu_share"] = (cpu1 - cpu0) / wall if wall > 0 else None
     # Cores used by everything else on the machine meanwhile: a noise indicator.
     other = (busy1 - busy0) - (cpu1 - cpu0) - (lg1 - lg0)
     step["other_cpu_cores"] = max(other, 0.0) / wall if wall > 0 else None
     total_rx = step["received"] + step["outside_window"]
-    if io0 and io1 and total_rx:
+    if step.get("server_syscw", -1) >= 0 and step["received"]:
+        step["server_syscw_per_delivery"] = step["server_syscw"] / step["received"]
+    elif io0 and io1 and total_rx:
         step["server_syscw_per_delivery"] = (io1["syscw"] - io0["syscw"]) / total_rx
     step["sustained"] = judge(step)
     lat = step["latency_us"]
@@ -477,6 +483,8 @@ def run_server(
                 str(args.pipeline),
                 "--max-runtime",
                 str(args.max_runtime),
+                "--server-pid",
+                str(server.pid),
             ],
         )
         lg_err = (logdir / f"{name}.loadgen.log").open("w")

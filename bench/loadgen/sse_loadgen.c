@@ -64,6 +64,37 @@ static void die(const char *msg) {
     exit(2);
 }
 
+/* The server's CPU seconds (utime + stime) and write syscalls, read from /proc
+ * at the window's edges so the figures cover exactly the measured window. */
+static double server_cpu_s(int pid) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p) return -1;
+    unsigned long long ut = 0, st = 0;
+    /* after ")": state(3) ... utime is field 14, stime 15 */
+    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return -1;
+    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static long long server_syscw(int pid) {
+    char path[64], line[128];
+    snprintf(path, sizeof path, "/proc/%d/io", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    long long v = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "syscw: %lld", &v) == 1) break;
+    fclose(f);
+    return v;
+}
+
 /* ------------------------------------------------------------ histogram */
 
 /* Log-linear buckets in microseconds: exact below 64 us, then 32 sub-buckets
@@ -253,6 +284,7 @@ static double o_warmup = 1.0, o_duration = 5.0, o_drain = 3.0;
 static int o_pubs = 1;
 static int o_pipeline = 1000;
 static double o_max_runtime = 3600.0;
+static int o_server_pid = 0;
 
 /* global state */
 static int ep;
@@ -284,6 +316,8 @@ static hist_t h_lat;
 static double cpu_mark, cpu_user_mark, cpu_sys_mark, cpu_win, cpu_user_win, cpu_sys_win;
 static uint64_t bytes_mark, reads_mark, bytes_win, reads_win;
 static uint64_t now_cached;
+static double srv_cpu_mark, srv_cpu_win;
+static long long srv_syscw_mark, srv_syscw_win;
 
 static void on_sigint(int s) {
     (void)s;
@@ -746,7 +780,8 @@ static void print_step(uint64_t now) {
            "\"deliveries_per_s\":%.1f,\"outside_window\":%llu,\"live\":%d,"
            "\"disconnects\":%llu,\"per_conn_min\":%llu,\"per_conn_max\":%llu,"
            "\"heartbeats\":%llu,\"bytes_in\":%llu,\"reads\":%llu,"
-           "\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f,\"cpu_share\":%.4f,",
+           "\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f,\"cpu_share\":%.4f,"
+           "\"server_cpu_s\":%.3f,\"server_syscw\":%lld,",
            cur_rate, cur_warmup, cur_duration, (double)(now - win_end) / 1e9, target,
            (unsigned long long)pub_win, (double)pub_win / cur_duration,
            (unsigned long long)pub_skipped, (unsigned long long)inflight, (unsigned long long)pub_non2xx,
@@ -757,7 +792,7 @@ static void print_step(uint64_t now) {
            (unsigned long long)win_disconnects, (unsigned long long)minev,
            (unsigned long long)maxev, (unsigned long long)heartbeats,
            (unsigned long long)bytes_win, (unsigned long long)reads_win, cpu_user_win,
-           cpu_sys_win, cpu_win / cur_duration);
+           cpu_sys_win, cpu_win / cur_duration, srv_cpu_win, srv_syscw_win);
     h_print(stdout, "latency_us", &h_lat);
     printf("}\n");
     fflush(stdout);
@@ -791,6 +826,10 @@ static void phase_advance(uint64_t now) {
         cpu_mark = cpu_seconds(&cpu_user_mark, &cpu_sys_mark);
         bytes_mark = bytes_in;
         reads_mark = reads;
+        if (o_server_pid) {
+            srv_cpu_mark = server_cpu_s(o_server_pid);
+            srv_syscw_mark = server_syscw(o_server_pid);
+        }
     }
     if (phase == PH_MEASURE && now > win_end) {
         double u, s;
@@ -799,6 +838,14 @@ static void phase_advance(uint64_t now) {
         cpu_sys_win = s - cpu_sys_mark;
         bytes_win = bytes_in - bytes_mark;
         reads_win = reads - reads_mark;
+        srv_cpu_win = -1;
+        srv_syscw_win = -1;
+        if (o_server_pid) {
+            double c = server_cpu_s(o_server_pid);
+            long long w = server_syscw(o_server_pid);
+            if (c >= 0 && srv_cpu_mark >= 0) srv_cpu_win = c - srv_cpu_mark;
+            if (w >= 0 && srv_syscw_mark >= 0) srv_syscw_win = w - srv_syscw_mark;
+        }
         phase = PH_DRAIN;
         drain_deadline = now + (uint64_t)(cur_drain * 1e9);
     }
@@ -861,7 +908,7 @@ static void usage(void) {
             "  [--per-conn-topics K] [--topic-prefix S] [--concurrency N]\n"
             "  [--connect-timeout S] [--publishers N] [--pipeline N]\n"
             "  [--control | --rates R1,R2,... [--warmup S] [--duration S] [--drain S]]\n"
-            "  [--max-runtime S]\n");
+            "  [--max-runtime S] [--server-pid PID]\n");
     exit(2);
 }
 
@@ -884,6 +931,7 @@ static void parse_args(int argc, char **argv) {
         else if (OPT("--duration")) o_duration = atof(v);
         else if (OPT("--drain")) o_drain = atof(v);
         else if (OPT("--max-runtime")) o_max_runtime = atof(v);
+        else if (OPT("--server-pid")) o_server_pid = atoi(v);
         else if (OPT("--rates")) {
             char *dup = strdup(v), *save = NULL;
             for (char *t = strtok_r(dup, ",", &save); t && o_nrates < MAX_STEPS;
