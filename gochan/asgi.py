@@ -75,7 +75,6 @@ Send = Callable[[Message], Awaitable[None]]
 DEFAULT_END_TIMEOUT_S = 1.0
 
 _SERVER_HEADER = (b"server", b"gochan")
-_END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _OPEN, _CLOSING, _ABORTED = 0, 1, 2
@@ -201,7 +200,7 @@ class _StreamTransport(asyncio.WriteTransport):
                 self.paused = False
                 self.sub.resume()  # may write (and pause) again at once
         if self.state == _CLOSING:
-            await send(_END)
+            await send(_end())
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -213,6 +212,10 @@ class _StreamTransport(asyncio.WriteTransport):
     def _stop_pump(self) -> None:
         if self.pump_task is not None and not self.pump_task.done():
             self.pump_task.cancel()
+
+
+def _end() -> Message:
+    return {"type": "http.response.body", "body": b"", "more_body": False}
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -236,9 +239,12 @@ class GochanASGI:
 
     ``streamer`` must be started before requests arrive: use :meth:`lifespan`.
     ``publish_key_required=False`` leaves the decision of who may publish to
-    the host app's middleware. Limits (``max_body_bytes``, ``max_connections``
-    for requests in flight, ``write_buffer_high_bytes``, ``max_pending_bytes``)
-    and paths come from the streamer's config.
+    the host app's middleware. ``handle_signals=False`` leaves SIGINT and
+    SIGTERM alone: then call :meth:`end_streams` when the server stops, or it
+    waits for the streams. Limits (``max_body_bytes``, ``max_connections`` for
+    requests in flight, ``write_buffer_high_bytes``, ``max_pending_bytes``,
+    ``shutdown_grace`` to flush a closing stream) and paths come from the
+    streamer's config. ``server`` holds the request counters /metrics reports.
     """
 
     def __init__(
@@ -482,7 +488,7 @@ class GochanASGI:
         # Dropped by gochan (slow consumer, or the close did not flush in
         # time): end the response if the server takes it at once.
         with contextlib.suppress(Exception, asyncio.TimeoutError):
-            await asyncio.wait_for(send(dict(_END)), DEFAULT_END_TIMEOUT_S)
+            await asyncio.wait_for(send(_end()), DEFAULT_END_TIMEOUT_S)
 
 
 def _chain_exit_signals(callback: Callable[[], None]) -> Callable[[], None] | None:
