@@ -73,10 +73,9 @@ class History:
         self.bytes -= len(old.frame)
         self._set_floor(old.topic, old.seq)
 
-    def topic_held(self, topic: str) -> None:
-        """A client holds ``topic`` again (or for the first time): what was
-        published on it while nobody did was not kept, so a replay from
-        before this point would have a hole."""
+    def mark_gap(self, topic: str) -> None:
+        """Something on ``topic`` was (or may have been) lost now: a replay
+        from before this point would have a hole."""
         self._set_floor(topic, self.last_seq + 1)
 
     def _set_floor(self, topic: str, seq: int) -> None:

@@ -27,7 +27,7 @@ from .client import (
     validate_topic,
 )
 from .config import DEFAULT_TICK_S, Config
-from .drivers import Driver, DurableDriver, create_driver
+from .drivers import Driver, DurableDriver, MemDriver, create_driver
 from .errors import (
     BrokerError,
     ClientExistsError,
@@ -108,6 +108,9 @@ class Streamer:
         # frames (with their positions) held for them meanwhile.
         driver = self.driver
         self._durable = driver if isinstance(driver, DurableDriver) and driver.durable else None
+        # In memory every publish goes through this streamer, so a message on a
+        # topic nobody holds is seen being lost; with a broker it is not.
+        self._sees_every_publish = isinstance(driver, MemDriver)
         self._held: dict[Subscriber, _Held] = {}
         self._drained: dict[Subscriber, asyncio.Event] = {}
         self._started = False
@@ -368,8 +371,10 @@ class Streamer:
 
     async def _acquire(self, topic: str) -> None:
         refs = self._topic_refs[topic] = self._topic_refs.get(topic, 0) + 1
-        if refs == 1:
-            self.history.topic_held(topic)
+        if refs == 1 and not self._sees_every_publish:
+            # While nobody held it, other publishers' messages on it went
+            # nowhere and we cannot know whether there were any.
+            self.history.mark_gap(topic)
         if topic in self._driver_topics:
             return
         try:
@@ -655,6 +660,7 @@ class Streamer:
         self.check_topics((topic,))
         body = data.encode() if isinstance(data, str) else bytes(data)
         self.counters["published"] += 1
+        self._note_unheld(topic)
         return await self.driver.publish(topic, body)
 
     def publish_nowait(self, topic: str, data: bytes) -> str | None:
@@ -666,8 +672,13 @@ class Streamer:
         self._check_open()
         self.check_topics((topic,))
         self.counters["published"] += 1
+        self._note_unheld(topic)
         event_id: str | None = publish(topic, data)
         return event_id
+
+    def _note_unheld(self, topic: str) -> None:
+        if self._sees_every_publish and topic not in self._topic_refs:
+            self.history.mark_gap(topic)  # it goes nowhere: nobody holds the topic
 
     @property
     def can_publish_nowait(self) -> bool:

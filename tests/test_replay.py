@@ -37,14 +37,14 @@ def test_history_release_and_folded_floors() -> None:
     history = History(max_messages=10, max_bytes=10_000, max_age_s=10)
     history.add(1, "a", b"1", now=0.0)
     history.add(2, "b", b"2", now=0.0)
-    # Nobody held "a" for a while; held again now: what it had meanwhile is gone.
-    history.topic_held("a")
+    # Something on "a" was lost here (nobody held it).
+    history.mark_gap("a")
     history.add(3, "b", b"3", now=0.0)
     assert not history.complete_after(1, ["a"]) and not history.complete_after(2, ["a"])
     assert history.complete_after(3, ["a"])
     assert history.complete_after(1, ["b"])
     for i in range(5000):  # more topics than floors are kept
-        history.topic_held(f"t{i}")
+        history.mark_gap(f"t{i}")
     assert len(history._floors) <= 4096
     # Folding only makes answers more cautious, never wrongly complete.
     assert not history.complete_after(1, ["a"])

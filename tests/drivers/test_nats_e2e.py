@@ -6,7 +6,10 @@ import asyncio
 from collections.abc import Iterator
 
 import nats
+import orjson
 import pytest
+
+from tests.support import SSEStream
 
 from . import e2e
 from ._nats_server import NatsServer
@@ -55,3 +58,25 @@ async def test_subscription_lifecycle(server: NatsServer) -> None:
 
 async def test_broker_restart(server: NatsServer) -> None:
     await e2e.check_broker_restart(broker(server, reconnect_wait=0.1, reconnect_wait_max=0.5))
+
+
+async def test_replay_across_a_time_nobody_held_the_topic_is_not_claimed(
+    server: NatsServer,
+) -> None:
+    """Core NATS keeps nothing: while no client held the topic, a plain
+    `nats pub` went nowhere, and gochan cannot know whether one happened."""
+    b = broker(server)
+    topic = b.topic("gap")
+    async with e2e.nodes(b, 1) as (node,):
+        stream = await SSEStream.open(node.port, f"/events?topic={topic}")
+        client_id = (await stream.config())["config"]["client_id"]
+        await b.publish(topic, b"seen")
+        last = (await stream.event())["id"]
+        await stream.close()
+        await node.streamer.remove_client(client_id)
+        await b.publish(topic, b"went nowhere")
+        again = await SSEStream.open(node.port, f"/events?topic={topic}", {"Last-Event-ID": last})
+        await again.config()
+        replay = orjson.loads((await again.event())["data"])["replay"]
+        assert replay == {"last_event_id": last, "recovered": False}
+        await again.close()
