@@ -56,7 +56,6 @@ from types import FrameType
 from typing import Any
 
 from ._fast import Subscriber
-from .config import Config
 from .log import server_logger
 from .server.app import Server
 from .server.http import Request
@@ -78,30 +77,6 @@ _SERVER_HEADER = (b"server", b"gochan")
 _EXIT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _OPEN, _CLOSING, _ABORTED = 0, 1, 2
-
-
-class _Router(Router):
-    """gochan's handlers; the publish check without the loopback exemption."""
-
-    def __init__(
-        self,
-        streamer: Streamer,
-        config: Config,
-        metrics: Callable[[], str],
-        publish_key_required: bool,
-    ) -> None:
-        super().__init__(streamer, config, metrics)
-        self.publish_key_required = publish_key_required
-
-    def _may_publish(self, request: Request) -> str | None:
-        if not self.publish_key_required:
-            return None  # the host app's middleware decided
-        if not self.config.publish_key:
-            return (
-                "publishing needs a key: set publish_key (GOCHAN_PUBLISH_KEY), or pass "
-                "GochanASGI(publish_key_required=False) when the app authorizes publishers"
-            )
-        return super()._may_publish(request)
 
 
 class _StreamTransport(asyncio.WriteTransport):
@@ -258,10 +233,16 @@ class GochanASGI:
         self.config = streamer.config
         # A Server that never listens: its counters (fed by ASGI requests
         # here) and its Prometheus text, so /metrics reads the same.
-        self.server = Server(streamer, self.config)
-        streamer.remove_tick_hook(self.server._tick)  # it has no sockets to sweep
-        self.router: Router = _Router(
-            streamer, self.config, self.server.metrics_text, publish_key_required
+        self.server = Server(streamer, self.config, sweep=False)
+        # Behind ASGI gochan cannot know how it is exposed: no loopback exemption.
+        self.router = Router(
+            streamer,
+            self.config,
+            self.server.metrics_text,
+            trust_loopback=False,
+            check_publishers=publish_key_required,
+            no_key_hint=", or pass GochanASGI(publish_key_required=False) "
+            "when the app authorizes publishers",
         )
         self.handle_signals = handle_signals
         self._streams: set[Subscriber] = set()

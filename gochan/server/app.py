@@ -24,7 +24,9 @@ LISTEN_BACKLOG = 4096
 class Server:
     """The HTTP side of one :class:`gochan.Streamer`."""
 
-    def __init__(self, streamer: Streamer, config: Config) -> None:
+    def __init__(self, streamer: Streamer, config: Config, *, sweep: bool = True) -> None:
+        """``sweep=False``: no sockets of its own to time out (an adapter that
+        borrows its router and metrics)."""
         self.streamer = streamer
         self.config = config
         self.router = Router(streamer, config, self.metrics_text)
@@ -35,7 +37,8 @@ class Server:
         self.bad_requests = 0
         self._listener: asyncio.Server | None = None
         self._closing = False
-        streamer.add_tick_hook(self._tick)
+        if sweep:
+            streamer.add_tick_hook(self._tick)
 
     # -- connections -------------------------------------------------------
 

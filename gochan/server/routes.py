@@ -85,10 +85,25 @@ def _client_js() -> bytes:
 
 
 class Router:
-    def __init__(self, streamer: Streamer, config: Config, metrics: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        streamer: Streamer,
+        config: Config,
+        metrics: Callable[[], str],
+        *,
+        trust_loopback: bool = True,
+        check_publishers: bool = True,
+        no_key_hint: str = "",
+    ) -> None:
+        """``trust_loopback``: without a publish_key, allow publishing when the
+        server listens on loopback only (it cannot know that behind ASGI).
+        ``check_publishers=False``: the host application authorizes publishers."""
         self.streamer = streamer
         self.config = config
         self.metrics_text = metrics
+        self.trust_loopback = trust_loopback
+        self.check_publishers = check_publishers
+        self.no_key_hint = no_key_hint
         # path -> {method: handler}
         self.routes: dict[str, dict[str, Handler]] = {
             config.events_path: {"GET": self.events, "HEAD": self.events},
@@ -246,13 +261,15 @@ class Router:
 
     # -- POST /publish -----------------------------------------------------
 
-    def _may_publish(self, request: Request) -> str | None:
-        """None if allowed, else why not."""
+    def may_publish(self, request: Request) -> str | None:
+        """None if ``request`` may publish, else why not."""
+        if not self.check_publishers:
+            return None
         key = self.config.publish_key
         if not key:
-            if self.config.loopback_only:
+            if self.trust_loopback and self.config.loopback_only:
                 return None
-            return "publishing needs a key: set publish_key (GOCHAN_PUBLISH_KEY)"
+            return "publishing needs a key: set publish_key (GOCHAN_PUBLISH_KEY)" + self.no_key_hint
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
@@ -260,7 +277,7 @@ class Router:
         return "missing or wrong publish key (Authorization: Bearer <key>)"
 
     def publish(self, request: Request) -> Reply | Awaitable[Reply]:
-        refused = self._may_publish(request)
+        refused = self.may_publish(request)
         if refused is not None:
             status = 403 if not self.config.publish_key else 401
             headers = [(b"WWW-Authenticate", b'Bearer realm="gochan"')] if status == 401 else []
