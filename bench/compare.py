@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import resource
 import selectors
 import shutil
 import signal
@@ -674,8 +675,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def raise_fd_limit(needed: int) -> None:
+    """Servers and the load generator inherit our limit: each needs one fd per connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < needed:
+        raise SystemExit(f"ulimit -n is below {needed}: raise it or lower --connections")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    raise_fd_limit(args.connections + 200)
     # SIGTERM unwinds like Ctrl-C, so the context managers kill what we started.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     loadgen_bin = build_loadgen()
