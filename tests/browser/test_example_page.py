@@ -179,6 +179,8 @@ def test_survives_server_restart(browser: BrowserSession, example: ExampleServer
     assert sorted(browser.js("() => gochanDemo.gc.subscriptions")) == expected
     assert server_subscriptions(example, new_id) == expected
     assert browser.page.get_attribute("#status", "data-state") == "live"
+    # The counters are rendered twice a second, not per event.
+    browser.wait_js("() => document.getElementById('reconnects').textContent !== '0'")
     assert browser.page.text_content("#reconnects") == "1"
     browser.assert_no_errors(allow=restart_noise(example))
 
