@@ -1,27 +1,79 @@
-"""Shared helpers for driver tests against real brokers.
+"""Shared plumbing for driver tests against real brokers (the tests' own
+helpers are in harness.py).
 
 A test that needs a broker which is neither pointed at by its
 ``GOCHAN_<BROKER>_URL`` variable nor startable here calls
 :func:`broker_unavailable`: it skips with the reason, or fails when
 ``GOCHAN_REQUIRE_BROKERS=1`` (set by CI, so a missing broker cannot pass
 silently).
+
+Every ``async def`` driver test also fails when it leaves a task running
+(a stuck listener, a reconnect loop that outlived ``close``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib
+import inspect
 import os
 import shutil
 import socket
-from typing import NoReturn
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import pytest
+
+LEFTOVER_TASK_GRACE_S = 2.0
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[None]:
+    """Wrap ``async def`` tests in :func:`no_tasks_left` (tests/conftest.py
+    runs them)."""
+    test = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(test):
+        return (yield)
+
+    @functools.wraps(test)
+    async def checked(**kwargs: Any) -> None:
+        before = asyncio.all_tasks()
+        await test(**kwargs)
+        await no_tasks_left(before)
+
+    pyfuncitem.obj = checked
+    try:
+        return (yield)
+    finally:
+        pyfuncitem.obj = test
+
+
+async def no_tasks_left(before: set[asyncio.Task[Any]]) -> None:
+    """Wait a moment for the tasks started since ``before`` to end; fail if
+    some are still running."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LEFTOVER_TASK_GRACE_S
+    while True:
+        left = asyncio.all_tasks() - before - {asyncio.current_task()}
+        if not left:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"tasks left running: {left}")
+        await asyncio.sleep(0.02)
 
 
 def broker_unavailable(reason: str) -> NoReturn:
     if os.environ.get("GOCHAN_REQUIRE_BROKERS") == "1":
         pytest.fail(f"broker required (GOCHAN_REQUIRE_BROKERS=1) but unavailable: {reason}")
     pytest.skip(reason)
+
+
+def import_or_skip(module: str) -> Any:
+    """pytest.importorskip, except that CI (GOCHAN_REQUIRE_BROKERS=1) must have it."""
+    if os.environ.get("GOCHAN_REQUIRE_BROKERS") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
 
 
 def free_port() -> int:

@@ -1,0 +1,105 @@
+"""What the driver tests share: a recording Receiver, waits and unique names.
+
+Driver tests are plain ``async def`` functions: tests/conftest.py runs them
+on uvloop under a timeout and fails one that leaves an unhandled exception in
+the event loop; tests/drivers/conftest.py also fails one that leaves a task
+running (a stuck listener, a reconnect loop that outlived ``close``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from gochan.drivers import Driver
+
+DELIVERY_TIMEOUT_S = 10.0
+POLL_INTERVAL_S = 0.01
+
+# Bodies that a careless relay would mangle.
+BINARY_BODY = bytes(range(256)) * 4
+MULTILINE_BODY = b"line one\nline two\r\nline three\rline four\n\n"
+
+Message = tuple[str, bytes, str | None]
+
+_D = TypeVar("_D", bound=Driver)
+
+
+@dataclass
+class Recorder:
+    """The streamer's stand-in: records what the driver delivers."""
+
+    messages: list[Message] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # How long the waits below wait by default.
+    timeout: float = field(default=DELIVERY_TIMEOUT_S, kw_only=True)
+
+    def on_message(self, topic: str, data: bytes, event_id: str | None) -> str:
+        self.messages.append((topic, data, event_id))
+        self.changed.set()
+        return event_id or str(len(self.messages))  # the streamer numbers it
+
+    def on_subscription_failure(self, topic: str, message: str) -> None:
+        self.failures.append((topic, message))
+        self.changed.set()
+
+    def bodies(self, topic: str) -> list[bytes]:
+        return [data for t, data, _ in self.messages if t == topic]
+
+    async def wait_for(self, pred: Callable[[], bool], timeout: float | None = None) -> None:
+        """Until ``pred()`` holds, woken by every delivery and failure."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.timeout if timeout is None else timeout)
+        while not pred():
+            self.changed.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"timed out; messages={self.messages} failures={self.failures}"
+                )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+
+    async def wait_messages(self, n: int, timeout: float | None = None) -> list[Message]:
+        """Until at least ``n`` messages arrived; returns them all."""
+        await self.wait_for(lambda: len(self.messages) >= n, timeout)
+        return self.messages
+
+    async def wait_body(self, topic: str, body: bytes, timeout: float | None = None) -> None:
+        """Until ``body`` arrived on ``topic``."""
+        await self.wait_for(lambda: body in self.bodies(topic), timeout)
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    driver: _D, recorder: Recorder | None = None
+) -> AsyncIterator[tuple[_D, Recorder]]:
+    """``driver`` connected to a fresh :class:`Recorder`, closed afterwards."""
+    recorder = Recorder() if recorder is None else recorder
+    await driver.connect(recorder)
+    try:
+        yield driver, recorder
+    finally:
+        await driver.close()
+
+
+async def wait_until(
+    pred: Callable[[], bool], timeout: float = DELIVERY_TIMEOUT_S, what: str = "condition"
+) -> None:
+    """Until ``pred()`` holds (polled)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(POLL_INTERVAL_S)
+
+
+def unique(name: str = "t") -> str:
+    """``name`` made unique, for topics that no other test or run shares."""
+    return f"{name}-{uuid.uuid4().hex[:10]}"
