@@ -39,6 +39,9 @@ class ManualLoop:
     def call_soon(self, cb: Callable[[], Any]) -> None:
         self.ready.append(cb)
 
+    def call_later(self, delay: float, cb: Callable[[], Any]) -> None:
+        self.ready.append(cb)
+
     def run(self) -> None:
         ready, self.ready = self.ready, []
         for cb in ready:

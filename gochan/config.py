@@ -12,6 +12,7 @@ chosen driver's constructor, set as ``--<driver>-<option>`` flags,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import ipaddress
@@ -40,6 +41,7 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT_S = 75.0
 DEFAULT_MAX_PENDING_BYTES = 1024 * 1024
 DEFAULT_WRITE_BUFFER_HIGH_BYTES = 64 * 1024
+DEFAULT_MAX_FLUSH_DELAY_S = 0.02
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
 DEFAULT_TICK_S = 0.5
 DEFAULT_HISTORY_SIZE = 10_000  # messages kept for Last-Event-ID replay
@@ -84,6 +86,9 @@ class Config:
     max_topics_per_client: int = DEFAULT_MAX_TOPICS_PER_CLIENT
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
     write_buffer_high_bytes: int = DEFAULT_WRITE_BUFFER_HIGH_BYTES
+    # Under load, how long writes may wait to gather more frames per socket
+    # (seconds; 0: write every loop iteration). Light load never waits.
+    max_flush_delay: float = DEFAULT_MAX_FLUSH_DELAY_S
 
     # Replay (Last-Event-ID): what is kept in memory; any of them 0 turns it off
     history_size: int = DEFAULT_HISTORY_SIZE
@@ -122,7 +127,14 @@ class Config:
                 raise ConfigurationError(f"{name} must be positive, not {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigurationError(f"port must be 0..65535, not {self.port}")
-        for name in ("retry_ms", "shutdown_grace", "history_size", "history_bytes", "history_age"):
+        for name in (
+            "retry_ms",
+            "shutdown_grace",
+            "history_size",
+            "history_bytes",
+            "history_age",
+            "max_flush_delay",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} cannot be negative")
         paths = [
@@ -134,7 +146,7 @@ class Config:
         if len(set(paths)) != len(paths):
             raise ConfigurationError("two endpoints have the same path")
 
-    @property
+    @functools.cached_property
     def loopback_only(self) -> bool:
         """True when the server listens on loopback addresses only."""
         if self.host == "localhost":

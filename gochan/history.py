@@ -60,7 +60,7 @@ class History:
         self.bytes += len(frame)
         while len(self._ring) > self.max_messages or self.bytes > self.max_bytes:
             self._evict()
-        self.expire(now)
+        # Age is enforced by expire(), which the streamer's tick calls.
 
     def expire(self, now: float) -> None:
         deadline = now - self.max_age_s

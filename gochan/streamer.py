@@ -49,6 +49,7 @@ CLIENT_CLOSED_FRAME = encode_system(b"Client closed")
 # Replay is written in slices of this many bytes, the next one once the
 # socket has taken the last, so a long backlog never sits in memory twice.
 REPLAY_SLICE_BYTES = 256 * 1024
+VALID_TOPICS_CACHED = 65_536  # topic names remembered as valid (then forgotten at once)
 
 TickHook = Callable[[float], None]
 
@@ -104,6 +105,7 @@ class Streamer:
         config = self.config
         self.history = History(config.history_size, config.history_bytes, config.history_age)
         self._replays: dict[Subscriber, int] = {}  # streams still replaying -> last seq sent
+        self._valid_topics: set[str] = set()
         # Durable drivers: streams replaying from the broker, and the live
         # frames (with their positions) held for them meanwhile.
         driver = self.driver
@@ -130,7 +132,7 @@ class Streamer:
         if self._started:
             return
         loop = asyncio.get_running_loop()
-        self._hub = Hub(loop, self.config.max_pending_bytes)
+        self._hub = Hub(loop, self.config.max_pending_bytes, max_delay=self.config.max_flush_delay)
         await self.driver.connect(self)
         self._started = True
         self._next_heartbeat = time.monotonic() + self.config.heartbeat
@@ -300,10 +302,17 @@ class Streamer:
 
     def check_topics(self, topics: Iterable[object]) -> list[str]:
         """Validate topics against the protocol and the driver; raise on the first bad one."""
-        checked = []
+        checked: list[str] = []
+        known = self._valid_topics
         for topic in topics:
+            if isinstance(topic, str) and topic in known:
+                checked.append(topic)  # hot topics are checked once, not per message
+                continue
             valid = validate_topic(topic)
             self.driver.check_topic(valid)
+            if len(known) >= VALID_TOPICS_CACHED:
+                known.clear()
+            known.add(valid)
             checked.append(valid)
         return checked
 
@@ -335,6 +344,33 @@ class Streamer:
             lock = found.updating = asyncio.Lock()
         async with lock:
             return await self._apply(found, add_list, remove_list)
+
+    def add_held_topics(self, client: Client, topics: Iterable[str]) -> bool:
+        """Subscribe ``client`` to ``topics`` without awaiting, when the driver
+        already holds every one of them (a connect storm on known topics needs
+        no task per connection). False, with nothing changed, when one must
+        wait for the broker (or an update of this client is under way): use
+        :meth:`update_subscriptions` then. Topics must be checked already."""
+        lock = client.updating
+        if client.closed or (isinstance(lock, asyncio.Lock) and lock.locked()):
+            return False
+        held = self._driver_topics
+        new = [t for t in dict.fromkeys(topics) if not client.has_topic(t)]
+        if any(t not in held for t in new):
+            return False
+        if len(client.topics) + len(new) > self.config.max_topics_per_client:
+            raise LimitExceededError(
+                f"a client may hold at most {self.config.max_topics_per_client} topics"
+            )
+        refs = self._topic_refs
+        hub = self.hub
+        for topic in new:
+            refs[topic] = refs.get(topic, 0) + 1  # held by the driver: refs > 0 already
+            client._add_topic(topic)
+            for sub in client.streams:
+                if sub not in self._replays and sub not in self._held:
+                    hub.subscribe(sub, topic)
+        return True
 
     async def _apply(self, client: Client, add: list[str], remove: list[str]) -> list[TopicError]:
         errors: list[TopicError] = []

@@ -5,6 +5,7 @@ every connection."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,13 @@ class FakeLoop:
 
     def __init__(self) -> None:
         self.ready: list[Callable[[], Any]] = []
+        self.delays: list[float] = []
 
     def call_soon(self, cb: Callable[[], Any]) -> None:
+        self.ready.append(cb)
+
+    def call_later(self, delay: float, cb: Callable[[], Any]) -> None:
+        self.delays.append(delay)
         self.ready.append(cb)
 
     def run(self) -> None:
@@ -214,3 +220,34 @@ def test_random_operations_match_the_pure_twin(seed: int) -> None:
     for (compiled, twin), (sc, sp) in zip(transports, subs, strict=True):
         assert compiled.output == twin.output
         assert sorted(sc.topics) == sorted(sp.topics)
+
+
+def test_flush_waits_longer_under_load_and_not_at_light_load() -> None:
+    """A flush that took a while (many writes) makes the next one wait about as
+    long (bounded), so more frames collect per connection; a quick one doesn't."""
+    loop = FakeLoop()
+    hub = core.Hub(loop, max_delay=0.05)
+
+    class SlowTransport(FakeTransport):
+        def write(self, data: bytes) -> None:
+            time.sleep(0.002)  # stands in for a flush over many sockets
+            super().write(data)
+
+    slow = core.Subscriber(hub, SlowTransport())
+    hub.subscribe(slow, "x")
+    hub.publish("x", b"1")
+    loop.run()
+    assert loop.delays == [] and 0.002 <= hub.next_delay <= 0.05
+    hub.publish("x", b"2")  # the next flush is scheduled with that delay
+    assert loop.delays == [hub.next_delay]
+    loop.run()
+    hub.close(slow)
+    quick = core.Subscriber(hub, FakeTransport())
+    hub.subscribe(quick, "x")
+    hub.publish("x", b"3")  # still after the slow flush's delay...
+    loop.run()
+    assert len(loop.delays) == 2
+    assert hub.next_delay == 0.0  # ...but this flush was cheap: none next time
+    hub.publish("x", b"4")
+    loop.run()
+    assert len(loop.delays) == 2

@@ -120,3 +120,26 @@ async def _settle() -> None:
 
     for _ in range(5):
         await asyncio.sleep(0)
+
+
+async def test_add_held_topics_only_without_waiting_on_the_broker() -> None:
+    driver = MemDriver()
+    async with Streamer(Config(max_topics_per_client=3), driver=driver) as streamer:
+        first = await streamer.new_client(["a"])
+        client = streamer.create_client()
+        assert not streamer.add_held_topics(client, ["a", "b"])  # "b" is not held yet
+        assert client.topics == []
+        assert streamer.add_held_topics(client, ["a", "a"])
+        assert client.topics == ["a"]
+        await streamer.remove_client(first)
+        assert driver.topics == {"a"}  # still held: the second client counts
+        with pytest.raises(LimitExceededError):
+            await streamer.subscribe(client, ["b", "c", "d"])
+        await streamer.subscribe(client, ["b", "c"])
+        other = await streamer.new_client(["x"])
+        with pytest.raises(LimitExceededError):
+            streamer.add_held_topics(client, ["a", "b", "c", "x"])  # all held, one too many
+        assert client.topics == ["a", "b", "c"]
+        await streamer.remove_client(client)
+        await streamer.remove_client(other)
+        assert driver.topics == frozenset()

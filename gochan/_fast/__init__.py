@@ -6,6 +6,7 @@ importing gochan fails with a message saying how to build it.
 
 try:
     from .core import (
+        DEFAULT_MAX_FLUSH_DELAY,
         DEFAULT_MAX_PENDING,
         HEARTBEAT,
         Hub,
@@ -21,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 __all__ = [
+    "DEFAULT_MAX_FLUSH_DELAY",
     "DEFAULT_MAX_PENDING",
     "HEARTBEAT",
     "Hub",

@@ -5,6 +5,7 @@ from typing import Any
 
 HEARTBEAT: bytes
 DEFAULT_MAX_PENDING: int
+DEFAULT_MAX_FLUSH_DELAY: float
 
 def encode_event(topic: str, event_id: str | None, data: bytes) -> bytes:
     """``event:``/``id:``/``data:`` frame; data split on CRLF, LF and CR."""
@@ -42,8 +43,14 @@ class Hub:
     slow_disconnects: int
     direct_writes: int
     direct: bool
+    max_delay: float
+    next_delay: float
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, max_pending: int = ..., direct: bool = True
+        self,
+        loop: asyncio.AbstractEventLoop,
+        max_pending: int = ...,
+        direct: bool = True,
+        max_delay: float = ...,
     ) -> None: ...
     def publish(self, topic: str, frame: bytes) -> int: ...
     def subscribe(self, sub: Subscriber, topic: str) -> bool: ...

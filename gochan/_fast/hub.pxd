@@ -50,7 +50,11 @@ cdef class Hub:
     cdef list doomed                 # slow consumers to abort at the next flush
     cdef bint flush_scheduled
     cdef object _call_soon
+    cdef object _call_later
     cdef object _flush_cb
+    # Adaptive flush delay (see Hub.flush): how long the next flush waits.
+    cdef readonly double max_delay
+    cdef readonly double next_delay
     cdef readonly Py_ssize_t max_pending
     cdef readonly unsigned long long deliveries
     cdef readonly unsigned long long messages

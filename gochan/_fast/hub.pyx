@@ -18,6 +18,11 @@
 # Whatever the kernel does not take goes to transport.write(), which buffers
 # it, polls the socket and pauses us; while paused, frames wait in our queue,
 # bounded by max_pending.
+#
+# Under load the cost is the syscall per connection per flush, not the bytes,
+# so the flush adapts: when one took a while (many sockets written), the next
+# waits about as long, up to max_delay, letting more frames collect per
+# connection. At light load flushes run in the same loop iteration.
 
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_DECREF
@@ -28,6 +33,7 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize,
 from libc.string cimport memcpy
 from libc.errno cimport errno, EAGAIN, EINTR
 from posix.uio cimport iovec, writev
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 import logging as _logging
 
@@ -36,6 +42,17 @@ _log = _logging.getLogger("gochan.server")
 # Bytes of unsent output a connection may hold before it is dropped as a slow
 # consumer (it reconnects and replays).
 DEFAULT_MAX_PENDING = 1 << 20
+# Longest wait (seconds) the adaptive flush adds under load.
+DEFAULT_MAX_FLUSH_DELAY = 0.02
+# A flush shorter than this (seconds) means light load: the next one runs at
+# once, with no added latency.
+cdef double BUSY_FLUSH_S = 0.0005
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef void* _grow(void* ptr, Py_ssize_t* capacity, Py_ssize_t initial,
@@ -260,9 +277,15 @@ cdef class Subscriber:
 cdef class Hub:
     """Topic -> subscribers table and the fan-out that writes to them."""
 
-    def __cinit__(self, loop, Py_ssize_t max_pending=DEFAULT_MAX_PENDING, bint direct=True):
+    def __cinit__(self, loop, Py_ssize_t max_pending=DEFAULT_MAX_PENDING, bint direct=True,
+                  double max_delay=DEFAULT_MAX_FLUSH_DELAY):
         if max_pending <= 0:
             raise ValueError("max_pending must be positive")
+        if max_delay < 0:
+            raise ValueError("max_delay cannot be negative")
+        self.max_delay = max_delay
+        self.next_delay = 0.0
+        self._call_later = loop.call_later
         # Write to sockets directly (see the top of this file); off, every
         # write goes through transport.write().
         self.direct = direct
@@ -284,7 +307,10 @@ cdef class Hub:
             self.dirty.append(sub)
             if not self.flush_scheduled:
                 self.flush_scheduled = True
-                self._call_soon(self._flush_cb)
+                if self.next_delay > 0.0:
+                    self._call_later(self.next_delay, self._flush_cb)
+                else:
+                    self._call_soon(self._flush_cb)
         return 0
 
     cpdef Py_ssize_t publish(self, str topic, bytes frame) except -1:
@@ -375,9 +401,11 @@ cdef class Hub:
         sub.transport.close()
 
     def flush(self):
-        """Write every queue that has frames (runs once per loop iteration)."""
+        """Write every queue that has frames (runs once per loop iteration,
+        or after the adaptive delay under load)."""
         cdef Subscriber sub
         cdef list dirty = self.dirty
+        cdef double started = _now(), took
         self.flush_scheduled = False
         self.dirty = []
         for sub in dirty:
@@ -397,6 +425,8 @@ cdef class Hub:
                 self.slow_disconnects += 1
                 self.close(sub)
                 sub.transport.abort()
+        took = _now() - started
+        self.next_delay = 0.0 if took < BUSY_FLUSH_S else min(took, self.max_delay)
 
     def heartbeat(self, bytes frame not None):
         """Send ``frame`` to every stream that sent nothing since the last call."""

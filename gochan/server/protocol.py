@@ -39,6 +39,7 @@ class HttpProtocol(asyncio.Protocol):
         "_body_len",
         "_header_bytes",
         "_headers",
+        "_out",
         "_reject",
         "_url",
         "_url_len",
@@ -81,6 +82,8 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_len = 0
+        # Answers to pipelined requests, written together once the batch is done.
+        self._out: list[bytes] = []
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -183,7 +186,8 @@ class HttpProtocol(asyncio.Protocol):
             if too_big:
                 self._stop(413, "request body too large")
         if self._headers.get("expect", "").lower() == "100-continue" and self.transport:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._flush_out()  # after the answers before it, and now: the client waits
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
@@ -228,9 +232,11 @@ class HttpProtocol(asyncio.Protocol):
             if isinstance(reply, (Response, OpenStream)):
                 self.deliver(reply, request)
             else:
+                self._flush_out()
                 self.busy = True
                 self.task = asyncio.get_running_loop().create_task(self._finish(reply, request))
                 return
+        self._flush_out()
         if self.reading_paused and len(self.pipeline) < MAX_PIPELINE // 2:
             self._resume_reading()
         if not self.busy and not self.pipeline and not self.in_request:
@@ -267,6 +273,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         cors = self.server.router.cors(request)
         if isinstance(reply, OpenStream):
+            self._flush_out()
             head = response_head(200, reply.headers + cors, keep_alive=True)
             self.start_stream(head + reply.preamble, reply)
             return
@@ -281,10 +288,17 @@ class HttpProtocol(asyncio.Protocol):
                 keep_alive=request.keep_alive,
                 head=request.method == "HEAD",
             )
-        self.transport.write(data)
+        self._out.append(data)
         if not request.keep_alive:
+            self._flush_out()
             self.closing = True
             self.transport.close()
+
+    def _flush_out(self) -> None:
+        out = self._out
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def fail(self, status: int, message: str) -> None:
         """Answer with an error and close the connection (bad input)."""
@@ -293,7 +307,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         self.closing = True
         body = message.encode() + b"\n"
-        self.transport.write(simple_response(status, body, keep_alive=False))
+        self._out.append(simple_response(status, body, keep_alive=False))
+        self._flush_out()
         self.transport.close()
 
     def start_stream(self, head: bytes, reply: OpenStream) -> None:

@@ -187,8 +187,13 @@ class Router:
             except LimitExceededError as exc:
                 return _text(503, exc)
         last_id = request.headers.get("last-event-id") or (query.get("last_event_id") or [""])[0]
-        if topics and any(not client.has_topic(t) for t in topics):
-            return self._subscribe_then_stream(client, topics, last_id)
+        if topics:
+            try:
+                subscribed = self.streamer.add_held_topics(client, topics)
+            except LimitExceededError as exc:
+                return _text(400, exc)
+            if not subscribed:  # a topic the broker must subscribe to first
+                return self._subscribe_then_stream(client, topics, last_id)
         return self._open_stream(client, [], last_id)
 
     async def _subscribe_then_stream(
@@ -312,6 +317,9 @@ class Router:
         return _json(status, {"id": event_id})
 
     def _read_publish(self, request: Request) -> tuple[str, bytes]:
+        qs = request.query_string
+        if qs.startswith("topic=") and not any(c in qs for c in "&%+;"):
+            return qs[6:], request.body  # the common ?topic=T, nothing to unquote
         query = request.query()
         if "topic" in query:
             return query["topic"][0], request.body
