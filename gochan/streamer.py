@@ -752,5 +752,7 @@ class Streamer:
             **hub,
             "clients": len(self._clients),
             "driver_subscriptions": len(self._driver_topics),
+            "history_messages": len(self.history),
+            "history_bytes": self.history.bytes,
             "driver": self.driver.stats(),
         }

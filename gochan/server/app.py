@@ -154,6 +154,10 @@ class Server:
              stats["replay_misses"]),
             ("gochan_broker_reconnects_total", "counter", "Broker reconnections",
              int(driver.get("reconnects", 0))),
+            ("gochan_history_messages", "gauge", "Messages kept for replay",
+             stats["history_messages"]),
+            ("gochan_history_bytes", "gauge", "Bytes of frames kept for replay",
+             stats["history_bytes"]),
         ]  # fmt: skip
         lines = []
         for name, kind, help_text, value in rows:
