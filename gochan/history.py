@@ -18,6 +18,10 @@ from typing import NamedTuple
 __all__ = ["History", "Retained"]
 
 MAX_FLOORS = 4096  # per-topic floors kept before old ones are folded together
+# What a kept message costs beside its frame (the entry tuple, its number and
+# timestamp objects, the ring's slot), counted against max_bytes so the bound
+# is on memory, not only on frames.
+ENTRY_BYTES = 128
 
 
 class Retained(NamedTuple):
@@ -57,7 +61,7 @@ class History:
             self.clear()
         self.last_seq = seq
         self._ring.append(Retained(seq, topic, frame, now))
-        self.bytes += len(frame)
+        self.bytes += len(frame) + ENTRY_BYTES
         while len(self._ring) > self.max_messages or self.bytes > self.max_bytes:
             self._evict()
         # Age is enforced by expire(), which the streamer's tick calls.
@@ -70,7 +74,7 @@ class History:
 
     def _evict(self) -> None:
         old = self._ring.popleft()
-        self.bytes -= len(old.frame)
+        self.bytes -= len(old.frame) + ENTRY_BYTES
         self._set_floor(old.topic, old.seq)
 
     def mark_gap(self, topic: str) -> None:

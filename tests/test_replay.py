@@ -11,23 +11,24 @@ import httpx
 import orjson
 
 from gochan import Config, MemDriver, Streamer
-from gochan.history import History
+from gochan.history import ENTRY_BYTES, History
 from tests.support import SSEStream, running, wait_for
 
 
 def test_history_bounds_and_floors() -> None:
-    history = History(max_messages=3, max_bytes=100, max_age_s=10)
+    entry = ENTRY_BYTES  # what a kept message costs beside its frame
+    history = History(max_messages=3, max_bytes=3 * (10 + entry) + 5, max_age_s=10)
     for seq in range(1, 6):
         history.add(seq, "a" if seq % 2 else "b", b"x" * 10, now=0.0)
-    assert len(history) == 3 and history.first_seq == 3 and history.bytes == 30
+    assert len(history) == 3 and history.first_seq == 3 and history.bytes == 3 * (10 + entry)
     # 1 (a) and 2 (b) were evicted.
     assert history.complete_after(2, ["a", "b"])
     assert not history.complete_after(1, ["b"])
     assert history.complete_after(1, ["c"])  # nothing of c was ever lost
     assert not history.complete_after(9, ["a"])  # from the future
     assert [r.seq for r in history.after(3)] == [4, 5]
-    history.add(6, "a", b"y" * 95, now=0.0)  # the byte bound evicts the rest
-    assert [r.seq for r in history.after(0)] == [6] and history.bytes == 95
+    history.add(6, "a", b"y" * (2 * (10 + entry)), now=0.0)  # the byte bound evicts the rest
+    assert [r.seq for r in history.after(0)] == [6] and history.bytes == 2 * (10 + entry) + entry
     history.expire(now=20.0)
     assert len(history) == 0 and history.bytes == 0
     assert not history.complete_after(5, ["a"])
