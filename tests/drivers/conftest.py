@@ -40,6 +40,11 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[None]:
     async def checked(**kwargs: Any) -> None:
         before = asyncio.all_tasks()
         await test(**kwargs)
+        task = asyncio.current_task()
+        # A test cancelled at its timeout that swallowed the cancellation
+        # (asyncio.wait_for before 3.12 can) must not pass.
+        if task is not None and getattr(task, "cancelling", lambda: 0)():
+            raise AssertionError("the test ran into its timeout and swallowed the cancellation")
         await no_tasks_left(before)
 
     pyfuncitem.obj = checked
