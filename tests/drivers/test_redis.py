@@ -11,141 +11,35 @@ import asyncio
 import os
 import signal
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import pytest
-import uvloop
 
 from gochan.drivers import create_driver
 from gochan.errors import BrokerConnectionError, BrokerError, ClosedError, ConfigurationError
 
+from . import harness
 from ._redis_server import RedisServer, external_url
-from .conftest import broker_unavailable, free_port
+from .conftest import broker_unavailable, free_port, import_or_skip
+from .harness import BINARY_BODY, DELIVERY_TIMEOUT_S, MULTILINE_BODY, Recorder, unique, wait_until
 
-redis_asyncio = pytest.importorskip("redis.asyncio")
-redis_driver = pytest.importorskip("gochan.drivers.redis")
+redis_asyncio = import_or_skip("redis.asyncio")
+redis_driver = import_or_skip("gochan.drivers.redis")
 RedisDriver = redis_driver.RedisDriver
 
-DELIVERY_TIMEOUT_S = 10.0
 RECONNECT_TIMEOUT_S = 15.0
 PROMPT_S = 3.0  # "promptly": a refusal must come within this
 FAST = {"connect_timeout": 1.0, "command_timeout": 2.0, "reconnect_wait": 0.05,
         "reconnect_wait_max": 0.5}  # fmt: skip
 
-BINARY_BODY = bytes(range(256)) * 4
-MULTILINE_BODY = b"line one\nline two\r\nline three\rline four\n\n"
-
-_T = TypeVar("_T")
-
 
 # -- helpers -----------------------------------------------------------------
 
 
-def run(coro: Awaitable[_T]) -> _T:
-    """Run ``coro`` on uvloop, as the server does (``GOCHAN_TEST_LOOP=asyncio``
-    for the stdlib loop); fail on exceptions nobody retrieved and on tasks
-    left running (a stuck listener)."""
-    errors: list[dict[str, Any]] = []
-
-    async def main() -> _T:
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        result = await coro
-        await no_tasks_left()
-        return result
-
-    if os.environ.get("GOCHAN_TEST_LOOP", "uvloop") == "uvloop":
-        result = uvloop.run(main())
-    else:
-        result = asyncio.run(main())
-    assert not errors, f"unhandled exceptions in the event loop: {errors}"
-    return result
-
-
-async def no_tasks_left(grace: float = 2.0) -> None:
-    deadline = time.monotonic() + grace
-    while True:
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        if not others:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"tasks left running: {others}")
-        await asyncio.sleep(0.02)
-
-
-@dataclass
-class Recorder:
-    """The streamer's stand-in: records what the driver delivers."""
-
-    messages: list[tuple[str, bytes, str | None]] = field(default_factory=list)
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def on_message(self, topic: str, data: bytes, event_id: str | None) -> None:
-        self.messages.append((topic, data, event_id))
-        self.changed.set()
-
-    def on_subscription_failure(self, topic: str, message: str) -> None:
-        self.failures.append((topic, message))
-        self.changed.set()
-
-    async def wait_for(self, pred: Callable[[], bool], timeout: float = DELIVERY_TIMEOUT_S) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not pred():
-            self.changed.clear()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"timed out; messages={self.messages} failures={self.failures}"
-                )
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
-
-    async def wait_messages(self, n: int) -> list[tuple[str, bytes, str | None]]:
-        await self.wait_for(lambda: len(self.messages) >= n)
-        return self.messages
-
-    def bodies(self, topic: str) -> list[bytes]:
-        return [data for t, data, _ in self.messages if t == topic]
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float = DELIVERY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
-async def poll(fn: Callable[[], _T], pred: Callable[[_T], bool], timeout: float = 10.0) -> _T:
-    """Call blocking ``fn`` in a thread until ``pred`` holds for its result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await asyncio.to_thread(fn)
-        if pred(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"last value: {value!r}")
-        await asyncio.sleep(0.05)
-
-
-def unique(name: str = "t") -> str:
-    return f"{name}-{uuid.uuid4().hex[:10]}"
-
-
-@asynccontextmanager
-async def connected(url: str, **options: Any) -> AsyncIterator[tuple[Any, Recorder]]:
-    driver = RedisDriver(url=url, **{**FAST, **options})
-    recorder = Recorder()
-    await driver.connect(recorder)
-    try:
-        yield driver, recorder
-    finally:
-        await driver.close()
+def connected(url: str, **options: Any) -> AbstractAsyncContextManager[tuple[Any, Recorder]]:
+    return harness.connected(RedisDriver(url=url, **{**FAST, **options}))
 
 
 @asynccontextmanager
@@ -232,137 +126,118 @@ def test_registry_builds_the_driver() -> None:
 # -- pub/sub ---------------------------------------------------------------------
 
 
-def test_plain_redis_publish_arrives_unchanged(redis_url: str) -> None:
+async def test_plain_redis_publish_arrives_unchanged(redis_url: str) -> None:
     topic = unique("plain")
 
-    async def main() -> None:
-        async with (
-            connected(redis_url, prefix="gochan:") as (driver, rec),
-            raw_client(redis_url) as client,
-        ):
-            assert driver.ready
-            await driver.subscribe(topic)
-            bodies = [BINARY_BODY, MULTILINE_BODY, b"", "h\u00e9llo".encode()]
-            for body in bodies:
-                assert await client.publish("gochan:" + topic, body) == 1
-            await client.publish(topic, b"unprefixed: another channel")
-            await client.publish("gochan:" + topic, b"last")
-            await rec.wait_messages(5)
-            assert rec.messages == [(topic, body, None) for body in [*bodies, b"last"]]
-            assert driver.stats() == {"reconnects": 0, "subscriptions": 1}
-
-    run(main())
+    async with (
+        connected(redis_url, prefix="gochan:") as (driver, rec),
+        raw_client(redis_url) as client,
+    ):
+        assert driver.ready
+        await driver.subscribe(topic)
+        bodies = [BINARY_BODY, MULTILINE_BODY, b"", "h\u00e9llo".encode()]
+        for body in bodies:
+            assert await client.publish("gochan:" + topic, body) == 1
+        await client.publish(topic, b"unprefixed: another channel")
+        await client.publish("gochan:" + topic, b"last")
+        await rec.wait_messages(5)
+        assert rec.messages == [(topic, body, None) for body in [*bodies, b"last"]]
+        assert driver.stats() == {"reconnects": 0, "subscriptions": 1}
 
 
-def test_driver_publish_reaches_plain_subscribers(redis_url: str) -> None:
+async def test_driver_publish_reaches_plain_subscribers(redis_url: str) -> None:
     topic = unique("pub") + " with spaces"
 
-    async def main() -> None:
-        async with (
-            connected(redis_url, prefix="app:") as (driver, rec),
-            raw_client(redis_url) as client,
-        ):
-            pubsub = client.pubsub()
-            await pubsub.subscribe("app:" + topic)
-            await driver.subscribe(topic)
-            assert await driver.publish(topic, MULTILINE_BODY) is None
-            raw = None
-            deadline = time.monotonic() + DELIVERY_TIMEOUT_S
-            while raw is None and time.monotonic() < deadline:
-                raw = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            assert raw is not None
-            assert raw["channel"] == ("app:" + topic).encode()
-            assert raw["data"] == MULTILINE_BODY
-            await pubsub.aclose()
-            assert await rec.wait_messages(1) == [(topic, MULTILINE_BODY, None)]
-
-    run(main())
+    async with (
+        connected(redis_url, prefix="app:") as (driver, rec),
+        raw_client(redis_url) as client,
+    ):
+        pubsub = client.pubsub()
+        await pubsub.subscribe("app:" + topic)
+        await driver.subscribe(topic)
+        assert await driver.publish(topic, MULTILINE_BODY) is None
+        raw = None
+        deadline = time.monotonic() + DELIVERY_TIMEOUT_S
+        while raw is None and time.monotonic() < deadline:
+            raw = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        assert raw is not None
+        assert raw["channel"] == ("app:" + topic).encode()
+        assert raw["data"] == MULTILINE_BODY
+        await pubsub.aclose()
+        assert await rec.wait_messages(1) == [(topic, MULTILINE_BODY, None)]
 
 
-def test_every_process_receives_every_message(redis_url: str) -> None:
+async def test_every_process_receives_every_message(redis_url: str) -> None:
     topic = unique("fanout")
     half = 25
 
-    async def main() -> None:
-        async with (
-            connected(redis_url) as (a, rec_a),
-            connected(redis_url) as (b, rec_b),
-            raw_client(redis_url) as client,
-        ):
-            await a.subscribe(topic)
-            await b.subscribe(topic)
-            assert await numsub(client, topic) == 2
-            for i in range(half):
-                await a.publish(topic, b"a%d" % i)
-                await client.publish(topic, b"c%d" % i)
-            await rec_a.wait_messages(2 * half)
-            await rec_b.wait_messages(2 * half)
-            for rec in (rec_a, rec_b):
-                bodies = rec.bodies(topic)
-                assert len(bodies) == 2 * half
-                # per publisher, order is kept
-                assert [x for x in bodies if x.startswith(b"a")] == [
-                    b"a%d" % i for i in range(half)
-                ]
-                assert [x for x in bodies if x.startswith(b"c")] == [
-                    b"c%d" % i for i in range(half)
-                ]
-
-    run(main())
+    async with (
+        connected(redis_url) as (a, rec_a),
+        connected(redis_url) as (b, rec_b),
+        raw_client(redis_url) as client,
+    ):
+        await a.subscribe(topic)
+        await b.subscribe(topic)
+        assert await numsub(client, topic) == 2
+        for i in range(half):
+            await a.publish(topic, b"a%d" % i)
+            await client.publish(topic, b"c%d" % i)
+        await rec_a.wait_messages(2 * half)
+        await rec_b.wait_messages(2 * half)
+        for rec in (rec_a, rec_b):
+            bodies = rec.bodies(topic)
+            assert len(bodies) == 2 * half
+            # per publisher, order is kept
+            assert [x for x in bodies if x.startswith(b"a")] == [b"a%d" % i for i in range(half)]
+            assert [x for x in bodies if x.startswith(b"c")] == [b"c%d" % i for i in range(half)]
 
 
-def test_only_subscribed_topics_are_delivered(redis_url: str) -> None:
+async def test_only_subscribed_topics_are_delivered(redis_url: str) -> None:
     kept, dropped = unique("kept"), unique("dropped")
 
-    async def main() -> None:
-        async with connected(redis_url) as (driver, rec), raw_client(redis_url) as client:
-            await driver.subscribe(kept)
-            await driver.subscribe(dropped)
-            await driver.unsubscribe(dropped)
-            await driver.unsubscribe(dropped)  # harmless twice
-            await driver.unsubscribe(unique("never"))
-            await client.publish(dropped, b"gone")
-            await client.publish(kept, b"sentinel")  # same connection: arrives after
-            await rec.wait_messages(1)
-            await asyncio.sleep(0.2)
-            assert rec.messages == [(kept, b"sentinel", None)]
-            assert driver.stats()["subscriptions"] == 1
-
-    run(main())
+    async with connected(redis_url) as (driver, rec), raw_client(redis_url) as client:
+        await driver.subscribe(kept)
+        await driver.subscribe(dropped)
+        await driver.unsubscribe(dropped)
+        await driver.unsubscribe(dropped)  # harmless twice
+        await driver.unsubscribe(unique("never"))
+        await client.publish(dropped, b"gone")
+        await client.publish(kept, b"sentinel")  # same connection: arrives after
+        await rec.wait_messages(1)
+        await asyncio.sleep(0.2)
+        assert rec.messages == [(kept, b"sentinel", None)]
+        assert driver.stats()["subscriptions"] == 1
 
 
 @pytest.mark.parametrize("streams", [False, True])
-def test_overlapping_subscribe_unsubscribe_leaves_one_subscription(
+async def test_overlapping_subscribe_unsubscribe_leaves_one_subscription(
     redis_url: str, streams: bool
 ) -> None:
     topic = unique("overlap")
     prefix = unique("gt") + ":"
 
-    async def main() -> None:
-        async with (
-            connected(redis_url, prefix=prefix, streams=streams) as (driver, rec),
-            raw_client(redis_url) as client,
-        ):
-            try:
-                first = asyncio.create_task(driver.subscribe(topic))
-                await asyncio.sleep(0)  # the first subscribe is on its way
-                await driver.unsubscribe(topic)
-                await driver.subscribe(topic)
-                await first
-                if not streams:
-                    assert await numsub(client, prefix + topic) == 1
-                assert driver.stats()["subscriptions"] == 1
-                await driver.publish(topic, b"once")
-                await rec.wait_messages(1)
-                await asyncio.sleep(0.2)
-                assert [(t, d) for t, d, _ in rec.messages] == [(topic, b"once")]
-            finally:
-                await client.delete(prefix + topic)
-
-    run(main())
+    async with (
+        connected(redis_url, prefix=prefix, streams=streams) as (driver, rec),
+        raw_client(redis_url) as client,
+    ):
+        try:
+            first = asyncio.create_task(driver.subscribe(topic))
+            await asyncio.sleep(0)  # the first subscribe is on its way
+            await driver.unsubscribe(topic)
+            await driver.subscribe(topic)
+            await first
+            if not streams:
+                assert await numsub(client, prefix + topic) == 1
+            assert driver.stats()["subscriptions"] == 1
+            await driver.publish(topic, b"once")
+            await rec.wait_messages(1)
+            await asyncio.sleep(0.2)
+            assert [(t, d) for t, d, _ in rec.messages] == [(topic, b"once")]
+        finally:
+            await client.delete(prefix + topic)
 
 
-def test_subscriptions_seen_from_the_broker(redis_url: str) -> None:
+async def test_subscriptions_seen_from_the_broker(redis_url: str) -> None:
     t1, t2 = unique("seen"), unique("seen")
     name = unique("conn")
 
@@ -374,344 +249,305 @@ def test_subscriptions_seen_from_the_broker(redis_url: str) -> None:
             if c.get("name") == name and int(c["sub"]) > 0
         ]
 
-    async def main() -> None:
-        async with (
-            connected(redis_url, prefix="p:", name=name) as (driver, _),
-            raw_client(redis_url) as client,
-        ):
-            await driver.subscribe(t1)
-            # subscribe() returned after Redis confirmed: no polling needed
-            assert await numsub(client, "p:" + t1) == 1
-            await driver.subscribe(t1)  # already held: still one
-            await driver.subscribe(t2)
-            assert await numsub(client, "p:" + t1) == 1
-            assert await numsub(client, "p:" + t2) == 1
-            # ONE subscriber connection holds every topic
-            assert await subscriber_connections(client) == [2]
-            await driver.unsubscribe(t1)
-            assert await numsub(client, "p:" + t1) == 0
-            assert await numsub(client, "p:" + t2) == 1
-            await driver.unsubscribe(t2)
-            assert await numsub(client, "p:" + t2) == 0
-            assert await subscriber_connections(client) == []
-
-    run(main())
+    async with (
+        connected(redis_url, prefix="p:", name=name) as (driver, _),
+        raw_client(redis_url) as client,
+    ):
+        await driver.subscribe(t1)
+        # subscribe() returned after Redis confirmed: no polling needed
+        assert await numsub(client, "p:" + t1) == 1
+        await driver.subscribe(t1)  # already held: still one
+        await driver.subscribe(t2)
+        assert await numsub(client, "p:" + t1) == 1
+        assert await numsub(client, "p:" + t2) == 1
+        # ONE subscriber connection holds every topic
+        assert await subscriber_connections(client) == [2]
+        await driver.unsubscribe(t1)
+        assert await numsub(client, "p:" + t1) == 0
+        assert await numsub(client, "p:" + t2) == 1
+        await driver.unsubscribe(t2)
+        assert await numsub(client, "p:" + t2) == 0
+        assert await subscriber_connections(client) == []
 
 
-def test_messages_published_right_after_subscribe_are_delivered(redis_url: str) -> None:
+async def test_messages_published_right_after_subscribe_are_delivered(redis_url: str) -> None:
     rounds = 50
 
-    async def main() -> None:
-        async with connected(redis_url) as (driver, rec), raw_client(redis_url) as client:
-            topics = [unique("race") for _ in range(rounds)]
-            for topic in topics:
-                await driver.subscribe(topic)
-                await client.publish(topic, topic.encode())
-            await rec.wait_messages(rounds)
-            assert [t for t, _, _ in rec.messages] == topics
-
-    run(main())
+    async with connected(redis_url) as (driver, rec), raw_client(redis_url) as client:
+        topics = [unique("race") for _ in range(rounds)]
+        for topic in topics:
+            await driver.subscribe(topic)
+            await client.publish(topic, topic.encode())
+        await rec.wait_messages(rounds)
+        assert [t for t, _, _ in rec.messages] == topics
 
 
 # -- errors and lifecycle ------------------------------------------------------------
 
 
-def test_connect_to_nothing_fails_promptly() -> None:
-    async def main() -> None:
-        driver = RedisDriver(url=f"redis://127.0.0.1:{free_port()}/0", **FAST)
-        started = time.monotonic()
-        with pytest.raises(BrokerConnectionError):
-            await driver.connect(Recorder())
-        assert time.monotonic() - started < PROMPT_S
-        assert not driver.ready
-        await driver.close()
-
-    run(main())
-
-
-def test_close_is_idempotent_and_final(redis_url: str) -> None:
-    async def main() -> None:
-        driver = RedisDriver(url=redis_url, **FAST)
+async def test_connect_to_nothing_fails_promptly() -> None:
+    driver = RedisDriver(url=f"redis://127.0.0.1:{free_port()}/0", **FAST)
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError):
         await driver.connect(Recorder())
+    assert time.monotonic() - started < PROMPT_S
+    assert not driver.ready
+    await driver.close()
+
+
+async def test_close_is_idempotent_and_final(redis_url: str) -> None:
+    driver = RedisDriver(url=redis_url, **FAST)
+    await driver.connect(Recorder())
+    await driver.subscribe(unique())
+    await driver.close()
+    await driver.close()
+    assert not driver.ready
+    with pytest.raises(ClosedError):
         await driver.subscribe(unique())
-        await driver.close()
-        await driver.close()
-        assert not driver.ready
-        with pytest.raises(ClosedError):
-            await driver.subscribe(unique())
-        with pytest.raises(ClosedError):
-            await driver.publish(unique(), b"x")
-        with pytest.raises(ClosedError):
-            await driver.connect(Recorder())
-
-    run(main())
+    with pytest.raises(ClosedError):
+        await driver.publish(unique(), b"x")
+    with pytest.raises(ClosedError):
+        await driver.connect(Recorder())
 
 
-def test_broker_restart_is_survived(own_redis: RedisServer) -> None:
+async def test_broker_restart_is_survived(own_redis: RedisServer) -> None:
     t1, t2 = unique("survive"), unique("survive")
 
-    async def main() -> None:
-        async with connected(own_redis.url) as (driver, rec):
-            await driver.subscribe(t1)
-            await driver.subscribe(t2)
-            await driver.publish(t1, b"before")
-            await rec.wait_messages(1)
+    async with connected(own_redis.url) as (driver, rec):
+        await driver.subscribe(t1)
+        await driver.subscribe(t2)
+        await driver.publish(t1, b"before")
+        await rec.wait_messages(1)
 
-            await asyncio.to_thread(own_redis.stop)
-            await wait_until(lambda: not driver.ready)
-            started = time.monotonic()
-            with pytest.raises(BrokerConnectionError):
-                await driver.subscribe(unique())
-            with pytest.raises(BrokerConnectionError):
-                await driver.publish(t1, b"lost")
-            assert time.monotonic() - started < PROMPT_S
-            await driver.unsubscribe(t2)  # allowed while down: not restored later
-            await asyncio.sleep(0.5)  # a few failed attempts
-            assert not driver.ready
+        await asyncio.to_thread(own_redis.stop)
+        await wait_until(lambda: not driver.ready)
+        started = time.monotonic()
+        with pytest.raises(BrokerConnectionError):
+            await driver.subscribe(unique())
+        with pytest.raises(BrokerConnectionError):
+            await driver.publish(t1, b"lost")
+        assert time.monotonic() - started < PROMPT_S
+        await driver.unsubscribe(t2)  # allowed while down: not restored later
+        await asyncio.sleep(0.5)  # a few failed attempts
+        assert not driver.ready
 
-            await asyncio.to_thread(own_redis.start)
-            await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
-            assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
-            async with raw_client(own_redis.url) as client:
-                assert await numsub(client, t1) == 1
-                assert await numsub(client, t2) == 0
-                await client.publish(t2, b"unsubscribed")
-                await client.publish(t1, b"after")
-            await driver.publish(t1, b"via driver")
-            await rec.wait_messages(3)
-            await asyncio.sleep(0.2)
-            assert rec.bodies(t1)[0] == b"before"
-            assert sorted(rec.bodies(t1)[1:]) == [b"after", b"via driver"]
-            assert rec.bodies(t2) == []
-            assert rec.failures == []
+        await asyncio.to_thread(own_redis.start)
+        await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
+        assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
+        async with raw_client(own_redis.url) as client:
+            assert await numsub(client, t1) == 1
+            assert await numsub(client, t2) == 0
+            await client.publish(t2, b"unsubscribed")
+            await client.publish(t1, b"after")
+        await driver.publish(t1, b"via driver")
+        await rec.wait_messages(3)
+        await asyncio.sleep(0.2)
+        assert rec.bodies(t1)[0] == b"before"
+        assert sorted(rec.bodies(t1)[1:]) == [b"after", b"via driver"]
+        assert rec.bodies(t2) == []
+        assert rec.failures == []
 
-            await asyncio.to_thread(own_redis.restart)
-            await wait_until(lambda: driver.stats()["reconnects"] == 2, RECONNECT_TIMEOUT_S)
-            assert driver.ready
-
-    run(main())
+        await asyncio.to_thread(own_redis.restart)
+        await wait_until(lambda: driver.stats()["reconnects"] == 2, RECONNECT_TIMEOUT_S)
+        assert driver.ready
 
 
-def test_a_silent_broker_is_detected(own_redis: RedisServer) -> None:
+async def test_a_silent_broker_is_detected(own_redis: RedisServer) -> None:
     """A broker that stops answering (not closing) is noticed by PING."""
     topic = unique("silent")
 
-    async def main() -> None:
-        async with connected(own_redis.url, ping_interval=0.3) as (driver, rec):
-            await driver.subscribe(topic)
-            assert own_redis.proc is not None
-            os.kill(own_redis.proc.pid, signal.SIGSTOP)
-            try:
-                await wait_until(lambda: not driver.ready, 5.0)
-            finally:
-                os.kill(own_redis.proc.pid, signal.SIGCONT)
-            await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
-            assert driver.stats()["reconnects"] >= 1
-            async with raw_client(own_redis.url) as client:
-                await client.publish(topic, b"awake")
-            await rec.wait_messages(1)
-            await asyncio.sleep(0.2)
-            assert rec.messages == [(topic, b"awake", None)]
-
-    run(main())
+    async with connected(own_redis.url, ping_interval=0.3) as (driver, rec):
+        await driver.subscribe(topic)
+        assert own_redis.proc is not None
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            await wait_until(lambda: not driver.ready, 5.0)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
+        assert driver.stats()["reconnects"] >= 1
+        async with raw_client(own_redis.url) as client:
+            await client.publish(topic, b"awake")
+        await rec.wait_messages(1)
+        await asyncio.sleep(0.2)
+        assert rec.messages == [(topic, b"awake", None)]
 
 
-def test_close_while_reconnecting_leaves_nothing_running(own_redis: RedisServer) -> None:
-    async def main() -> None:
-        driver = RedisDriver(url=own_redis.url, **FAST)
-        await driver.connect(Recorder())
-        await driver.subscribe(unique())
-        await asyncio.to_thread(own_redis.stop)
-        await wait_until(lambda: not driver.ready)
-        await asyncio.sleep(0.3)
-        await driver.close()
-        # run() checks that no task is left
-
-    run(main())
+async def test_close_while_reconnecting_leaves_nothing_running(own_redis: RedisServer) -> None:
+    driver = RedisDriver(url=own_redis.url, **FAST)
+    await driver.connect(Recorder())
+    await driver.subscribe(unique())
+    await asyncio.to_thread(own_redis.stop)
+    await wait_until(lambda: not driver.ready)
+    await asyncio.sleep(0.3)
+    await driver.close()
+    # tests/drivers/conftest.py checks that no task is left
 
 
-def test_only_refused_topics_are_reported_after_a_restart(own_redis: RedisServer) -> None:
+async def test_only_refused_topics_are_reported_after_a_restart(own_redis: RedisServer) -> None:
     allowed, revoked = unique("allowed"), unique("revoked")
 
-    async def main() -> None:
-        async with connected(own_redis.url) as (driver, rec):
-            await driver.subscribe(allowed)
+    async with connected(own_redis.url) as (driver, rec):
+        await driver.subscribe(allowed)
+        await driver.subscribe(revoked)
+        # from now on the default user may only use channels allowed*
+        own_redis.extra_args = ["--user", "default", "on", "nopass", "~*", "resetchannels",
+                                "&allowed*", "+@all"]  # fmt: skip
+        await asyncio.to_thread(own_redis.restart)
+        await rec.wait_for(lambda: bool(rec.failures))
+        await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
+        assert [t for t, _ in rec.failures] == [revoked]
+        assert "NoPermissionError: this user has no permissions" in rec.failures[0][1]
+        assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
+        async with raw_client(own_redis.url) as client:
+            assert await numsub(client, allowed) == 1
+            await client.publish(allowed, b"yes")
+        await rec.wait_messages(1)
+        assert rec.messages == [(allowed, b"yes", None)]
+        # subscribing to it now is refused at once, and nothing else breaks
+        with pytest.raises(BrokerError, match="NoPermissionError"):
             await driver.subscribe(revoked)
-            # from now on the default user may only use channels allowed*
-            own_redis.extra_args = ["--user", "default", "on", "nopass", "~*", "resetchannels",
-                                    "&allowed*", "+@all"]  # fmt: skip
-            await asyncio.to_thread(own_redis.restart)
-            await rec.wait_for(lambda: bool(rec.failures))
-            await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
-            assert [t for t, _ in rec.failures] == [revoked]
-            assert "NoPermissionError: this user has no permissions" in rec.failures[0][1]
-            assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
-            async with raw_client(own_redis.url) as client:
-                assert await numsub(client, allowed) == 1
-                await client.publish(allowed, b"yes")
-            await rec.wait_messages(1)
-            assert rec.messages == [(allowed, b"yes", None)]
-            # subscribing to it now is refused at once, and nothing else breaks
-            with pytest.raises(BrokerError, match="NoPermissionError"):
-                await driver.subscribe(revoked)
-            assert driver.ready
-            assert driver.stats()["subscriptions"] == 1
-            await driver.publish(allowed, b"still")
-            await rec.wait_messages(2)
-
-    run(main())
+        assert driver.ready
+        assert driver.stats()["subscriptions"] == 1
+        await driver.publish(allowed, b"still")
+        await rec.wait_messages(2)
 
 
 # -- Redis Streams ------------------------------------------------------------------
 
 
-def test_streams_ids_are_entry_ids(redis_url: str) -> None:
+async def test_streams_ids_are_entry_ids(redis_url: str) -> None:
     t1, t2 = unique("st"), unique("st")
     prefix = unique("gt") + ":"
 
-    async def main() -> None:
-        async with (
-            connected(redis_url, prefix=prefix, streams=True) as (driver, rec),
-            raw_client(redis_url) as client,
-        ):
-            try:
-                before = await client.xadd(prefix + t1, {"data": b"before subscribe"})
-                await driver.subscribe(t1)
-                await driver.subscribe(t2)  # no stream yet
-                id1 = await driver.publish(t1, BINARY_BODY)
-                id2 = (await client.xadd(prefix + t2, {"data": MULTILINE_BODY})).decode()
-                await client.xadd(prefix + t2, {"other": b"no data field"})
-                id3 = await driver.publish(t1, b"")
-                await rec.wait_messages(3)
-                await asyncio.sleep(0.2)
-                assert before.decode() < id1
-                assert sorted(rec.messages) == sorted(
-                    [(t1, BINARY_BODY, id1), (t2, MULTILINE_BODY, id2), (t1, b"", id3)]
-                )
-                assert rec.bodies(t1) == [BINARY_BODY, b""]
-                entries = await client.xrange(prefix + t1)
-                assert [e[1] for e in entries[-2:]] == [{b"data": BINARY_BODY}, {b"data": b""}]
-            finally:
-                await client.delete(prefix + t1, prefix + t2)
-
-    run(main())
+    async with (
+        connected(redis_url, prefix=prefix, streams=True) as (driver, rec),
+        raw_client(redis_url) as client,
+    ):
+        try:
+            before = await client.xadd(prefix + t1, {"data": b"before subscribe"})
+            await driver.subscribe(t1)
+            await driver.subscribe(t2)  # no stream yet
+            id1 = await driver.publish(t1, BINARY_BODY)
+            id2 = (await client.xadd(prefix + t2, {"data": MULTILINE_BODY})).decode()
+            await client.xadd(prefix + t2, {"other": b"no data field"})
+            id3 = await driver.publish(t1, b"")
+            await rec.wait_messages(3)
+            await asyncio.sleep(0.2)
+            assert before.decode() < id1
+            assert sorted(rec.messages) == sorted(
+                [(t1, BINARY_BODY, id1), (t2, MULTILINE_BODY, id2), (t1, b"", id3)]
+            )
+            assert rec.bodies(t1) == [BINARY_BODY, b""]
+            entries = await client.xrange(prefix + t1)
+            assert [e[1] for e in entries[-2:]] == [{b"data": BINARY_BODY}, {b"data": b""}]
+        finally:
+            await client.delete(prefix + t1, prefix + t2)
 
 
-def test_streams_new_topics_are_read_at_once(redis_url: str) -> None:
+async def test_streams_new_topics_are_read_at_once(redis_url: str) -> None:
     """The reader blocked in XREAD picks up a new topic without waiting out its block."""
     prefix = unique("gt") + ":"
     first, second = unique("st"), unique("st")
 
-    async def main() -> None:
-        async with (
-            connected(redis_url, prefix=prefix, streams=True, stream_block=30.0) as (driver, rec),
-            raw_client(redis_url) as client,
-        ):
-            try:
-                await driver.subscribe(first)
-                await asyncio.sleep(0.2)  # the reader is blocked now
-                started = time.monotonic()
-                await driver.subscribe(second)
-                await driver.publish(second, b"quick")
-                await rec.wait_messages(1)
-                assert time.monotonic() - started < 2.0
-                await driver.unsubscribe(second)
-                await driver.publish(second, b"unsubscribed")
-                await driver.publish(first, b"sentinel")
-                await rec.wait_messages(2)
-                await asyncio.sleep(0.2)
-                assert [(t, d) for t, d, _ in rec.messages] == [
-                    (second, b"quick"),
-                    (first, b"sentinel"),
-                ]
-            finally:
-                await client.delete(prefix + first, prefix + second)
-
-    run(main())
+    async with (
+        connected(redis_url, prefix=prefix, streams=True, stream_block=30.0) as (driver, rec),
+        raw_client(redis_url) as client,
+    ):
+        try:
+            await driver.subscribe(first)
+            await asyncio.sleep(0.2)  # the reader is blocked now
+            started = time.monotonic()
+            await driver.subscribe(second)
+            await driver.publish(second, b"quick")
+            await rec.wait_messages(1)
+            assert time.monotonic() - started < 2.0
+            await driver.unsubscribe(second)
+            await driver.publish(second, b"unsubscribed")
+            await driver.publish(first, b"sentinel")
+            await rec.wait_messages(2)
+            await asyncio.sleep(0.2)
+            assert [(t, d) for t, d, _ in rec.messages] == [
+                (second, b"quick"),
+                (first, b"sentinel"),
+            ]
+        finally:
+            await client.delete(prefix + first, prefix + second)
 
 
-def test_streams_fan_out_and_trim(redis_url: str) -> None:
+async def test_streams_fan_out_and_trim(redis_url: str) -> None:
     prefix = unique("gt") + ":"
     topic = unique("st")
 
-    async def main() -> None:
-        async with (
-            connected(redis_url, prefix=prefix, streams=True, stream_maxlen=5) as (a, rec_a),
-            connected(redis_url, prefix=prefix, streams=True) as (b, rec_b),
-            raw_client(redis_url) as client,
-        ):
-            try:
-                await a.subscribe(topic)
-                await b.subscribe(topic)
-                ids = [await a.publish(topic, b"m%d" % i) for i in range(200)]
-                await rec_a.wait_messages(200)
-                await rec_b.wait_messages(200)
-                expected = [(topic, b"m%d" % i, ids[i]) for i in range(200)]
-                assert rec_a.messages == expected
-                assert rec_b.messages == expected
-                assert await client.xlen(prefix + topic) < 200  # trimmed (approximately)
-            finally:
-                await client.delete(prefix + topic)
-
-    run(main())
+    async with (
+        connected(redis_url, prefix=prefix, streams=True, stream_maxlen=5) as (a, rec_a),
+        connected(redis_url, prefix=prefix, streams=True) as (b, rec_b),
+        raw_client(redis_url) as client,
+    ):
+        try:
+            await a.subscribe(topic)
+            await b.subscribe(topic)
+            ids = [await a.publish(topic, b"m%d" % i) for i in range(200)]
+            await rec_a.wait_messages(200)
+            await rec_b.wait_messages(200)
+            expected = [(topic, b"m%d" % i, ids[i]) for i in range(200)]
+            assert rec_a.messages == expected
+            assert rec_b.messages == expected
+            assert await client.xlen(prefix + topic) < 200  # trimmed (approximately)
+        finally:
+            await client.delete(prefix + topic)
 
 
-def test_streams_refuse_keys_of_another_type(redis_url: str) -> None:
+async def test_streams_refuse_keys_of_another_type(redis_url: str) -> None:
     prefix = unique("gt") + ":"
     good, bad = unique("st"), unique("st")
 
-    async def main() -> None:
-        async with (
-            connected(redis_url, prefix=prefix, streams=True) as (driver, rec),
-            raw_client(redis_url) as client,
-        ):
-            try:
-                await client.set(prefix + bad, b"a string")
-                with pytest.raises(BrokerError, match="WRONGTYPE"):
-                    await driver.subscribe(bad)
-                await client.delete(prefix + bad)
+    async with (
+        connected(redis_url, prefix=prefix, streams=True) as (driver, rec),
+        raw_client(redis_url) as client,
+    ):
+        try:
+            await client.set(prefix + bad, b"a string")
+            with pytest.raises(BrokerError, match="WRONGTYPE"):
                 await driver.subscribe(bad)
-                await driver.subscribe(good)
-                # the key is replaced by a string while held
-                await client.set(prefix + bad, b"a string")
-                await driver.publish(good, b"still flowing")
-                await rec.wait_for(lambda: bool(rec.failures) and bool(rec.messages))
-                assert [t for t, _ in rec.failures] == [bad]
-                assert rec.messages[0][:2] == (good, b"still flowing")
-                assert driver.stats()["subscriptions"] == 1
-                assert driver.ready
-            finally:
-                await client.delete(prefix + good, prefix + bad)
+            await client.delete(prefix + bad)
+            await driver.subscribe(bad)
+            await driver.subscribe(good)
+            # the key is replaced by a string while held
+            await client.set(prefix + bad, b"a string")
+            await driver.publish(good, b"still flowing")
+            await rec.wait_for(lambda: bool(rec.failures) and bool(rec.messages))
+            assert [t for t, _ in rec.failures] == [bad]
+            assert rec.messages[0][:2] == (good, b"still flowing")
+            assert driver.stats()["subscriptions"] == 1
+            assert driver.ready
+        finally:
+            await client.delete(prefix + good, prefix + bad)
 
-    run(main())
 
-
-def test_streams_resume_after_restart_without_gap(own_redis: RedisServer) -> None:
+async def test_streams_resume_after_restart_without_gap(own_redis: RedisServer) -> None:
     topic = unique("resume")
 
-    async def main() -> None:
-        # a slow first retry (1.5 s to 3 s), so the broker is back before the driver is
-        slow = {"reconnect_wait": 3.0, "reconnect_wait_max": 3.0}
-        async with connected(own_redis.url, prefix="g:", streams=True, **slow) as (driver, rec):
-            await driver.subscribe(topic)
-            first = await driver.publish(topic, b"one")
-            await rec.wait_messages(1)
-            await asyncio.to_thread(own_redis.stop)
-            await wait_until(lambda: not driver.ready)
-            await asyncio.to_thread(own_redis.start)  # empty: no persistence
-            async with raw_client(own_redis.url) as client:
-                away = (await client.xadd("g:" + topic, {"data": b"while away"})).decode()
-            assert not driver.ready  # added while the driver was away
-            await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
-            third = await driver.publish(topic, b"three")
-            await rec.wait_messages(3)
-            await asyncio.sleep(0.2)
-            assert rec.messages == [
-                (topic, b"one", first),
-                (topic, b"while away", away),
-                (topic, b"three", third),
-            ]
-            assert driver.stats()["reconnects"] == 1
-            assert rec.failures == []
-
-    run(main())
+    # a slow first retry (1.5 s to 3 s), so the broker is back before the driver is
+    slow = {"reconnect_wait": 3.0, "reconnect_wait_max": 3.0}
+    async with connected(own_redis.url, prefix="g:", streams=True, **slow) as (driver, rec):
+        await driver.subscribe(topic)
+        first = await driver.publish(topic, b"one")
+        await rec.wait_messages(1)
+        await asyncio.to_thread(own_redis.stop)
+        await wait_until(lambda: not driver.ready)
+        await asyncio.to_thread(own_redis.start)  # empty: no persistence
+        async with raw_client(own_redis.url) as client:
+            away = (await client.xadd("g:" + topic, {"data": b"while away"})).decode()
+        assert not driver.ready  # added while the driver was away
+        await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
+        third = await driver.publish(topic, b"three")
+        await rec.wait_messages(3)
+        await asyncio.sleep(0.2)
+        assert rec.messages == [
+            (topic, b"one", first),
+            (topic, b"while away", away),
+            (topic, b"three", third),
+        ]
+        assert driver.stats()["reconnects"] == 1
+        assert rec.failures == []
