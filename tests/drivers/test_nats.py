@@ -13,13 +13,11 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import Any, TypeVar
 
 import pytest
-import uvloop
 
 from gochan.drivers import create_driver
 from gochan.errors import (
@@ -30,102 +28,31 @@ from gochan.errors import (
     InvalidTopicError,
 )
 
+from . import harness
 from ._nats_server import NatsServer, external_url
-from .conftest import broker_unavailable, free_port
+from .conftest import broker_unavailable, free_port, import_or_skip
+from .harness import (
+    BINARY_BODY,
+    DELIVERY_TIMEOUT_S,
+    MULTILINE_BODY,
+    Recorder,
+    unique,
+    wait_until,
+)
 
-nats = pytest.importorskip("nats")
-nats_driver = pytest.importorskip("gochan.drivers.nats")
+nats = import_or_skip("nats")
+nats_driver = import_or_skip("gochan.drivers.nats")
 NatsDriver = nats_driver.NatsDriver
 
-DELIVERY_TIMEOUT_S = 10.0
 RECONNECT_TIMEOUT_S = 15.0
 PROMPT_S = 3.0  # "promptly": a refusal must come within this
 FAST = {"connect_timeout": 1.0, "request_timeout": 2.0, "reconnect_wait": 0.05,
         "reconnect_wait_max": 0.5}  # fmt: skip
 
-BINARY_BODY = bytes(range(256)) * 4
-MULTILINE_BODY = b"line one\nline two\r\nline three\rline four\n\n"
-
 _T = TypeVar("_T")
 
 
 # -- helpers -----------------------------------------------------------------
-
-
-def run(coro: Awaitable[_T]) -> _T:
-    """Run ``coro`` on uvloop, as the server does (``GOCHAN_TEST_LOOP=asyncio``
-    for the stdlib loop); fail on exceptions nobody retrieved and on tasks
-    left running (a stuck listener)."""
-    errors: list[dict[str, Any]] = []
-
-    async def main() -> _T:
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-        result = await coro
-        await no_tasks_left()
-        return result
-
-    if os.environ.get("GOCHAN_TEST_LOOP", "uvloop") == "uvloop":
-        result = uvloop.run(main())
-    else:
-        result = asyncio.run(main())
-    assert not errors, f"unhandled exceptions in the event loop: {errors}"
-    return result
-
-
-async def no_tasks_left(grace: float = 2.0) -> None:
-    deadline = time.monotonic() + grace
-    while True:
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        if not others:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"tasks left running: {others}")
-        await asyncio.sleep(0.02)
-
-
-@dataclass
-class Recorder:
-    """The streamer's stand-in: records what the driver delivers."""
-
-    messages: list[tuple[str, bytes, str | None]] = field(default_factory=list)
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def on_message(self, topic: str, data: bytes, event_id: str | None) -> None:
-        self.messages.append((topic, data, event_id))
-        self.changed.set()
-
-    def on_subscription_failure(self, topic: str, message: str) -> None:
-        self.failures.append((topic, message))
-        self.changed.set()
-
-    async def wait_for(self, pred: Callable[[], bool], timeout: float = DELIVERY_TIMEOUT_S) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not pred():
-            self.changed.clear()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"timed out; messages={self.messages} failures={self.failures}"
-                )
-            with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
-
-    async def wait_messages(self, n: int) -> list[tuple[str, bytes, str | None]]:
-        await self.wait_for(lambda: len(self.messages) >= n)
-        return self.messages
-
-    def bodies(self, topic: str) -> list[bytes]:
-        return [data for t, data, _ in self.messages if t == topic]
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float = DELIVERY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def poll(fn: Callable[[], _T], pred: Callable[[_T], bool], timeout: float = 10.0) -> _T:
@@ -140,19 +67,8 @@ async def poll(fn: Callable[[], _T], pred: Callable[[_T], bool], timeout: float 
         await asyncio.sleep(0.05)
 
 
-def unique(name: str = "t") -> str:
-    return f"{name}-{uuid.uuid4().hex[:10]}"
-
-
-@asynccontextmanager
-async def connected(url: str, **options: Any) -> AsyncIterator[tuple[Any, Recorder]]:
-    driver = NatsDriver(url=url, **{**FAST, **options})
-    recorder = Recorder()
-    await driver.connect(recorder)
-    try:
-        yield driver, recorder
-    finally:
-        await driver.close()
+def connected(url: str, **options: Any) -> AbstractAsyncContextManager[tuple[Any, Recorder]]:
+    return harness.connected(NatsDriver(url=url, **{**FAST, **options}))
 
 
 @asynccontextmanager
@@ -272,331 +188,287 @@ def test_registry_builds_the_driver() -> None:
 # -- core pub/sub ------------------------------------------------------------------
 
 
-def test_plain_nats_publish_arrives_unchanged(nats_url: str) -> None:
+async def test_plain_nats_publish_arrives_unchanged(nats_url: str) -> None:
     topic = unique("plain")
 
-    async def main() -> None:
-        async with connected(nats_url) as (driver, rec), raw_client(nats_url) as nc:
-            assert driver.ready
-            await driver.subscribe(topic)
-            for body in (BINARY_BODY, MULTILINE_BODY, b"", "h\u00e9llo".encode()):
-                await nc.publish(topic, body)
-            await nc.flush()
-            await rec.wait_messages(4)
-            assert rec.messages == [
-                (topic, BINARY_BODY, None),
-                (topic, MULTILINE_BODY, None),
-                (topic, b"", None),
-                (topic, "h\u00e9llo".encode(), None),
-            ]
-            assert driver.stats()["subscriptions"] == 1
-
-    run(main())
+    async with connected(nats_url) as (driver, rec), raw_client(nats_url) as nc:
+        assert driver.ready
+        await driver.subscribe(topic)
+        for body in (BINARY_BODY, MULTILINE_BODY, b"", "h\u00e9llo".encode()):
+            await nc.publish(topic, body)
+        await nc.flush()
+        await rec.wait_messages(4)
+        assert rec.messages == [
+            (topic, BINARY_BODY, None),
+            (topic, MULTILINE_BODY, None),
+            (topic, b"", None),
+            (topic, "h\u00e9llo".encode(), None),
+        ]
+        assert driver.stats()["subscriptions"] == 1
 
 
-def test_driver_publish_uses_the_prefixed_subject(nats_url: str) -> None:
+async def test_driver_publish_uses_the_prefixed_subject(nats_url: str) -> None:
     topic = unique("pub") + ".eu"
 
-    async def main() -> None:
-        got: asyncio.Queue[Any] = asyncio.Queue()
-        async with (
-            connected(nats_url, prefix="gochan.") as (driver, rec),
-            raw_client(nats_url) as nc,
-        ):
+    got: asyncio.Queue[Any] = asyncio.Queue()
+    async with (
+        connected(nats_url, prefix="gochan.") as (driver, rec),
+        raw_client(nats_url) as nc,
+    ):
 
-            async def on_raw(msg: Any) -> None:
-                await got.put(msg)
+        async def on_raw(msg: Any) -> None:
+            await got.put(msg)
 
-            await nc.subscribe("gochan." + topic, cb=on_raw)
-            await nc.flush()
-            await driver.subscribe(topic)
-            assert await driver.publish(topic, MULTILINE_BODY) is None
-            raw = await asyncio.wait_for(got.get(), DELIVERY_TIMEOUT_S)
-            assert raw.subject == "gochan." + topic
-            assert raw.data == MULTILINE_BODY
-            assert await rec.wait_messages(1) == [(topic, MULTILINE_BODY, None)]
-            # the unprefixed subject is another subject altogether
-            await nc.publish(topic, b"not for gochan")
-            await nc.publish("gochan." + topic, b"for gochan")
-            await nc.flush()
-            await rec.wait_messages(2)
-            assert rec.bodies(topic) == [MULTILINE_BODY, b"for gochan"]
-
-    run(main())
+        await nc.subscribe("gochan." + topic, cb=on_raw)
+        await nc.flush()
+        await driver.subscribe(topic)
+        assert await driver.publish(topic, MULTILINE_BODY) is None
+        raw = await asyncio.wait_for(got.get(), DELIVERY_TIMEOUT_S)
+        assert raw.subject == "gochan." + topic
+        assert raw.data == MULTILINE_BODY
+        assert await rec.wait_messages(1) == [(topic, MULTILINE_BODY, None)]
+        # the unprefixed subject is another subject altogether
+        await nc.publish(topic, b"not for gochan")
+        await nc.publish("gochan." + topic, b"for gochan")
+        await nc.flush()
+        await rec.wait_messages(2)
+        assert rec.bodies(topic) == [MULTILINE_BODY, b"for gochan"]
 
 
-def test_every_process_receives_every_message(nats_url: str) -> None:
+async def test_every_process_receives_every_message(nats_url: str) -> None:
     topic = unique("fanout")
     count = 50
 
-    async def main() -> None:
-        async with (
-            connected(nats_url) as (a, rec_a),
-            connected(nats_url) as (b, rec_b),
-            raw_client(nats_url) as nc,
-        ):
-            await a.subscribe(topic)
-            await b.subscribe(topic)
-            for i in range(count // 2):
-                await a.publish(topic, b"a%d" % i)
-                await nc.publish(topic, b"n%d" % i)
-            await nc.flush()
-            await rec_a.wait_messages(count)
-            await rec_b.wait_messages(count)
-            for rec in (rec_a, rec_b):
-                bodies = rec.bodies(topic)
-                assert sorted(bodies) == sorted(
-                    [b"a%d" % i for i in range(count // 2)]
-                    + [b"n%d" % i for i in range(count // 2)]
-                )
-                # per publisher, order is kept
-                assert [x for x in bodies if x.startswith(b"n")] == [
-                    b"n%d" % i for i in range(count // 2)
-                ]
-
-    run(main())
+    async with (
+        connected(nats_url) as (a, rec_a),
+        connected(nats_url) as (b, rec_b),
+        raw_client(nats_url) as nc,
+    ):
+        await a.subscribe(topic)
+        await b.subscribe(topic)
+        for i in range(count // 2):
+            await a.publish(topic, b"a%d" % i)
+            await nc.publish(topic, b"n%d" % i)
+        await nc.flush()
+        await rec_a.wait_messages(count)
+        await rec_b.wait_messages(count)
+        for rec in (rec_a, rec_b):
+            bodies = rec.bodies(topic)
+            assert sorted(bodies) == sorted(
+                [b"a%d" % i for i in range(count // 2)] + [b"n%d" % i for i in range(count // 2)]
+            )
+            # per publisher, order is kept
+            assert [x for x in bodies if x.startswith(b"n")] == [
+                b"n%d" % i for i in range(count // 2)
+            ]
 
 
-def test_only_subscribed_topics_are_delivered(nats_url: str) -> None:
+async def test_only_subscribed_topics_are_delivered(nats_url: str) -> None:
     kept, dropped = unique("kept"), unique("dropped")
 
-    async def main() -> None:
-        async with connected(nats_url) as (driver, rec), raw_client(nats_url) as nc:
-            await driver.subscribe(kept)
-            await driver.subscribe(dropped)
-            await driver.unsubscribe(dropped)
-            await driver.unsubscribe(dropped)  # harmless twice
-            await nc.publish(dropped, b"gone")
-            await nc.publish("other." + kept, b"other subject")
-            await nc.publish(kept, b"sentinel")  # same publisher: arrives after the others
-            await nc.flush()
-            await rec.wait_messages(1)
-            await asyncio.sleep(0.2)
-            assert rec.messages == [(kept, b"sentinel", None)]
-            assert driver.stats()["subscriptions"] == 1
-
-    run(main())
+    async with connected(nats_url) as (driver, rec), raw_client(nats_url) as nc:
+        await driver.subscribe(kept)
+        await driver.subscribe(dropped)
+        await driver.unsubscribe(dropped)
+        await driver.unsubscribe(dropped)  # harmless twice
+        await nc.publish(dropped, b"gone")
+        await nc.publish("other." + kept, b"other subject")
+        await nc.publish(kept, b"sentinel")  # same publisher: arrives after the others
+        await nc.flush()
+        await rec.wait_messages(1)
+        await asyncio.sleep(0.2)
+        assert rec.messages == [(kept, b"sentinel", None)]
+        assert driver.stats()["subscriptions"] == 1
 
 
-def test_messages_published_right_after_subscribe_are_delivered(nats_url: str) -> None:
+async def test_messages_published_right_after_subscribe_are_delivered(nats_url: str) -> None:
     """subscribe() returns only once the server has the subscription."""
     rounds = 50
 
-    async def main() -> None:
-        async with connected(nats_url) as (driver, rec), raw_client(nats_url) as nc:
-            topics = [unique("race") for _ in range(rounds)]
-            for topic in topics:
-                await driver.subscribe(topic)
-                await nc.publish(topic, topic.encode())
-                await nc.flush()
-            await rec.wait_messages(rounds)
-            assert [t for t, _, _ in rec.messages] == topics
-
-    run(main())
+    async with connected(nats_url) as (driver, rec), raw_client(nats_url) as nc:
+        topics = [unique("race") for _ in range(rounds)]
+        for topic in topics:
+            await driver.subscribe(topic)
+            await nc.publish(topic, topic.encode())
+            await nc.flush()
+        await rec.wait_messages(rounds)
+        assert [t for t, _, _ in rec.messages] == topics
 
 
-def test_overlapping_subscribe_unsubscribe_leaves_one_subscription(own_nats: NatsServer) -> None:
+async def test_overlapping_subscribe_unsubscribe_leaves_one_subscription(
+    own_nats: NatsServer,
+) -> None:
     topic = unique("overlap")
 
-    async def main() -> None:
-        async with connected(own_nats.url, name="overlap") as (driver, rec):
-            first = asyncio.create_task(driver.subscribe(topic))
-            await asyncio.sleep(0)  # the first subscribe is on its way
-            await driver.unsubscribe(topic)
-            await driver.subscribe(topic)
-            await first
-            assert await asyncio.to_thread(own_nats.subscriptions, "overlap") == [topic]
-            assert driver.stats()["subscriptions"] == 1
-            await driver.publish(topic, b"once")
-            await rec.wait_messages(1)
-            await asyncio.sleep(0.2)
-            assert rec.messages == [(topic, b"once", None)]
-
-    run(main())
+    async with connected(own_nats.url, name="overlap") as (driver, rec):
+        first = asyncio.create_task(driver.subscribe(topic))
+        await asyncio.sleep(0)  # the first subscribe is on its way
+        await driver.unsubscribe(topic)
+        await driver.subscribe(topic)
+        await first
+        assert await asyncio.to_thread(own_nats.subscriptions, "overlap") == [topic]
+        assert driver.stats()["subscriptions"] == 1
+        await driver.publish(topic, b"once")
+        await rec.wait_messages(1)
+        await asyncio.sleep(0.2)
+        assert rec.messages == [(topic, b"once", None)]
 
 
-def test_subscriptions_seen_from_the_broker(own_nats: NatsServer) -> None:
+async def test_subscriptions_seen_from_the_broker(own_nats: NatsServer) -> None:
     name = unique("gochan-conn")
     t1, t2 = unique("seen"), unique("seen") + ".sub"
 
     def subjects() -> list[str]:
         return sorted(own_nats.subscriptions(name))
 
-    async def main() -> None:
-        async with connected(own_nats.url, name=name, prefix="app.") as (driver, _rec):
-            assert await poll(subjects, lambda s: s == []) == []
-            await driver.subscribe(t1)
-            # subscribe() returned after the server confirmed: no polling needed
-            assert await asyncio.to_thread(subjects) == ["app." + t1]
-            await driver.subscribe(t2)
-            assert await asyncio.to_thread(subjects) == sorted(["app." + t1, "app." + t2])
-            await driver.unsubscribe(t1)
-            assert await poll(subjects, lambda s: len(s) == 1) == ["app." + t2]
-            await driver.unsubscribe(t2)
-            assert await poll(subjects, lambda s: s == []) == []
-
-    run(main())
+    async with connected(own_nats.url, name=name, prefix="app.") as (driver, _rec):
+        assert await poll(subjects, lambda s: s == []) == []
+        await driver.subscribe(t1)
+        # subscribe() returned after the server confirmed: no polling needed
+        assert await asyncio.to_thread(subjects) == ["app." + t1]
+        await driver.subscribe(t2)
+        assert await asyncio.to_thread(subjects) == sorted(["app." + t1, "app." + t2])
+        await driver.unsubscribe(t1)
+        assert await poll(subjects, lambda s: len(s) == 1) == ["app." + t2]
+        await driver.unsubscribe(t2)
+        assert await poll(subjects, lambda s: s == []) == []
 
 
-def test_two_processes_hold_one_subscription_each(own_nats: NatsServer) -> None:
+async def test_two_processes_hold_one_subscription_each(own_nats: NatsServer) -> None:
     topic = unique("one-each")
 
-    async def main() -> None:
-        async with (
-            connected(own_nats.url, name="node-a") as (a, _),
-            connected(own_nats.url, name="node-b") as (b, _),
-        ):
-            await a.subscribe(topic)
-            await b.subscribe(topic)
-            subsz = await asyncio.to_thread(own_nats.monitor, "/subsz?subs=1")
-            on_topic = [s for s in subsz.get("subscriptions_list") or [] if s["subject"] == topic]
-            assert len(on_topic) == 2
-            assert all(not s.get("qgroup") for s in on_topic)  # never a queue group
-
-    run(main())
+    async with (
+        connected(own_nats.url, name="node-a") as (a, _),
+        connected(own_nats.url, name="node-b") as (b, _),
+    ):
+        await a.subscribe(topic)
+        await b.subscribe(topic)
+        subsz = await asyncio.to_thread(own_nats.monitor, "/subsz?subs=1")
+        on_topic = [s for s in subsz.get("subscriptions_list") or [] if s["subject"] == topic]
+        assert len(on_topic) == 2
+        assert all(not s.get("qgroup") for s in on_topic)  # never a queue group
 
 
 # -- errors and lifecycle ------------------------------------------------------------
 
 
-def test_connect_to_nothing_fails_promptly() -> None:
-    async def main() -> None:
-        driver = NatsDriver(url=f"nats://127.0.0.1:{free_port()}", **FAST)
-        started = time.monotonic()
-        with pytest.raises(BrokerConnectionError):
-            await driver.connect(Recorder())
-        assert time.monotonic() - started < PROMPT_S
-        assert not driver.ready
-        await driver.close()
-
-    run(main())
-
-
-def test_close_is_idempotent_and_final(nats_url: str) -> None:
-    async def main() -> None:
-        driver = NatsDriver(url=nats_url, **FAST)
+async def test_connect_to_nothing_fails_promptly() -> None:
+    driver = NatsDriver(url=f"nats://127.0.0.1:{free_port()}", **FAST)
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError):
         await driver.connect(Recorder())
+    assert time.monotonic() - started < PROMPT_S
+    assert not driver.ready
+    await driver.close()
+
+
+async def test_close_is_idempotent_and_final(nats_url: str) -> None:
+    driver = NatsDriver(url=nats_url, **FAST)
+    await driver.connect(Recorder())
+    await driver.subscribe(unique())
+    await driver.close()
+    await driver.close()
+    assert not driver.ready
+    with pytest.raises(ClosedError):
         await driver.subscribe(unique())
-        await driver.close()
-        await driver.close()
-        assert not driver.ready
-        with pytest.raises(ClosedError):
-            await driver.subscribe(unique())
-        with pytest.raises(ClosedError):
-            await driver.publish(unique(), b"x")
-        with pytest.raises(ClosedError):
-            await driver.connect(Recorder())
-
-    run(main())
+    with pytest.raises(ClosedError):
+        await driver.publish(unique(), b"x")
+    with pytest.raises(ClosedError):
+        await driver.connect(Recorder())
 
 
-def test_invalid_topics_refused_by_subscribe_and_publish(nats_url: str) -> None:
-    async def main() -> None:
-        async with connected(nats_url) as (driver, _):
-            with pytest.raises(InvalidTopicError):
-                await driver.subscribe("a b")
-            with pytest.raises(InvalidTopicError):
-                await driver.publish("news.*", b"x")
-            assert driver.stats()["subscriptions"] == 0
-
-    run(main())
+async def test_invalid_topics_refused_by_subscribe_and_publish(nats_url: str) -> None:
+    async with connected(nats_url) as (driver, _):
+        with pytest.raises(InvalidTopicError):
+            await driver.subscribe("a b")
+        with pytest.raises(InvalidTopicError):
+            await driver.publish("news.*", b"x")
+        assert driver.stats()["subscriptions"] == 0
 
 
-def test_oversized_message_is_a_broker_error(nats_url: str) -> None:
-    async def main() -> None:
-        async with connected(nats_url) as (driver, _):
-            with pytest.raises(BrokerError, match="max_payload"):
-                await driver.publish(unique(), b"x" * (64 * 1024 * 1024))
-            assert driver.ready  # the connection survives
-
-    run(main())
+async def test_oversized_message_is_a_broker_error(nats_url: str) -> None:
+    async with connected(nats_url) as (driver, _):
+        with pytest.raises(BrokerError, match="max_payload"):
+            await driver.publish(unique(), b"x" * (64 * 1024 * 1024))
+        assert driver.ready  # the connection survives
 
 
-def test_broker_restart_is_survived(own_nats: NatsServer) -> None:
+async def test_broker_restart_is_survived(own_nats: NatsServer) -> None:
     t1, t2 = unique("survive"), unique("survive")
 
-    async def main() -> None:
-        async with connected(own_nats.url) as (driver, rec):
-            await driver.subscribe(t1)
-            await driver.subscribe(t2)
-            await driver.publish(t1, b"before")
-            await rec.wait_messages(1)
-            assert driver.stats()["reconnects"] == 0
+    async with connected(own_nats.url) as (driver, rec):
+        await driver.subscribe(t1)
+        await driver.subscribe(t2)
+        await driver.publish(t1, b"before")
+        await rec.wait_messages(1)
+        assert driver.stats()["reconnects"] == 0
 
-            await asyncio.to_thread(own_nats.stop)
-            await wait_until(lambda: not driver.ready)
-            started = time.monotonic()
-            with pytest.raises(BrokerConnectionError):
-                await driver.subscribe(unique())
-            with pytest.raises(BrokerConnectionError):
-                await driver.publish(t1, b"lost")
-            assert time.monotonic() - started < PROMPT_S
-            await driver.unsubscribe(t2)  # allowed while down: not restored later
-            await asyncio.sleep(0.5)  # a few failed attempts
-            assert not driver.ready
+        await asyncio.to_thread(own_nats.stop)
+        await wait_until(lambda: not driver.ready)
+        started = time.monotonic()
+        with pytest.raises(BrokerConnectionError):
+            await driver.subscribe(unique())
+        with pytest.raises(BrokerConnectionError):
+            await driver.publish(t1, b"lost")
+        assert time.monotonic() - started < PROMPT_S
+        await driver.unsubscribe(t2)  # allowed while down: not restored later
+        await asyncio.sleep(0.5)  # a few failed attempts
+        assert not driver.ready
 
-            await asyncio.to_thread(own_nats.start)
-            await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
-            assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
-            assert sorted(own_nats.subscriptions("gochan")) == [t1]
-            async with raw_client(own_nats.url) as nc:
-                await nc.publish(t1, b"after")
-                await nc.publish(t2, b"unsubscribed")
-                await nc.flush()
-            await driver.publish(t1, b"via driver")
-            await rec.wait_messages(3)
-            await asyncio.sleep(0.2)
-            # two publishers: NATS orders each one's messages, not the mix
-            assert rec.bodies(t1)[0] == b"before"
-            assert sorted(rec.bodies(t1)[1:]) == [b"after", b"via driver"]
-            assert rec.bodies(t2) == []
-            assert rec.failures == []
+        await asyncio.to_thread(own_nats.start)
+        await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
+        assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
+        assert sorted(own_nats.subscriptions("gochan")) == [t1]
+        async with raw_client(own_nats.url) as nc:
+            await nc.publish(t1, b"after")
+            await nc.publish(t2, b"unsubscribed")
+            await nc.flush()
+        await driver.publish(t1, b"via driver")
+        await rec.wait_messages(3)
+        await asyncio.sleep(0.2)
+        # two publishers: NATS orders each one's messages, not the mix
+        assert rec.bodies(t1)[0] == b"before"
+        assert sorted(rec.bodies(t1)[1:]) == [b"after", b"via driver"]
+        assert rec.bodies(t2) == []
+        assert rec.failures == []
 
-            # and a second outage is counted too
-            await asyncio.to_thread(own_nats.restart)
-            await wait_until(lambda: driver.stats()["reconnects"] == 2, RECONNECT_TIMEOUT_S)
-            assert driver.ready
-
-    run(main())
+        # and a second outage is counted too
+        await asyncio.to_thread(own_nats.restart)
+        await wait_until(lambda: driver.stats()["reconnects"] == 2, RECONNECT_TIMEOUT_S)
+        assert driver.ready
 
 
-def test_a_silent_broker_is_detected(own_nats: NatsServer) -> None:
+async def test_a_silent_broker_is_detected(own_nats: NatsServer) -> None:
     """A broker that stops answering (not closing) is noticed by the pings."""
     topic = unique("silent")
 
-    async def main() -> None:
-        async with connected(own_nats.url, ping_interval=1.0) as (driver, rec):
-            await driver.subscribe(topic)
-            assert own_nats.proc is not None
-            os.kill(own_nats.proc.pid, signal.SIGSTOP)
-            try:
-                await wait_until(lambda: not driver.ready, 10.0)
-            finally:
-                os.kill(own_nats.proc.pid, signal.SIGCONT)
-            await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
-            assert driver.stats()["reconnects"] >= 1
-            async with raw_client(own_nats.url) as nc:
-                await nc.publish(topic, b"awake")
-                await nc.flush()
-            await rec.wait_messages(1)
-            await asyncio.sleep(0.2)
-            assert rec.messages == [(topic, b"awake", None)]
-
-    run(main())
+    async with connected(own_nats.url, ping_interval=1.0) as (driver, rec):
+        await driver.subscribe(topic)
+        assert own_nats.proc is not None
+        os.kill(own_nats.proc.pid, signal.SIGSTOP)
+        try:
+            await wait_until(lambda: not driver.ready, 10.0)
+        finally:
+            os.kill(own_nats.proc.pid, signal.SIGCONT)
+        await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
+        assert driver.stats()["reconnects"] >= 1
+        async with raw_client(own_nats.url) as nc:
+            await nc.publish(topic, b"awake")
+            await nc.flush()
+        await rec.wait_messages(1)
+        await asyncio.sleep(0.2)
+        assert rec.messages == [(topic, b"awake", None)]
 
 
-def test_close_while_reconnecting_leaves_nothing_running(own_nats: NatsServer) -> None:
-    async def main() -> None:
-        driver = NatsDriver(url=own_nats.url, **FAST)
-        await driver.connect(Recorder())
-        await driver.subscribe(unique())
-        await asyncio.to_thread(own_nats.stop)
-        await wait_until(lambda: not driver.ready)
-        await asyncio.sleep(0.3)
-        await driver.close()
-        # run() checks that no task is left
-
-    run(main())
+async def test_close_while_reconnecting_leaves_nothing_running(own_nats: NatsServer) -> None:
+    driver = NatsDriver(url=own_nats.url, **FAST)
+    await driver.connect(Recorder())
+    await driver.subscribe(unique())
+    await asyncio.to_thread(own_nats.stop)
+    await wait_until(lambda: not driver.ready)
+    await asyncio.sleep(0.3)
+    await driver.close()
+    # tests/drivers/conftest.py checks that no task is left
 
 
 PERMISSIONS = """
@@ -608,35 +480,32 @@ authorization {{
 """
 
 
-def test_only_refused_topics_are_reported_after_a_restart(own_nats: NatsServer) -> None:
+async def test_only_refused_topics_are_reported_after_a_restart(own_nats: NatsServer) -> None:
     allowed, revoked = unique("allowed"), unique("revoked")
     own_nats.user, own_nats.password = "gochan", "s3cret"
     own_nats.set_config(PERMISSIONS.format(deny='"nothing"'))
     own_nats.restart()
 
-    async def main() -> None:
-        async with connected(own_nats.url) as (driver, rec):
-            await driver.subscribe(allowed)
+    async with connected(own_nats.url) as (driver, rec):
+        await driver.subscribe(allowed)
+        await driver.subscribe(revoked)
+        own_nats.set_config(PERMISSIONS.format(deny=f'"{revoked}"'))
+        await asyncio.to_thread(own_nats.restart)
+        await rec.wait_for(lambda: bool(rec.failures))
+        await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
+        assert [t for t, _ in rec.failures] == [revoked]
+        assert "permissions violation" in rec.failures[0][1].lower()
+        assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
+        async with raw_client(own_nats.url) as nc:
+            await nc.publish(revoked, b"no")
+            await nc.publish(allowed, b"yes")
+            await nc.flush()
+        await rec.wait_messages(1)
+        assert rec.messages == [(allowed, b"yes", None)]
+        # subscribing to it now is refused at once
+        with pytest.raises(BrokerError, match=r"(?i)permissions violation"):
             await driver.subscribe(revoked)
-            own_nats.set_config(PERMISSIONS.format(deny=f'"{revoked}"'))
-            await asyncio.to_thread(own_nats.restart)
-            await rec.wait_for(lambda: bool(rec.failures))
-            await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
-            assert [t for t, _ in rec.failures] == [revoked]
-            assert "permissions violation" in rec.failures[0][1].lower()
-            assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
-            async with raw_client(own_nats.url) as nc:
-                await nc.publish(revoked, b"no")
-                await nc.publish(allowed, b"yes")
-                await nc.flush()
-            await rec.wait_messages(1)
-            assert rec.messages == [(allowed, b"yes", None)]
-            # subscribing to it now is refused at once
-            with pytest.raises(BrokerError, match=r"(?i)permissions violation"):
-                await driver.subscribe(revoked)
-            assert driver.stats()["subscriptions"] == 1
-
-    run(main())
+        assert driver.stats()["subscriptions"] == 1
 
 
 # -- JetStream -------------------------------------------------------------------------
@@ -663,123 +532,108 @@ async def jetstream(url: str, **options: Any) -> AsyncIterator[tuple[Any, Record
                 await nc.jetstream().delete_stream(stream)
 
 
-def test_jetstream_ids_are_stream_sequences(nats_url: str) -> None:
+async def test_jetstream_ids_are_stream_sequences(nats_url: str) -> None:
     t1, t2 = unique("js"), unique("js")
 
-    async def main() -> None:
-        async with jetstream(nats_url) as (driver, rec, prefix, stream), raw_client(nats_url) as nc:
-            js = nc.jetstream()
-            info = await js.stream_info(stream)
-            assert info.config.subjects == [prefix + ">"]
-            before = await js.publish(prefix + t1, b"before subscribe")
-            await driver.subscribe(t1)
-            await driver.subscribe(t2)
-            id1 = await driver.publish(t1, BINARY_BODY)
-            ack = await js.publish(prefix + t2, MULTILINE_BODY)
-            id3 = await driver.publish(t1, b"")
-            await rec.wait_messages(3)
-            assert id1 == str(before.seq + 1)
-            assert id3 == str(ack.seq + 1)
-            assert sorted(rec.messages, key=lambda m: int(m[2] or 0)) == [
-                (t1, BINARY_BODY, id1),
-                (t2, MULTILINE_BODY, str(ack.seq)),
-                (t1, b"", id3),
-            ]
-            # core NATS publishers reach it too: the stream captures the subject
-            await nc.publish(prefix + t2, b"core")
-            await nc.flush()
-            await rec.wait_messages(4)
-            assert rec.messages[-1][:2] == (t2, b"core")
-            assert rec.messages[-1][2] == str(ack.seq + 2)
-
-    run(main())
+    async with jetstream(nats_url) as (driver, rec, prefix, stream), raw_client(nats_url) as nc:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        assert info.config.subjects == [prefix + ">"]
+        before = await js.publish(prefix + t1, b"before subscribe")
+        await driver.subscribe(t1)
+        await driver.subscribe(t2)
+        id1 = await driver.publish(t1, BINARY_BODY)
+        ack = await js.publish(prefix + t2, MULTILINE_BODY)
+        id3 = await driver.publish(t1, b"")
+        await rec.wait_messages(3)
+        assert id1 == str(before.seq + 1)
+        assert id3 == str(ack.seq + 1)
+        assert sorted(rec.messages, key=lambda m: int(m[2] or 0)) == [
+            (t1, BINARY_BODY, id1),
+            (t2, MULTILINE_BODY, str(ack.seq)),
+            (t1, b"", id3),
+        ]
+        # core NATS publishers reach it too: the stream captures the subject
+        await nc.publish(prefix + t2, b"core")
+        await nc.flush()
+        await rec.wait_messages(4)
+        assert rec.messages[-1][:2] == (t2, b"core")
+        assert rec.messages[-1][2] == str(ack.seq + 2)
 
 
-def test_jetstream_fan_out_and_unsubscribe(nats_url: str) -> None:
+async def test_jetstream_fan_out_and_unsubscribe(nats_url: str) -> None:
     topic = unique("jsfan")
 
-    async def main() -> None:
-        async with (
-            jetstream(nats_url) as (a, rec_a, prefix, stream),
-            connected(nats_url, jetstream=True, prefix=prefix, stream=stream) as (b, rec_b),
-        ):
-            await a.subscribe(topic)
-            await b.subscribe(topic)
-            ids = [await a.publish(topic, b"m%d" % i) for i in range(10)]
-            await rec_a.wait_messages(10)
-            await rec_b.wait_messages(10)
-            expected = [(topic, b"m%d" % i, ids[i]) for i in range(10)]
-            assert rec_a.messages == expected
-            assert rec_b.messages == expected
-            await b.unsubscribe(topic)
-            await a.publish(topic, b"only a")
-            await rec_a.wait_messages(11)
-            await asyncio.sleep(0.3)
-            assert len(rec_b.messages) == 10
-
-    run(main())
+    async with (
+        jetstream(nats_url) as (a, rec_a, prefix, stream),
+        connected(nats_url, jetstream=True, prefix=prefix, stream=stream) as (b, rec_b),
+    ):
+        await a.subscribe(topic)
+        await b.subscribe(topic)
+        ids = [await a.publish(topic, b"m%d" % i) for i in range(10)]
+        await rec_a.wait_messages(10)
+        await rec_b.wait_messages(10)
+        expected = [(topic, b"m%d" % i, ids[i]) for i in range(10)]
+        assert rec_a.messages == expected
+        assert rec_b.messages == expected
+        await b.unsubscribe(topic)
+        await a.publish(topic, b"only a")
+        await rec_a.wait_messages(11)
+        await asyncio.sleep(0.3)
+        assert len(rec_b.messages) == 10
 
 
-def test_jetstream_resumes_after_restart_without_gap(own_nats: NatsServer) -> None:
+async def test_jetstream_resumes_after_restart_without_gap(own_nats: NatsServer) -> None:
     topic = unique("jsresume")
 
-    async def main() -> None:
-        # a slow first retry (1.5 s to 3 s), so the broker is back before the driver is
-        slow = {"reconnect_wait": 3.0, "reconnect_wait_max": 3.0}
-        async with jetstream(own_nats.url, **slow) as (driver, rec, prefix, _stream):
-            await driver.subscribe(topic)
-            first = await driver.publish(topic, b"one")
-            await rec.wait_messages(1)
-            await asyncio.to_thread(own_nats.stop)
-            await wait_until(lambda: not driver.ready)
-            await asyncio.to_thread(own_nats.start)
-            async with raw_client(own_nats.url) as nc:
-                ack = await nc.jetstream().publish(prefix + topic, b"while away")
-            assert not driver.ready  # stored while the driver was away
-            await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
-            third = await driver.publish(topic, b"three")
-            await rec.wait_messages(3)
-            await asyncio.sleep(0.2)
-            assert rec.messages == [
-                (topic, b"one", first),
-                (topic, b"while away", str(ack.seq)),
-                (topic, b"three", third),
-            ]
-            assert driver.stats()["reconnects"] == 1
-            assert rec.failures == []
-
-    run(main())
+    # a slow first retry (1.5 s to 3 s), so the broker is back before the driver is
+    slow = {"reconnect_wait": 3.0, "reconnect_wait_max": 3.0}
+    async with jetstream(own_nats.url, **slow) as (driver, rec, prefix, _stream):
+        await driver.subscribe(topic)
+        first = await driver.publish(topic, b"one")
+        await rec.wait_messages(1)
+        await asyncio.to_thread(own_nats.stop)
+        await wait_until(lambda: not driver.ready)
+        await asyncio.to_thread(own_nats.start)
+        async with raw_client(own_nats.url) as nc:
+            ack = await nc.jetstream().publish(prefix + topic, b"while away")
+        assert not driver.ready  # stored while the driver was away
+        await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
+        third = await driver.publish(topic, b"three")
+        await rec.wait_messages(3)
+        await asyncio.sleep(0.2)
+        assert rec.messages == [
+            (topic, b"one", first),
+            (topic, b"while away", str(ack.seq)),
+            (topic, b"three", third),
+        ]
+        assert driver.stats()["reconnects"] == 1
+        assert rec.failures == []
 
 
-def test_jetstream_missing_stream_without_create(nats_url: str) -> None:
-    async def main() -> None:
-        driver = NatsDriver(
-            url=nats_url, jetstream=True, prefix="gtnone.", stream=unique("NONE"),
-            create_stream=False, **FAST,
-        )  # fmt: skip
-        with pytest.raises(BrokerError, match=r"does not exist|not enabled"):
-            await driver.connect(Recorder())
-        await driver.close()
-
-    run(main())
+async def test_jetstream_missing_stream_without_create(nats_url: str) -> None:
+    driver = NatsDriver(
+        url=nats_url, jetstream=True, prefix="gtnone.", stream=unique("NONE"),
+        create_stream=False, **FAST,
+    )  # fmt: skip
+    with pytest.raises(BrokerError, match=r"does not exist|not enabled"):
+        await driver.connect(Recorder())
+    await driver.close()
 
 
-def test_a_subscription_revoked_while_held_is_reported(own_nats: NatsServer) -> None:
+async def test_a_subscription_revoked_while_held_is_reported(own_nats: NatsServer) -> None:
     kept, revoked = unique("kept"), unique("revoked")
     own_nats.user, own_nats.password = "gochan", "s3cret"
     own_nats.set_config(PERMISSIONS.format(deny='"nothing"'))
     own_nats.restart()
 
-    async def main() -> None:
-        async with connected(own_nats.url) as (driver, rec):
-            await driver.subscribe(kept)
-            await driver.subscribe(revoked)
-            own_nats.set_config(PERMISSIONS.format(deny=f'"{revoked}"'))
-            assert own_nats.proc is not None
-            own_nats.proc.send_signal(signal.SIGHUP)  # reload the configuration
-            await rec.wait_for(lambda: bool(rec.failures))
-            assert [t for t, _ in rec.failures] == [revoked]
-            assert driver.ready
-            assert driver.stats() == {"reconnects": 0, "subscriptions": 1}
-
-    run(main())
+    async with connected(own_nats.url) as (driver, rec):
+        await driver.subscribe(kept)
+        await driver.subscribe(revoked)
+        own_nats.set_config(PERMISSIONS.format(deny=f'"{revoked}"'))
+        assert own_nats.proc is not None
+        own_nats.proc.send_signal(signal.SIGHUP)  # reload the configuration
+        await rec.wait_for(lambda: bool(rec.failures))
+        assert [t for t, _ in rec.failures] == [revoked]
+        assert driver.ready
+        assert driver.stats() == {"reconnects": 0, "subscriptions": 1}
