@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
-import uvloop
 
 from gochan.drivers import create_driver
 from gochan.drivers.postgres import MAX_PAYLOAD_BYTES, PayloadError, PostgresDriver, quote_channel
@@ -29,60 +28,12 @@ from gochan.errors import (
     LimitExceededError,
 )
 
-from . import _postgres_server, e2e
+from . import _postgres_server, e2e, harness
 from ._postgres_server import Postgres
 from .conftest import free_port
+from .harness import DELIVERY_TIMEOUT_S, Recorder, wait_until
 
-_T = TypeVar("_T")
-DELIVERY_TIMEOUT_S = 10.0
 PROMPT_S = 1.0  # "promptly": how long a refusal while disconnected may take
-
-
-# -- harness ----------------------------------------------------------------
-
-
-def run(fn: Callable[[], Awaitable[_T]]) -> _T:
-    """Run a coroutine on uvloop (gochan's loop); fail on unhandled loop errors."""
-    unhandled: list[dict[str, Any]] = []
-
-    async def main() -> _T:
-        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: unhandled.append(ctx))
-        return await fn()
-
-    result = uvloop.run(main())
-    if unhandled:
-        pytest.fail(f"unhandled exception in the event loop: {unhandled[0]}")
-    return result
-
-
-class Recorder:
-    """The streamer's stand-in: records what the driver delivers."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes, str | None]] = []
-        self.failures: list[tuple[str, str]] = []
-
-    def on_message(self, topic: str, data: bytes, event_id: str | None) -> str:
-        self.messages.append((topic, data, event_id))
-        return event_id or str(len(self.messages))  # the streamer numbers it
-
-    def on_subscription_failure(self, topic: str, message: str) -> None:
-        self.failures.append((topic, message))
-
-    def bodies(self, topic: str) -> list[bytes]:
-        return [data for t, data, _ in self.messages if t == topic]
-
-    async def wait_for(self, topic: str, body: bytes, timeout: float = DELIVERY_TIMEOUT_S) -> None:
-        await until(lambda: body in self.bodies(topic), timeout, f"{body!r} on {topic!r}")
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -97,17 +48,10 @@ def prefix() -> str:
     return f"gt{secrets.token_hex(3)}_"  # 9 bytes: 54 left for the topic
 
 
-@asynccontextmanager
-async def connected(
+def connected(
     dsn: str, prefix: str, **options: Any
-) -> AsyncIterator[tuple[PostgresDriver, Recorder]]:
-    driver = PostgresDriver(dsn=dsn, prefix=prefix, **options)
-    recorder = Recorder()
-    await driver.connect(recorder)
-    try:
-        yield driver, recorder
-    finally:
-        await driver.close()
+) -> AbstractAsyncContextManager[tuple[PostgresDriver, Recorder]]:
+    return harness.connected(PostgresDriver(dsn=dsn, prefix=prefix, **options))
 
 
 @asynccontextmanager
@@ -188,129 +132,118 @@ def test_registry_builds_the_driver() -> None:
     assert not driver.ready
 
 
-def test_connect_to_nothing_fails_promptly() -> None:
-    async def body() -> None:
-        driver = PostgresDriver(dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/x", timeout=2)
-        with pytest.raises(BrokerConnectionError):
-            await asyncio.wait_for(driver.connect(Recorder()), 5)
-        assert not driver.ready
-        await driver.close()
-        with pytest.raises(ClosedError):
-            await driver.connect(Recorder())
-
-    run(body)
+async def test_connect_to_nothing_fails_promptly() -> None:
+    driver = PostgresDriver(dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/x", timeout=2)
+    with pytest.raises(BrokerConnectionError):
+        await asyncio.wait_for(driver.connect(Recorder()), 5)
+    assert not driver.ready
+    await driver.close()
+    with pytest.raises(ClosedError):
+        await driver.connect(Recorder())
 
 
 # -- against the server -----------------------------------------------------------
 
 
-def test_plain_notify_arrives_unchanged(postgres: Postgres, prefix: str) -> None:
+async def test_plain_notify_arrives_unchanged(postgres: Postgres, prefix: str) -> None:
     text = "line 1\r\nline 2\n\rdata: x — ünïcode ✓ " + "y" * 7000
     topics = ["orders", "Mixed Case", 'with "quotes"', "a'b;--"]
 
-    async def body() -> None:
-        async with connected(postgres.dsn, prefix) as (driver, rec):
-            for topic in topics:
-                await driver.subscribe(topic)
-            await notify(postgres.dsn, prefix + "orders", text, "", "second")
-            async with plain_connection(postgres.dsn) as conn:
-                # NOTIFY with the channel quoted as an identifier, as documented.
-                for topic in topics[1:]:
-                    await conn.execute(f"NOTIFY {quote_channel(prefix + topic)}, 'via NOTIFY'")
-                await conn.execute(f"NOTIFY {prefix}mixed, 'folded: not ours'")
-            await rec.wait_for("orders", b"second")
+    async with connected(postgres.dsn, prefix) as (driver, rec):
+        for topic in topics:
+            await driver.subscribe(topic)
+        await notify(postgres.dsn, prefix + "orders", text, "", "second")
+        async with plain_connection(postgres.dsn) as conn:
+            # NOTIFY with the channel quoted as an identifier, as documented.
             for topic in topics[1:]:
-                await rec.wait_for(topic, b"via NOTIFY")
-            assert rec.bodies("orders") == [text.encode(), b"", b"second"]
-            assert all(event_id is None for _, _, event_id in rec.messages)
-            assert rec.failures == []
-            assert driver.stats()["subscriptions"] == len(topics)
+                await conn.execute(f"NOTIFY {quote_channel(prefix + topic)}, 'via NOTIFY'")
+            await conn.execute(f"NOTIFY {prefix}mixed, 'folded: not ours'")
+        await rec.wait_body("orders", b"second")
+        for topic in topics[1:]:
+            await rec.wait_body(topic, b"via NOTIFY")
+        assert rec.bodies("orders") == [text.encode(), b"", b"second"]
+        assert all(event_id is None for _, _, event_id in rec.messages)
+        assert rec.failures == []
+        assert driver.stats()["subscriptions"] == len(topics)
 
-    run(body)
 
-
-def test_driver_publish_reaches_every_process(postgres: Postgres, prefix: str) -> None:
+async def test_driver_publish_reaches_every_process(postgres: Postgres, prefix: str) -> None:
     """Two processes holding a topic both get every message: fan-out."""
 
-    async def body() -> None:
-        async with (
-            connected(postgres.dsn, prefix) as (one, rec1),
-            connected(postgres.dsn, prefix) as (two, rec2),
-            connected(postgres.dsn, prefix) as (three, rec3),
-        ):
-            assert one.backend_pid != two.backend_pid
-            await one.subscribe("news")
-            await two.subscribe("news")
-            await three.subscribe("other")
-            sent = [f"message {i} é".encode() for i in range(50)]
-            for data in sent[:25]:
-                assert await one.publish("news", data) is None
-            for data in sent[25:]:
-                await three.publish("news", data)  # from a process not holding it
-            await rec1.wait_for("news", sent[-1])
-            await rec2.wait_for("news", sent[-1])
-            assert rec1.bodies("news") == sent  # every message, in order
-            assert rec2.bodies("news") == sent
-            await three.publish("other", b"sentinel")
-            await rec3.wait_for("other", b"sentinel")
-            assert rec3.bodies("news") == []
-            assert three.stats()["stray"] == 0
-            assert one.stats()["published"] == 25
-
-    run(body)
+    async with (
+        connected(postgres.dsn, prefix) as (one, rec1),
+        connected(postgres.dsn, prefix) as (two, rec2),
+        connected(postgres.dsn, prefix) as (three, rec3),
+    ):
+        assert one.backend_pid != two.backend_pid
+        await one.subscribe("news")
+        await two.subscribe("news")
+        await three.subscribe("other")
+        sent = [f"message {i} é".encode() for i in range(50)]
+        for data in sent[:25]:
+            assert await one.publish("news", data) is None
+        for data in sent[25:]:
+            await three.publish("news", data)  # from a process not holding it
+        await rec1.wait_body("news", sent[-1])
+        await rec2.wait_body("news", sent[-1])
+        assert rec1.bodies("news") == sent  # every message, in order
+        assert rec2.bodies("news") == sent
+        await three.publish("other", b"sentinel")
+        await rec3.wait_body("other", b"sentinel")
+        assert rec3.bodies("news") == []
+        assert three.stats()["stray"] == 0
+        assert one.stats()["published"] == 25
 
 
-def test_subscribe_and_unsubscribe_listen_and_unlisten(postgres: Postgres, prefix: str) -> None:
-    async def body() -> None:
-        async with connected(postgres.dsn, prefix) as (driver, rec):
-            await notify(postgres.dsn, prefix + "t", "before")
-            await driver.subscribe("t")
-            await driver.subscribe("sentinel")
-            await notify(postgres.dsn, prefix + "t", "listening")
-            await rec.wait_for("t", b"listening")
+async def test_subscribe_and_unsubscribe_listen_and_unlisten(
+    postgres: Postgres, prefix: str
+) -> None:
+    async with connected(postgres.dsn, prefix) as (driver, rec):
+        await notify(postgres.dsn, prefix + "t", "before")
+        await driver.subscribe("t")
+        await driver.subscribe("sentinel")
+        await notify(postgres.dsn, prefix + "t", "listening")
+        await rec.wait_body("t", b"listening")
 
-            await driver.unsubscribe("t")
-            assert driver.topics == {"sentinel"}
-            # One session, two transactions in order: had "after" been sent to
-            # the driver's session, it would have arrived before the sentinel.
-            await notify(postgres.dsn, prefix + "t", "after")
-            await notify(postgres.dsn, prefix + "sentinel", "1")
-            await rec.wait_for("sentinel", b"1")
-            assert rec.bodies("t") == [b"listening"]
-            # Not merely filtered out by the driver: the session got nothing (UNLISTEN).
-            assert driver.stats()["stray"] == 0
+        await driver.unsubscribe("t")
+        assert driver.topics == {"sentinel"}
+        # One session, two transactions in order: had "after" been sent to
+        # the driver's session, it would have arrived before the sentinel.
+        await notify(postgres.dsn, prefix + "t", "after")
+        await notify(postgres.dsn, prefix + "sentinel", "1")
+        await rec.wait_body("sentinel", b"1")
+        assert rec.bodies("t") == [b"listening"]
+        # Not merely filtered out by the driver: the session got nothing (UNLISTEN).
+        assert driver.stats()["stray"] == 0
 
-            await driver.unsubscribe("t")  # twice: harmless
-            await driver.subscribe("t")
-            await notify(postgres.dsn, prefix + "t", "again")
-            await rec.wait_for("t", b"again")
-            assert rec.bodies("t") == [b"listening", b"again"]
-
-    run(body)
-
-
-def test_unsendable_payloads_are_refused_before_the_server(postgres: Postgres, prefix: str) -> None:
-    async def body() -> None:
-        async with connected(postgres.dsn, prefix) as (driver, rec):
-            await driver.subscribe("t")
-            with pytest.raises(PayloadError):
-                await driver.publish("t", b"\x89PNG\r\n\x1a\n\x00")
-            with pytest.raises(LimitExceededError):
-                await driver.publish("t", b"x" * (MAX_PAYLOAD_BYTES + 1))
-            with pytest.raises(InvalidTopicError):
-                await driver.subscribe("x" * 60)
-            with pytest.raises(InvalidTopicError):
-                await driver.publish("x" * 60, b"x")
-            biggest = b"z" * MAX_PAYLOAD_BYTES  # the limit is right: this one goes
-            await driver.publish("t", biggest)
-            await rec.wait_for("t", biggest)
-            assert rec.bodies("t") == [biggest]
-            assert driver.stats()["reconnects"] == 0
-
-    run(body)
+        await driver.unsubscribe("t")  # twice: harmless
+        await driver.subscribe("t")
+        await notify(postgres.dsn, prefix + "t", "again")
+        await rec.wait_body("t", b"again")
+        assert rec.bodies("t") == [b"listening", b"again"]
 
 
-def test_close_is_idempotent_and_leaves_no_session(postgres: Postgres, prefix: str) -> None:
+async def test_unsendable_payloads_are_refused_before_the_server(
+    postgres: Postgres, prefix: str
+) -> None:
+    async with connected(postgres.dsn, prefix) as (driver, rec):
+        await driver.subscribe("t")
+        with pytest.raises(PayloadError):
+            await driver.publish("t", b"\x89PNG\r\n\x1a\n\x00")
+        with pytest.raises(LimitExceededError):
+            await driver.publish("t", b"x" * (MAX_PAYLOAD_BYTES + 1))
+        with pytest.raises(InvalidTopicError):
+            await driver.subscribe("x" * 60)
+        with pytest.raises(InvalidTopicError):
+            await driver.publish("x" * 60, b"x")
+        biggest = b"z" * MAX_PAYLOAD_BYTES  # the limit is right: this one goes
+        await driver.publish("t", biggest)
+        await rec.wait_body("t", biggest)
+        assert rec.bodies("t") == [biggest]
+        assert driver.stats()["reconnects"] == 0
+
+
+async def test_close_is_idempotent_and_leaves_no_session(postgres: Postgres, prefix: str) -> None:
     app = f"gochan-test-{secrets.token_hex(4)}"
 
     async def sessions(conn: Any) -> int:
@@ -320,53 +253,47 @@ def test_close_is_idempotent_and_leaves_no_session(postgres: Postgres, prefix: s
             )
         )
 
-    async def body() -> None:
-        async with plain_connection(postgres.dsn) as conn:
-            driver = PostgresDriver(dsn=postgres.dsn, prefix=prefix, application_name=app)
-            await driver.connect(Recorder())
+    async with plain_connection(postgres.dsn) as conn:
+        driver = PostgresDriver(dsn=postgres.dsn, prefix=prefix, application_name=app)
+        await driver.connect(Recorder())
+        await driver.subscribe("t")
+        await driver.publish("t", b"x")
+        assert await sessions(conn) >= 2  # the listener and a publisher
+        await driver.close()
+        await driver.close()
+        assert not driver.ready
+        for _ in range(100):
+            if await sessions(conn) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await sessions(conn) == 0
+        with pytest.raises(ClosedError):
             await driver.subscribe("t")
+        with pytest.raises(ClosedError):
             await driver.publish("t", b"x")
-            assert await sessions(conn) >= 2  # the listener and a publisher
-            await driver.close()
-            await driver.close()
-            assert not driver.ready
-            for _ in range(100):
-                if await sessions(conn) == 0:
-                    break
-                await asyncio.sleep(0.05)
-            assert await sessions(conn) == 0
-            with pytest.raises(ClosedError):
-                await driver.subscribe("t")
-            with pytest.raises(ClosedError):
-                await driver.publish("t", b"x")
-
-    run(body)
 
 
-def test_terminated_backend_is_replaced(postgres: Postgres, prefix: str) -> None:
-    async def body() -> None:
-        async with connected(postgres.dsn, prefix, reconnect_min=0.05) as (driver, rec):
-            topics = [f"room {i}" for i in range(20)]
-            for topic in topics:
-                await driver.subscribe(topic)
-            old_pid = driver.backend_pid
-            async with plain_connection(postgres.dsn) as conn:
-                assert await conn.fetchval("SELECT pg_terminate_backend($1)", old_pid)
-            await until(lambda: driver.stats()["reconnects"] == 1 and driver.ready, 10, "relisten")
-            assert driver.backend_pid not in (None, old_pid)
-            assert driver.topics == set(topics)
-            for topic in topics:
-                await notify(postgres.dsn, prefix + topic, topic)
-            for topic in topics:
-                await rec.wait_for(topic, topic.encode())
-            assert rec.failures == []
-            await driver.publish("room 1", b"published after")  # the pool still works
-            await rec.wait_for("room 1", b"published after")
-
-    run(body)
+async def test_terminated_backend_is_replaced(postgres: Postgres, prefix: str) -> None:
+    async with connected(postgres.dsn, prefix, reconnect_min=0.05) as (driver, rec):
+        topics = [f"room {i}" for i in range(20)]
+        for topic in topics:
+            await driver.subscribe(topic)
+        old_pid = driver.backend_pid
+        async with plain_connection(postgres.dsn) as conn:
+            assert await conn.fetchval("SELECT pg_terminate_backend($1)", old_pid)
+        await wait_until(lambda: driver.stats()["reconnects"] == 1 and driver.ready, 10, "relisten")
+        assert driver.backend_pid not in (None, old_pid)
+        assert driver.topics == set(topics)
+        for topic in topics:
+            await notify(postgres.dsn, prefix + topic, topic)
+        for topic in topics:
+            await rec.wait_body(topic, topic.encode())
+        assert rec.failures == []
+        await driver.publish("room 1", b"published after")  # the pool still works
+        await rec.wait_body("room 1", b"published after")
 
 
-def test_outage_then_recovery(postgres: Postgres, prefix: str) -> None:
+async def test_outage_then_recovery(postgres: Postgres, prefix: str) -> None:
     """The server drops the driver and refuses it for a while (its role may
     not log in), then lets it back."""
     parts = urlsplit(postgres.dsn)
@@ -401,7 +328,7 @@ def test_outage_then_recovery(postgres: Postgres, prefix: str) -> None:
             await admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
             )
-            await until(lambda: not driver.ready, 5, "ready to turn False")
+            await wait_until(lambda: not driver.ready, 5, "ready to turn False")
             loop = asyncio.get_running_loop()
             started = loop.time()
             with pytest.raises(BrokerError):
@@ -415,24 +342,24 @@ def test_outage_then_recovery(postgres: Postgres, prefix: str) -> None:
             assert driver.stats()["reconnects"] == 0
 
             await admin.execute(f'ALTER ROLE "{role}" LOGIN')
-            await until(lambda: driver.ready, 10, "reconnection")
+            await wait_until(lambda: driver.ready, 10, "reconnection")
             assert driver.stats()["reconnects"] == 1
             assert driver.topics == {"kept 1", "kept 2"}
             await notify(postgres.dsn, prefix + "dropped", "no")
             await notify(postgres.dsn, prefix + "kept 1", "one")
             await notify(postgres.dsn, prefix + "kept 2", "two")
-            await rec.wait_for("kept 1", b"one")
-            await rec.wait_for("kept 2", b"two")
+            await rec.wait_body("kept 1", b"one")
+            await rec.wait_body("kept 2", b"two")
             assert rec.bodies("dropped") == []
             assert driver.stats()["stray"] == 0  # "dropped" was not LISTENed again
             assert rec.failures == []  # a connection failure is no topic's failure
             await driver.subscribe("new")  # and it works as before
             await driver.publish("new", b"fresh")
-            await rec.wait_for("new", b"fresh")
+            await rec.wait_body("new", b"fresh")
             await asyncio.sleep(1.2)  # pings on a healthy connection change nothing
             assert driver.ready and driver.stats()["reconnects"] == 1
 
-    run(body)
+    await body()
 
 
 # -- end to end, through gochan's HTTP surface (tests/drivers/e2e.py) -------------
@@ -464,27 +391,26 @@ def e2e_broker(postgres: Postgres, prefix: str) -> e2e.Broker:
     return e2e.Broker("postgres", options, publish, restart, None)
 
 
-def test_e2e_relay(postgres: Postgres, prefix: str) -> None:
-    run(lambda: e2e.check_relay(e2e_broker(postgres, prefix)))
+async def test_e2e_relay(postgres: Postgres, prefix: str) -> None:
+    await e2e.check_relay(e2e_broker(postgres, prefix))
 
 
-def test_e2e_subscription_lifecycle(postgres: Postgres, prefix: str) -> None:
-    run(lambda: e2e.check_subscription_lifecycle(e2e_broker(postgres, prefix)))
+async def test_e2e_subscription_lifecycle(postgres: Postgres, prefix: str) -> None:
+    await e2e.check_subscription_lifecycle(e2e_broker(postgres, prefix))
 
 
-def test_e2e_broker_restart(postgres: Postgres, prefix: str) -> None:
-    run(lambda: e2e.check_broker_restart(e2e_broker(postgres, prefix)))
+async def test_e2e_broker_restart(postgres: Postgres, prefix: str) -> None:
+    await e2e.check_broker_restart(e2e_broker(postgres, prefix))
 
 
-def test_e2e_bodies_postgres_cannot_carry_are_refused(postgres: Postgres, prefix: str) -> None:
+async def test_e2e_bodies_postgres_cannot_carry_are_refused(
+    postgres: Postgres, prefix: str
+) -> None:
     """Binary and oversized bodies: 400 and 413 from POST /publish, nothing sent."""
 
-    async def main() -> None:
-        broker = e2e_broker(postgres, prefix)
-        async with e2e.nodes(broker, 1) as (node,), httpx.AsyncClient() as http:
-            url = f"http://127.0.0.1:{node.port}/publish?topic={broker.topic('x')}"
-            assert (await http.post(url, content=b"\xff\xfe binary")).status_code == 400
-            assert (await http.post(url, content=b"a" * 9000)).status_code == 413
-            assert (await http.post(url, content=b"fine")).status_code in (200, 202)
-
-    run(main)
+    broker = e2e_broker(postgres, prefix)
+    async with e2e.nodes(broker, 1) as (node,), httpx.AsyncClient() as http:
+        url = f"http://127.0.0.1:{node.port}/publish?topic={broker.topic('x')}"
+        assert (await http.post(url, content=b"\xff\xfe binary")).status_code == 400
+        assert (await http.post(url, content=b"a" * 9000)).status_code == 413
+        assert (await http.post(url, content=b"fine")).status_code in (200, 202)
