@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import aiomqtt
 import pytest
-import uvloop
 
 from gochan.drivers import create_driver
 from gochan.drivers.mqtt import MqttDriver
@@ -27,60 +26,12 @@ from gochan.errors import (
     InvalidTopicError,
 )
 
-from . import _mqtt_server, e2e
+from . import _mqtt_server, e2e, harness
 from ._mqtt_server import Mosquitto, MqttBroker
 from .conftest import free_port
+from .harness import DELIVERY_TIMEOUT_S, Recorder, wait_until
 
-_T = TypeVar("_T")
-DELIVERY_TIMEOUT_S = 10.0
 PROMPT_S = 1.0  # "promptly": how long a refusal while disconnected may take
-
-
-# -- harness ----------------------------------------------------------------
-
-
-def run(fn: Callable[[], Awaitable[_T]]) -> _T:
-    """Run a coroutine on uvloop (gochan's loop); fail on unhandled loop errors."""
-    unhandled: list[dict[str, Any]] = []
-
-    async def main() -> _T:
-        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: unhandled.append(ctx))
-        return await fn()
-
-    result = uvloop.run(main())
-    if unhandled:
-        pytest.fail(f"unhandled exception in the event loop: {unhandled[0]}")
-    return result
-
-
-class Recorder:
-    """The streamer's stand-in: records what the driver delivers."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes, str | None]] = []
-        self.failures: list[tuple[str, str]] = []
-
-    def on_message(self, topic: str, data: bytes, event_id: str | None) -> str:
-        self.messages.append((topic, data, event_id))
-        return event_id or str(len(self.messages))  # the streamer numbers it
-
-    def on_subscription_failure(self, topic: str, message: str) -> None:
-        self.failures.append((topic, message))
-
-    def bodies(self, topic: str) -> list[bytes]:
-        return [data for t, data, _ in self.messages if t == topic]
-
-    async def wait_for(self, topic: str, body: bytes, timeout: float = DELIVERY_TIMEOUT_S) -> None:
-        await until(lambda: body in self.bodies(topic), timeout, f"{body!r} on {topic!r}")
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +56,10 @@ def prefix() -> str:
     return f"gochan-test/{secrets.token_hex(4)}/"
 
 
-@asynccontextmanager
-async def connected(
+def connected(
     broker: MqttBroker, **options: Any
-) -> AsyncIterator[tuple[MqttDriver, Recorder]]:
-    driver = MqttDriver(**{**broker.driver_options(), **options})
-    recorder = Recorder()
-    await driver.connect(recorder)
-    try:
-        yield driver, recorder
-    finally:
-        await driver.close()
+) -> AbstractAsyncContextManager[tuple[MqttDriver, Recorder]]:
+    return harness.connected(MqttDriver(**{**broker.driver_options(), **options}))
 
 
 @asynccontextmanager
@@ -204,258 +148,230 @@ def test_registry_builds_the_driver() -> None:
     assert not driver.ready
 
 
-def test_connect_to_nothing_fails_promptly() -> None:
-    async def body() -> None:
-        driver = MqttDriver(port=free_port(), timeout=2)
-        with pytest.raises(BrokerConnectionError):
-            await asyncio.wait_for(driver.connect(Recorder()), 5)
-        assert not driver.ready
-        await driver.close()
-        with pytest.raises(ClosedError):
-            await driver.connect(Recorder())
-
-    run(body)
+async def test_connect_to_nothing_fails_promptly() -> None:
+    driver = MqttDriver(port=free_port(), timeout=2)
+    with pytest.raises(BrokerConnectionError):
+        await asyncio.wait_for(driver.connect(Recorder()), 5)
+    assert not driver.ready
+    await driver.close()
+    with pytest.raises(ClosedError):
+        await driver.connect(Recorder())
 
 
 # -- against the broker -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("qos", [0, 1])
-def test_plain_mqtt_publish_arrives_unchanged(mqtt: MqttBroker, prefix: str, qos: int) -> None:
+async def test_plain_mqtt_publish_arrives_unchanged(
+    mqtt: MqttBroker, prefix: str, qos: int
+) -> None:
     binary = bytes(range(256)) + b"\r\n\n\rdata: x\x00"
 
-    async def body() -> None:
-        async with connected(mqtt, qos=qos) as (driver, rec):
-            assert driver.ready
-            await driver.subscribe(prefix + "orders")
-            await plain_publish(mqtt, prefix + "orders", binary, b"", b"second", qos=qos)
-            await rec.wait_for(prefix + "orders", b"second")
-            assert rec.bodies(prefix + "orders") == [binary, b"", b"second"]
-            assert all(event_id is None for _, _, event_id in rec.messages)
-            assert rec.failures == []
-
-    run(body)
+    async with connected(mqtt, qos=qos) as (driver, rec):
+        assert driver.ready
+        await driver.subscribe(prefix + "orders")
+        await plain_publish(mqtt, prefix + "orders", binary, b"", b"second", qos=qos)
+        await rec.wait_body(prefix + "orders", b"second")
+        assert rec.bodies(prefix + "orders") == [binary, b"", b"second"]
+        assert all(event_id is None for _, _, event_id in rec.messages)
+        assert rec.failures == []
 
 
-def test_mosquitto_pub_arrives_unchanged(mqtt: MqttBroker, prefix: str) -> None:
+async def test_mosquitto_pub_arrives_unchanged(mqtt: MqttBroker, prefix: str) -> None:
     mosquitto_pub = shutil.which("mosquitto_pub")
     if mosquitto_pub is None:
         pytest.skip("mosquitto_pub is not installed")
     binary = bytes(range(1, 256)) + b"\n\r\n"
 
-    async def body() -> None:
-        async with connected(mqtt) as (driver, rec):
-            await driver.subscribe(prefix + "cli")
-            auth = ["-u", mqtt.username, "-P", mqtt.password] if mqtt.username else []
-            process = await asyncio.create_subprocess_exec(
-                mosquitto_pub,
-                "-h",
-                mqtt.host,
-                "-p",
-                str(mqtt.port),
-                *auth,
-                "-q",
-                "1",
-                "-t",
-                prefix + "cli",
-                "-s",  # the message is stdin, byte for byte
-                stdin=asyncio.subprocess.PIPE,
-            )
-            await process.communicate(binary)
-            assert process.returncode == 0
-            await rec.wait_for(prefix + "cli", binary)
-            assert rec.bodies(prefix + "cli") == [binary]
-
-    run(body)
+    async with connected(mqtt) as (driver, rec):
+        await driver.subscribe(prefix + "cli")
+        auth = ["-u", mqtt.username, "-P", mqtt.password] if mqtt.username else []
+        process = await asyncio.create_subprocess_exec(
+            mosquitto_pub,
+            "-h",
+            mqtt.host,
+            "-p",
+            str(mqtt.port),
+            *auth,
+            "-q",
+            "1",
+            "-t",
+            prefix + "cli",
+            "-s",  # the message is stdin, byte for byte
+            stdin=asyncio.subprocess.PIPE,
+        )
+        await process.communicate(binary)
+        assert process.returncode == 0
+        await rec.wait_body(prefix + "cli", binary)
+        assert rec.bodies(prefix + "cli") == [binary]
 
 
-def test_prefix_maps_topics(mqtt: MqttBroker, prefix: str) -> None:
-    async def body() -> None:
-        async with connected(mqtt, prefix=prefix) as (driver, rec):
-            await driver.subscribe("room/1")
-            await plain_publish(mqtt, "room/1", b"outside the prefix")
-            await plain_publish(mqtt, prefix + "room/1", b"inside")
-            await rec.wait_for("room/1", b"inside")
-            await driver.publish("room/1", b"from the driver")
-            await rec.wait_for("room/1", b"from the driver")
-            assert rec.bodies("room/1") == [b"inside", b"from the driver"]
-
-    run(body)
+async def test_prefix_maps_topics(mqtt: MqttBroker, prefix: str) -> None:
+    async with connected(mqtt, prefix=prefix) as (driver, rec):
+        await driver.subscribe("room/1")
+        await plain_publish(mqtt, "room/1", b"outside the prefix")
+        await plain_publish(mqtt, prefix + "room/1", b"inside")
+        await rec.wait_body("room/1", b"inside")
+        await driver.publish("room/1", b"from the driver")
+        await rec.wait_body("room/1", b"from the driver")
+        assert rec.bodies("room/1") == [b"inside", b"from the driver"]
 
 
-def test_driver_publish_reaches_every_process(mqtt: MqttBroker, prefix: str) -> None:
+async def test_driver_publish_reaches_every_process(mqtt: MqttBroker, prefix: str) -> None:
     """Two processes holding a topic both get every message: fan-out."""
 
-    async def body() -> None:
-        async with (
-            connected(mqtt, prefix=prefix) as (one, rec1),
-            connected(mqtt, prefix=prefix) as (two, rec2),
-            connected(mqtt, prefix=prefix) as (three, rec3),
-        ):
-            assert one.client_id != two.client_id
-            await one.subscribe("news")
-            await two.subscribe("news")
-            await three.subscribe("other")
-            sent = [f"message {i}".encode() for i in range(50)]
-            for data in sent[:25]:
-                assert await one.publish("news", data) is None
-            for data in sent[25:]:
-                await three.publish("news", data)  # from a process not holding it
-            await rec1.wait_for("news", sent[-1])
-            await rec2.wait_for("news", sent[-1])
-            assert rec1.bodies("news") == sent  # every message, in order
-            assert rec2.bodies("news") == sent
-            await three.publish("other", b"sentinel")
-            await rec3.wait_for("other", b"sentinel")
-            assert rec3.bodies("news") == []
-            assert three.stats()["stray"] == 0
-            assert one.stats()["published"] == 25
-
-    run(body)
+    async with (
+        connected(mqtt, prefix=prefix) as (one, rec1),
+        connected(mqtt, prefix=prefix) as (two, rec2),
+        connected(mqtt, prefix=prefix) as (three, rec3),
+    ):
+        assert one.client_id != two.client_id
+        await one.subscribe("news")
+        await two.subscribe("news")
+        await three.subscribe("other")
+        sent = [f"message {i}".encode() for i in range(50)]
+        for data in sent[:25]:
+            assert await one.publish("news", data) is None
+        for data in sent[25:]:
+            await three.publish("news", data)  # from a process not holding it
+        await rec1.wait_body("news", sent[-1])
+        await rec2.wait_body("news", sent[-1])
+        assert rec1.bodies("news") == sent  # every message, in order
+        assert rec2.bodies("news") == sent
+        await three.publish("other", b"sentinel")
+        await rec3.wait_body("other", b"sentinel")
+        assert rec3.bodies("news") == []
+        assert three.stats()["stray"] == 0
+        assert one.stats()["published"] == 25
 
 
-def test_subscribe_and_unsubscribe_open_and_close_the_subscription(
+async def test_subscribe_and_unsubscribe_open_and_close_the_subscription(
     own_mosquitto: Mosquitto,
 ) -> None:
     broker = own_mosquitto.broker()
 
-    async def body() -> None:
-        async with connected(broker) as (driver, rec):
-            await plain_publish(broker, "t", b"before")
-            await driver.subscribe("t")
-            await driver.subscribe("sentinel")
-            await plain_publish(broker, "t", b"subscribed")
-            await rec.wait_for("t", b"subscribed")
-
-            await driver.unsubscribe("t")
-            assert driver.topics == {"sentinel"}
-            # Same publisher, same connection: had "after" been sent to us, it
-            # would have arrived before the sentinel.
-            await plain_publish(broker, "t", b"after", qos=1)
-            await plain_publish(broker, "sentinel", b"1", qos=1)
-            await rec.wait_for("sentinel", b"1")
-            assert rec.bodies("t") == [b"subscribed"]
-            assert driver.stats()["stray"] == 0  # the broker did not send it at all
-
-            await driver.unsubscribe("t")  # twice: harmless
-            await driver.subscribe("t")
-            await plain_publish(broker, "t", b"again")
-            await rec.wait_for("t", b"again")
-            # Seen from the broker: one SUBSCRIBE/UNSUBSCRIBE per call, no more.
-            await until(
-                lambda: len(own_mosquitto.subscriptions(driver.client_id)) >= 4, 5, "broker log"
-            )
-            assert own_mosquitto.subscriptions(driver.client_id) == [
-                ("subscribe", "t"),
-                ("subscribe", "sentinel"),
-                ("unsubscribe", "t"),
-                ("subscribe", "t"),
-            ]
-
-    run(body)
-
-
-def test_retained_messages_are_not_replayed(mqtt: MqttBroker, prefix: str) -> None:
-    async def body() -> None:
-        topic = prefix + "state"
-        await plain_publish(mqtt, topic, b"old state", retain=True)
-        try:
-            async with connected(mqtt) as (driver, rec):
-                await driver.subscribe(topic)
-                await driver.subscribe(prefix + "sentinel")
-                await plain_publish(mqtt, topic, b"live", retain=True)  # live: delivered
-                await plain_publish(mqtt, prefix + "sentinel", b"1")
-                await rec.wait_for(prefix + "sentinel", b"1")
-                await rec.wait_for(topic, b"live")
-                assert rec.bodies(topic) == [b"live"]
-        finally:
-            await plain_publish(mqtt, topic, b"", retain=True)  # clears it
-
-    run(body)
-
-
-def test_invalid_topics_are_refused_before_the_broker(mqtt: MqttBroker, prefix: str) -> None:
-    async def body() -> None:
-        async with connected(mqtt, prefix=prefix) as (driver, rec):
-            for topic in ("a/+", "#", "x\ufffe"):
-                with pytest.raises(InvalidTopicError):
-                    await driver.subscribe(topic)
-                with pytest.raises(InvalidTopicError):
-                    await driver.publish(topic, b"x")
-            assert driver.topics == frozenset()
-            await driver.subscribe("ok")  # the connection is untouched
-            await driver.publish("ok", b"fine")
-            await rec.wait_for("ok", b"fine")
-            assert driver.stats()["reconnects"] == 0
-
-    run(body)
-
-
-def test_close_is_idempotent(own_mosquitto: Mosquitto) -> None:
-    async def body() -> None:
-        driver = MqttDriver(host="127.0.0.1", port=own_mosquitto.port)
-        await driver.connect(Recorder())
+    async with connected(broker) as (driver, rec):
+        await plain_publish(broker, "t", b"before")
         await driver.subscribe("t")
-        await driver.close()
-        await driver.close()
-        assert not driver.ready
-        with pytest.raises(ClosedError):
-            await driver.subscribe("t")
-        with pytest.raises(ClosedError):
-            await driver.publish("t", b"x")
-        await until(
-            lambda: f"Client {driver.client_id} disconnected" in own_mosquitto.log(),
-            5,
-            "the broker to see the disconnection",
+        await driver.subscribe("sentinel")
+        await plain_publish(broker, "t", b"subscribed")
+        await rec.wait_body("t", b"subscribed")
+
+        await driver.unsubscribe("t")
+        assert driver.topics == {"sentinel"}
+        # Same publisher, same connection: had "after" been sent to us, it
+        # would have arrived before the sentinel.
+        await plain_publish(broker, "t", b"after", qos=1)
+        await plain_publish(broker, "sentinel", b"1", qos=1)
+        await rec.wait_body("sentinel", b"1")
+        assert rec.bodies("t") == [b"subscribed"]
+        assert driver.stats()["stray"] == 0  # the broker did not send it at all
+
+        await driver.unsubscribe("t")  # twice: harmless
+        await driver.subscribe("t")
+        await plain_publish(broker, "t", b"again")
+        await rec.wait_body("t", b"again")
+        # Seen from the broker: one SUBSCRIBE/UNSUBSCRIBE per call, no more.
+        await wait_until(
+            lambda: len(own_mosquitto.subscriptions(driver.client_id)) >= 4, 5, "broker log"
         )
+        assert own_mosquitto.subscriptions(driver.client_id) == [
+            ("subscribe", "t"),
+            ("subscribe", "sentinel"),
+            ("unsubscribe", "t"),
+            ("subscribe", "t"),
+        ]
 
-    run(body)
+
+async def test_retained_messages_are_not_replayed(mqtt: MqttBroker, prefix: str) -> None:
+    topic = prefix + "state"
+    await plain_publish(mqtt, topic, b"old state", retain=True)
+    try:
+        async with connected(mqtt) as (driver, rec):
+            await driver.subscribe(topic)
+            await driver.subscribe(prefix + "sentinel")
+            await plain_publish(mqtt, topic, b"live", retain=True)  # live: delivered
+            await plain_publish(mqtt, prefix + "sentinel", b"1")
+            await rec.wait_body(prefix + "sentinel", b"1")
+            await rec.wait_body(topic, b"live")
+            assert rec.bodies(topic) == [b"live"]
+    finally:
+        await plain_publish(mqtt, topic, b"", retain=True)  # clears it
 
 
-def test_broker_restart_mid_stream(own_mosquitto: Mosquitto) -> None:
+async def test_invalid_topics_are_refused_before_the_broker(mqtt: MqttBroker, prefix: str) -> None:
+    async with connected(mqtt, prefix=prefix) as (driver, rec):
+        for topic in ("a/+", "#", "x\ufffe"):
+            with pytest.raises(InvalidTopicError):
+                await driver.subscribe(topic)
+            with pytest.raises(InvalidTopicError):
+                await driver.publish(topic, b"x")
+        assert driver.topics == frozenset()
+        await driver.subscribe("ok")  # the connection is untouched
+        await driver.publish("ok", b"fine")
+        await rec.wait_body("ok", b"fine")
+        assert driver.stats()["reconnects"] == 0
+
+
+async def test_close_is_idempotent(own_mosquitto: Mosquitto) -> None:
+    driver = MqttDriver(host="127.0.0.1", port=own_mosquitto.port)
+    await driver.connect(Recorder())
+    await driver.subscribe("t")
+    await driver.close()
+    await driver.close()
+    assert not driver.ready
+    with pytest.raises(ClosedError):
+        await driver.subscribe("t")
+    with pytest.raises(ClosedError):
+        await driver.publish("t", b"x")
+    await wait_until(
+        lambda: f"Client {driver.client_id} disconnected" in own_mosquitto.log(),
+        5,
+        "the broker to see the disconnection",
+    )
+
+
+async def test_broker_restart_mid_stream(own_mosquitto: Mosquitto) -> None:
     broker = own_mosquitto.broker()
 
-    async def body() -> None:
-        async with connected(broker, reconnect_min=0.05, reconnect_max=0.3) as (driver, rec):
-            for topic in ("kept/1", "kept/2", "dropped"):
-                await driver.subscribe(topic)
-            await plain_publish(broker, "kept/1", b"before")
-            await rec.wait_for("kept/1", b"before")
+    async with connected(broker, reconnect_min=0.05, reconnect_max=0.3) as (driver, rec):
+        for topic in ("kept/1", "kept/2", "dropped"):
+            await driver.subscribe(topic)
+        await plain_publish(broker, "kept/1", b"before")
+        await rec.wait_body("kept/1", b"before")
 
-            await asyncio.to_thread(own_mosquitto.kill)
-            await until(lambda: not driver.ready, 5, "ready to turn False")
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            with pytest.raises(BrokerError):
-                await driver.subscribe("new")
-            with pytest.raises(BrokerError):
-                await driver.publish("kept/1", b"lost")
-            assert loop.time() - started < PROMPT_S
-            await driver.unsubscribe("dropped")  # forgotten locally
-            await asyncio.sleep(0.5)  # a few failed reconnection attempts
-            assert not driver.ready
+        await asyncio.to_thread(own_mosquitto.kill)
+        await wait_until(lambda: not driver.ready, 5, "ready to turn False")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(BrokerError):
+            await driver.subscribe("new")
+        with pytest.raises(BrokerError):
+            await driver.publish("kept/1", b"lost")
+        assert loop.time() - started < PROMPT_S
+        await driver.unsubscribe("dropped")  # forgotten locally
+        await asyncio.sleep(0.5)  # a few failed reconnection attempts
+        assert not driver.ready
 
-            await asyncio.to_thread(own_mosquitto.start)  # same port, empty broker
-            await until(lambda: driver.ready, 10, "reconnection")
-            assert driver.stats()["reconnects"] == 1
-            assert driver.topics == {"kept/1", "kept/2"}
-            await plain_publish(broker, "dropped", b"no")
-            await plain_publish(broker, "kept/1", b"one")
-            await plain_publish(broker, "kept/2", b"two")
-            await rec.wait_for("kept/1", b"one")
-            await rec.wait_for("kept/2", b"two")
-            assert rec.bodies("dropped") == []
-            assert driver.stats()["stray"] == 0
-            assert rec.failures == []  # a connection failure is no topic's failure
-            # The restarted broker got the subscriptions again, "dropped" excepted.
-            events = own_mosquitto.subscriptions(driver.client_id)
-            assert sorted(events[-2:]) == [("subscribe", "kept/1"), ("subscribe", "kept/2")]
-            assert events.count(("subscribe", "dropped")) == 1
-            await driver.subscribe("new")  # and it works as before
-            await driver.publish("new", b"fresh")
-            await rec.wait_for("new", b"fresh")
-
-    run(body)
+        await asyncio.to_thread(own_mosquitto.start)  # same port, empty broker
+        await wait_until(lambda: driver.ready, 10, "reconnection")
+        assert driver.stats()["reconnects"] == 1
+        assert driver.topics == {"kept/1", "kept/2"}
+        await plain_publish(broker, "dropped", b"no")
+        await plain_publish(broker, "kept/1", b"one")
+        await plain_publish(broker, "kept/2", b"two")
+        await rec.wait_body("kept/1", b"one")
+        await rec.wait_body("kept/2", b"two")
+        assert rec.bodies("dropped") == []
+        assert driver.stats()["stray"] == 0
+        assert rec.failures == []  # a connection failure is no topic's failure
+        # The restarted broker got the subscriptions again, "dropped" excepted.
+        events = own_mosquitto.subscriptions(driver.client_id)
+        assert sorted(events[-2:]) == [("subscribe", "kept/1"), ("subscribe", "kept/2")]
+        assert events.count(("subscribe", "dropped")) == 1
+        await driver.subscribe("new")  # and it works as before
+        await driver.publish("new", b"fresh")
+        await rec.wait_body("new", b"fresh")
 
 
 # -- end to end, through gochan's HTTP surface (tests/drivers/e2e.py) -------------
@@ -479,13 +395,13 @@ def e2e_broker(mosquitto: Mosquitto) -> e2e.Broker:
     return e2e.Broker("mqtt", options, publish, restart, subscribed)
 
 
-def test_e2e_relay(own_mosquitto: Mosquitto) -> None:
-    run(lambda: e2e.check_relay(e2e_broker(own_mosquitto)))
+async def test_e2e_relay(own_mosquitto: Mosquitto) -> None:
+    await e2e.check_relay(e2e_broker(own_mosquitto))
 
 
-def test_e2e_subscription_lifecycle(own_mosquitto: Mosquitto) -> None:
-    run(lambda: e2e.check_subscription_lifecycle(e2e_broker(own_mosquitto)))
+async def test_e2e_subscription_lifecycle(own_mosquitto: Mosquitto) -> None:
+    await e2e.check_subscription_lifecycle(e2e_broker(own_mosquitto))
 
 
-def test_e2e_broker_restart(own_mosquitto: Mosquitto) -> None:
-    run(lambda: e2e.check_broker_restart(e2e_broker(own_mosquitto)))
+async def test_e2e_broker_restart(own_mosquitto: Mosquitto) -> None:
+    await e2e.check_broker_restart(e2e_broker(own_mosquitto))
