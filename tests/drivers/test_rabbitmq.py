@@ -9,12 +9,11 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, suppress
-from typing import Any, TypeVar
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from typing import Any
 
 import aio_pika
 import pytest
-import uvloop
 from aio_pika.exceptions import ChannelClosed, ChannelNotFoundEntity
 
 from gochan.drivers import create_driver
@@ -27,59 +26,11 @@ from gochan.errors import (
     InvalidTopicError,
 )
 
-from . import _rabbitmq_server, e2e
+from . import _rabbitmq_server, e2e, harness
 from ._rabbitmq_server import RabbitMQ, TcpProxy
+from .harness import DELIVERY_TIMEOUT_S, Recorder, wait_until
 
-_T = TypeVar("_T")
-DELIVERY_TIMEOUT_S = 10.0
 PROMPT_S = 1.0  # "promptly": how long a refusal while disconnected may take
-
-
-# -- harness ----------------------------------------------------------------
-
-
-def run(fn: Callable[[], Awaitable[_T]]) -> _T:
-    """Run a coroutine on uvloop (gochan's loop); fail on unhandled loop errors."""
-    unhandled: list[dict[str, Any]] = []
-
-    async def main() -> _T:
-        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: unhandled.append(ctx))
-        return await fn()
-
-    result = uvloop.run(main())
-    if unhandled:
-        pytest.fail(f"unhandled exception in the event loop: {unhandled[0]}")
-    return result
-
-
-class Recorder:
-    """The streamer's stand-in: records what the driver delivers."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes, str | None]] = []
-        self.failures: list[tuple[str, str]] = []
-
-    def on_message(self, topic: str, data: bytes, event_id: str | None) -> str:
-        self.messages.append((topic, data, event_id))
-        return event_id or str(len(self.messages))  # the streamer numbers it
-
-    def on_subscription_failure(self, topic: str, message: str) -> None:
-        self.failures.append((topic, message))
-
-    def bodies(self, topic: str) -> list[bytes]:
-        return [data for t, data, _ in self.messages if t == topic]
-
-    async def wait_for(self, topic: str, body: bytes, timeout: float = DELIVERY_TIMEOUT_S) -> None:
-        await until(lambda: body in self.bodies(topic), timeout, f"{body!r} on {topic!r}")
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +41,12 @@ def rabbitmq() -> Iterator[RabbitMQ]:
 
 
 @pytest.fixture
-def exchange() -> str:
-    return f"gochan-test-{secrets.token_hex(6)}"
+def exchange(rabbitmq: RabbitMQ) -> Iterator[str]:
+    """An exchange name of the test's own; the exchange is deleted afterwards."""
+    name = f"gochan-test-{secrets.token_hex(6)}"
+    yield name
+    with suppress(Exception):
+        asyncio.run(delete_exchange(rabbitmq.url, name))
 
 
 @asynccontextmanager
@@ -134,30 +89,10 @@ async def queue_state(url: str, queue: str) -> str:
         return "exists"
 
 
-@asynccontextmanager
-async def connected(
+def connected(
     url: str, exchange: str, **options: Any
-) -> AsyncIterator[tuple[RabbitMQDriver, Recorder]]:
-    driver = RabbitMQDriver(url=url, exchange=exchange, **options)
-    recorder = Recorder()
-    await driver.connect(recorder)
-    try:
-        yield driver, recorder
-    finally:
-        await driver.close()
-
-
-def with_exchange_cleanup(
-    url: str, exchange: str, body: Callable[[], Awaitable[None]]
-) -> Callable[[], Awaitable[None]]:
-    async def wrapped() -> None:
-        try:
-            await body()
-        finally:
-            with suppress(Exception):
-                await delete_exchange(url, exchange)
-
-    return wrapped
+) -> AbstractAsyncContextManager[tuple[RabbitMQDriver, Recorder]]:
+    return harness.connected(RabbitMQDriver(url=url, exchange=exchange, **options))
 
 
 # -- no broker needed ---------------------------------------------------------
@@ -211,239 +146,219 @@ def test_registry_builds_the_driver() -> None:
     assert not driver.ready
 
 
-def test_connect_to_nothing_fails_promptly() -> None:
+async def test_connect_to_nothing_fails_promptly() -> None:
     from .conftest import free_port
 
-    async def body() -> None:
-        driver = RabbitMQDriver(url=f"amqp://guest:guest@127.0.0.1:{free_port()}/", timeout=2)
-        with pytest.raises(BrokerConnectionError):
-            await asyncio.wait_for(driver.connect(Recorder()), 5)
-        assert not driver.ready
-        await driver.close()
-        with pytest.raises(ClosedError):
-            await driver.connect(Recorder())
-
-    run(body)
+    driver = RabbitMQDriver(url=f"amqp://guest:guest@127.0.0.1:{free_port()}/", timeout=2)
+    with pytest.raises(BrokerConnectionError):
+        await asyncio.wait_for(driver.connect(Recorder()), 5)
+    assert not driver.ready
+    await driver.close()
+    with pytest.raises(ClosedError):
+        await driver.connect(Recorder())
 
 
 # -- against the broker -----------------------------------------------------------
 
 
-def test_plain_amqp_publish_arrives_unchanged(rabbitmq: RabbitMQ, exchange: str) -> None:
+async def test_plain_amqp_publish_arrives_unchanged(rabbitmq: RabbitMQ, exchange: str) -> None:
     body_bytes = bytes(range(256)) + b"\r\n\n\rdata: x\x00"
 
-    async def body() -> None:
-        async with connected(rabbitmq.url, exchange) as (driver, rec):
-            assert driver.ready
-            await driver.subscribe("orders.eu")
-            await driver.subscribe("a*b")  # '*' inside a word is literal
-            await plain_publish(rabbitmq.url, exchange, "orders.eu", body_bytes, b"", b"second")
-            await plain_publish(rabbitmq.url, exchange, "axb", b"must not match a*b")
-            await plain_publish(rabbitmq.url, exchange, "a*b", b"literal star")
-            await rec.wait_for("a*b", b"literal star")
-            await rec.wait_for("orders.eu", b"second")
-            assert rec.bodies("orders.eu") == [body_bytes, b"", b"second"]
-            assert rec.bodies("a*b") == [b"literal star"]
-            assert all(event_id is None for _, _, event_id in rec.messages)
-            assert rec.failures == []
-            assert driver.stats()["subscriptions"] == 2
-
-    run(with_exchange_cleanup(rabbitmq.url, exchange, body))
+    async with connected(rabbitmq.url, exchange) as (driver, rec):
+        assert driver.ready
+        await driver.subscribe("orders.eu")
+        await driver.subscribe("a*b")  # '*' inside a word is literal
+        await plain_publish(rabbitmq.url, exchange, "orders.eu", body_bytes, b"", b"second")
+        await plain_publish(rabbitmq.url, exchange, "axb", b"must not match a*b")
+        await plain_publish(rabbitmq.url, exchange, "a*b", b"literal star")
+        await rec.wait_body("a*b", b"literal star")
+        await rec.wait_body("orders.eu", b"second")
+        assert rec.bodies("orders.eu") == [body_bytes, b"", b"second"]
+        assert rec.bodies("a*b") == [b"literal star"]
+        assert all(event_id is None for _, _, event_id in rec.messages)
+        assert rec.failures == []
+        assert driver.stats()["subscriptions"] == 2
 
 
-def test_driver_publish_reaches_every_process(rabbitmq: RabbitMQ, exchange: str) -> None:
+async def test_driver_publish_reaches_every_process(rabbitmq: RabbitMQ, exchange: str) -> None:
     """Two processes holding a topic both get every message: fan-out, not competition."""
 
-    async def body() -> None:
-        async with (
-            connected(rabbitmq.url, exchange) as (one, rec1),
-            connected(rabbitmq.url, exchange) as (two, rec2),
-            connected(rabbitmq.url, exchange) as (three, rec3),
-        ):
-            assert one.queue_name != two.queue_name
-            await one.subscribe("news")
-            await two.subscribe("news")
-            await three.subscribe("other")
-            sent = [f"message {i}".encode() for i in range(50)]
-            for data in sent[:25]:
-                assert await one.publish("news", data) is None
-            for data in sent[25:]:
-                await three.publish("news", data)  # from a process not holding it
-            await rec1.wait_for("news", sent[-1])
-            await rec2.wait_for("news", sent[-1])
-            assert rec1.bodies("news") == sent  # every message, in order
-            assert rec2.bodies("news") == sent
-            await three.publish("other", b"sentinel")
-            await rec3.wait_for("other", b"sentinel")
-            assert rec3.bodies("news") == []
-            assert one.stats()["published"] == 25
-
-    run(with_exchange_cleanup(rabbitmq.url, exchange, body))
+    async with (
+        connected(rabbitmq.url, exchange) as (one, rec1),
+        connected(rabbitmq.url, exchange) as (two, rec2),
+        connected(rabbitmq.url, exchange) as (three, rec3),
+    ):
+        assert one.queue_name != two.queue_name
+        await one.subscribe("news")
+        await two.subscribe("news")
+        await three.subscribe("other")
+        sent = [f"message {i}".encode() for i in range(50)]
+        for data in sent[:25]:
+            assert await one.publish("news", data) is None
+        for data in sent[25:]:
+            await three.publish("news", data)  # from a process not holding it
+        await rec1.wait_body("news", sent[-1])
+        await rec2.wait_body("news", sent[-1])
+        assert rec1.bodies("news") == sent  # every message, in order
+        assert rec2.bodies("news") == sent
+        await three.publish("other", b"sentinel")
+        await rec3.wait_body("other", b"sentinel")
+        assert rec3.bodies("news") == []
+        assert one.stats()["published"] == 25
 
 
-def test_subscribe_and_unsubscribe_open_and_close_the_binding(
+async def test_subscribe_and_unsubscribe_open_and_close_the_binding(
     rabbitmq: RabbitMQ, exchange: str
 ) -> None:
-    async def body() -> None:
-        async with connected(rabbitmq.url, exchange) as (driver, rec):
-            # Nothing bound yet: a message published now is not routed to us.
-            await plain_publish(rabbitmq.url, exchange, "t", b"before")
-            await driver.subscribe("t")
-            await driver.subscribe("sentinel")
-            await plain_publish(rabbitmq.url, exchange, "t", b"bound")
-            await rec.wait_for("t", b"bound")
-
-            await driver.unsubscribe("t")
-            assert driver.topics == {"sentinel"}
-            # Same publisher, same route: had "after" been routed to our queue,
-            # it would have arrived before the sentinel.
-            await plain_publish(rabbitmq.url, exchange, "t", b"after")
-            await plain_publish(rabbitmq.url, exchange, "sentinel", b"1")
-            await rec.wait_for("sentinel", b"1")
-            assert rec.bodies("t") == [b"bound"]
-            # Not merely filtered out by the driver: the broker no longer routes it.
-            assert driver.stats()["stray"] == 0
-            if rabbitmq.ctl_available():
-                assert await asyncio.to_thread(rabbitmq.bindings, exchange) == {
-                    (driver.queue_name, "sentinel")
-                }
-
-            await driver.unsubscribe("t")  # twice: harmless
-            await driver.subscribe("t")
-            await plain_publish(rabbitmq.url, exchange, "t", b"again")
-            await rec.wait_for("t", b"again")
-            assert rec.bodies("t") == [b"bound", b"again"]
-            if rabbitmq.ctl_available():
-                assert await asyncio.to_thread(rabbitmq.bindings, exchange) == {
-                    (driver.queue_name, "sentinel"),
-                    (driver.queue_name, "t"),
-                }
-
-    run(with_exchange_cleanup(rabbitmq.url, exchange, body))
-
-
-def test_close_deletes_the_queue_and_is_idempotent(rabbitmq: RabbitMQ, exchange: str) -> None:
-    async def body() -> None:
-        driver = RabbitMQDriver(url=rabbitmq.url, exchange=exchange)
-        await driver.connect(Recorder())
+    async with connected(rabbitmq.url, exchange) as (driver, rec):
+        # Nothing bound yet: a message published now is not routed to us.
+        await plain_publish(rabbitmq.url, exchange, "t", b"before")
         await driver.subscribe("t")
-        queue = driver.queue_name
-        assert queue is not None and queue.startswith("amq.gen-")
-        assert await queue_state(rabbitmq.url, queue) == "exists"
-        await driver.close()
-        assert not driver.ready
-        assert await queue_state(rabbitmq.url, queue) == "gone"
-        await driver.close()
-        with pytest.raises(ClosedError):
-            await driver.subscribe("t")
-        with pytest.raises(ClosedError):
-            await driver.publish("t", b"x")
-        # The exchange is shared by every process and stays.
-        async with plain_channel(rabbitmq.url) as channel:
-            await channel.declare_exchange(exchange, "topic", durable=True, passive=True)
+        await driver.subscribe("sentinel")
+        await plain_publish(rabbitmq.url, exchange, "t", b"bound")
+        await rec.wait_body("t", b"bound")
 
-    run(with_exchange_cleanup(rabbitmq.url, exchange, body))
+        await driver.unsubscribe("t")
+        assert driver.topics == {"sentinel"}
+        # Same publisher, same route: had "after" been routed to our queue,
+        # it would have arrived before the sentinel.
+        await plain_publish(rabbitmq.url, exchange, "t", b"after")
+        await plain_publish(rabbitmq.url, exchange, "sentinel", b"1")
+        await rec.wait_body("sentinel", b"1")
+        assert rec.bodies("t") == [b"bound"]
+        # Not merely filtered out by the driver: the broker no longer routes it.
+        assert driver.stats()["stray"] == 0
+        if rabbitmq.ctl_available():
+            assert await asyncio.to_thread(rabbitmq.bindings, exchange) == {
+                (driver.queue_name, "sentinel")
+            }
 
-
-def test_invalid_topics_are_refused_before_the_broker(rabbitmq: RabbitMQ, exchange: str) -> None:
-    async def body() -> None:
-        async with connected(rabbitmq.url, exchange) as (driver, rec):
-            for topic in ("a.*", "#", "x" * 256):
-                with pytest.raises(InvalidTopicError):
-                    await driver.subscribe(topic)
-                with pytest.raises(InvalidTopicError):
-                    await driver.publish(topic, b"x")
-            assert driver.topics == frozenset()
-            # The connection is untouched.
-            await driver.subscribe("ok")
-            await driver.publish("ok", b"fine")
-            await rec.wait_for("ok", b"fine")
-            assert driver.stats()["reconnects"] == 0
-
-    run(with_exchange_cleanup(rabbitmq.url, exchange, body))
+        await driver.unsubscribe("t")  # twice: harmless
+        await driver.subscribe("t")
+        await plain_publish(rabbitmq.url, exchange, "t", b"again")
+        await rec.wait_body("t", b"again")
+        assert rec.bodies("t") == [b"bound", b"again"]
+        if rabbitmq.ctl_available():
+            assert await asyncio.to_thread(rabbitmq.bindings, exchange) == {
+                (driver.queue_name, "sentinel"),
+                (driver.queue_name, "t"),
+            }
 
 
-def test_outage_then_recovery(rabbitmq: RabbitMQ, exchange: str) -> None:
+async def test_close_deletes_the_queue_and_is_idempotent(rabbitmq: RabbitMQ, exchange: str) -> None:
+    driver = RabbitMQDriver(url=rabbitmq.url, exchange=exchange)
+    await driver.connect(Recorder())
+    await driver.subscribe("t")
+    queue = driver.queue_name
+    assert queue is not None and queue.startswith("amq.gen-")
+    assert await queue_state(rabbitmq.url, queue) == "exists"
+    await driver.close()
+    assert not driver.ready
+    assert await queue_state(rabbitmq.url, queue) == "gone"
+    await driver.close()
+    with pytest.raises(ClosedError):
+        await driver.subscribe("t")
+    with pytest.raises(ClosedError):
+        await driver.publish("t", b"x")
+    # The exchange is shared by every process and stays.
+    async with plain_channel(rabbitmq.url) as channel:
+        await channel.declare_exchange(exchange, "topic", durable=True, passive=True)
+
+
+async def test_invalid_topics_are_refused_before_the_broker(
+    rabbitmq: RabbitMQ, exchange: str
+) -> None:
+    async with connected(rabbitmq.url, exchange) as (driver, rec):
+        for topic in ("a.*", "#", "x" * 256):
+            with pytest.raises(InvalidTopicError):
+                await driver.subscribe(topic)
+            with pytest.raises(InvalidTopicError):
+                await driver.publish(topic, b"x")
+        assert driver.topics == frozenset()
+        # The connection is untouched.
+        await driver.subscribe("ok")
+        await driver.publish("ok", b"fine")
+        await rec.wait_body("ok", b"fine")
+        assert driver.stats()["reconnects"] == 0
+
+
+async def test_outage_then_recovery(rabbitmq: RabbitMQ, exchange: str) -> None:
     """The connection is cut and the broker unreachable for a while."""
 
-    async def body() -> None:
-        proxy = TcpProxy(rabbitmq.host, rabbitmq.port)
-        await proxy.start()
-        url = rabbitmq.url.replace(f":{rabbitmq.port}/", f":{proxy.port}/", 1)
-        assert url != rabbitmq.url
-        try:
-            async with connected(url, exchange, reconnect_min=0.05, reconnect_max=0.3) as (
-                driver,
-                rec,
-            ):
-                for topic in ("kept.1", "kept.2", "dropped"):
-                    await driver.subscribe(topic)
-                old_queue = driver.queue_name
+    proxy = TcpProxy(rabbitmq.host, rabbitmq.port)
+    await proxy.start()
+    url = rabbitmq.url.replace(f":{rabbitmq.port}/", f":{proxy.port}/", 1)
+    assert url != rabbitmq.url
+    try:
+        async with connected(url, exchange, reconnect_min=0.05, reconnect_max=0.3) as (
+            driver,
+            rec,
+        ):
+            for topic in ("kept.1", "kept.2", "dropped"):
+                await driver.subscribe(topic)
+            old_queue = driver.queue_name
 
-                await proxy.stop()  # every connection cut, new ones refused
-                await until(lambda: not driver.ready, 5, "ready to turn False")
-                loop = asyncio.get_running_loop()
-                started = loop.time()
-                with pytest.raises(BrokerError):
-                    await driver.subscribe("new")
-                with pytest.raises(BrokerError):
-                    await driver.publish("kept.1", b"lost")
-                assert loop.time() - started < PROMPT_S
-                await driver.unsubscribe("dropped")  # forgotten locally
-                await asyncio.sleep(0.5)  # a few failed reconnection attempts
-                assert not driver.ready
-
-                await proxy.start()
-                await until(lambda: driver.ready, 10, "reconnection")
-                assert driver.stats()["reconnects"] == 1
-                assert driver.queue_name != old_queue
-                assert driver.topics == {"kept.1", "kept.2"}
-                await plain_publish(rabbitmq.url, exchange, "dropped", b"no")
-                await plain_publish(rabbitmq.url, exchange, "kept.1", b"one")
-                await plain_publish(rabbitmq.url, exchange, "kept.2", b"two")
-                await rec.wait_for("kept.1", b"one")
-                await rec.wait_for("kept.2", b"two")
-                assert rec.bodies("dropped") == []
-                assert rec.failures == []  # a connection failure is no topic's failure
-                # And it works as before.
+            await proxy.stop()  # every connection cut, new ones refused
+            await wait_until(lambda: not driver.ready, 5, "ready to turn False")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(BrokerError):
                 await driver.subscribe("new")
-                await driver.publish("new", b"fresh")
-                await rec.wait_for("new", b"fresh")
-        finally:
-            await proxy.stop()
+            with pytest.raises(BrokerError):
+                await driver.publish("kept.1", b"lost")
+            assert loop.time() - started < PROMPT_S
+            await driver.unsubscribe("dropped")  # forgotten locally
+            await asyncio.sleep(0.5)  # a few failed reconnection attempts
+            assert not driver.ready
 
-    run(with_exchange_cleanup(rabbitmq.url, exchange, body))
+            await proxy.start()
+            await wait_until(lambda: driver.ready, 10, "reconnection")
+            assert driver.stats()["reconnects"] == 1
+            assert driver.queue_name != old_queue
+            assert driver.topics == {"kept.1", "kept.2"}
+            await plain_publish(rabbitmq.url, exchange, "dropped", b"no")
+            await plain_publish(rabbitmq.url, exchange, "kept.1", b"one")
+            await plain_publish(rabbitmq.url, exchange, "kept.2", b"two")
+            await rec.wait_body("kept.1", b"one")
+            await rec.wait_body("kept.2", b"two")
+            assert rec.bodies("dropped") == []
+            assert rec.failures == []  # a connection failure is no topic's failure
+            # And it works as before.
+            await driver.subscribe("new")
+            await driver.publish("new", b"fresh")
+            await rec.wait_body("new", b"fresh")
+    finally:
+        await proxy.stop()
 
 
-def test_server_side_close_rebinds_everything(rabbitmq: RabbitMQ, exchange: str) -> None:
+async def test_server_side_close_rebinds_everything(rabbitmq: RabbitMQ, exchange: str) -> None:
     if not rabbitmq.ctl_available():
         pytest.skip("rabbitmqctl cannot reach this broker")
     name = f"gochan-test-{secrets.token_hex(4)}"
 
-    async def body() -> None:
-        async with connected(rabbitmq.url, exchange, connection_name=name, reconnect_min=0.05) as (
-            driver,
-            rec,
-        ):
-            topics = [f"room.{i}" for i in range(20)]
-            for topic in topics:
-                await driver.subscribe(topic)
-            old_queue = driver.queue_name
-            closed = await asyncio.to_thread(rabbitmq.close_connections, name)
-            assert closed == 1
-            await until(lambda: driver.stats()["reconnects"] == 1 and driver.ready, 15, "rebind")
-            assert driver.queue_name != old_queue
-            assert old_queue is not None and await queue_state(rabbitmq.url, old_queue) == "gone"
-            for topic in topics:
-                await plain_publish(rabbitmq.url, exchange, topic, topic.encode())
-            for topic in topics:
-                await rec.wait_for(topic, topic.encode())
-            assert rec.failures == []
-
-    run(with_exchange_cleanup(rabbitmq.url, exchange, body))
+    async with connected(rabbitmq.url, exchange, connection_name=name, reconnect_min=0.05) as (
+        driver,
+        rec,
+    ):
+        topics = [f"room.{i}" for i in range(20)]
+        for topic in topics:
+            await driver.subscribe(topic)
+        old_queue = driver.queue_name
+        closed = await asyncio.to_thread(rabbitmq.close_connections, name)
+        assert closed == 1
+        await wait_until(lambda: driver.stats()["reconnects"] == 1 and driver.ready, 15, "rebind")
+        assert driver.queue_name != old_queue
+        assert old_queue is not None and await queue_state(rabbitmq.url, old_queue) == "gone"
+        for topic in topics:
+            await plain_publish(rabbitmq.url, exchange, topic, topic.encode())
+        for topic in topics:
+            await rec.wait_body(topic, topic.encode())
+        assert rec.failures == []
 
 
-def test_only_topics_refused_on_reconnect_are_reported(rabbitmq: RabbitMQ, exchange: str) -> None:
+async def test_only_topics_refused_on_reconnect_are_reported(
+    rabbitmq: RabbitMQ, exchange: str
+) -> None:
     """After a reconnect, a binding the broker now refuses (topic permissions)
     is reported for that topic alone; the other topics are restored."""
     if not rabbitmq.ctl_available():
@@ -457,35 +372,32 @@ def test_only_topics_refused_on_reconnect_are_reported(rabbitmq: RabbitMQ, excha
     def ctl(*args: str) -> Awaitable[str]:
         return asyncio.to_thread(rabbitmq.ctl, *args)
 
-    async def body() -> None:
-        await ctl("add_user", user, password)
-        try:
-            await ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
-            async with connected(url, exchange, connection_name=name, reconnect_min=0.05) as (
-                driver,
-                rec,
-            ):
-                for topic in ("public", "secret", "also.public"):
-                    await driver.subscribe(topic)
-                await ctl("set_topic_permissions", "-p", "/", user, exchange, ".*", "^(?!secret)")
-                # Refused now on a live connection: an error for the caller...
-                with pytest.raises(BrokerError):
-                    await driver.subscribe("secret.sub")
-                assert "secret.sub" not in driver.topics
-                # ... after which the driver starts afresh (the channel died).
-                await until(lambda: driver.ready, 15, "recovery after a refused bind")
-                assert rec.failures == [("secret", rec.failures[0][1])]
-                assert "ACCESS_REFUSED" in rec.failures[0][1]
-                assert driver.topics == {"public", "also.public"}
-                await plain_publish(rabbitmq.url, exchange, "public", b"p")
-                await plain_publish(rabbitmq.url, exchange, "also.public", b"ap")
-                await rec.wait_for("public", b"p")
-                await rec.wait_for("also.public", b"ap")
-                assert driver.stats()["subscription_failures"] == 1
-        finally:
-            await ctl("delete_user", user)
-
-    run(with_exchange_cleanup(rabbitmq.url, exchange, body))
+    await ctl("add_user", user, password)
+    try:
+        await ctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+        async with connected(url, exchange, connection_name=name, reconnect_min=0.05) as (
+            driver,
+            rec,
+        ):
+            for topic in ("public", "secret", "also.public"):
+                await driver.subscribe(topic)
+            await ctl("set_topic_permissions", "-p", "/", user, exchange, ".*", "^(?!secret)")
+            # Refused now on a live connection: an error for the caller...
+            with pytest.raises(BrokerError):
+                await driver.subscribe("secret.sub")
+            assert "secret.sub" not in driver.topics
+            # ... after which the driver starts afresh (the channel died).
+            await wait_until(lambda: driver.ready, 15, "recovery after a refused bind")
+            assert rec.failures == [("secret", rec.failures[0][1])]
+            assert "ACCESS_REFUSED" in rec.failures[0][1]
+            assert driver.topics == {"public", "also.public"}
+            await plain_publish(rabbitmq.url, exchange, "public", b"p")
+            await plain_publish(rabbitmq.url, exchange, "also.public", b"ap")
+            await rec.wait_body("public", b"p")
+            await rec.wait_body("also.public", b"ap")
+            assert driver.stats()["subscription_failures"] == 1
+    finally:
+        await ctl("delete_user", user)
 
 
 # -- end to end, through gochan's HTTP surface (tests/drivers/e2e.py) -------------
@@ -514,40 +426,27 @@ def e2e_broker(
     return e2e.Broker("rabbitmq", options, publish, restart, probe)
 
 
-def test_e2e_relay(rabbitmq: RabbitMQ, exchange: str) -> None:
-    run(
-        with_exchange_cleanup(
-            rabbitmq.url, exchange, lambda: e2e.check_relay(e2e_broker(rabbitmq, exchange))
-        )
-    )
+async def test_e2e_relay(rabbitmq: RabbitMQ, exchange: str) -> None:
+    await e2e.check_relay(e2e_broker(rabbitmq, exchange))
 
 
-def test_e2e_subscription_lifecycle(rabbitmq: RabbitMQ, exchange: str) -> None:
-    run(
-        with_exchange_cleanup(
-            rabbitmq.url,
-            exchange,
-            lambda: e2e.check_subscription_lifecycle(e2e_broker(rabbitmq, exchange)),
-        )
-    )
+async def test_e2e_subscription_lifecycle(rabbitmq: RabbitMQ, exchange: str) -> None:
+    await e2e.check_subscription_lifecycle(e2e_broker(rabbitmq, exchange))
 
 
-def test_e2e_broker_restart(rabbitmq: RabbitMQ, exchange: str) -> None:
+async def test_e2e_broker_restart(rabbitmq: RabbitMQ, exchange: str) -> None:
     """The broker, as seen through a relay, goes away and comes back."""
 
-    async def body() -> None:
-        proxy = TcpProxy(rabbitmq.host, rabbitmq.port)
+    proxy = TcpProxy(rabbitmq.host, rabbitmq.port)
+    await proxy.start()
+
+    async def restart() -> None:
+        await proxy.stop()
+        await asyncio.sleep(0.5)
         await proxy.start()
 
-        async def restart() -> None:
-            await proxy.stop()
-            await asyncio.sleep(0.5)
-            await proxy.start()
-
-        url = rabbitmq.url.replace(f":{rabbitmq.port}/", f":{proxy.port}/", 1)
-        try:
-            await e2e.check_broker_restart(e2e_broker(rabbitmq, exchange, url, restart))
-        finally:
-            await proxy.stop()
-
-    run(with_exchange_cleanup(rabbitmq.url, exchange, body))
+    url = rabbitmq.url.replace(f":{rabbitmq.port}/", f":{proxy.port}/", 1)
+    try:
+        await e2e.check_broker_restart(e2e_broker(rabbitmq, exchange, url, restart))
+    finally:
+        await proxy.stop()
