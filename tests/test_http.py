@@ -196,3 +196,16 @@ async def test_data_sent_on_a_stream_is_ignored() -> None:
         await server.streamer.publish("t", b"still here")
         assert (await stream.event())["data"] == "still here"
         await stream.close()
+
+
+async def test_query_strings_decode_like_browsers_send_them() -> None:
+    async with running() as server:
+        target = "/events?topic=caf%C3%A9&topic=a+b&&topic=x&id="  # an empty id: a new client
+        stream = await SSEStream.open(server.port, target)
+        assert (await stream.config())["subscriptions"] == ["caf\u00e9", "a b", "x"]
+        await stream.close()
+        many = "&".join(f"topic=t{i}" for i in range(1200))
+        answer = await raw_request(
+            server.port, f"GET /events?{many} HTTP/1.1\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert answer.startswith(b"HTTP/1.1 400") and b"query parameters" in answer

@@ -160,7 +160,10 @@ class Router:
     # -- GET /events -------------------------------------------------------
 
     def events(self, request: Request) -> Reply | Awaitable[Reply]:
-        query = request.query()
+        try:
+            query = request.query()
+        except ValueError as exc:
+            return _text(400, exc)
         client_id = (query.get("id") or [""])[0]
         try:
             topics = self.streamer.check_topics(query.get("topic", ()))
@@ -318,7 +321,7 @@ class Router:
 
     def _read_publish(self, request: Request) -> tuple[str, bytes]:
         qs = request.query_string
-        if qs.startswith("topic=") and not any(c in qs for c in "&%+;"):
+        if qs.startswith("topic=") and not any(c in qs for c in "&%+"):
             return qs[6:], request.body  # the common ?topic=T, nothing to unquote
         query = request.query()
         if "topic" in query:
