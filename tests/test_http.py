@@ -199,7 +199,7 @@ async def test_data_sent_on_a_stream_is_ignored() -> None:
 
 
 async def test_query_strings_decode_like_browsers_send_them() -> None:
-    async with running() as server:
+    async with running(max_url_bytes=65536) as server:
         target = "/events?topic=caf%C3%A9&topic=a+b&&topic=x&id="  # an empty id: a new client
         stream = await SSEStream.open(server.port, target)
         assert (await stream.config())["subscriptions"] == ["caf\u00e9", "a b", "x"]
