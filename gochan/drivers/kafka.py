@@ -55,6 +55,7 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
+from ._common import bounded, require_connected, require_positive
 from .base import Receiver
 
 __all__ = ["KafkaDriver"]
@@ -114,8 +115,7 @@ class KafkaDriver:
             raise ConfigurationError(
                 f"kafka: prefix {prefix!r} may only contain A-Z, a-z, 0-9, '.', '_', '-'"
             )
-        if timeout <= 0 or health_interval <= 0:
-            raise ConfigurationError("kafka: timeout and health_interval must be positive")
+        require_positive("kafka", timeout=timeout, health_interval=health_interval)
         self.bootstrap_servers = bootstrap_servers
         self.prefix = prefix
         self.client_id = client_id
@@ -280,16 +280,10 @@ class KafkaDriver:
     # -- internals -----------------------------------------------------------
 
     def _require_connected(self) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
-        if self._receiver is None:
-            raise ClosedError("driver is not connected")
+        require_connected(self._closed, self._receiver)
 
     async def _bounded(self, aw: Awaitable[_T]) -> _T:
-        try:
-            return await asyncio.wait_for(aw, self.timeout)
-        except asyncio.TimeoutError as exc:  # an alias of TimeoutError from 3.11
-            raise TimeoutError(f"no answer from Kafka within {self.timeout}s") from exc
+        return await bounded(aw, self.timeout, "Kafka")
 
     async def _positions(self, exclude: str | None = None) -> dict[Any, int]:
         """The next offset of every assigned partition (except ``exclude``'s)."""

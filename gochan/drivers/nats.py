@@ -59,11 +59,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import nats.errors
@@ -82,6 +80,7 @@ from ..errors import (
     ReplayGapError,
 )
 from ..log import broker_logger
+from ._common import backoff, redact_url, require_positive
 from .base import Receiver
 
 __all__ = ["NatsDriver"]
@@ -133,12 +132,6 @@ def _subject_problem(subject: str) -> str | None:
     return None
 
 
-def _backoff(attempt: int, base_s: float, cap_s: float) -> float:
-    """Exponential backoff with jitter: in [d/2, d], d = min(cap, base * 2**attempt)."""
-    delay = min(cap_s, base_s * 2 ** min(attempt, 30))
-    return random.uniform(delay / 2, delay)
-
-
 async def _flush(nc: Client, timeout_s: float) -> None:
     """Wait until the server has processed every command sent before.
 
@@ -171,20 +164,6 @@ def _stop_consumer_tasks(sub: Subscription) -> None:
         task = getattr(jsi, name, None)
         if isinstance(task, asyncio.Task):
             task.cancel()
-
-
-def _redact(url: str) -> str:
-    """``url`` without its password, for logs and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid url>"
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class NatsDriver:
@@ -266,17 +245,16 @@ class NatsDriver:
             )
         if jetstream and (not stream or _subject_problem(stream) or "." in stream):
             raise ConfigurationError(f"invalid JetStream stream name {stream!r}")
-        for option, value in (
-            ("connect_timeout", connect_timeout),
-            ("request_timeout", request_timeout),
-            ("reconnect_wait", reconnect_wait),
-            ("reconnect_wait_max", reconnect_wait_max),
-            ("ping_interval", ping_interval),
-            ("idle_heartbeat", idle_heartbeat),
-        ):
-            if value <= 0:
-                raise ConfigurationError(f"nats {option} must be positive, not {value!r}")
-        self._url = ",".join(_redact(s) for s in self._servers)
+        require_positive(
+            "nats",
+            connect_timeout=connect_timeout,
+            request_timeout=request_timeout,
+            reconnect_wait=reconnect_wait,
+            reconnect_wait_max=reconnect_wait_max,
+            ping_interval=ping_interval,
+            idle_heartbeat=idle_heartbeat,
+        )
+        self._url = ",".join(redact_url(s) for s in self._servers)
         self._prefix = prefix
         self._jetstream = jetstream
         self._stream = stream
@@ -638,7 +616,7 @@ class NatsDriver:
         attempt = 0
         while not self._closed:
             await asyncio.sleep(
-                _backoff(attempt, self._reconnect_wait_s, self._reconnect_wait_max_s)
+                backoff(attempt, self._reconnect_wait_s, self._reconnect_wait_max_s)
             )
             attempt += 1
             try:

@@ -61,6 +61,7 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
+from ._common import bounded, require_connected, require_positive
 from .base import Receiver
 
 __all__ = ["PubSubDriver", "gochan_topic", "topic_id"]
@@ -164,8 +165,9 @@ class PubSubDriver:
             raise ConfigurationError(f"pubsub: prefix {prefix!r} must start with a letter")
         if any(c not in _SAFE for c in prefix):
             raise ConfigurationError(f"pubsub: prefix {prefix!r} may only use A-Z a-z 0-9 -_.~+")
-        if timeout <= 0 or pull_timeout <= 0 or reconnect_min <= 0:
-            raise ConfigurationError("pubsub: timeouts and reconnect delays must be positive")
+        require_positive(
+            "pubsub", timeout=timeout, pull_timeout=pull_timeout, reconnect_min=reconnect_min
+        )
         if reconnect_max < reconnect_min:
             raise ConfigurationError("pubsub: reconnect_max is below reconnect_min")
         self.project = project
@@ -341,16 +343,10 @@ class PubSubDriver:
     # -- internals -----------------------------------------------------------
 
     def _require_connected(self) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
-        if self._receiver is None:
-            raise ClosedError("driver is not connected")
+        require_connected(self._closed, self._receiver)
 
     async def _bounded(self, aw: Awaitable[_T]) -> _T:
-        try:
-            return await asyncio.wait_for(aw, self.timeout)
-        except asyncio.TimeoutError as exc:  # an alias of TimeoutError from 3.11
-            raise TimeoutError(f"no answer from Pub/Sub within {self.timeout}s") from exc
+        return await bounded(aw, self.timeout, "Pub/Sub")
 
     async def _probe(self, publisher: PublisherClient) -> None:
         await publisher.list_topics(f"projects/{self.project}", {"pageSize": "1"})

@@ -40,12 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio
 from redis.asyncio.connection import AbstractConnection, ConnectionPool, parse_url
@@ -56,6 +54,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..errors import BrokerConnectionError, BrokerError, ClosedError, ConfigurationError
 from ..log import broker_logger
+from ._common import backoff, redact_url, require_positive
 from .base import Receiver
 
 __all__ = ["RedisDriver"]
@@ -80,26 +79,6 @@ _UNBLOCK_RETRY_S = 0.005
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
 _SESSION_ERRORS: tuple[type[BaseException], ...] = (BrokerError, *_CONNECTION_ERRORS)
-
-
-def _backoff(attempt: int, base_s: float, cap_s: float) -> float:
-    """Exponential backoff with jitter: in [d/2, d], d = min(cap, base * 2**attempt)."""
-    delay = min(cap_s, base_s * 2 ** min(attempt, 30))
-    return random.uniform(delay / 2, delay)
-
-
-def _redact(url: str) -> str:
-    """``url`` without its password, for logs and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<invalid url>"
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 # redis-py leaves these unannotated; keep the type: ignore in one place.
@@ -192,27 +171,26 @@ class RedisDriver:
         try:
             url_options = parse_url(url)
         except ValueError as exc:
-            raise ConfigurationError(f"invalid redis url {_redact(url)!r}: {exc}") from exc
+            raise ConfigurationError(f"invalid redis url {redact_url(url)!r}: {exc}") from exc
         if str(url_options.get("protocol", 2)) != "2":
             # The subscriber connection parses RESP2 replies itself.
             raise ConfigurationError(
                 "the redis driver speaks RESP2: remove protocol=3 from the url"
             )
-        for option, value in (
-            ("stream_block", stream_block),
-            ("connect_timeout", connect_timeout),
-            ("command_timeout", command_timeout),
-            ("reconnect_wait", reconnect_wait),
-            ("reconnect_wait_max", reconnect_wait_max),
-            ("ping_interval", ping_interval),
-            ("stream_batch", stream_batch),
-        ):
-            if value <= 0:
-                raise ConfigurationError(f"redis {option} must be positive, not {value!r}")
+        require_positive(
+            "redis",
+            stream_block=stream_block,
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+            reconnect_wait=reconnect_wait,
+            reconnect_wait_max=reconnect_wait_max,
+            ping_interval=ping_interval,
+            stream_batch=stream_batch,
+        )
         if stream_maxlen < 0:
             raise ConfigurationError(f"redis stream_maxlen must be >= 0, not {stream_maxlen!r}")
         self._url = url
-        self._safe_url = _redact(url)
+        self._safe_url = redact_url(url)
         self._prefix = prefix
         self._streams = streams
         self._stream_maxlen = stream_maxlen
@@ -437,7 +415,7 @@ class RedisDriver:
         while not self._closed:
             if conn is None:
                 await asyncio.sleep(
-                    _backoff(attempt, self._reconnect_wait_s, self._reconnect_wait_max_s)
+                    backoff(attempt, self._reconnect_wait_s, self._reconnect_wait_max_s)
                 )
                 attempt += 1
                 try:

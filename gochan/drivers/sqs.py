@@ -65,6 +65,7 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
+from ._common import bounded, require_connected, require_positive
 from .base import Receiver
 
 __all__ = ["SqsDriver"]
@@ -158,8 +159,9 @@ class SqsDriver:
             raise ConfigurationError(f"sqs: prefix {prefix!r} may only contain A-Z a-z 0-9 _ -")
         if not 1 <= wait_time <= MAX_WAIT_TIME_S:
             raise ConfigurationError(f"sqs: wait_time must be 1..{MAX_WAIT_TIME_S} seconds")
-        if timeout <= 0 or reconnect_min <= 0 or reconnect_max < reconnect_min:
-            raise ConfigurationError("sqs: timeout and reconnect delays must be positive")
+        require_positive("sqs", timeout=timeout, reconnect_min=reconnect_min)
+        if reconnect_max < reconnect_min:
+            raise ConfigurationError("sqs reconnect_max must not be below reconnect_min")
         if bool(access_key_id) != bool(secret_access_key):
             raise ConfigurationError("sqs: give both access_key_id and secret_access_key, or none")
         self.endpoint_url = endpoint_url
@@ -342,16 +344,10 @@ class SqsDriver:
     # -- internals -----------------------------------------------------------
 
     def _require_connected(self) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
-        if self._receiver is None:
-            raise ClosedError("driver is not connected")
+        require_connected(self._closed, self._receiver)
 
     async def _bounded(self, aw: Awaitable[_T]) -> _T:
-        try:
-            return await asyncio.wait_for(aw, self.timeout)
-        except asyncio.TimeoutError as exc:  # an alias of TimeoutError from 3.11
-            raise TimeoutError(f"no answer from SNS/SQS within {self.timeout}s") from exc
+        return await bounded(aw, self.timeout, "SNS/SQS")
 
     def _topic_arn(self, topic: str) -> str:
         # arn:<partition>:sqs:<region>:<account>:<queue> -> the SNS topic's ARN
