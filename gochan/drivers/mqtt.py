@@ -43,11 +43,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import ssl
-import unicodedata
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import aiomqtt
 
@@ -59,6 +57,7 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
+from ._common import SupervisedDriver, check_topic_bytes, require_positive
 from .base import Receiver
 
 __all__ = ["MqttDriver"]
@@ -71,7 +70,6 @@ DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_RECONNECT_MIN_S = 0.1
 DEFAULT_RECONNECT_MAX_S = 10.0
 
-MAX_TOPIC_BYTES = 256  # gochan's own limit
 MAX_MQTT_TOPIC_BYTES = 65535  # MQTT UTF-8 string
 RESTORE_BATCH = 100  # topic filters per SUBSCRIBE packet when restoring
 _WILDCARDS = frozenset("+#")
@@ -79,30 +77,9 @@ _WILDCARDS = frozenset("+#")
 _mqtt_logger = logging.getLogger("gochan.broker.mqtt")
 
 
-def _check_gochan_topic(topic: str) -> bytes:
-    """The protocol's own rules (1..256 UTF-8 bytes, no control characters)."""
-    try:
-        raw = topic.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidTopicError(topic, "not encodable as UTF-8") from None
-    if not raw:
-        raise InvalidTopicError(topic, "empty")
-    if len(raw) > MAX_TOPIC_BYTES:
-        raise InvalidTopicError(topic, f"longer than {MAX_TOPIC_BYTES} bytes")
-    if any(unicodedata.category(ch) == "Cc" for ch in topic):
-        raise InvalidTopicError(topic, "contains a control character")
-    return raw
-
-
 def _is_noncharacter(ch: str) -> bool:
     code = ord(ch)
     return 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE
-
-
-def _backoff_s(attempt: int, low: float, high: float) -> float:
-    """Exponential backoff with jitter: about low * 2**attempt, capped at high."""
-    ceiling = min(high, low * (2 ** min(attempt, 32)))
-    return random.uniform(ceiling / 2, ceiling)
 
 
 def _refused(codes: object) -> bool:
@@ -113,7 +90,7 @@ def _refused(codes: object) -> bool:
     return True
 
 
-class MqttDriver:
+class MqttDriver(SupervisedDriver):
     """Fan-out over an MQTT broker (see the module docstring).
 
     Keyword arguments (all optional; the config layer maps ``host`` to
@@ -174,11 +151,9 @@ class MqttDriver:
             )
         if not 0 < port < 65536:
             raise ConfigurationError(f"invalid MQTT port {port!r}")
-        if keepalive <= 0 or timeout <= 0 or reconnect_min <= 0 or reconnect_max < reconnect_min:
-            raise ConfigurationError(
-                "MQTT keepalive, timeout and reconnect delays must be positive, "
-                "with reconnect_min <= reconnect_max"
-            )
+        require_positive("mqtt", keepalive=keepalive, timeout=timeout, reconnect_min=reconnect_min)
+        if reconnect_max < reconnect_min:
+            raise ConfigurationError("mqtt reconnect_max must not be below reconnect_min")
         self._host = host
         self._port = int(port)
         self._qos = int(qos)
@@ -189,54 +164,19 @@ class MqttDriver:
         self._tls = tls
         self._keepalive = int(keepalive)
         self._timeout = float(timeout)
-        self._reconnect_min = float(reconnect_min)
-        self._reconnect_max = float(reconnect_max)
+        super().__init__(reconnect_min, reconnect_max)
 
-        self._receiver: Receiver | None = None
         self._client: aiomqtt.Client | None = None
-        self._supervisor: asyncio.Task[None] | None = None
-        self._topics: set[str] = set()
-        self._ready = False
-        self._closed = False
-        self._reconnects = 0
-        self._published = 0
-        self._received = 0
-        self._failures = 0
-        self._stray = 0  # broker messages for topics not held (dropped)
 
     # -- Driver protocol -------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    @property
-    def topics(self) -> frozenset[str]:
-        """The topics this process holds a subscription for."""
-        return frozenset(self._topics)
 
     @property
     def client_id(self) -> str:
         """The MQTT client identifier of this process."""
         return self._client_id
 
-    def stats(self) -> dict[str, Any]:
-        """``reconnects`` (connections restored after a loss), ``subscriptions``
-        (topics held), ``published``, ``received`` (delivered to the
-        receiver), ``subscription_failures``, ``stray`` (messages the broker
-        sent for topics not held, dropped) and ``connected``."""
-        return {
-            "reconnects": self._reconnects,
-            "subscriptions": len(self._topics),
-            "published": self._published,
-            "received": self._received,
-            "subscription_failures": self._failures,
-            "stray": self._stray,
-            "connected": self._ready,
-        }
-
     def check_topic(self, topic: str) -> None:
-        raw = _check_gochan_topic(topic)
+        raw = check_topic_bytes(topic)
         if _WILDCARDS.intersection(topic):
             raise InvalidTopicError(topic, "contains '+' or '#' (MQTT wildcards)")
         if not self._prefix and topic.startswith("$"):
@@ -392,32 +332,12 @@ class MqttDriver:
                 broker_logger.exception("mqtt: supervisor error, starting afresh")
             self._ready = False
             await self._close_client(client)
-            client = await self._reestablish()
+            client = await self._reconnect(self._open_client, self._restore, self._close_client)
 
-    async def _reestablish(self) -> aiomqtt.Client:
-        attempt = 0
-        while True:
-            await asyncio.sleep(_backoff_s(attempt, self._reconnect_min, self._reconnect_max))
-            attempt += 1
-            try:
-                client = await self._open_client()
-            except Exception as exc:
-                broker_logger.warning("mqtt: reconnection attempt %d failed: %s", attempt, exc)
-                continue
-            self._client = client
-            try:
-                await self._restore(client)
-            except Exception as exc:
-                broker_logger.warning("mqtt: restore interrupted: %s", exc)
-                await self._close_client(client)
-                continue
-            self._reconnects += 1
-            self._ready = True
-            broker_logger.info("mqtt: reconnected, %d topics restored", len(self._topics))
-            return client
-
-    async def _restore(self, client: aiomqtt.Client) -> None:
-        """Subscribe again to every held topic; raises if the connection fails."""
+    async def _restore(self, client: aiomqtt.Client) -> bool:
+        """Make ``client`` the connection and subscribe again to every held
+        topic; raises if the connection fails."""
+        self._client = client
         topics = list(self._topics)
         for start in range(0, len(topics), RESTORE_BATCH):
             batch = [t for t in topics[start : start + RESTORE_BATCH] if t in self._topics]
@@ -433,13 +353,4 @@ class MqttDriver:
                         self._report_failure(topic, f"the MQTT broker refused it again: {code}")
                 elif topic not in self._topics:  # unsubscribed while we restored it
                     await client.unsubscribe(self._prefix + topic, timeout=self._timeout)
-
-    def _report_failure(self, topic: str, message: str) -> None:
-        self._failures += 1
-        broker_logger.error("mqtt: subscription to %r lost: %s", topic, message)
-        receiver = self._receiver
-        if receiver is not None:
-            try:
-                receiver.on_subscription_failure(topic, message)
-            except Exception:
-                broker_logger.exception("mqtt: receiver failed on a subscription failure")
+        return True

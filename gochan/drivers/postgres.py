@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
-import unicodedata
 from collections.abc import Awaitable
 from typing import Any, ClassVar, TypeVar
 
@@ -60,6 +58,7 @@ from ..errors import (
     LimitExceededError,
 )
 from ..log import broker_logger
+from ._common import SupervisedDriver, check_topic_bytes, require_positive
 from .base import Receiver
 
 __all__ = ["PayloadError", "PostgresDriver"]
@@ -73,7 +72,6 @@ DEFAULT_PING_INTERVAL_S = 15.0
 DEFAULT_RECONNECT_MIN_S = 0.1
 DEFAULT_RECONNECT_MAX_S = 10.0
 
-MAX_TOPIC_BYTES = 256  # gochan's own limit
 MAX_CHANNEL_BYTES = 63  # NAMEDATALEN - 1
 MAX_PAYLOAD_BYTES = 7999  # NOTIFY refuses payloads of 8000 bytes and more
 
@@ -84,33 +82,12 @@ class PayloadError(InterfaceError, ValueError):
     """The message body cannot travel as a NOTIFY payload (not UTF-8 text, or NUL)."""
 
 
-def _check_gochan_topic(topic: str) -> bytes:
-    """The protocol's own rules (1..256 UTF-8 bytes, no control characters)."""
-    try:
-        raw = topic.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidTopicError(topic, "not encodable as UTF-8") from None
-    if not raw:
-        raise InvalidTopicError(topic, "empty")
-    if len(raw) > MAX_TOPIC_BYTES:
-        raise InvalidTopicError(topic, f"longer than {MAX_TOPIC_BYTES} bytes")
-    if any(unicodedata.category(ch) == "Cc" for ch in topic):
-        raise InvalidTopicError(topic, "contains a control character")
-    return raw
-
-
-def _backoff_s(attempt: int, low: float, high: float) -> float:
-    """Exponential backoff with jitter: about low * 2**attempt, capped at high."""
-    ceiling = min(high, low * (2 ** min(attempt, 32)))
-    return random.uniform(ceiling / 2, ceiling)
-
-
 def quote_channel(channel: str) -> str:
     """``channel`` as a quoted SQL identifier, for ``LISTEN``/``NOTIFY``."""
     return '"' + channel.replace('"', '""') + '"'
 
 
-class PostgresDriver:
+class PostgresDriver(SupervisedDriver):
     """Fan-out over PostgreSQL LISTEN/NOTIFY (see the module docstring).
 
     Keyword arguments (all optional; the config layer maps ``dsn`` to
@@ -165,16 +142,11 @@ class PostgresDriver:
             )
         if pool_size < 1:
             raise ConfigurationError("PostgreSQL pool_size must be at least 1")
-        if (
-            timeout <= 0
-            or ping_interval <= 0
-            or reconnect_min <= 0
-            or reconnect_max < reconnect_min
-        ):
-            raise ConfigurationError(
-                "PostgreSQL timeout, ping interval and reconnect delays must be "
-                "positive, with reconnect_min <= reconnect_max"
-            )
+        require_positive(
+            "postgres", timeout=timeout, ping_interval=ping_interval, reconnect_min=reconnect_min
+        )
+        if reconnect_max < reconnect_min:
+            raise ConfigurationError("postgres reconnect_max must not be below reconnect_min")
         self._dsn = dsn
         self._prefix = prefix
         self._prefix_bytes = prefix_bytes
@@ -182,36 +154,16 @@ class PostgresDriver:
         self._pool_size = int(pool_size)
         self._timeout = float(timeout)
         self._ping_interval = float(ping_interval)
-        self._reconnect_min = float(reconnect_min)
-        self._reconnect_max = float(reconnect_max)
+        super().__init__(reconnect_min, reconnect_max)
 
-        self._receiver: Receiver | None = None
         self._conn: Any = None  # the listening asyncpg.Connection
         self._pool: Any = None  # asyncpg.Pool for publishing
         self._lost = asyncio.Event()
         # asyncpg runs one operation at a time per connection: LISTEN,
         # UNLISTEN and pings of the listening connection take turns.
         self._lock = asyncio.Lock()
-        self._supervisor: asyncio.Task[None] | None = None
-        self._topics: set[str] = set()
-        self._ready = False
-        self._closed = False
-        self._reconnects = 0
-        self._published = 0
-        self._received = 0
-        self._failures = 0
-        self._stray = 0  # broker messages for topics not held (dropped)
 
     # -- Driver protocol -------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    @property
-    def topics(self) -> frozenset[str]:
-        """The topics this process LISTENs to."""
-        return frozenset(self._topics)
 
     @property
     def backend_pid(self) -> int | None:
@@ -226,23 +178,8 @@ class PostgresDriver:
         self.check_topic(topic)
         return self._prefix + topic
 
-    def stats(self) -> dict[str, Any]:
-        """``reconnects`` (connections restored after a loss), ``subscriptions``
-        (topics held), ``published``, ``received`` (delivered to the
-        receiver), ``subscription_failures``, ``stray`` (messages the broker
-        sent for topics not held, dropped) and ``connected``."""
-        return {
-            "reconnects": self._reconnects,
-            "subscriptions": len(self._topics),
-            "published": self._published,
-            "received": self._received,
-            "subscription_failures": self._failures,
-            "stray": self._stray,
-            "connected": self._ready,
-        }
-
     def check_topic(self, topic: str) -> None:
-        raw = _check_gochan_topic(topic)
+        raw = check_topic_bytes(topic)
         if self._prefix_bytes + len(raw) > MAX_CHANNEL_BYTES:
             raise InvalidTopicError(
                 topic,
@@ -426,7 +363,7 @@ class PostgresDriver:
                 conn, self._conn = self._conn, None
                 if conn is not None:
                     conn.terminate()
-                await self._reestablish()
+                await self._reconnect(self._open_listener, self._restore, self._discard)
             except Exception:  # a bug must not leave the driver silently stuck
                 broker_logger.exception("postgres: supervisor error, starting afresh")
                 self._ready = False
@@ -448,31 +385,10 @@ class PostgresDriver:
                 broker_logger.warning("postgres: ping failed: %r", exc)
                 return
 
-    async def _reestablish(self) -> None:
-        attempt = 0
-        while True:
-            await asyncio.sleep(_backoff_s(attempt, self._reconnect_min, self._reconnect_max))
-            attempt += 1
-            try:
-                conn = await self._open_listener()
-            except Exception as exc:
-                broker_logger.warning("postgres: reconnection attempt %d failed: %r", attempt, exc)
-                continue
-            self._conn = conn
-            try:
-                await self._restore(conn)
-            except Exception as exc:
-                broker_logger.warning("postgres: restore interrupted: %r", exc)
-                self._conn = None
-                conn.terminate()
-                continue
-            self._reconnects += 1
-            self._ready = True
-            broker_logger.info("postgres: reconnected, %d topics restored", len(self._topics))
-            return
-
-    async def _restore(self, conn: Any) -> None:
-        """LISTEN again to every held topic; raises if the connection fails."""
+    async def _restore(self, conn: Any) -> bool:
+        """Make ``conn`` the listening connection and LISTEN again to every
+        held topic; raises if the connection fails."""
+        self._conn = conn
         for topic in list(self._topics):
             if topic not in self._topics:
                 continue  # unsubscribed meanwhile
@@ -487,13 +403,9 @@ class PostgresDriver:
                 continue
             if topic not in self._topics:  # unsubscribed while we restored it
                 await self._bounded(self._locked(conn.remove_listener(channel, self._notify)))
+        return True
 
-    def _report_failure(self, topic: str, message: str) -> None:
-        self._failures += 1
-        broker_logger.error("postgres: subscription to %r lost: %s", topic, message)
-        receiver = self._receiver
-        if receiver is not None:
-            try:
-                receiver.on_subscription_failure(topic, message)
-            except Exception:
-                broker_logger.exception("postgres: receiver failed on a subscription failure")
+    async def _discard(self, conn: Any) -> None:
+        """Drop a new listening connection that failed while being restored."""
+        self._conn = None
+        conn.terminate()

@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
-import unicodedata
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import aio_pika
 from aio_pika.abc import (
@@ -63,6 +61,7 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
+from ._common import SupervisedDriver, check_topic_bytes, require_positive
 from .base import Receiver
 
 __all__ = ["RabbitMQDriver"]
@@ -74,31 +73,9 @@ DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_RECONNECT_MIN_S = 0.1
 DEFAULT_RECONNECT_MAX_S = 10.0
 
-MAX_TOPIC_BYTES = 256  # gochan's own limit
 MAX_ROUTING_KEY_BYTES = 255  # AMQP short string
 MAX_EXCHANGE_NAME_BYTES = 255
 _WILDCARD_WORDS = frozenset({"*", "#"})
-
-
-def _check_gochan_topic(topic: str) -> bytes:
-    """The protocol's own rules (1..256 UTF-8 bytes, no control characters)."""
-    try:
-        raw = topic.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidTopicError(topic, "not encodable as UTF-8") from None
-    if not raw:
-        raise InvalidTopicError(topic, "empty")
-    if len(raw) > MAX_TOPIC_BYTES:
-        raise InvalidTopicError(topic, f"longer than {MAX_TOPIC_BYTES} bytes")
-    if any(unicodedata.category(ch) == "Cc" for ch in topic):
-        raise InvalidTopicError(topic, "contains a control character")
-    return raw
-
-
-def _backoff_s(attempt: int, low: float, high: float) -> float:
-    """Exponential backoff with jitter: about low * 2**attempt, capped at high."""
-    ceiling = min(high, low * (2 ** min(attempt, 32)))
-    return random.uniform(ceiling / 2, ceiling)
 
 
 class _Session:
@@ -141,7 +118,7 @@ class _Session:
             broker_logger.debug("rabbitmq: error closing the connection: %r", exc)
 
 
-class RabbitMQDriver:
+class RabbitMQDriver(SupervisedDriver):
     """Fan-out over a RabbitMQ topic exchange (see the module docstring).
 
     Keyword arguments (all optional; the config layer maps ``url`` to
@@ -187,63 +164,26 @@ class RabbitMQDriver:
             raise ConfigurationError(
                 f"RabbitMQ exchange name longer than {MAX_EXCHANGE_NAME_BYTES}"
             )
-        if timeout <= 0 or reconnect_min <= 0 or reconnect_max < reconnect_min:
-            raise ConfigurationError(
-                "RabbitMQ timeout and reconnect delays must be positive, "
-                "with reconnect_min <= reconnect_max"
-            )
+        require_positive("rabbitmq", timeout=timeout, reconnect_min=reconnect_min)
+        if reconnect_max < reconnect_min:
+            raise ConfigurationError("rabbitmq reconnect_max must not be below reconnect_min")
         self._url = url
         self._exchange_name = exchange
         self._connection_name = connection_name
         self._timeout = float(timeout)
-        self._reconnect_min = float(reconnect_min)
-        self._reconnect_max = float(reconnect_max)
+        super().__init__(reconnect_min, reconnect_max)
 
-        self._receiver: Receiver | None = None
         self._session: _Session | None = None
-        self._supervisor: asyncio.Task[None] | None = None
-        self._topics: set[str] = set()
-        self._ready = False
-        self._closed = False
-        self._reconnects = 0
-        self._published = 0
-        self._received = 0
-        self._failures = 0
-        self._stray = 0  # broker messages for topics not held (dropped)
 
     # -- Driver protocol -------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    @property
-    def topics(self) -> frozenset[str]:
-        """The topics this process holds a binding for."""
-        return frozenset(self._topics)
 
     @property
     def queue_name(self) -> str | None:
         """The server-named queue of the current connection (None when down)."""
         return self._session.queue.name if self._session is not None else None
 
-    def stats(self) -> dict[str, Any]:
-        """``reconnects`` (connections restored after a loss), ``subscriptions``
-        (topics held), ``published``, ``received`` (delivered to the
-        receiver), ``subscription_failures``, ``stray`` (messages the broker
-        sent for topics not held, dropped) and ``connected``."""
-        return {
-            "reconnects": self._reconnects,
-            "subscriptions": len(self._topics),
-            "published": self._published,
-            "received": self._received,
-            "subscription_failures": self._failures,
-            "stray": self._stray,
-            "connected": self._ready,
-        }
-
     def check_topic(self, topic: str) -> None:
-        raw = _check_gochan_topic(topic)
+        raw = check_topic_bytes(topic)
         if len(raw) > MAX_ROUTING_KEY_BYTES:
             raise InvalidTopicError(
                 topic, f"longer than {MAX_ROUTING_KEY_BYTES} bytes (AMQP routing key limit)"
@@ -396,33 +336,17 @@ class RabbitMQDriver:
                 self._ready = False
                 broker_logger.warning("rabbitmq: connection lost, reconnecting")
                 await session.close(self._timeout, delete_queue=False)
-                session = await self._reestablish()
+                session = await self._reconnect(self._open_session, self._restore, self._discard)
             except Exception:  # a bug must not leave the driver silently stuck
                 broker_logger.exception("rabbitmq: supervisor error, starting afresh")
                 self._ready = False
                 session.mark_lost()
                 await asyncio.sleep(self._reconnect_max)
 
-    async def _reestablish(self) -> _Session:
-        attempt = 0
-        while True:
-            await asyncio.sleep(_backoff_s(attempt, self._reconnect_min, self._reconnect_max))
-            attempt += 1
-            try:
-                session = await self._open_session()
-            except Exception as exc:
-                broker_logger.warning("rabbitmq: reconnection attempt %d failed: %r", attempt, exc)
-                continue
-            self._session = session
-            if await self._restore(session):
-                self._reconnects += 1
-                self._ready = True
-                broker_logger.info("rabbitmq: reconnected, %d topics restored", len(self._topics))
-                return session
-            await session.close(self._timeout, delete_queue=False)
-
     async def _restore(self, session: _Session) -> bool:
-        """Bind every held topic again; False when the session broke meanwhile."""
+        """Make ``session`` current and bind every held topic again; False when
+        the session broke meanwhile."""
+        self._session = session
         for topic in list(self._topics):
             if topic not in self._topics:
                 continue  # unsubscribed meanwhile
@@ -445,12 +369,6 @@ class RabbitMQDriver:
                     return False
         return session.usable
 
-    def _report_failure(self, topic: str, message: str) -> None:
-        self._failures += 1
-        broker_logger.error("rabbitmq: subscription to %r lost: %s", topic, message)
-        receiver = self._receiver
-        if receiver is not None:
-            try:
-                receiver.on_subscription_failure(topic, message)
-            except Exception:
-                broker_logger.exception("rabbitmq: receiver failed on a subscription failure")
+    async def _discard(self, session: _Session) -> None:
+        """Drop a new session that failed while being restored."""
+        await session.close(self._timeout, delete_queue=False)
