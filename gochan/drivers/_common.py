@@ -6,6 +6,8 @@ connection (:class:`SupervisedDriver`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
 import unicodedata
 from collections.abc import Awaitable, Callable
@@ -21,8 +23,10 @@ __all__ = [
     "SupervisedDriver",
     "backoff",
     "bounded",
+    "cancel_and_wait",
     "check_topic_bytes",
     "redact_url",
+    "report_failure",
     "require_connected",
     "require_positive",
 ]
@@ -63,6 +67,16 @@ async def bounded(aw: Awaitable[_T], timeout_s: float, broker: str) -> _T:
         raise TimeoutError(f"no answer from {broker} within {timeout_s}s") from exc
 
 
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait until it has ended (nothing for None or the
+    calling task itself)."""
+    if task is None or task is asyncio.current_task():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def redact_url(url: str) -> str:
     """``url`` without its password, for logs and errors."""
     try:
@@ -75,6 +89,24 @@ def redact_url(url: str) -> str:
     if parts.port is not None:
         netloc += f":{parts.port}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def report_failure(
+    driver: str,
+    receiver: Receiver | None,
+    topic: str,
+    message: str,
+    level: int = logging.WARNING,
+) -> None:
+    """The subscription for ``topic`` is lost: log it and tell ``receiver``
+    (a receiver that fails on it is logged, not raised)."""
+    broker_logger.log(level, "%s: subscription to %r lost: %s", driver, topic, message)
+    if receiver is None:
+        return
+    try:
+        receiver.on_subscription_failure(topic, message)
+    except Exception:
+        broker_logger.exception("%s: receiver failed on the failure of %r", driver, topic)
 
 
 def check_topic_bytes(topic: str) -> bytes:
@@ -139,6 +171,17 @@ class SupervisedDriver:
             "connected": self._ready,
         }
 
+    async def _shut_down(self) -> bool:
+        """The first half of ``close``: mark the driver closed and stop the
+        supervisor; False when it was closed already."""
+        if self._closed:
+            return False
+        self._closed = True
+        self._ready = False
+        supervisor, self._supervisor = self._supervisor, None
+        await cancel_and_wait(supervisor)
+        return True
+
     async def _reconnect(
         self,
         open_connection: Callable[[], Awaitable[_C]],
@@ -179,11 +222,4 @@ class SupervisedDriver:
     def _report_failure(self, topic: str, message: str) -> None:
         """The subscription for ``topic`` is lost: count, log, tell the receiver."""
         self._failures += 1
-        broker_logger.error("%s: subscription to %r lost: %s", self.name, topic, message)
-        receiver = self._receiver
-        if receiver is None:
-            return
-        try:
-            receiver.on_subscription_failure(topic, message)
-        except Exception:
-            broker_logger.exception("%s: receiver failed on a subscription failure", self.name)
+        report_failure(self.name, self._receiver, topic, message, logging.ERROR)

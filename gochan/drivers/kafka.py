@@ -55,7 +55,7 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import bounded, require_connected, require_positive
+from ._common import bounded, report_failure, require_connected, require_positive
 from .base import Receiver
 
 __all__ = ["KafkaDriver"]
@@ -376,16 +376,13 @@ class KafkaDriver:
                     broker_logger.warning("kafka: reassignment after reconnect: %r", exc)
                 if not self._topics:
                     self._has_topics.clear()
-        receiver = self._receiver
         for topic in lost:
-            broker_logger.warning("kafka: topic %r is gone after a reconnect", topic)
-            if receiver is not None:
-                try:
-                    receiver.on_subscription_failure(
-                        topic, "the Kafka topic no longer exists after a reconnect"
-                    )
-                except Exception:
-                    broker_logger.exception("kafka: receiver failed on a failure for %r", topic)
+            report_failure(
+                self.name,
+                self._receiver,
+                topic,
+                "the Kafka topic no longer exists after a reconnect",
+            )
 
     @staticmethod
     async def _stop_quietly(*clients: Any) -> None:

@@ -41,7 +41,6 @@ failure code, for example an ACL) is dropped and reported through
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import ssl
@@ -256,15 +255,8 @@ class MqttDriver(SupervisedDriver):
         return None
 
     async def close(self) -> None:
-        if self._closed:
+        if not await self._shut_down():
             return
-        self._closed = True
-        self._ready = False
-        supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
         client, self._client = self._client, None
         if client is not None:
             await self._close_client(client)

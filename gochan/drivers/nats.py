@@ -80,7 +80,7 @@ from ..errors import (
     ReplayGapError,
 )
 from ..log import broker_logger
-from ._common import backoff, redact_url, require_positive
+from ._common import backoff, cancel_and_wait, redact_url, report_failure, require_positive
 from .base import Receiver
 
 __all__ = ["NatsDriver"]
@@ -380,10 +380,7 @@ class NatsDriver:
         self._closed = True
         self._ready = False
         task, self._reconnect_task = self._reconnect_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         nc, self._nc = self._nc, None
         subs = list(self._subs.values())
         self._subs.clear()
@@ -774,10 +771,4 @@ class NatsDriver:
         self._positions.pop(topic, None)
 
     def _report_failure(self, topic: str, message: str) -> None:
-        broker_logger.warning("NATS subscription for topic %r failed: %s", topic, message)
-        receiver = self._receiver
-        if receiver is not None:
-            try:
-                receiver.on_subscription_failure(topic, message)
-            except Exception:
-                broker_logger.exception("receiver failed on a subscription failure")
+        report_failure(self.name, self._receiver, topic, message)

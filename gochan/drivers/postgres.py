@@ -283,15 +283,8 @@ class PostgresDriver(SupervisedDriver):
         return None
 
     async def close(self) -> None:
-        if self._closed:
+        if not await self._shut_down():
             return
-        self._closed = True
-        self._ready = False
-        supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._close_conn(conn)

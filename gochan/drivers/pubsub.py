@@ -42,7 +42,6 @@ exist are lost; those retained by a surviving subscription are delivered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import string
 from collections.abc import Awaitable
@@ -61,7 +60,7 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import bounded, require_connected, require_positive
+from ._common import bounded, cancel_and_wait, report_failure, require_connected, require_positive
 from .base import Receiver
 
 __all__ = ["PubSubDriver", "gochan_topic", "topic_id"]
@@ -324,11 +323,8 @@ class PubSubDriver:
             return
         self._closed = True
         self._up.clear()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-            self._supervisor = None
+        await cancel_and_wait(self._supervisor)
+        self._supervisor = None
         subs = list(self._subs.values())
         self._subs.clear()
         for sub in subs:
@@ -387,11 +383,8 @@ class PubSubDriver:
 
     @staticmethod
     async def _stop_pull(sub: _Subscription) -> None:
-        if sub.task is not None:
-            sub.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sub.task
-            sub.task = None
+        await cancel_and_wait(sub.task)
+        sub.task = None
 
     async def _pull_loop(self, sub: _Subscription) -> None:
         assert self._subscriber is not None
@@ -458,16 +451,8 @@ class PubSubDriver:
             broker_logger.warning(
                 "pubsub: reconnected; %d subscriptions (%d lost)", len(self._subs), len(failed)
             )
-            receiver = self._receiver
             for topic, reason in failed:
-                broker_logger.warning("pubsub: subscription for %r lost: %s", topic, reason)
-                if receiver is not None:
-                    try:
-                        receiver.on_subscription_failure(topic, reason)
-                    except Exception:
-                        broker_logger.exception(
-                            "pubsub: receiver failed on a failure for %r", topic
-                        )
+                report_failure(self.name, self._receiver, topic, reason)
 
     async def _restore_all(self) -> list[tuple[str, str]]:
         """Recreate the subscriptions the service forgot.

@@ -260,15 +260,8 @@ class RabbitMQDriver(SupervisedDriver):
         return None
 
     async def close(self) -> None:
-        if self._closed:
+        if not await self._shut_down():
             return
-        self._closed = True
-        self._ready = False
-        supervisor, self._supervisor = self._supervisor, None
-        if supervisor is not None:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
         session, self._session = self._session, None
         if session is not None:
             await session.close(self._timeout, delete_queue=True)

@@ -54,7 +54,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..errors import BrokerConnectionError, BrokerError, ClosedError, ConfigurationError
 from ..log import broker_logger
-from ._common import backoff, redact_url, require_positive
+from ._common import backoff, cancel_and_wait, redact_url, report_failure, require_positive
 from .base import Receiver
 
 __all__ = ["RedisDriver"]
@@ -341,10 +341,7 @@ class RedisDriver:
         self._closed = True
         self._ready = False
         task, self._task = self._task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._drop_conn(conn)
@@ -722,10 +719,4 @@ class RedisDriver:
         return channel
 
     def _report_failure(self, topic: str, message: str) -> None:
-        broker_logger.warning("Redis subscription for topic %r failed: %s", topic, message)
-        receiver = self._receiver
-        if receiver is not None:
-            try:
-                receiver.on_subscription_failure(topic, message)
-            except Exception:
-                broker_logger.exception("receiver failed on a subscription failure")
+        report_failure(self.name, self._receiver, topic, message)

@@ -65,7 +65,7 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import bounded, require_connected, require_positive
+from ._common import bounded, cancel_and_wait, report_failure, require_connected, require_positive
 from .base import Receiver
 
 __all__ = ["SqsDriver"]
@@ -316,11 +316,8 @@ class SqsDriver:
             return
         self._closed = True
         self._broker_up = False
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._stack is not None:
             subs = [sub_arn for _, sub_arn in self._subs.values()]
             results = await asyncio.gather(
@@ -494,14 +491,8 @@ class SqsDriver:
         broker_logger.warning(
             "sqs: queue restored with %d subscriptions (%d failed)", len(self._subs), len(failed)
         )
-        receiver = self._receiver
         for topic, reason in failed:
-            broker_logger.warning("sqs: subscription for %r lost: %s", topic, reason)
-            if receiver is not None:
-                try:
-                    receiver.on_subscription_failure(topic, reason)
-                except Exception:
-                    broker_logger.exception("sqs: receiver failed on a failure for %r", topic)
+            report_failure(self.name, self._receiver, topic, reason)
 
 
 def _error_code(exc: ClientError) -> str:
