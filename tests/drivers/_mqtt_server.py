@@ -16,12 +16,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from typing import IO
 from urllib.parse import unquote, urlsplit
 
-from .conftest import broker_unavailable, free_port, port_open
+from .conftest import broker_unavailable, free_port, port_open, start_process, stop_process
 
 START_TIMEOUT_S = 10.0
 
@@ -73,39 +72,36 @@ class Mosquitto:
         """Start (again, on the same port) and wait until it accepts connections."""
         assert self.process is None
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reap
-        self.process = subprocess.Popen(
-            [self.binary, "-c", self.config], stdout=self._log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not port_open("127.0.0.1", self.port, 0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                broker_unavailable(f"mosquitto did not start: {self.log()[-500:]}")
-            time.sleep(0.02)
+        try:
+            self.process = start_process(
+                [self.binary, "-c", self.config],
+                self.port,
+                START_TIMEOUT_S,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+            )
+        except RuntimeError as exc:
+            self._close_log()
+            broker_unavailable(f"{exc}: {self.log()[-500:]}")
 
     def kill(self) -> None:
         """A crash: SIGKILL, every connection dropped at once."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self._reap()
+        self._reap(signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self._reap()
+        self._reap(signal.SIGTERM)
 
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
-    def _reap(self) -> None:
-        assert self.process is not None
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
+    def _reap(self, sig: int) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            stop_process(process, sig)
+        self._close_log()
+
+    def _close_log(self) -> None:
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .conftest import free_port, port_open, require_binary
+from .conftest import free_port, require_binary, start_process, stop_process
 
 START_TIMEOUT_S = 15.0
-STOP_TIMEOUT_S = 10.0
 
 
 class NatsServer:
@@ -64,14 +61,10 @@ class NatsServer:
         ]
         if self.config_path is not None:
             args += ["-c", str(self.config_path)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (port_open("127.0.0.1", self.port, 0.2) and self._healthy()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = self.log()
-                self.stop()
-                raise RuntimeError(f"nats-server did not start:\n{log}")
-            time.sleep(0.05)
+        try:
+            self.proc = start_process(args, self.port, START_TIMEOUT_S, self._healthy)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{self.log()}") from None
 
     def _healthy(self) -> bool:
         try:
@@ -82,16 +75,8 @@ class NatsServer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)  # in case a test paused it
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc)
 
     def restart(self) -> None:
         self.stop()

@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
 
-from .conftest import broker_unavailable, free_port, import_or_skip, port_open
+from .conftest import (
+    broker_unavailable,
+    free_port,
+    import_or_skip,
+    start_process,
+    stop_process,
+)
 
 PROJECT = "gochan-test"
 EMULATOR_REL = Path("platform/pubsub-emulator/bin/cloud-pubsub-emulator")
@@ -57,24 +63,17 @@ class Emulator:
 
     def start(self) -> None:
         # The launcher script execs java, so the pid is the JVM's.
-        self.proc = subprocess.Popen(
+        self.proc = start_process(
             [str(self.binary), "--host=127.0.0.1", f"--port={self.port}"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self.port,
+            START_TIMEOUT_S,
             start_new_session=True,
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not port_open("127.0.0.1", self.port, 0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the Pub/Sub emulator did not start")
-            time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # like a crash; it keeps nothing anyway
-            self.proc.wait()
-        self.proc = None
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            stop_process(proc, signal.SIGKILL)  # like a crash; it keeps nothing anyway
 
 
 @dataclass

@@ -8,16 +8,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from .conftest import broker_unavailable, free_port, import_or_skip, port_open
+from .conftest import (
+    broker_unavailable,
+    free_port,
+    import_or_skip,
+    start_process,
+    stop_process,
+)
 
 REGION = "us-east-1"
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 START_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 5.0
 
 
 class MotoServer:
@@ -29,27 +33,16 @@ class MotoServer:
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
+        self.proc = start_process(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self.port,
+            START_TIMEOUT_S,
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not port_open("127.0.0.1", self.port, 0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            stop_process(proc)
 
 
 @dataclass
