@@ -46,7 +46,7 @@ DEFAULT_MAX_PENDING = 1 << 20
 DEFAULT_MAX_FLUSH_DELAY = 0.02
 # A flush shorter than this (seconds) means light load: the next one runs at
 # once, with no added latency.
-cdef double BUSY_FLUSH_S = 0.0005
+cdef double BUSY_FLUSH_S = 0.002
 
 
 cdef inline double _now() noexcept nogil:
