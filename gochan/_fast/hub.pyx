@@ -42,8 +42,8 @@ _log = _logging.getLogger("gochan.server")
 # Bytes of unsent output a connection may hold before it is dropped as a slow
 # consumer (it reconnects and replays).
 DEFAULT_MAX_PENDING = 1 << 20
-# Longest wait (seconds) the adaptive flush adds under load.
-DEFAULT_MAX_FLUSH_DELAY = 0.02
+# Longest wait (seconds) the adaptive flush adds under load (0: never waits).
+DEFAULT_MAX_FLUSH_DELAY = 0.0
 # A flush shorter than this (seconds) means light load: the next one runs at
 # once, with no added latency.
 cdef double BUSY_FLUSH_S = 0.002
