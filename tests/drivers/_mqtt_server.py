@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import IO
 from urllib.parse import unquote, urlsplit
 
-from .conftest import broker_unavailable, free_port, port_open, start_process, stop_process
+from ._process import start_process, stop_process
+from .conftest import broker_unavailable, free_port, port_open
 
 START_TIMEOUT_S = 10.0
 

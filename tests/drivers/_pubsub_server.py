@@ -20,12 +20,11 @@ from urllib.parse import quote
 
 import aiohttp
 
+from ._process import start_process, stop_process
 from .conftest import (
     broker_unavailable,
     free_port,
     import_or_skip,
-    start_process,
-    stop_process,
 )
 
 PROJECT = "gochan-test"

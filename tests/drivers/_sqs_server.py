@@ -11,12 +11,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ._process import start_process, stop_process
 from .conftest import (
     broker_unavailable,
     free_port,
     import_or_skip,
-    start_process,
-    stop_process,
 )
 
 REGION = "us-east-1"

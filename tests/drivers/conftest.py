@@ -19,17 +19,13 @@ import importlib
 import inspect
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import pytest
 
 LEFTOVER_TASK_GRACE_S = 2.0
-STOP_TIMEOUT_S = 10.0
 
 
 @pytest.hookimpl(wrapper=True)
@@ -113,41 +109,3 @@ async def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
         if loop.time() > deadline:
             raise TimeoutError(f"{host}:{port} did not open within {timeout}s")
         await asyncio.sleep(0.05)
-
-
-def start_process(
-    args: list[str],
-    port: int,
-    timeout: float,
-    ready: Callable[[], bool] | None = None,
-    **popen: Any,
-) -> subprocess.Popen[bytes]:
-    """Start a broker and wait until it accepts connections on 127.0.0.1:``port``
-    (and ``ready()`` holds); RuntimeError, the process stopped, if it exits
-    or takes longer than ``timeout`` seconds. Its output is discarded unless
-    ``popen`` says otherwise."""
-    popen.setdefault("stdout", subprocess.DEVNULL)
-    popen.setdefault("stderr", subprocess.DEVNULL)
-    proc = subprocess.Popen(args, **popen)
-    deadline = time.monotonic() + timeout
-    while not (port_open("127.0.0.1", port, 0.2) and (ready is None or ready())):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process(proc)
-            raise RuntimeError(f"{os.path.basename(args[0])} did not start")
-        time.sleep(0.05)
-    return proc
-
-
-def stop_process(
-    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S
-) -> None:
-    """Stop a broker with ``sig`` (resumed first, in case a test paused it);
-    SIGKILL if it is still there after ``timeout`` seconds."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGCONT)
-        proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()

@@ -89,29 +89,14 @@ def nats_url() -> Iterator[str]:
     if url is not None:
         yield url
         return
-    try:
-        server = NatsServer()
-        server.start()
-    except (OSError, RuntimeError) as exc:
-        broker_unavailable(f"cannot start nats-server: {exc}")
-    try:
+    for server in NatsServer.running():
         yield server.url
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def own_nats() -> Iterator[NatsServer]:
     """A server this test owns: it may be inspected, stopped and restarted."""
-    try:
-        server = NatsServer()
-        server.start()
-    except (OSError, RuntimeError) as exc:
-        broker_unavailable(f"cannot start nats-server: {exc}")
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from NatsServer.running()
 
 
 # -- topic mapping ---------------------------------------------------------------

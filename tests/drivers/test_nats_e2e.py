@@ -13,20 +13,11 @@ from tests.support import SSEStream
 
 from . import e2e
 from ._nats_server import NatsServer
-from .conftest import broker_unavailable
 
 
 @pytest.fixture
 def server() -> Iterator[NatsServer]:
-    try:
-        own = NatsServer()
-        own.start()
-    except (OSError, RuntimeError) as exc:
-        broker_unavailable(f"cannot start nats-server: {exc}")
-    try:
-        yield own
-    finally:
-        own.close()
+    yield from NatsServer.running()
 
 
 def broker(server: NatsServer, **options: object) -> e2e.Broker:

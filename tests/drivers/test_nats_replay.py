@@ -18,20 +18,11 @@ from gochan.server import Server
 from tests.support import SSEStream
 
 from ._nats_server import NatsServer
-from .conftest import broker_unavailable
 
 
 @pytest.fixture
 def server() -> Iterator[NatsServer]:
-    try:
-        own = NatsServer()
-        own.start()
-    except (OSError, RuntimeError) as exc:
-        broker_unavailable(f"cannot start nats-server: {exc}")
-    try:
-        yield own
-    finally:
-        own.close()
+    yield from NatsServer.running()
 
 
 def options(server: NatsServer, stream: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from gochan.errors import BrokerConnectionError, BrokerError, ClosedError, Confi
 
 from . import harness
 from ._redis_server import RedisServer, external_url
-from .conftest import broker_unavailable, free_port, import_or_skip
+from .conftest import free_port, import_or_skip
 from .harness import BINARY_BODY, DELIVERY_TIMEOUT_S, MULTILINE_BODY, Recorder, unique, wait_until
 
 redis_asyncio = import_or_skip("redis.asyncio")
@@ -65,29 +65,14 @@ def redis_url() -> Iterator[str]:
     if url is not None:
         yield url
         return
-    try:
-        server = RedisServer()
-        server.start()
-    except (OSError, RuntimeError) as exc:
-        broker_unavailable(f"cannot start redis-server: {exc}")
-    try:
+    for server in RedisServer.running():
         yield server.url
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A server this test owns: it may be stopped, paused and restarted."""
-    try:
-        server = RedisServer()
-        server.start()
-    except (OSError, RuntimeError) as exc:
-        broker_unavailable(f"cannot start redis-server: {exc}")
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from RedisServer.running()
 
 
 # -- mapping and options ---------------------------------------------------------

@@ -10,22 +10,14 @@ import pytest
 
 from . import e2e
 from ._redis_server import RedisServer
-from .conftest import broker_unavailable, import_or_skip
+from .conftest import import_or_skip
 
 redis_asyncio = import_or_skip("redis.asyncio")
 
 
 @pytest.fixture
 def server() -> Iterator[RedisServer]:
-    try:
-        own = RedisServer()
-        own.start()
-    except (OSError, RuntimeError) as exc:
-        broker_unavailable(f"cannot start redis-server: {exc}")
-    try:
-        yield own
-    finally:
-        own.close()
+    yield from RedisServer.running()
 
 
 def broker(server: RedisServer, **options: object) -> e2e.Broker:
