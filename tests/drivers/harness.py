@@ -1,4 +1,5 @@
-"""What the driver tests share: a recording Receiver, waits and unique names.
+"""What the driver tests share: a recording Receiver, waits, unique names,
+and the checks every driver must pass without a broker.
 
 Driver tests are plain ``async def`` functions: tests/conftest.py runs them
 on uvloop under a timeout and fails one that leaves an unhandled exception in
@@ -10,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from gochan.drivers import Driver
+import pytest
+
+from gochan.drivers import Driver, create_driver
+from gochan.errors import BrokerConnectionError, ClosedError
 
 DELIVERY_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.01
@@ -103,3 +108,27 @@ async def wait_until(
 def unique(name: str = "t") -> str:
     """``name`` made unique, for topics that no other test or run shares."""
     return f"{name}-{uuid.uuid4().hex[:10]}"
+
+
+# -- checks every driver must pass -----------------------------------------------
+
+
+def check_registry(name: str, options: dict[str, Any], cls: type[Driver]) -> None:
+    """``create_driver`` builds the driver from its options, without I/O."""
+    driver = create_driver(name, options)
+    assert isinstance(driver, cls)
+    assert driver.name == name
+    assert not driver.ready
+
+
+async def check_connect_to_nothing(driver: Driver, within_s: float) -> None:
+    """Connecting where no broker listens fails within ``within_s`` with
+    BrokerConnectionError; the driver is not ready, closes, and stays closed."""
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError):
+        await asyncio.wait_for(driver.connect(Recorder()), within_s)
+    assert time.monotonic() - started < within_s
+    assert not driver.ready
+    await driver.close()
+    with pytest.raises(ClosedError):
+        await driver.connect(Recorder())

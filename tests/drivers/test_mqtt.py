@@ -16,10 +16,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from gochan.drivers import create_driver
 from gochan.drivers.mqtt import MqttDriver
 from gochan.errors import (
-    BrokerConnectionError,
     BrokerError,
     ClosedError,
     ConfigurationError,
@@ -142,20 +140,13 @@ def test_bad_configuration_is_refused() -> None:
 
 
 def test_registry_builds_the_driver() -> None:
-    driver = create_driver("mqtt", {"host": "example", "port": 1884, "qos": 0})
-    assert isinstance(driver, MqttDriver)
-    assert driver.name == "mqtt"
-    assert not driver.ready
+    options = {"host": "example", "port": 1884, "qos": 0}
+    harness.check_registry("mqtt", options, MqttDriver)
 
 
 async def test_connect_to_nothing_fails_promptly() -> None:
     driver = MqttDriver(port=free_port(), timeout=2)
-    with pytest.raises(BrokerConnectionError):
-        await asyncio.wait_for(driver.connect(Recorder()), 5)
-    assert not driver.ready
-    await driver.close()
-    with pytest.raises(ClosedError):
-        await driver.connect(Recorder())
+    await harness.check_connect_to_nothing(driver, 5.0)
 
 
 # -- against the broker -----------------------------------------------------------

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import pytest
 
-from gochan.drivers import create_driver
 from gochan.errors import (
     BrokerConnectionError,
     BrokerError,
@@ -164,10 +163,8 @@ def test_bad_options_are_configuration_errors(options: dict[str, Any]) -> None:
 
 
 def test_registry_builds_the_driver() -> None:
-    driver = create_driver("nats", {"url": "nats://127.0.0.1:1", "prefix": "gochan."})
-    assert isinstance(driver, NatsDriver)
-    assert driver.name == "nats"
-    assert not driver.ready
+    options = {"url": "nats://127.0.0.1:1", "prefix": "gochan."}
+    harness.check_registry("nats", options, NatsDriver)
 
 
 # -- core pub/sub ------------------------------------------------------------------
@@ -339,12 +336,7 @@ async def test_two_processes_hold_one_subscription_each(own_nats: NatsServer) ->
 
 async def test_connect_to_nothing_fails_promptly() -> None:
     driver = NatsDriver(url=f"nats://127.0.0.1:{free_port()}", **FAST)
-    started = time.monotonic()
-    with pytest.raises(BrokerConnectionError):
-        await driver.connect(Recorder())
-    assert time.monotonic() - started < PROMPT_S
-    assert not driver.ready
-    await driver.close()
+    await harness.check_connect_to_nothing(driver, PROMPT_S)
 
 
 async def test_close_is_idempotent_and_final(nats_url: str) -> None:

@@ -17,10 +17,8 @@ import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
 
-from gochan.drivers import create_driver
 from gochan.drivers.postgres import MAX_PAYLOAD_BYTES, PayloadError, PostgresDriver, quote_channel
 from gochan.errors import (
-    BrokerConnectionError,
     BrokerError,
     ClosedError,
     ConfigurationError,
@@ -126,20 +124,13 @@ def test_bad_configuration_is_refused() -> None:
 
 
 def test_registry_builds_the_driver() -> None:
-    driver = create_driver("postgres", {"dsn": "postgresql://u@h/db", "prefix": "p_"})
-    assert isinstance(driver, PostgresDriver)
-    assert driver.name == "postgres"
-    assert not driver.ready
+    options = {"dsn": "postgresql://u@h/db", "prefix": "p_"}
+    harness.check_registry("postgres", options, PostgresDriver)
 
 
 async def test_connect_to_nothing_fails_promptly() -> None:
     driver = PostgresDriver(dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/x", timeout=2)
-    with pytest.raises(BrokerConnectionError):
-        await asyncio.wait_for(driver.connect(Recorder()), 5)
-    assert not driver.ready
-    await driver.close()
-    with pytest.raises(ClosedError):
-        await driver.connect(Recorder())
+    await harness.check_connect_to_nothing(driver, 5.0)
 
 
 # -- against the server -----------------------------------------------------------

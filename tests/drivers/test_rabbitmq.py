@@ -16,10 +16,8 @@ import aio_pika
 import pytest
 from aio_pika.exceptions import ChannelClosed, ChannelNotFoundEntity
 
-from gochan.drivers import create_driver
 from gochan.drivers.rabbitmq import RabbitMQDriver
 from gochan.errors import (
-    BrokerConnectionError,
     BrokerError,
     ClosedError,
     ConfigurationError,
@@ -28,6 +26,7 @@ from gochan.errors import (
 
 from . import _rabbitmq_server, e2e, harness
 from ._rabbitmq_server import RabbitMQ, TcpProxy
+from .conftest import free_port
 from .harness import DELIVERY_TIMEOUT_S, Recorder, wait_until
 
 PROMPT_S = 1.0  # "promptly": how long a refusal while disconnected may take
@@ -140,22 +139,13 @@ def test_bad_configuration_is_refused() -> None:
 
 
 def test_registry_builds_the_driver() -> None:
-    driver = create_driver("rabbitmq", {"url": "amqp://u:p@h:1/", "exchange": "x"})
-    assert isinstance(driver, RabbitMQDriver)
-    assert driver.name == "rabbitmq"
-    assert not driver.ready
+    options = {"url": "amqp://u:p@h:1/", "exchange": "x"}
+    harness.check_registry("rabbitmq", options, RabbitMQDriver)
 
 
 async def test_connect_to_nothing_fails_promptly() -> None:
-    from .conftest import free_port
-
     driver = RabbitMQDriver(url=f"amqp://guest:guest@127.0.0.1:{free_port()}/", timeout=2)
-    with pytest.raises(BrokerConnectionError):
-        await asyncio.wait_for(driver.connect(Recorder()), 5)
-    assert not driver.ready
-    await driver.close()
-    with pytest.raises(ClosedError):
-        await driver.connect(Recorder())
+    await harness.check_connect_to_nothing(driver, 5.0)
 
 
 # -- against the broker -----------------------------------------------------------

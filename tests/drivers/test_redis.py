@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from gochan.drivers import create_driver
 from gochan.errors import BrokerConnectionError, BrokerError, ClosedError, ConfigurationError
 
 from . import harness
@@ -102,10 +101,8 @@ def test_bad_options_are_configuration_errors(options: dict[str, Any]) -> None:
 
 
 def test_registry_builds_the_driver() -> None:
-    driver = create_driver("redis", {"url": "redis://127.0.0.1:1/0", "prefix": "gochan:"})
-    assert isinstance(driver, RedisDriver)
-    assert driver.name == "redis"
-    assert not driver.ready
+    options = {"url": "redis://127.0.0.1:1/0", "prefix": "gochan:"}
+    harness.check_registry("redis", options, RedisDriver)
 
 
 # -- pub/sub ---------------------------------------------------------------------
@@ -272,12 +269,7 @@ async def test_messages_published_right_after_subscribe_are_delivered(redis_url:
 
 async def test_connect_to_nothing_fails_promptly() -> None:
     driver = RedisDriver(url=f"redis://127.0.0.1:{free_port()}/0", **FAST)
-    started = time.monotonic()
-    with pytest.raises(BrokerConnectionError):
-        await driver.connect(Recorder())
-    assert time.monotonic() - started < PROMPT_S
-    assert not driver.ready
-    await driver.close()
+    await harness.check_connect_to_nothing(driver, PROMPT_S)
 
 
 async def test_close_is_idempotent_and_final(redis_url: str) -> None:
