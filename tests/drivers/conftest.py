@@ -30,8 +30,8 @@ LEFTOVER_TASK_GRACE_S = 2.0
 
 @pytest.hookimpl(wrapper=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Iterator[None]:
-    """Wrap ``async def`` tests in :func:`no_tasks_left` (tests/conftest.py
-    runs them)."""
+    """Check what ``async def`` tests (run by tests/conftest.py) leave behind:
+    no swallowed timeout, no task still running (:func:`no_tasks_left`)."""
     test = pyfuncitem.obj
     if not inspect.iscoroutinefunction(test):
         return (yield)
