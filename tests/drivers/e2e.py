@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
 from gochan import Config, Streamer
 from gochan.server import Server
-from tests.support import SSEStream
+from tests.support import SSEStream, free_port
 
 DELIVERY_TIMEOUT_S = 10.0
 RECOVERY_TIMEOUT_S = 30.0
@@ -58,6 +60,37 @@ async def nodes(broker: Broker, count: int = 2) -> AsyncIterator[list[Server]]:
             await streamer.close()
 
 
+class ProcessNode(NamedTuple):
+    port: int
+
+
+@contextlib.asynccontextmanager
+async def process_node(broker: Broker) -> AsyncIterator[ProcessNode]:
+    """A gochan server as its own process (``python -m gochan.server``), its
+    driver options given as ``--<driver>-<option>`` flags."""
+    port = free_port()
+    flags = [f"--{broker.driver}-{k.replace('_', '-')}={v}" for k, v in broker.options.items()]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gochan.server", "--port", str(port), "--log-level", "warning",
+        "--driver", broker.driver, *flags,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        banner = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if b"listening" not in banner:
+            raise AssertionError(f"gochan did not start: {(await proc.stderr.read()).decode()}")
+        yield ProcessNode(port)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
 async def next_data(stream: SSEStream, topic: str, timeout: float = DELIVERY_TIMEOUT_S) -> str:
     """The data of the next frame for ``topic`` (heartbeats skipped)."""
     event = await stream.event(timeout)
@@ -76,9 +109,9 @@ async def post_publish(port: int, topic: str, body: bytes) -> httpx.Response:
 
 async def check_relay(broker: Broker) -> None:
     """Messages from the broker's own client arrive unchanged; messages
-    published through either node reach clients on both."""
+    published through either gochan process reach clients on both."""
     topic = broker.topic("relay")
-    async with nodes(broker, 2) as (a, b):
+    async with nodes(broker, 1) as (a,), process_node(broker) as b:
         streams = [await SSEStream.open(s.port, f"/events?topic={topic}") for s in (a, b)]
         for stream in streams:
             assert (await stream.config())["subscriptions"] == [topic]
@@ -170,4 +203,5 @@ __all__ = [
     "check_relay",
     "check_subscription_lifecycle",
     "nodes",
+    "process_node",
 ]
