@@ -17,6 +17,7 @@ from gochan import Config, Streamer
 from gochan.server import Server
 from tests.support import SSEStream
 
+from . import e2e
 from ._nats_server import NatsServer
 
 
@@ -65,18 +66,19 @@ async def js_publish(server: NatsServer, stream: str, subject: str, data: bytes)
 
 async def test_resume_on_another_process_and_after_a_restart(server: NatsServer) -> None:
     name = "R" + secrets.token_hex(4).upper()
-    async with node(server, name) as a, node(server, name) as b:
+    broker = e2e.Broker("nats", options(server, name), publish=_unused)
+    async with node(server, name) as a, e2e.process_node(broker) as b:
         first = await open_stream(a.port)
         await a.streamer.publish("t1", b"m0")
         seen = await first.event()
         assert seen["data"] == "m0"
         await first.close()
-        missed = [
-            ("t1", await b.streamer.publish("t1", b"m1")),
-            ("t2", await js_publish(server, name, "gochan.t2", b"m2")),  # any NATS client
-            ("t1", await b.streamer.publish("t1", b"m3\nline")),
+        missed = [  # published through the other gochan process, and by any NATS client
+            ("t1", (await e2e.post_publish(b.port, "t1", b"m1")).json()["id"]),
+            ("t2", await js_publish(server, name, "gochan.t2", b"m2")),
+            ("t1", (await e2e.post_publish(b.port, "t1", b"m3\nline")).json()["id"]),
         ]
-        await b.streamer.publish("elsewhere", b"not for us")
+        await e2e.post_publish(b.port, "elsewhere", b"not for us")
         resumed = await open_stream(b.port, seen["id"])
         assert await replay_answer(resumed) == {"last_event_id": seen["id"], "recovered": True}
         got = [await resumed.event() for _ in missed]
@@ -89,12 +91,16 @@ async def test_resume_on_another_process_and_after_a_restart(server: NatsServer)
         await resumed.close()
     # Both processes are gone; a new one on the same stream takes over.
     after_restart = await js_publish(server, name, "gochan.t1", b"while down")
-    async with node(server, name) as c:
+    async with e2e.process_node(broker) as c:
         resumed = await open_stream(c.port, str(last))
         assert (await replay_answer(resumed))["recovered"] is True
         event = await resumed.event()
         assert (event["id"], event["data"]) == (after_restart, "while down")
         await resumed.close()
+
+
+async def _unused(topic: str, data: bytes) -> None:
+    raise AssertionError("not used here")
 
 
 async def test_racing_publishes_across_reconnects(server: NatsServer) -> None:
