@@ -615,13 +615,6 @@ class Streamer:
             else:
                 await asyncio.sleep(0)  # the flush runs at the end of this iteration
 
-    def attach(self, client: Client, transport: asyncio.WriteTransport) -> Subscriber:
-        """Register a live SSE stream of ``client`` (the caller has written the
-        response head): it gets every message of the client's topics from now on."""
-        sub = self._new_stream(client, transport)
-        self._join(sub)
-        return sub
-
     def detach(self, sub: Subscriber) -> None:
         """The stream's connection is gone; the TTL starts with the last one."""
         self._replays.pop(sub, None)

@@ -7,17 +7,13 @@ from email.utils import formatdate
 from http import HTTPStatus
 from urllib.parse import unquote_plus
 
-__all__ = ["Request", "date_header", "parse_query", "response_head", "simple_response"]
+__all__ = ["Request", "parse_query", "refresh_date", "response_head", "simple_response"]
 
 MAX_QUERY_FIELDS = 1100  # a browser may name ~1000 topics at connect
 
 _REASONS = {s.value: s.phrase.encode("ascii") for s in HTTPStatus}
 
 _date = b""
-
-
-def date_header() -> bytes:
-    return _date
 
 
 def refresh_date() -> None:
