@@ -10,7 +10,7 @@ other (``taskset -c 1``). Everything stays on 127.0.0.1; every wait is bounded a
 every process started here is killed on exit, Ctrl-C included.
 
 Usage:
-    python bench/compare.py            # full run: 10,000 connections, rates up to 300k/s
+    python bench/compare.py            # full run: 10,000 connections, rates up to 100k/s
     python bench/compare.py --quick    # smoke test: 1,000 connections, 3 short steps
 """
 
@@ -42,7 +42,7 @@ LOADGEN_BIN = BENCH / "loadgen" / "build" / "sse_loadgen"
 RESULTS = BENCH / "results"
 
 SERVERS = ("gochan", "sse-starlette", "aiohttp-sse")
-DEFAULT_RATES = (100, 300, 1000, 3000, 10000, 30000, 100000, 300000)
+DEFAULT_RATES = (100, 300, 1000, 3000, 5000, 7000, 10000, 15000, 20000, 30000, 50000, 100000)
 QUICK_RATES = (100, 1000, 10000)
 
 SUSTAINED_DELIVERY_RATIO = 0.95  # of expected deliveries, and of the target publish rate
@@ -648,7 +648,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--concurrency", type=int, default=100, help="connects in flight")
     p.add_argument("--connect-timeout", type=float, default=180.0)
-    p.add_argument("--publishers", type=int, default=1, help="publisher connections")
+    p.add_argument("--publishers", type=int, default=4, help="publisher connections")
     p.add_argument("--pipeline", type=int, default=1000, help="requests in flight per publisher")
     p.add_argument("--server-cpu", default="0", help="core for the server ('' = no pinning)")
     p.add_argument("--client-cpu", default="1", help="core for the load generator")
