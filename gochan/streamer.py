@@ -105,7 +105,10 @@ class Streamer:
         config = self.config
         self.history = History(config.history_size, config.history_bytes, config.history_age)
         self._replays: dict[Subscriber, int] = {}  # streams still replaying -> last seq sent
-        self._valid_topics: set[str] = set()
+        # Topic names already validated, each mapped to one shared instance:
+        # a client's topics are that instance, not the copy parsed from its
+        # request (10 topics x 10,000 connections is 5.6 MB of copies).
+        self._valid_topics: dict[str, str] = {}
         # Durable drivers: streams replaying from the broker, and the live
         # frames (with their positions) held for them meanwhile.
         driver = self.driver
@@ -305,14 +308,16 @@ class Streamer:
         checked: list[str] = []
         known = self._valid_topics
         for topic in topics:
-            if isinstance(topic, str) and topic in known:
-                checked.append(topic)  # hot topics are checked once, not per message
-                continue
+            if isinstance(topic, str):
+                shared = known.get(topic)
+                if shared is not None:
+                    checked.append(shared)  # hot topics are checked once, not per message
+                    continue
             valid = validate_topic(topic)
             self.driver.check_topic(valid)
             if len(known) >= VALID_TOPICS_CACHED:
                 known.clear()
-            known.add(valid)
+            known[valid] = valid
             checked.append(valid)
         return checked
 
@@ -514,8 +519,7 @@ class Streamer:
         hub = self.hub
         client = sub.owner
         assert isinstance(client, Client)
-        for topic in client.topics:
-            hub.subscribe(sub, topic)
+        hub.subscribe_all(sub, client.topics)
 
     def _replay_step(self, sub: Subscriber) -> None:
         seq = self._replays.get(sub)

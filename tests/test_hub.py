@@ -121,6 +121,25 @@ def test_unsubscribe_and_close_remove_from_every_topic(impl: Any) -> None:
     assert not hub.subscribe(subs[1], "a")  # closed subscribers cannot come back
 
 
+def test_subscribe_all_joins_each_topic_once(impl: Any) -> None:
+    loop = FakeLoop()
+    hub = impl.Hub(loop)
+    t, other = FakeTransport(), FakeTransport()
+    sub, late = impl.Subscriber(hub, t), impl.Subscriber(hub, other)
+    assert hub.subscribe(sub, "a")
+    assert hub.subscribe_all(sub, ["a", "b", "c", "b"]) == 2  # "a" was in, "b" twice
+    assert sorted(sub.topics) == ["a", "b", "c"]
+    assert hub.subscribe_all(sub, []) == 0
+    assert hub.subscribe_all(late, ("c", "d")) == 2
+    for topic in "abcd":
+        hub.publish(topic, topic.encode())
+    loop.run()
+    assert t.output == b"abc" and other.output == b"cd"
+    assert hub.unsubscribe(sub, "b") and sorted(sub.topics) == ["a", "c"]
+    hub.close(sub)
+    assert hub.subscriber_count("c") == 1 and hub.subscribe_all(sub, ["a"]) == 0
+
+
 def test_slow_consumer_is_dropped_past_the_bound(impl: Any) -> None:
     loop = FakeLoop()
     hub = impl.Hub(loop, 100)

@@ -67,6 +67,18 @@ async def test_invalid_topics_are_refused_and_change_nothing() -> None:
         assert (await streamer.subscribe(client, ["\u00e9" * 128])) == []  # 256 bytes: allowed
 
 
+async def test_clients_share_one_instance_of_each_topic_name() -> None:
+    # Each request parses its own copy of a name; clients keep the shared one,
+    # not 10 strings per connection.
+    async with Streamer() as streamer:
+        first = "".join(["sp", "ort"])
+        second = "".join(["spo", "rt"])
+        assert first == second and first is not second
+        a = await streamer.new_client(streamer.check_topics([first]))
+        b = await streamer.new_client(streamer.check_topics([second]))
+        assert a.topics[0] is b.topics[0] is first
+
+
 async def test_topic_limit() -> None:
     async with Streamer(Config(max_topics_per_client=3)) as streamer:
         client = await streamer.new_client(["a", "b"])

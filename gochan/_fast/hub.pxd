@@ -20,7 +20,6 @@ cdef class Topic:
 cdef class Subscriber:
     cdef Hub hub
     cdef object transport
-    cdef object _write               # transport.write, bound once
     # The socket, when frames may be written to it directly (plain TCP, and
     # only while the transport holds nothing: see Subscriber.__cinit__); -1
     # sends everything through the transport.
@@ -67,3 +66,4 @@ cdef class Hub:
     cpdef Py_ssize_t publish(self, str topic, bytes frame) except -1
     cdef inline int _mark_dirty(self, Subscriber sub) except -1
     cdef int _detach(self, Subscriber sub, Py_ssize_t member) except -1
+    cdef bint _subscribe(self, Subscriber sub, str topic) except -1

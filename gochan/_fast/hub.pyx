@@ -125,7 +125,6 @@ cdef class Subscriber:
     def __cinit__(self, Hub hub not None, object transport, object owner=None):
         self.hub = hub
         self.transport = transport
-        self._write = transport.write
         self.owner = owner
         self.fd = -1
         if hub.direct:
@@ -227,7 +226,7 @@ cdef class Subscriber:
         self.hub.writes += 1
         self.hub.bytes_written += self.queue_bytes
         self._clear_queue()
-        self._write(data)
+        self.transport.write(data)
         return 0
 
     cdef bytes _joined(self, Py_ssize_t skip):
@@ -270,7 +269,7 @@ cdef class Subscriber:
         # polling the socket and pauses us until it has drained.
         rest = self._joined(sent)
         self._clear_queue()
-        self._write(rest)
+        self.transport.write(rest)
         return 0
 
 
@@ -336,10 +335,34 @@ cdef class Hub:
 
     def subscribe(self, Subscriber sub not None, str topic not None):
         """Put ``sub`` in ``topic``; False if it was there already or is closed."""
-        cdef PyObject* found
-        cdef Topic t
         if sub.closed or sub.hub is not self:
             return False
+        return self._subscribe(sub, topic)
+
+    def subscribe_all(self, Subscriber sub not None, topics not None):
+        """Put ``sub`` in each of ``topics`` (a list or tuple of str); returns
+        how many it was not in yet. Its membership table is sized once, exactly."""
+        cdef Py_ssize_t wanted, added = 0
+        cdef void* grown
+        if sub.closed or sub.hub is not self:
+            return 0
+        topics = tuple(topics)
+        wanted = sub.members_len + len(topics)
+        if wanted > sub.members_cap:
+            grown = PyMem_Realloc(sub.members, <size_t>wanted * sizeof(Membership))
+            if grown == NULL:
+                raise MemoryError()
+            sub.members = <Membership*>grown
+            sub.members_cap = wanted
+        for topic in topics:
+            added += self._subscribe(sub, topic)
+        return added
+
+    cdef bint _subscribe(self, Subscriber sub, str topic) except -1:
+        cdef PyObject* found
+        cdef Topic t
+        if topic is None:
+            raise TypeError("a topic must be a str")
         found = PyDict_GetItem(self.topics, topic)
         if found == NULL:
             t = Topic(topic)

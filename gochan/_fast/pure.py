@@ -7,6 +7,7 @@ It is never used by the server. Tests feed the same operations to this and to
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 HEARTBEAT = b":\n\n"
@@ -111,6 +112,11 @@ class Hub:
         self.topics.setdefault(topic, {})[sub] = None
         sub.topic_set[topic] = None
         return True
+
+    def subscribe_all(self, sub: Subscriber, topics: Sequence[str]) -> int:
+        if sub.closed:
+            return 0
+        return sum(self.subscribe(sub, topic) for topic in topics)
 
     def unsubscribe(self, sub: Subscriber, topic: str) -> bool:
         if topic not in sub.topic_set:

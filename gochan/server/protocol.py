@@ -29,6 +29,11 @@ __all__ = ["HttpProtocol"]
 MAX_PIPELINE = 32
 
 
+# Shared, never written: see start_stream.
+_NO_HEADERS: dict[str, str] = {}
+_NO_PARTS: list[bytes] = []
+
+
 class _Rejected(Exception):
     """Raised inside a parser callback to stop parsing with an HTTP error."""
 
@@ -322,9 +327,10 @@ class HttpProtocol(asyncio.Protocol):
         # Nothing more is parsed on this connection: free the parser state.
         self.parser = None
         self.pipeline.clear()
-        self._headers = {}
-        self._url = []
-        self._body = []
+        # Parse state is replaced whole by on_message_begin before any use, so
+        # a stream can point at shared empties rather than own three containers.
+        self._headers = _NO_HEADERS
+        self._url = self._body = _NO_PARTS
         self.server.streaming(self)
         if self.reading_paused:  # paused while the head was written; streams read (EOF)
             self._resume_reading()
