@@ -3,6 +3,9 @@
 The "1000topics" workload: C connections, each subscribed at connect to K of T topics
 (every topic gets about C*K/T subscribers), and a publisher sending round-robin over
 the topics at a rate R that steps up until the server no longer sustains it.
+gochan runs twice: publishing through POST /publish ("gochan") and through NATS
+("gochan-nats": the publisher sends NATS PUB frames to a nats-server started for
+the run on the load generator's core, and gochan relays them with --driver nats).
 
 Each server runs pinned to one core (``taskset -c 0``); the C load generator
 (``bench/loadgen``: subscribers and pipelined publisher in one epoll loop) runs on the
@@ -41,7 +44,7 @@ LOADGEN_SRC = BENCH / "loadgen" / "sse_loadgen.c"
 LOADGEN_BIN = BENCH / "loadgen" / "build" / "sse_loadgen"
 RESULTS = BENCH / "results"
 
-SERVERS = ("gochan", "sse-starlette", "aiohttp-sse")
+SERVERS = ("gochan", "gochan-nats", "sse-starlette", "aiohttp-sse")
 DEFAULT_RATES = (100, 300, 1000, 3000, 5000, 7000, 10000, 15000, 20000, 30000, 50000, 100000)
 QUICK_RATES = (100, 1000, 10000)
 
@@ -91,9 +94,21 @@ def free_port() -> int:
         return port
 
 
-def server_command(name: str, port: int, connections: int) -> list[str]:
+def server_command(
+    name: str, port: int, connections: int, nats_port: int | None = None
+) -> list[str]:
     py = sys.executable
     common = ["--host", "127.0.0.1", "--port", str(port)]
+    if name == "gochan-nats":
+        assert nats_port is not None
+        nats_url = f"nats://127.0.0.1:{nats_port}"
+        return [
+            *server_command("gochan", port, connections),
+            "--driver",
+            "nats",
+            "--nats-url",
+            nats_url,
+        ]
     if name == "gochan":
         limit = str(connections + 1000)
         return [
@@ -215,6 +230,9 @@ class Loadgen:
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None and proc.stdin is not None
         self.proc = proc
+        # Processes on the load side besides the generator (the NATS server
+        # it publishes through): their CPU is not counted as noise.
+        self.helper_pids: list[int] = []
         self.sel = selectors.DefaultSelector()
         self.sel.register(proc.stdout, selectors.EVENT_READ)
         self.buf = ""
@@ -343,6 +361,7 @@ def server_version(name: str) -> str:
 
     packages = {
         "gochan": ["gochan", "uvloop", "httptools"],
+        "gochan-nats": ["gochan", "uvloop", "httptools", "nats-py"],
         "sse-starlette": ["sse-starlette", "starlette", "uvicorn", "uvloop", "httptools"],
         "aiohttp-sse": ["aiohttp-sse", "aiohttp", "uvloop"],
     }[name]
@@ -358,11 +377,15 @@ def server_version(name: str) -> str:
 def measure_step(name: str, pid: int, lg: Loadgen, rate: float, args: argparse.Namespace) -> Json:
     """One rate step, with the server's CPU and write syscalls and the machine's noise."""
     cpu0, io0, t0 = cpu_s(pid), io_counters(pid), time.monotonic()
-    lg0, busy0 = cpu_s(lg.proc.pid), machine_busy_s()
+    lg_pids = [lg.proc.pid, *lg.helper_pids]
+    lg0, busy0 = sum(map(cpu_s, lg_pids)), machine_busy_s()
+    h0 = sum(map(cpu_s, lg.helper_pids))
     step = lg.step(rate, args.warmup, args.duration, args.drain)
     wall = time.monotonic() - t0
     cpu1, io1 = cpu_s(pid), io_counters(pid)
-    lg1, busy1 = cpu_s(lg.proc.pid), machine_busy_s()
+    lg1, busy1 = sum(map(cpu_s, lg_pids)), machine_busy_s()
+    if lg.helper_pids:
+        step["broker_cpu_share"] = (sum(map(cpu_s, lg.helper_pids)) - h0) / wall if wall else None
     # Server CPU and write syscalls over the measured window (read by the load
     # generator at the window's edges); over the whole step if unavailable.
     if step.get("server_cpu_s", -1) >= 0:
@@ -430,7 +453,7 @@ def step_with_retry(
     for attempt in range(1 + NOISY_RETRIES):
         if server.poll() is not None:
             raise RuntimeError(f"{name} exited with code {server.returncode}")
-        waited = wait_quiet([server.pid, lg.proc.pid], args.quiet_wait)
+        waited = wait_quiet([server.pid, lg.proc.pid, *lg.helper_pids], args.quiet_wait)
         step = measure_step(name, server.pid, lg, rate, args)
         step["attempt"] = attempt + 1
         step["waited_for_quiet_s"] = round(waited, 1)
@@ -449,10 +472,34 @@ def run_server(
 ) -> ServerResult:
     result = ServerResult(name=name, version=server_version(name))
     port = free_port()
-    cmd = pinned(args.server_cpu, server_command(name, port, args.connections))
-    log(f"{name}: starting on port {port}: {' '.join(cmd)}")
-    server_log = (logdir / f"{name}.log").open("w")
+    nats_port: int | None = None
+    lg_extra: list[str] = []
     with contextlib.ExitStack() as stack:
+        nats: subprocess.Popen[Any] | None = None
+        if name == "gochan-nats":
+            # A NATS server of its own, on the load side's core: the publisher
+            # sends PUB frames to it, gochan (--driver nats) relays them.
+            nats_bin = shutil.which("nats-server")
+            if nats_bin is None:
+                raise RuntimeError("nats-server is not installed (apt-get install nats-server)")
+            nats_port = free_port()
+            nats_cmd = pinned(args.client_cpu, [nats_bin, "-a", "127.0.0.1", "-p", str(nats_port)])
+            log(f"{name}: starting {' '.join(nats_cmd)}")
+            nats_log = stack.enter_context((logdir / f"{name}.nats-server.log").open("w"))
+            nats = stack.enter_context(
+                started(
+                    nats_cmd,
+                    "nats-server",
+                    stdin=subprocess.DEVNULL,
+                    stdout=nats_log,
+                    stderr=nats_log,
+                )
+            )
+            wait_listening(nats_port, nats, SERVER_START_TIMEOUT_S)
+            lg_extra = ["--nats-port", str(nats_port)]
+        cmd = pinned(args.server_cpu, server_command(name, port, args.connections, nats_port))
+        log(f"{name}: starting on port {port}: {' '.join(cmd)}")
+        server_log = (logdir / f"{name}.log").open("w")
         stack.callback(server_log.close)
         server = stack.enter_context(
             started(cmd, name, stdin=subprocess.DEVNULL, stdout=server_log, stderr=server_log)
@@ -486,6 +533,7 @@ def run_server(
                 str(args.max_runtime),
                 "--server-pid",
                 str(server.pid),
+                *lg_extra,
             ],
         )
         lg_err = (logdir / f"{name}.loadgen.log").open("w")
@@ -500,6 +548,8 @@ def run_server(
             )
         )
         lg = Loadgen(lg_proc)
+        if nats is not None:
+            lg.helper_pids.append(nats.pid)
         result.connect = lg.read_json(args.connect_timeout + 30.0)
         log(
             f"{name}: {result.ready()}/{args.connections} connected in "
@@ -566,7 +616,7 @@ ROWS: tuple[tuple[str, str, str, str], ...] = (
 def table(results: list[ServerResult]) -> str:
     names = [r.name for r in results]
     sums = {r.name: r.summary() for r in results}
-    peers = [n for n in names if n != "gochan"] if "gochan" in names else []
+    peers = [n for n in names if not n.startswith("gochan")] if "gochan" in names else []
     header = ["metric", "better", *names, *(f"gochan/{p}" for p in peers)]
     rows = [header]
     for key, label, spec, better in ROWS:

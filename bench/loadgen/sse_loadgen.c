@@ -290,6 +290,11 @@ static int o_server_pid = 0;
  * port against every connection already open to the same address, which
  * grows with the count (about 30% of this process's CPU at 19,000): it made
  * the connect time look superlinear in the server. 0 = no bind. */
+/* Publish through a NATS server at this port (same --host) instead of POST
+ * /publish: "PUB <topic> <len>" frames, fire and forget (no replies, so no
+ * pipeline window; backpressure is the socket), PINGs answered. The server
+ * under test must relay that NATS (gochan --driver nats). 0 = HTTP. */
+static int o_nats_port = 0;
 static int o_source_addrs = -1; /* -1: 16 when --host is loopback, else 0 */
 
 /* global state */
@@ -301,6 +306,7 @@ static char **topic_names;
 static size_t *topic_name_len;
 static char rbuf[READ_BUF];
 static struct sockaddr_in addr;
+static struct sockaddr_in nats_addr;
 static volatile sig_atomic_t stop_flag = 0;
 static uint64_t t0;
 
@@ -584,11 +590,14 @@ static void conn_readable(int i) {
 
 /* ------------------------------------------------------------ publisher */
 
+static void pub_flush(int k);
+
 static void pub_connect(int k) {
     pub_t *p = &pubs[k];
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) die("socket");
-    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) die("publisher connect");
+    struct sockaddr_in *to = o_nats_port ? &nats_addr : &addr;
+    if (connect(fd, (struct sockaddr *)to, sizeof *to) < 0) die("publisher connect");
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     set_nonblock(fd);
@@ -600,6 +609,13 @@ static void pub_connect(int k) {
     if (!p->out) die("malloc");
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (1ull << 32) | (uint64_t)k};
     if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
+    if (o_nats_port) {
+        static const char hello[] =
+            "CONNECT {\"verbose\":false,\"pedantic\":false,\"name\":\"sse_loadgen\"}\r\n";
+        memcpy(p->out, hello, sizeof hello - 1);
+        p->out_len = sizeof hello - 1;
+        pub_flush(k);
+    }
 }
 
 /* Publishers connect per step: an idle keep-alive connection between steps
@@ -671,6 +687,36 @@ static void pub_head_line(pub_t *p) {
     p->hl = 0;
 }
 
+/* What a NATS server sends a publisher: INFO once, PING now and then (it
+ * closes connections that do not PONG), -ERR on a protocol error. */
+static void pub_nats_lines(int k, size_t n) {
+    pub_t *p = &pubs[k];
+    size_t i = 0;
+    while (i < n) {
+        char *nl = memchr(rbuf + i, '\n', n - i);
+        size_t end = nl ? (size_t)(nl - rbuf) : n;
+        size_t m = end - i;
+        if (p->hl + m > sizeof p->hline - 1) m = sizeof p->hline - 1 - p->hl;
+        memcpy(p->hline + p->hl, rbuf + i, m);
+        p->hl += m;
+        i = end;
+        if (!nl) break;
+        i++;
+        p->hline[p->hl] = 0;
+        if (strncmp(p->hline, "PING", 4) == 0) {
+            if (p->out_len + 6 <= p->out_cap) {
+                memcpy(p->out + p->out_len, "PONG\r\n", 6);
+                p->out_len += 6;
+                pub_flush(k);
+            }
+        } else if (strncmp(p->hline, "-ERR", 4) == 0) {
+            fprintf(stderr, "sse_loadgen: nats: %s\n", p->hline);
+            pub_errors++;
+        }
+        p->hl = 0;
+    }
+}
+
 static void pub_readable(int k) {
     pub_t *p = &pubs[k];
     ssize_t r = read(p->fd, rbuf, sizeof rbuf);
@@ -685,6 +731,10 @@ static void pub_readable(int k) {
         return;
     }
     size_t i = 0, n = (size_t)r;
+    if (o_nats_port) {
+        pub_nats_lines(k, n);
+        return;
+    }
     while (i < n) {
         if (p->in_body == 1) {
             size_t m = n - i;
@@ -741,12 +791,18 @@ static void pub_tick(uint64_t now) {
                 char body[256];
                 int bl = snprintf(body, sizeof body, "{\"payload\":\"%s %llu\"}", topic_names[t],
                                   (unsigned long long)now);
-                int hl = snprintf(p->out + p->out_len, p->out_cap - p->out_len,
+                int hl;
+                if (o_nats_port) {
+                    hl = snprintf(p->out + p->out_len, p->out_cap - p->out_len,
+                                  "PUB %s %d\r\n%s\r\n", topic_names[t], bl, body);
+                } else {
+                    hl = snprintf(p->out + p->out_len, p->out_cap - p->out_len,
                                   "POST /publish?topic=%s HTTP/1.1\r\nHost: %s:%d\r\n"
                                   "Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s",
                                   topic_names[t], o_host, o_port, bl, body);
+                    p->inflight++;
+                }
                 p->out_len += (size_t)hl;
-                p->inflight++;
                 pub_sent++;
                 want--;
                 share--;
@@ -930,7 +986,8 @@ static void usage(void) {
             "  [--per-conn-topics K] [--topic-prefix S] [--concurrency N]\n"
             "  [--connect-timeout S] [--publishers N] [--pipeline N]\n"
             "  [--control | --rates R1,R2,... [--warmup S] [--duration S] [--drain S]]\n"
-            "  [--max-runtime S] [--server-pid PID] [--source-addrs N]\n");
+            "  [--max-runtime S] [--server-pid PID] [--source-addrs N]\n"
+            "  [--nats-port P]\n");
     exit(2);
 }
 
@@ -955,6 +1012,7 @@ static void parse_args(int argc, char **argv) {
         else if (OPT("--max-runtime")) o_max_runtime = atof(v);
         else if (OPT("--server-pid")) o_server_pid = atoi(v);
         else if (OPT("--source-addrs")) o_source_addrs = atoi(v);
+        else if (OPT("--nats-port")) o_nats_port = atoi(v);
         else if (OPT("--rates")) {
             char *dup = strdup(v), *save = NULL;
             for (char *t = strtok_r(dup, ",", &save); t && o_nrates < MAX_STEPS;
@@ -994,6 +1052,8 @@ int main(int argc, char **argv) {
         fprintf(stderr, "sse_loadgen: --host must be an IPv4 address\n");
         return 2;
     }
+    nats_addr = addr;
+    nats_addr.sin_port = htons((uint16_t)o_nats_port);
     if (o_source_addrs < 0)
         o_source_addrs = (ntohl(addr.sin_addr.s_addr) >> 24) == 127 ? 16 : 0;
     if (o_source_addrs > 250) o_source_addrs = 250;
