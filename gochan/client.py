@@ -107,9 +107,12 @@ class Client:
         return topic in self._topics
 
     # The streamer keeps topics, driver subscriptions and streams in step;
-    # these two are its only writers.
+    # these are its only writers.
     def _add_topic(self, topic: str) -> None:
         self._topics[topic] = None
+
+    def _add_topics(self, topics: list[str]) -> None:
+        self._topics.update(dict.fromkeys(topics))
 
     def _remove_topic(self, topic: str) -> bool:
         return self._topics.pop(topic, False) is None

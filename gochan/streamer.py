@@ -305,8 +305,18 @@ class Streamer:
 
     def check_topics(self, topics: Iterable[object]) -> list[str]:
         """Validate topics against the protocol and the driver; raise on the first bad one."""
-        checked: list[str] = []
         known = self._valid_topics
+        listed: list[Any] | tuple[Any, ...] = (
+            topics if isinstance(topics, (list, tuple)) else list(topics)
+        )
+        try:
+            # All seen before, the usual case. Anything else (a new name, a
+            # non-str: KeyError or TypeError) goes through the checks below.
+            return [known[topic] for topic in listed]
+        except (KeyError, TypeError):
+            pass
+        checked: list[str] = []
+        topics = listed
         for topic in topics:
             if isinstance(topic, str):
                 shared = known.get(topic)
@@ -359,22 +369,25 @@ class Streamer:
         lock = client.updating
         if client.closed or (isinstance(lock, asyncio.Lock) and lock.locked()):
             return False
-        held = self._driver_topics
-        new = [t for t in dict.fromkeys(topics) if not client.has_topic(t)]
-        if any(t not in held for t in new):
+        has = client._topics
+        new = (
+            [t for t in dict.fromkeys(topics) if t not in has]
+            if has
+            else list(dict.fromkeys(topics))
+        )
+        if not self._driver_topics.issuperset(new):
             return False
-        if len(client.topics) + len(new) > self.config.max_topics_per_client:
+        if len(has) + len(new) > self.config.max_topics_per_client:
             raise LimitExceededError(
                 f"a client may hold at most {self.config.max_topics_per_client} topics"
             )
         refs = self._topic_refs
-        hub = self.hub
         for topic in new:
-            refs[topic] = refs.get(topic, 0) + 1  # held by the driver: refs > 0 already
-            client._add_topic(topic)
-            for sub in client.streams:
-                if sub not in self._replays and sub not in self._held:
-                    hub.subscribe(sub, topic)
+            refs[topic] = refs.get(topic, 0) + 1
+        client._add_topics(new)
+        for sub in client.streams:
+            if sub not in self._replays and sub not in self._held:
+                self.hub.subscribe_all(sub, new)
         return True
 
     async def _apply(self, client: Client, add: list[str], remove: list[str]) -> list[TopicError]:

@@ -79,6 +79,15 @@ async def test_clients_share_one_instance_of_each_topic_name() -> None:
         assert a.topics[0] is b.topics[0] is first
 
 
+async def test_check_topics_refuses_bad_names_among_known_ones() -> None:
+    async with Streamer() as streamer:
+        assert streamer.check_topics(["a", "b"]) == ["a", "b"]  # now known
+        assert streamer.check_topics(t for t in ("b", "a")) == ["b", "a"]  # any iterable
+        for bad in (5, None, ["a"], "a\nb"):
+            with pytest.raises(InvalidTopicError):
+                streamer.check_topics(["a", bad, "b"])
+
+
 async def test_topic_limit() -> None:
     async with Streamer(Config(max_topics_per_client=3)) as streamer:
         client = await streamer.new_client(["a", "b"])

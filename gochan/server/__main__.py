@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -71,6 +72,9 @@ async def run(config: Config) -> None:
     streamer = Streamer(config)
     await streamer.start()
     server = await streamer.serve()
+    # What exists now (modules, config, driver) lives as long as the process:
+    # keep it out of the full collections a connect storm triggers.
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

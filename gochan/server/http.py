@@ -60,6 +60,16 @@ def parse_query(qs: str) -> dict[str, list[str]]:
     parts = qs.split("&")
     if len(parts) > MAX_QUERY_FIELDS:
         raise ValueError(f"more than {MAX_QUERY_FIELDS} query parameters")
+    if "%" not in qs and "+" not in qs:  # the usual case: nothing to unquote
+        for part in parts:
+            if part:
+                name, _, value = part.partition("=")
+                values = fields.get(name)
+                if values is None:
+                    fields[name] = [value]
+                else:
+                    values.append(value)
+        return fields
     for part in parts:
         if not part:
             continue
