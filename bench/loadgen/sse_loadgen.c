@@ -687,21 +687,26 @@ static void pub_head_line(pub_t *p) {
     p->hl = 0;
 }
 
+/* Append rbuf[*i..n) up to and including the next LF to p->hline (LF left
+ * out, truncated at its size); 1 once a whole line is there. */
+static int pub_gather_line(pub_t *p, size_t *i, size_t n) {
+    char *nl = memchr(rbuf + *i, '\n', n - *i);
+    size_t end = nl ? (size_t)(nl - rbuf) : n;
+    size_t m = end - *i;
+    if (p->hl + m > sizeof p->hline - 1) m = sizeof p->hline - 1 - p->hl;
+    memcpy(p->hline + p->hl, rbuf + *i, m);
+    p->hl += m;
+    *i = nl ? end + 1 : end;
+    return nl != NULL;
+}
+
 /* What a NATS server sends a publisher: INFO once, PING now and then (it
  * closes connections that do not PONG), -ERR on a protocol error. */
 static void pub_nats_lines(int k, size_t n) {
     pub_t *p = &pubs[k];
     size_t i = 0;
     while (i < n) {
-        char *nl = memchr(rbuf + i, '\n', n - i);
-        size_t end = nl ? (size_t)(nl - rbuf) : n;
-        size_t m = end - i;
-        if (p->hl + m > sizeof p->hline - 1) m = sizeof p->hline - 1 - p->hl;
-        memcpy(p->hline + p->hl, rbuf + i, m);
-        p->hl += m;
-        i = end;
-        if (!nl) break;
-        i++;
+        if (!pub_gather_line(p, &i, n)) break;
         p->hline[p->hl] = 0;
         if (strncmp(p->hline, "PING", 4) == 0) {
             if (p->out_len + 6 <= p->out_cap) {
@@ -746,18 +751,8 @@ static void pub_readable(int k) {
             int done = 0;
             i += chunk_feed(&p->ck, rbuf + i, n - i, NULL, NULL, &done);
             if (done) pub_response_done(p);
-        } else {
-            char *nl = memchr(rbuf + i, '\n', n - i);
-            size_t end = nl ? (size_t)(nl - rbuf) : n;
-            size_t m = end - i;
-            if (p->hl + m > sizeof p->hline - 1) m = sizeof p->hline - 1 - p->hl;
-            memcpy(p->hline + p->hl, rbuf + i, m);
-            p->hl += m;
-            i = end;
-            if (nl) {
-                i++;
-                pub_head_line(p);
-            }
+        } else if (pub_gather_line(p, &i, n)) {
+            pub_head_line(p);
         }
     }
 }
