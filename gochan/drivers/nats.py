@@ -339,7 +339,7 @@ class NatsDriver:
             return
         # Unsubscribed meanwhile (and maybe subscribed again by a call that
         # finished first), or the connection was lost: this one is not needed.
-        await self._quiet_unsubscribe(sub)
+        await self._quiet_unsubscribe(sub, settle=True)
         if self._nc is not nc:
             raise BrokerConnectionError("connection to NATS lost while subscribing")
 
@@ -347,7 +347,7 @@ class NatsDriver:
         self._forget(topic)
         sub = self._subs.pop(topic, None)
         if sub is not None:
-            await self._quiet_unsubscribe(sub)
+            await self._quiet_unsubscribe(sub, settle=True)
 
     async def publish(self, topic: str, data: bytes) -> str | None:
         self._check_open()
@@ -759,11 +759,17 @@ class NatsDriver:
 
         return on_msg
 
-    async def _quiet_unsubscribe(self, sub: Subscription) -> None:
+    async def _quiet_unsubscribe(self, sub: Subscription, settle: bool = False) -> None:
+        """UNSUB, ignoring a dead connection. ``settle``: also wait until the
+        server has processed it, so that the caller returns with the broker in
+        the state it reports (nats-py only queues the UNSUB)."""
         try:
             await sub.unsubscribe()
-        except (nats.errors.Error, OSError) as exc:  # the connection went with it
-            broker_logger.debug("NATS unsubscribe failed: %r", exc)
+            nc = self._nc
+            if settle and nc is not None and nc.is_connected:
+                await _flush(nc, self._request_timeout_s)
+        except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+            broker_logger.debug("NATS unsubscribe failed: %r", exc)  # the connection went with it
         _stop_consumer_tasks(sub)
 
     def _forget(self, topic: str) -> None:
