@@ -73,7 +73,9 @@ async def run(config: Config) -> None:
     await streamer.start()
     server = await streamer.serve()
     # What exists now (modules, config, driver) lives as long as the process:
-    # keep it out of the full collections a connect storm triggers.
+    # keep it out of the full collections a connect storm triggers (after
+    # collecting startup's garbage, which would otherwise be frozen too).
+    gc.collect()
     gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
