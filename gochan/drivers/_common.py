@@ -27,7 +27,9 @@ __all__ = [
     "check_topic_bytes",
     "redact_url",
     "report_failure",
+    "require_backoff",
     "require_connected",
+    "require_open",
     "require_positive",
 ]
 
@@ -51,10 +53,21 @@ def require_positive(driver: str, **options: float) -> None:
             raise ConfigurationError(f"{driver} {option} must be positive, not {value!r}")
 
 
-def require_connected(closed: bool, receiver: Receiver | None) -> None:
-    """Raise :class:`ClosedError` unless the driver is connected and not closed."""
+def require_backoff(driver: str, reconnect_min: float, reconnect_max: float) -> None:
+    """Raise :class:`ConfigurationError` if ``reconnect_max`` is below ``reconnect_min``."""
+    if reconnect_max < reconnect_min:
+        raise ConfigurationError(f"{driver} reconnect_max must not be below reconnect_min")
+
+
+def require_open(closed: bool) -> None:
+    """Raise :class:`ClosedError` if the driver is closed."""
     if closed:
         raise ClosedError("driver is closed")
+
+
+def require_connected(closed: bool, receiver: Receiver | None) -> None:
+    """Raise :class:`ClosedError` unless the driver is connected and not closed."""
+    require_open(closed)
     if receiver is None:
         raise ClosedError("driver is not connected")
 
@@ -170,6 +183,9 @@ class SupervisedDriver:
             "stray": self._stray,
             "connected": self._ready,
         }
+
+    def _check_open(self) -> None:
+        require_open(self._closed)
 
     async def _shut_down(self) -> bool:
         """The first half of ``close``: mark the driver closed and stop the

@@ -50,12 +50,11 @@ from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
 from ..errors import (
     BrokerConnectionError,
     BrokerError,
-    ClosedError,
     ConfigurationError,
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import bounded, report_failure, require_connected, require_positive
+from ._common import bounded, report_failure, require_connected, require_open, require_positive
 from .base import Receiver
 
 __all__ = ["KafkaDriver"]
@@ -172,8 +171,7 @@ class KafkaDriver:
             raise InvalidTopicError(topic, "Kafka reserves names starting with '__'")
 
     async def connect(self, receiver: Receiver) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
+        require_open(self._closed)
         if self._receiver is not None:
             return
         timeout_ms = int(self.timeout * 1000)

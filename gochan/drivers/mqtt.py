@@ -51,12 +51,11 @@ import aiomqtt
 from ..errors import (
     BrokerConnectionError,
     BrokerError,
-    ClosedError,
     ConfigurationError,
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import SupervisedDriver, check_topic_bytes, require_positive
+from ._common import SupervisedDriver, check_topic_bytes, require_backoff, require_positive
 from .base import Receiver
 
 __all__ = ["MqttDriver"]
@@ -151,8 +150,7 @@ class MqttDriver(SupervisedDriver):
         if not 0 < port < 65536:
             raise ConfigurationError(f"invalid MQTT port {port!r}")
         require_positive("mqtt", keepalive=keepalive, timeout=timeout, reconnect_min=reconnect_min)
-        if reconnect_max < reconnect_min:
-            raise ConfigurationError("mqtt reconnect_max must not be below reconnect_min")
+        require_backoff("mqtt", reconnect_min, reconnect_max)
         self._host = host
         self._port = int(port)
         self._qos = int(qos)
@@ -186,8 +184,7 @@ class MqttDriver(SupervisedDriver):
             raise InvalidTopicError(topic, "too long for MQTT with the configured prefix")
 
     async def connect(self, receiver: Receiver) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
+        self._check_open()
         if self._receiver is not None:
             raise BrokerError("driver is already connected")
         try:
@@ -266,8 +263,7 @@ class MqttDriver(SupervisedDriver):
     # -- internals ---------------------------------------------------------
 
     def _usable_client(self) -> aiomqtt.Client:
-        if self._closed:
-            raise ClosedError("driver is closed")
+        self._check_open()
         client = self._client
         if client is None or not self._ready:
             raise BrokerConnectionError("not connected to the MQTT broker (reconnecting)")

@@ -80,7 +80,14 @@ from ..errors import (
     ReplayGapError,
 )
 from ..log import broker_logger
-from ._common import backoff, cancel_and_wait, redact_url, report_failure, require_positive
+from ._common import (
+    backoff,
+    cancel_and_wait,
+    redact_url,
+    report_failure,
+    require_open,
+    require_positive,
+)
 from .base import Receiver
 
 __all__ = ["NatsDriver"]
@@ -304,8 +311,7 @@ class NatsDriver:
             raise InvalidTopicError(topic, problem)
 
     async def connect(self, receiver: Receiver) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
+        require_open(self._closed)
         if self._nc is not None or self._reconnect_task is not None:
             raise BrokerError("nats driver is already connected")
         nc = await self._open()
@@ -318,7 +324,7 @@ class NatsDriver:
         broker_logger.info("connected to NATS at %s", self._url)
 
     async def subscribe(self, topic: str) -> None:
-        self._check_open()
+        require_open(self._closed)
         self.check_topic(topic)
         nc = self._connected()
         if topic in self._topics:
@@ -350,7 +356,7 @@ class NatsDriver:
             await self._quiet_unsubscribe(sub, settle=True)
 
     async def publish(self, topic: str, data: bytes) -> str | None:
-        self._check_open()
+        require_open(self._closed)
         self.check_topic(topic)
         nc = self._nc
         if nc is None or not nc.is_connected:
@@ -472,10 +478,6 @@ class NatsDriver:
                 await psub.unsubscribe()
 
     # -- connection --------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
 
     def _connected(self) -> Client:
         nc = self._nc

@@ -51,14 +51,13 @@ import asyncpg  # type: ignore[import-untyped]
 from ..errors import (
     BrokerConnectionError,
     BrokerError,
-    ClosedError,
     ConfigurationError,
     InterfaceError,
     InvalidTopicError,
     LimitExceededError,
 )
 from ..log import broker_logger
-from ._common import SupervisedDriver, check_topic_bytes, require_positive
+from ._common import SupervisedDriver, check_topic_bytes, require_backoff, require_positive
 from .base import Receiver
 
 __all__ = ["PayloadError", "PostgresDriver"]
@@ -145,8 +144,7 @@ class PostgresDriver(SupervisedDriver):
         require_positive(
             "postgres", timeout=timeout, ping_interval=ping_interval, reconnect_min=reconnect_min
         )
-        if reconnect_max < reconnect_min:
-            raise ConfigurationError("postgres reconnect_max must not be below reconnect_min")
+        require_backoff("postgres", reconnect_min, reconnect_max)
         self._dsn = dsn
         self._prefix = prefix
         self._prefix_bytes = prefix_bytes
@@ -207,8 +205,7 @@ class PostgresDriver(SupervisedDriver):
         return text
 
     async def connect(self, receiver: Receiver) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
+        self._check_open()
         if self._receiver is not None:
             raise BrokerError("driver is already connected")
         try:
@@ -264,8 +261,7 @@ class PostgresDriver(SupervisedDriver):
     async def publish(self, topic: str, data: bytes) -> str | None:
         self.check_topic(topic)
         payload = self.check_payload(data)
-        if self._closed:
-            raise ClosedError("driver is closed")
+        self._check_open()
         pool = self._pool
         if pool is None:
             raise BrokerConnectionError("not connected to PostgreSQL")
@@ -301,8 +297,7 @@ class PostgresDriver(SupervisedDriver):
     # -- internals ---------------------------------------------------------
 
     def _usable_conn(self) -> Any:
-        if self._closed:
-            raise ClosedError("driver is closed")
+        self._check_open()
         conn = self._conn
         if conn is None or not self._ready or conn.is_closed():
             raise BrokerConnectionError("not connected to PostgreSQL (reconnecting)")

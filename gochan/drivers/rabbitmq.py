@@ -56,12 +56,11 @@ from yarl import URL
 from ..errors import (
     BrokerConnectionError,
     BrokerError,
-    ClosedError,
     ConfigurationError,
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import SupervisedDriver, check_topic_bytes, require_positive
+from ._common import SupervisedDriver, check_topic_bytes, require_backoff, require_positive
 from .base import Receiver
 
 __all__ = ["RabbitMQDriver"]
@@ -165,8 +164,7 @@ class RabbitMQDriver(SupervisedDriver):
                 f"RabbitMQ exchange name longer than {MAX_EXCHANGE_NAME_BYTES}"
             )
         require_positive("rabbitmq", timeout=timeout, reconnect_min=reconnect_min)
-        if reconnect_max < reconnect_min:
-            raise ConfigurationError("rabbitmq reconnect_max must not be below reconnect_min")
+        require_backoff("rabbitmq", reconnect_min, reconnect_max)
         self._url = url
         self._exchange_name = exchange
         self._connection_name = connection_name
@@ -194,8 +192,7 @@ class RabbitMQDriver(SupervisedDriver):
             )
 
     async def connect(self, receiver: Receiver) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
+        self._check_open()
         if self._receiver is not None:
             raise BrokerError("driver is already connected")
         try:
@@ -271,8 +268,7 @@ class RabbitMQDriver(SupervisedDriver):
     # -- internals ---------------------------------------------------------
 
     def _usable_session(self) -> _Session:
-        if self._closed:
-            raise ClosedError("driver is closed")
+        self._check_open()
         session = self._session
         if session is None or not self._ready or not session.usable:
             raise BrokerConnectionError("not connected to RabbitMQ (reconnecting)")

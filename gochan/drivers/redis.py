@@ -54,7 +54,14 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..errors import BrokerConnectionError, BrokerError, ClosedError, ConfigurationError
 from ..log import broker_logger
-from ._common import backoff, cancel_and_wait, redact_url, report_failure, require_positive
+from ._common import (
+    backoff,
+    cancel_and_wait,
+    redact_url,
+    report_failure,
+    require_open,
+    require_positive,
+)
 from .base import Receiver
 
 __all__ = ["RedisDriver"]
@@ -238,8 +245,7 @@ class RedisDriver:
         return None  # channels and keys are binary-safe: every topic maps
 
     async def connect(self, receiver: Receiver) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
+        require_open(self._closed)
         if self._task is not None:
             raise BrokerError("redis driver is already connected")
         options: dict[str, Any] = {
@@ -279,7 +285,7 @@ class RedisDriver:
         broker_logger.info("connected to Redis at %s", self._safe_url)
 
     async def subscribe(self, topic: str) -> None:
-        self._check_open()
+        require_open(self._closed)
         conn = self._live_conn()
         if topic in self._topics:
             return
@@ -311,7 +317,7 @@ class RedisDriver:
             broker_logger.debug("Redis UNSUBSCRIBE %r failed: %r", channel, exc)
 
     async def publish(self, topic: str, data: bytes) -> str | None:
-        self._check_open()
+        require_open(self._closed)
         client = self._redis
         if client is None:
             raise BrokerConnectionError("redis driver is not connected")
@@ -353,10 +359,6 @@ class RedisDriver:
         await self._close_clients()
 
     # -- connections ---------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
 
     def _live_conn(self) -> AbstractConnection:
         conn = self._conn

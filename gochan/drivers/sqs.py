@@ -60,12 +60,19 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 from ..errors import (
     BrokerConnectionError,
     BrokerError,
-    ClosedError,
     ConfigurationError,
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import bounded, cancel_and_wait, report_failure, require_connected, require_positive
+from ._common import (
+    bounded,
+    cancel_and_wait,
+    report_failure,
+    require_backoff,
+    require_connected,
+    require_open,
+    require_positive,
+)
 from .base import Receiver
 
 __all__ = ["SqsDriver"]
@@ -160,8 +167,7 @@ class SqsDriver:
         if not 1 <= wait_time <= MAX_WAIT_TIME_S:
             raise ConfigurationError(f"sqs: wait_time must be 1..{MAX_WAIT_TIME_S} seconds")
         require_positive("sqs", timeout=timeout, reconnect_min=reconnect_min)
-        if reconnect_max < reconnect_min:
-            raise ConfigurationError("sqs reconnect_max must not be below reconnect_min")
+        require_backoff("sqs", reconnect_min, reconnect_max)
         if bool(access_key_id) != bool(secret_access_key):
             raise ConfigurationError("sqs: give both access_key_id and secret_access_key, or none")
         self.endpoint_url = endpoint_url
@@ -227,8 +233,7 @@ class SqsDriver:
             )
 
     async def connect(self, receiver: Receiver) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
+        require_open(self._closed)
         if self._receiver is not None:
             return
         session = get_session()
