@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import InvalidClientIdError, InvalidTopicError
@@ -105,6 +106,15 @@ class Client:
 
     def has_topic(self, topic: str) -> bool:
         return topic in self._topics
+
+    @property
+    def topic_count(self) -> int:
+        return len(self._topics)
+
+    def new_topics(self, topics: Iterable[str]) -> list[str]:
+        """``topics`` it does not hold yet, each once, in order."""
+        held = self._topics
+        return [t for t in dict.fromkeys(topics) if t not in held]
 
     # The streamer keeps topics, driver subscriptions and streams in step;
     # these are its only writers.

@@ -316,8 +316,7 @@ class Streamer:
         except (KeyError, TypeError):
             pass
         checked: list[str] = []
-        topics = listed
-        for topic in topics:
+        for topic in listed:
             if isinstance(topic, str):
                 shared = known.get(topic)
                 if shared is not None:
@@ -369,15 +368,10 @@ class Streamer:
         lock = client.updating
         if client.closed or (isinstance(lock, asyncio.Lock) and lock.locked()):
             return False
-        has = client._topics
-        new = (
-            [t for t in dict.fromkeys(topics) if t not in has]
-            if has
-            else list(dict.fromkeys(topics))
-        )
+        new = client.new_topics(topics)
         if not self._driver_topics.issuperset(new):
             return False
-        if len(has) + len(new) > self.config.max_topics_per_client:
+        if client.topic_count + len(new) > self.config.max_topics_per_client:
             raise LimitExceededError(
                 f"a client may hold at most {self.config.max_topics_per_client} topics"
             )
