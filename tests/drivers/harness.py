@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 from gochan.drivers import Driver, create_driver
-from gochan.errors import BrokerConnectionError, ClosedError
+from gochan.errors import BrokerConnectionError, BrokerError, ClosedError
 
 DELIVERY_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.01
@@ -132,3 +132,69 @@ async def check_connect_to_nothing(driver: Driver, within_s: float) -> None:
     await driver.close()
     with pytest.raises(ClosedError):
         await driver.connect(Recorder())
+
+
+async def check_closed(driver: Driver, topic: str) -> None:
+    """A closed driver refuses to subscribe and to publish with ClosedError."""
+    with pytest.raises(ClosedError):
+        await driver.subscribe(topic)
+    with pytest.raises(ClosedError):
+        await driver.publish(topic, b"x")
+
+
+async def check_refused_while_down(
+    driver: Driver,
+    new_topic: str,
+    held_topic: str,
+    within_s: float,
+    error: type[BrokerError] = BrokerError,
+) -> None:
+    """With the broker down, subscribing to ``new_topic`` and publishing to
+    ``held_topic`` both fail with ``error``, together within ``within_s``."""
+    started = time.monotonic()
+    with pytest.raises(error):
+        await driver.subscribe(new_topic)
+    with pytest.raises(error):
+        await driver.publish(held_topic, b"lost")
+    assert time.monotonic() - started < within_s
+
+
+async def check_close_while_reconnecting(driver: Driver, stop: Callable[[], None]) -> None:
+    """``driver`` connected and subscribed, then ``stop`` (the broker) and
+    ``close`` while it reconnects: tests/drivers/conftest.py then checks that
+    no task is left."""
+    await driver.connect(Recorder())
+    await driver.subscribe(unique())
+    await asyncio.to_thread(stop)
+    await wait_until(lambda: not driver.ready)
+    await asyncio.sleep(0.3)
+    await driver.close()
+
+
+async def check_fan_out(
+    one: tuple[Driver, Recorder],
+    two: tuple[Driver, Recorder],
+    three: tuple[Driver, Recorder],
+    sent: list[bytes] | None = None,
+) -> None:
+    """Fan-out, not competition: ``one`` and ``two`` hold "news" and each gets
+    every message, in order, whether published by ``one`` (which holds the
+    topic) or by ``three`` (which does not: it holds "other", and gets none).
+    ``sent`` defaults to 50 numbered messages."""
+    (driver1, rec1), (driver2, rec2), (driver3, rec3) = one, two, three
+    await driver1.subscribe("news")
+    await driver2.subscribe("news")
+    await driver3.subscribe("other")
+    sent = [f"message {i}".encode() for i in range(50)] if sent is None else sent
+    for data in sent[:25]:
+        assert await driver1.publish("news", data) is None
+    for data in sent[25:]:
+        await driver3.publish("news", data)  # from a process not holding it
+    await rec1.wait_body("news", sent[-1])
+    await rec2.wait_body("news", sent[-1])
+    assert rec1.bodies("news") == sent  # every message, in order
+    assert rec2.bodies("news") == sent
+    await driver3.publish("other", b"sentinel")
+    await rec3.wait_body("other", b"sentinel")
+    assert rec3.bodies("news") == []
+    assert driver1.stats()["published"] == 25

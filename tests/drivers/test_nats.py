@@ -346,10 +346,7 @@ async def test_close_is_idempotent_and_final(nats_url: str) -> None:
     await driver.close()
     await driver.close()
     assert not driver.ready
-    with pytest.raises(ClosedError):
-        await driver.subscribe(unique())
-    with pytest.raises(ClosedError):
-        await driver.publish(unique(), b"x")
+    await harness.check_closed(driver, unique())
     with pytest.raises(ClosedError):
         await driver.connect(Recorder())
 
@@ -382,12 +379,9 @@ async def test_broker_restart_is_survived(own_nats: NatsServer) -> None:
 
         await asyncio.to_thread(own_nats.stop)
         await wait_until(lambda: not driver.ready)
-        started = time.monotonic()
-        with pytest.raises(BrokerConnectionError):
-            await driver.subscribe(unique())
-        with pytest.raises(BrokerConnectionError):
-            await driver.publish(t1, b"lost")
-        assert time.monotonic() - started < PROMPT_S
+        await harness.check_refused_while_down(
+            driver, unique(), t1, PROMPT_S, BrokerConnectionError
+        )
         await driver.unsubscribe(t2)  # allowed while down: not restored later
         await asyncio.sleep(0.5)  # a few failed attempts
         assert not driver.ready
@@ -438,14 +432,9 @@ async def test_a_silent_broker_is_detected(own_nats: NatsServer) -> None:
 
 
 async def test_close_while_reconnecting_leaves_nothing_running(own_nats: NatsServer) -> None:
-    driver = NatsDriver(url=own_nats.url, **FAST)
-    await driver.connect(Recorder())
-    await driver.subscribe(unique())
-    await asyncio.to_thread(own_nats.stop)
-    await wait_until(lambda: not driver.ready)
-    await asyncio.sleep(0.3)
-    await driver.close()
-    # tests/drivers/conftest.py checks that no task is left
+    await harness.check_close_while_reconnecting(
+        NatsDriver(url=own_nats.url, **FAST), own_nats.stop
+    )
 
 
 PERMISSIONS = """

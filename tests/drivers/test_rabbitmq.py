@@ -19,7 +19,6 @@ from aio_pika.exceptions import ChannelClosed, ChannelNotFoundEntity
 from gochan.drivers.rabbitmq import RabbitMQDriver
 from gochan.errors import (
     BrokerError,
-    ClosedError,
     ConfigurationError,
     InvalidTopicError,
 )
@@ -179,22 +178,7 @@ async def test_driver_publish_reaches_every_process(rabbitmq: RabbitMQ, exchange
         connected(rabbitmq.url, exchange) as (three, rec3),
     ):
         assert one.queue_name != two.queue_name
-        await one.subscribe("news")
-        await two.subscribe("news")
-        await three.subscribe("other")
-        sent = [f"message {i}".encode() for i in range(50)]
-        for data in sent[:25]:
-            assert await one.publish("news", data) is None
-        for data in sent[25:]:
-            await three.publish("news", data)  # from a process not holding it
-        await rec1.wait_body("news", sent[-1])
-        await rec2.wait_body("news", sent[-1])
-        assert rec1.bodies("news") == sent  # every message, in order
-        assert rec2.bodies("news") == sent
-        await three.publish("other", b"sentinel")
-        await rec3.wait_body("other", b"sentinel")
-        assert rec3.bodies("news") == []
-        assert one.stats()["published"] == 25
+        await harness.check_fan_out((one, rec1), (two, rec2), (three, rec3))
 
 
 async def test_subscribe_and_unsubscribe_open_and_close_the_binding(
@@ -246,10 +230,7 @@ async def test_close_deletes_the_queue_and_is_idempotent(rabbitmq: RabbitMQ, exc
     assert not driver.ready
     assert await queue_state(rabbitmq.url, queue) == "gone"
     await driver.close()
-    with pytest.raises(ClosedError):
-        await driver.subscribe("t")
-    with pytest.raises(ClosedError):
-        await driver.publish("t", b"x")
+    await harness.check_closed(driver, "t")
     # The exchange is shared by every process and stays.
     async with plain_channel(rabbitmq.url) as channel:
         await channel.declare_exchange(exchange, "topic", durable=True, passive=True)
@@ -290,13 +271,7 @@ async def test_outage_then_recovery(rabbitmq: RabbitMQ, exchange: str) -> None:
 
             await proxy.stop()  # every connection cut, new ones refused
             await wait_until(lambda: not driver.ready, 5, "ready to turn False")
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            with pytest.raises(BrokerError):
-                await driver.subscribe("new")
-            with pytest.raises(BrokerError):
-                await driver.publish("kept.1", b"lost")
-            assert loop.time() - started < PROMPT_S
+            await harness.check_refused_while_down(driver, "new", "kept.1", PROMPT_S)
             await driver.unsubscribe("dropped")  # forgotten locally
             await asyncio.sleep(0.5)  # a few failed reconnection attempts
             assert not driver.ready
