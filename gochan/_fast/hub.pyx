@@ -346,7 +346,8 @@ cdef class Hub:
         cdef void* grown
         if sub.closed or sub.hub is not self:
             return 0
-        topics = tuple(topics)
+        if not isinstance(topics, (list, tuple)):
+            topics = tuple(topics)
         wanted = sub.members_len + len(topics)
         if wanted > sub.members_cap:
             grown = PyMem_Realloc(sub.members, <size_t>wanted * sizeof(Membership))
