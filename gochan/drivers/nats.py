@@ -53,6 +53,16 @@ is subscribed again. ``ready`` is False meanwhile, ``subscribe`` and
 ``publish`` raise :class:`~gochan.errors.BrokerConnectionError` at once, and
 ``Receiver.on_subscription_failure`` is called only for topics the server
 refused to restore (a permissions violation, a JetStream API error).
+
+A connection is also given up, and replaced the same way, when a round trip
+(the PING/PONG after a publish or a SUB, and one every ``ping_interval`` from
+a watchdog) is not answered within ``request_timeout``: a server that is
+frozen or unreachable without closing the socket. nats-py would otherwise
+keep it "connected" with its reading task dead once the late PONG arrives,
+acknowledging publishes and delivering nothing. Attempts start
+``reconnect_wait``..``reconnect_wait_max`` apart counted from the start of
+the previous one, so the attempt that is waiting when a frozen server
+resumes gets through at once.
 """
 
 from __future__ import annotations
@@ -140,15 +150,21 @@ def _subject_problem(subject: str) -> str | None:
 
 
 async def _flush(nc: Client, timeout_s: float) -> None:
-    """Wait until the server has processed every command sent before.
+    """Wait until the server has processed every command sent before: a
+    PING/PONG round trip (``Client.rtt``).
 
-    ``Client.flush`` alone is not enough: nats-py writes its PING straight to
-    the socket while earlier SUB and PUB commands may still sit in the
-    pending buffer waiting for the flusher task, so the PONG can come back
-    before the server has seen them (a message published just after
-    ``subscribe`` returned would be missed, a refused SUB reported late).
-    So first wait for the flusher to have written the pending buffer
+    The PING must follow the earlier SUB and PUB commands: nats-py writes it
+    straight to the socket while they may still sit in the pending buffer
+    waiting for the flusher task, so the PONG could come back before the
+    server has seen them (a message published just after ``subscribe``
+    returned would be missed, a refused SUB reported late). So first wait for
+    the flusher to have written the pending buffer
     (``_flush_pending(force_flush=True)`` waits for exactly that).
+
+    Not ``Client.flush``: when nats-py's read loop has died it skips the round
+    trip and returns at once, so a publish would look delivered while nothing
+    is read from the server any more. ``rtt`` always waits for the PONG.
+    A timeout here leaves the connection unusable (see ``_round_trip``).
     """
     flush_pending = getattr(nc, "_flush_pending", None)
     if flush_pending is not None:
@@ -156,7 +172,7 @@ async def _flush(nc: Client, timeout_s: float) -> None:
     else:  # the flusher was woken when the commands were queued: let it run
         await asyncio.sleep(0)
     # nats-py annotates the timeout as int; asyncio takes float seconds.
-    await nc.flush(timeout=cast(int, timeout_s))
+    await nc.rtt(timeout=cast(int, timeout_s))
 
 
 def _stop_consumer_tasks(sub: Subscription) -> None:
@@ -282,6 +298,9 @@ class NatsDriver:
         self._ready = False
         self._closed = False
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        # Connections given up while still open, to be closed (_round_trip).
+        self._retired: list[Client] = []
         # Topics the streamer holds (including any being restored) and the
         # live broker subscription of each.
         self._topics: set[str] = set()
@@ -321,6 +340,7 @@ class NatsDriver:
         self._receiver = receiver
         self._nc = nc
         self._ready = True
+        self._watch(nc)
         broker_logger.info("connected to NATS at %s", self._url)
 
     async def subscribe(self, topic: str) -> None:
@@ -358,9 +378,9 @@ class NatsDriver:
     async def publish(self, topic: str, data: bytes) -> str | None:
         require_open(self._closed)
         self.check_topic(topic)
-        nc = self._nc
-        if nc is None or not nc.is_connected:
-            raise BrokerConnectionError(f"not connected to NATS at {self._url}")
+        # Not while the subscriptions are being restored: a core NATS message
+        # published before this node's SUB is processed never reaches it.
+        nc = self._connected()
         subject = self._prefix + topic
         try:
             if self._jetstream:
@@ -369,7 +389,9 @@ class NatsDriver:
                 return str(ack.seq)
             await nc.publish(subject, data)
             if self._publish_flush:
-                await _flush(nc, self._request_timeout_s)
+                await self._round_trip(nc)
+                if nc is not self._nc:  # replaced meanwhile: the message may be with it
+                    raise BrokerConnectionError("connection to NATS lost while publishing")
         except nats.errors.MaxPayloadError as exc:
             raise BrokerError(
                 f"message of {len(data)} bytes exceeds the NATS server's max_payload"
@@ -387,6 +409,9 @@ class NatsDriver:
         self._ready = False
         task, self._reconnect_task = self._reconnect_task, None
         await cancel_and_wait(task)
+        watchdog, self._watchdog = self._watchdog, None
+        await cancel_and_wait(watchdog)
+        await self._discard_retired()
         nc, self._nc = self._nc, None
         subs = list(self._subs.values())
         self._subs.clear()
@@ -535,6 +560,10 @@ class NatsDriver:
             ) from exc
         return nc
 
+    async def _discard_retired(self) -> None:
+        while self._retired:
+            await self._discard(self._retired.pop())
+
     async def _discard(self, nc: Client) -> None:
         try:
             await asyncio.wait_for(nc.close(), self._request_timeout_s)
@@ -594,29 +623,89 @@ class NatsDriver:
                 self._report_failure(topic, str(exc))
 
     def _on_closed(self, nc: Client) -> None:
+        self._lost(nc, "lost the connection")
+
+    def _lost(self, nc: Client, why: str, close: bool = False) -> None:
+        """``nc`` no longer serves (if it is the live connection): not ready,
+        its subscriptions forgotten (the topics stay held), reconnect.
+        ``close``: it is still open; the reconnection closes it first."""
         if self._closed or nc is not self._nc:
             return
         self._nc = None
         self._ready = False
+        if close:
+            self._retired.append(nc)
+        watchdog = self._watchdog
+        if watchdog is not None and watchdog is not asyncio.current_task():
+            watchdog.cancel()
         for sub in self._subs.values():
             _stop_consumer_tasks(sub)
         self._subs.clear()
         broker_logger.warning(
-            "lost the connection to NATS at %s; reconnecting (%d topics)",
-            self._url,
-            len(self._topics),
+            "%s to NATS at %s; reconnecting (%d topics)", why, self._url, len(self._topics)
         )
         if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.get_running_loop().create_task(
                 self._reconnect(), name="gochan-nats-reconnect"
             )
 
+    async def _round_trip(self, nc: Client) -> None:
+        """:func:`_flush` on ``nc``; a timeout also replaces the connection.
+
+        A round trip that timed out leaves nats-py's connection broken even
+        though it still counts as connected: the PONG that comes late (a
+        server that was frozen, a saturated link) resolves a future that was
+        cancelled, which kills nats-py's read loop (nats-py 2.x), and from then
+        on nothing is read from the server. So the connection is closed and a
+        new one made, every held topic subscribed again; meanwhile the driver
+        is not ready and refuses publishes.
+        """
+        try:
+            await _flush(nc, self._request_timeout_s)
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            why = f"no answer within {self._request_timeout_s}s on the connection"
+            self._lost(nc, why, close=True)
+            raise
+
+    def _watch(self, nc: Client) -> None:
+        """Start the watchdog of ``nc`` (see :meth:`_watchdog_loop`)."""
+        self._watchdog = asyncio.get_running_loop().create_task(
+            self._watchdog_loop(nc), name="gochan-nats-watchdog"
+        )
+
+    async def _watchdog_loop(self, nc: Client) -> None:
+        """A round trip on ``nc`` every ``ping_interval`` while it is live.
+
+        nats-py's own pings cannot tell a dead read loop (nothing delivered,
+        the connection still "connected") until several intervals have
+        passed; a round trip that times out replaces the connection at once
+        (:meth:`_round_trip`), whether or not anything is being published.
+        """
+        while self._nc is nc and not self._closed:
+            await asyncio.sleep(self._ping_interval_s)
+            if self._nc is not nc or not self._ready:
+                return
+            try:
+                await self._round_trip(nc)
+            except _CONNECTION_ERRORS as exc:
+                broker_logger.debug("NATS watchdog round trip failed: %r", exc)
+                return
+
     async def _reconnect(self) -> None:
+        # Attempts start backoff() apart, counted from the start of the
+        # previous one: an attempt that spent connect_timeout waiting on a
+        # frozen server is followed at once by the next (which then finds the
+        # server as soon as it resumes), one refused at once waits the backoff.
+        loop = asyncio.get_running_loop()
         attempt = 0
+        started: float | None = None
         while not self._closed:
-            await asyncio.sleep(
-                backoff(attempt, self._reconnect_wait_s, self._reconnect_wait_max_s)
-            )
+            delay = backoff(attempt, self._reconnect_wait_s, self._reconnect_wait_max_s)
+            if started is not None:
+                delay -= loop.time() - started
+            await asyncio.sleep(max(0.0, delay))
+            await self._discard_retired()
+            started = loop.time()
             attempt += 1
             try:
                 if await self._reconnect_once(attempt):
@@ -646,6 +735,7 @@ class NatsDriver:
         if restored:
             self._reconnects += 1
             self._ready = True
+            self._watch(nc)
             broker_logger.info(
                 "reconnected to NATS at %s; %d topics resubscribed", self._url, len(self._subs)
             )
@@ -705,7 +795,7 @@ class NatsDriver:
                     failures[topic] = f"JetStream refused the consumer for {subject!r}: {exc}"
             # Any -ERR for these SUBs arrives before the PONG, and nats-py runs
             # error_cb inline while reading, so _denied is complete after this.
-            await _flush(nc, self._request_timeout_s)
+            await self._round_trip(nc)
         except BaseException as exc:
             for sub in subs.values():
                 await self._quiet_unsubscribe(sub)
@@ -769,7 +859,7 @@ class NatsDriver:
             await sub.unsubscribe()
             nc = self._nc
             if settle and nc is not None and nc.is_connected:
-                await _flush(nc, self._request_timeout_s)
+                await self._round_trip(nc)
         except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
             broker_logger.debug("NATS unsubscribe failed: %r", exc)  # the connection went with it
         _stop_consumer_tasks(sub)

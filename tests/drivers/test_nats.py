@@ -431,6 +431,57 @@ async def test_a_silent_broker_is_detected(own_nats: NatsServer) -> None:
         assert rec.messages == [(topic, b"awake", None)]
 
 
+async def test_a_publish_unanswered_by_a_frozen_broker_replaces_the_connection(
+    own_nats: NatsServer,
+) -> None:
+    """A broker frozen past the request timeout: the publish is refused, the
+    driver says it is not ready and refuses at once, and once the broker
+    resumes a NEW connection delivers again. (nats-py's read loop dies on the
+    late PONG of a timed-out flush while the connection still counts as
+    connected: kept, it would acknowledge publishes and deliver nothing.)"""
+    topic = unique("frozen")
+    async with connected(own_nats.url, request_timeout=0.5) as (driver, rec):
+        await driver.subscribe(topic)
+        assert own_nats.proc is not None
+        os.kill(own_nats.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(BrokerConnectionError):
+                await driver.publish(topic, b"unanswered")
+            assert not driver.ready
+            started = time.monotonic()
+            with pytest.raises(BrokerConnectionError):
+                await driver.publish(topic, b"refused")
+            assert time.monotonic() - started < 0.1
+        finally:
+            os.kill(own_nats.proc.pid, signal.SIGCONT)
+        await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
+        assert driver.stats()["reconnects"] == 1
+        await driver.publish(topic, b"after")
+        await rec.wait_body(topic, b"after")
+        async with raw_client(own_nats.url) as nc:
+            await nc.publish(topic, b"from another client")
+            await nc.flush()
+        await rec.wait_body(topic, b"from another client")
+
+
+def test_the_nats_py_internals_the_driver_uses_are_there() -> None:
+    """The driver reaches into nats-py in two places (each with a fallback
+    that is correct but weaker): ``Client._flush_pending(force_flush=True)``
+    to order a PING after queued commands, and a JetStream subscription's
+    ``_sub._jsi._hbtask``/``_fctask`` to stop its heartbeat tasks. When nats-py
+    moves them this fails, and pyproject.toml's upper bound keeps users on a
+    version where they are."""
+    import inspect
+
+    from nats.aio.client import Client
+    from nats.js.client import JetStreamContext
+
+    assert "force_flush" in inspect.signature(Client._flush_pending).parameters
+    jsi = inspect.getsource(JetStreamContext._JSI)
+    assert "self._hbtask" in jsi and "self._fctask" in jsi
+    assert "self._sub._jsi" in inspect.getsource(JetStreamContext)
+
+
 async def test_close_while_reconnecting_leaves_nothing_running(own_nats: NatsServer) -> None:
     await harness.check_close_while_reconnecting(
         NatsDriver(url=own_nats.url, **FAST), own_nats.stop
