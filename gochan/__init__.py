@@ -14,6 +14,7 @@ from .errors import (
     InvalidClientIdError,
     InvalidTopicError,
     LimitExceededError,
+    PeerLimitError,
     UnknownClientError,
 )
 from .streamer import Streamer
@@ -35,6 +36,7 @@ __all__ = [
     "InvalidTopicError",
     "LimitExceededError",
     "MemDriver",
+    "PeerLimitError",
     "Streamer",
     "TopicError",
     "UnknownClientError",

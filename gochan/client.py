@@ -88,10 +88,13 @@ class TopicError(NamedTuple):
 class Client:
     """A client: its id, its topics in subscription order and its live streams."""
 
-    __slots__ = ("_topics", "closed", "expires_at", "id", "streams", "updating")
+    __slots__ = ("_topics", "closed", "expires_at", "id", "peer", "streams", "updating")
 
-    def __init__(self, client_id: str) -> None:
+    def __init__(self, client_id: str, peer: str = "") -> None:
         self.id = client_id
+        # The address that made it by connecting without an id ("" for the
+        # embedding API): its per-peer share is counted against that address.
+        self.peer = peer
         self._topics: dict[str, None] = {}
         self.streams: list[Subscriber] = []
         # Monotonic deadline after which the client is removed; None while it

@@ -12,11 +12,10 @@ chosen driver's constructor, set as ``--<driver>-<option>`` flags,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import inspect
-import ipaddress
 import os
+import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +29,15 @@ DEFAULT_PORT = 3000
 DEFAULT_CLIENT_TTL_S = 60.0
 DEFAULT_HEARTBEAT_S = 15.0
 DEFAULT_RETRY_MS = 0  # 0: no "retry:" field, browsers use their own default
-DEFAULT_MAX_CONNECTIONS = 50_000
+DEFAULT_MAX_CONNECTIONS = 50_000  # at most: see default_max_connections()
+# File descriptors kept back from max_connections for the listener, broker
+# connections, logs and static files, so gochan's own limit is met (and
+# answered 503) before accept() fails with EMFILE and the kernel resets.
+FD_RESERVE = 256
 DEFAULT_MAX_CLIENTS = 100_000
+# Per-peer shares (0, the default: this fraction of the global limit), so one
+# address cannot lock every other out.
+PEER_SHARE_DIVISOR = 10
 DEFAULT_MAX_TOPICS_PER_CLIENT = 1024
 DEFAULT_MAX_URL_BYTES = 8 * 1024
 DEFAULT_MAX_HEADER_BYTES = 16 * 1024
@@ -41,6 +47,7 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT_S = 75.0
 DEFAULT_MAX_PENDING_BYTES = 1024 * 1024
 DEFAULT_WRITE_BUFFER_HIGH_BYTES = 64 * 1024
+DEFAULT_STREAM_SEND_BUFFER_BYTES = 64 * 1024  # SO_SNDBUF of a stream socket
 DEFAULT_MAX_FLUSH_DELAY_S = 0.0  # off: see max_flush_delay
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
 DEFAULT_TICK_S = 0.5
@@ -65,6 +72,20 @@ _POSITIVE = [
 ]
 
 
+def fd_limit() -> int:
+    """This process's soft RLIMIT_NOFILE."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def default_max_connections() -> int:
+    """DEFAULT_MAX_CONNECTIONS, or fewer where the fd limit is lower: the
+    soft RLIMIT_NOFILE less FD_RESERVE (at least 1)."""
+    limit = fd_limit()
+    if limit == resource.RLIM_INFINITY:
+        return DEFAULT_MAX_CONNECTIONS
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, limit - FD_RESERVE))
+
+
 @dataclass
 class Config:
     """Everything gochan can be told. Field names are the YAML keys; the
@@ -81,11 +102,21 @@ class Config:
     heartbeat: float = DEFAULT_HEARTBEAT_S
     retry_ms: int = DEFAULT_RETRY_MS
     auto_create_clients: bool = True
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # Open TCP connections, streams included; by default derived from the fd
+    # limit (see default_max_connections).
+    max_connections: int = field(default_factory=default_max_connections)
     max_clients: int = DEFAULT_MAX_CLIENTS
+    # One peer address's share: connections, and clients it made by
+    # connecting without an id (0: a tenth of the global limit). Behind a
+    # reverse proxy every connection comes from the proxy: raise them.
+    max_connections_per_peer: int = 0
+    max_clients_per_peer: int = 0
     max_topics_per_client: int = DEFAULT_MAX_TOPICS_PER_CLIENT
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
     write_buffer_high_bytes: int = DEFAULT_WRITE_BUFFER_HIGH_BYTES
+    # Kernel send buffer of a stream socket (0: the kernel's autotuning). It
+    # bounds what a reader that stopped reading pins in the kernel.
+    stream_send_buffer_bytes: int = DEFAULT_STREAM_SEND_BUFFER_BYTES
     # Under heavy load, how long writes may wait to gather more frames per
     # socket (seconds; 0, the default: write every loop iteration). Trades
     # latency for CPU: fewer, larger writes. Light load never waits.
@@ -108,6 +139,9 @@ class Config:
     # Security
     publish_key: str = ""
     cors_origins: list[str] = field(default_factory=list)
+    # Host names a keyless loopback server answers state-changing requests
+    # for, besides loopback names (DNS rebinding protection).
+    allowed_hosts: list[str] = field(default_factory=list)
 
     # Paths
     events_path: str = "/events"
@@ -135,6 +169,9 @@ class Config:
             "history_bytes",
             "history_age",
             "max_flush_delay",
+            "stream_send_buffer_bytes",
+            "max_connections_per_peer",
+            "max_clients_per_peer",
         ):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"{name} cannot be negative")
@@ -147,15 +184,15 @@ class Config:
         if len(set(paths)) != len(paths):
             raise ConfigurationError("two endpoints have the same path")
 
-    @functools.cached_property
-    def loopback_only(self) -> bool:
-        """True when the server listens on loopback addresses only."""
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+    @property
+    def peer_connection_limit(self) -> int:
+        """max_connections_per_peer, or its default share."""
+        return self.max_connections_per_peer or max(1, self.max_connections // PEER_SHARE_DIVISOR)
+
+    @property
+    def peer_client_limit(self) -> int:
+        """max_clients_per_peer, or its default share."""
+        return self.max_clients_per_peer or max(1, self.max_clients // PEER_SHARE_DIVISOR)
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidTopicError",
     "LimitExceededError",
     "MissingExtraError",
+    "PeerLimitError",
     "ReplayGapError",
     "UnknownClientError",
 ]
@@ -65,6 +66,10 @@ class ClientExistsError(InterfaceError, ValueError):
 
 class LimitExceededError(InterfaceError, ValueError):
     """A configured limit (topics per client, clients, ...) would be passed."""
+
+
+class PeerLimitError(LimitExceededError):
+    """One address (or identity) has used up its share of a limit."""
 
 
 class BrokerError(GochanError):

@@ -34,6 +34,7 @@ from .errors import (
     ClosedError,
     InterfaceError,
     LimitExceededError,
+    PeerLimitError,
     ReplayGapError,
     UnknownClientError,
 )
@@ -88,6 +89,7 @@ class Streamer:
         )
         self._hub: Hub | None = None
         self._clients: dict[str, Client] = {}
+        self._peer_clients: dict[str, int] = {}  # peer address -> clients it made
         self._topic_refs: dict[str, int] = {}  # topic -> clients holding it
         self._driver_topics: set[str] = set()  # topics the driver is subscribed to
         self._topic_locks: dict[str, asyncio.Lock] = {}
@@ -135,7 +137,12 @@ class Streamer:
         if self._started:
             return
         loop = asyncio.get_running_loop()
-        self._hub = Hub(loop, self.config.max_pending_bytes, max_delay=self.config.max_flush_delay)
+        self._hub = Hub(
+            loop,
+            self.config.max_pending_bytes,
+            max_delay=self.config.max_flush_delay,
+            send_buffer=self.config.stream_send_buffer_bytes,
+        )
         await self.driver.connect(self)
         self._started = True
         self._next_heartbeat = time.monotonic() + self.config.heartbeat
@@ -156,6 +163,7 @@ class Streamer:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._clients.clear()
+        self._peer_clients.clear()
         await self.driver.close()
 
     async def __aenter__(self) -> Streamer:
@@ -221,11 +229,19 @@ class Streamer:
         if not self._started or self._closed:
             raise ClosedError("streamer is not running")
 
-    def _add_client(self, client_id: str) -> Client:
+    def _add_client(self, client_id: str, peer: str = "") -> Client:
         self._check_open()
         if len(self._clients) >= self.config.max_clients:
             raise LimitExceededError(f"too many clients (max_clients={self.config.max_clients})")
-        client = Client(client_id)
+        if peer:
+            made = self._peer_clients.get(peer, 0)
+            if made >= self.config.peer_client_limit:
+                raise PeerLimitError(
+                    f"too many clients from one address "
+                    f"(max_clients_per_peer={self.config.peer_client_limit})"
+                )
+            self._peer_clients[peer] = made + 1
+        client = Client(client_id, peer)
         self._clients[client_id] = client
         self.counters["clients_created"] += 1
         self._arm_expiry(client)
@@ -235,9 +251,11 @@ class Streamer:
         client.expires_at = time.monotonic() + self.config.client_ttl
         heapq.heappush(self._expiry, (client.expires_at, next(self._expiry_n), client.id))
 
-    def create_client(self) -> Client:
-        """A new client with a random id and no topics (no broker I/O)."""
-        return self._add_client(new_client_id())
+    def create_client(self, peer: str = "") -> Client:
+        """A new client with a random id and no topics (no broker I/O).
+        ``peer``: the address it is made for, counted against
+        ``max_clients_per_peer`` until the client is removed."""
+        return self._add_client(new_client_id(), peer)
 
     async def new_client(self, topics: Iterable[str] = ()) -> Client:
         """A new client with a random unguessable id, subscribed to ``topics``."""
@@ -293,6 +311,12 @@ class Streamer:
             return False
         found.closed = True
         self._clients.pop(found.id, None)
+        if found.peer:
+            made = self._peer_clients.get(found.peer, 0) - 1
+            if made > 0:
+                self._peer_clients[found.peer] = made
+            else:
+                self._peer_clients.pop(found.peer, None)
         for sub in list(found.streams):
             self.hub.finish(sub, CLIENT_CLOSED_FRAME)
         found.streams.clear()
@@ -640,13 +664,18 @@ class Streamer:
             if not client.streams and not client.closed and not self._closed:
                 self._arm_expiry(client)
 
-    def end_all_streams(self) -> None:
-        """Send ``Client closed`` to every stream and close it (shutdown)."""
+    def end_all_streams(self) -> list[asyncio.WriteTransport]:
+        """Send ``Client closed`` to every stream and close it (shutdown): a
+        backlogged stream gets its backlog first. Returns the transports,
+        which close once their peers have taken the rest."""
         if self._hub is None:
-            return
+            return []
+        transports: list[asyncio.WriteTransport] = []
         for sub in self._hub.open_subscribers():
+            transports.append(sub.transport)
             self._hub.finish(sub, CLIENT_CLOSED_FRAME)
             self.detach(sub)
+        return transports
 
     # -- messages ----------------------------------------------------------
 
@@ -736,12 +765,15 @@ class Streamer:
         self._servers.append(server)
         return server
 
-    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
+    def protocol_factory(self, *, loopback_only: bool = False) -> Callable[[], asyncio.Protocol]:
         """A factory for ``loop.create_server`` in the caller's own program.
-        The streamer must be started first."""
+        The streamer must be started first. It cannot see the addresses the
+        caller binds: pass ``loopback_only=True`` to promise they are all
+        loopback, which allows keyless publishing from loopback peers when
+        no publish_key is set (otherwise publishing needs the key)."""
         from .server import Server
 
-        server = Server(self, self.config)
+        server = Server(self, self.config, loopback_only=loopback_only)
         self._servers.append(server)
         return server.protocol_factory
 

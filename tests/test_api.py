@@ -3,6 +3,7 @@ end to end with a real HTTP client."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -142,20 +143,30 @@ async def test_publish_errors_and_auth() -> None:
         assert (await http.post(url, content=b"x", headers=good)).status_code == 200
 
 
-def test_publishing_off_loopback_needs_a_key() -> None:
-    assert Config(host="127.0.0.1").loopback_only and Config(host="::1").loopback_only
-    assert not Config(host="0.0.0.0").loopback_only
-
-
-async def test_publish_refused_without_key_when_not_loopback_only() -> None:
-    # Listen on loopback but configured as if public: the check is on config.host.
-    streamer = Streamer(Config(host="0.0.0.0", port=0))
+async def test_keyless_publishing_follows_the_bound_address_not_the_config() -> None:
+    # The default Config says 127.0.0.1, but the server is bound to every
+    # interface: keyless publishing must be refused, as the CLI refuses it.
+    streamer = Streamer(Config(port=0))
     await streamer.start()
-    server = await streamer.serve(host="127.0.0.1")
     try:
+        server = await streamer.serve(host="0.0.0.0")
         async with httpx.AsyncClient() as http:
             r = await http.post(f"http://127.0.0.1:{server.port}/publish?topic=a", content=b"x")
             assert r.status_code == 403 and b"publish_key" in r.content
+        # The embedding factory cannot see what it is bound to: refused
+        # unless the caller promises loopback only.
+        loop = asyncio.get_running_loop()
+        wide = await loop.create_server(streamer.protocol_factory(), "0.0.0.0", 0)
+        local = await loop.create_server(
+            streamer.protocol_factory(loopback_only=True), "127.0.0.1", 0
+        )
+        async with httpx.AsyncClient() as http:
+            for listener, status in ((wide, 403), (local, 200)):
+                port = listener.sockets[0].getsockname()[1]
+                r = await http.post(f"http://127.0.0.1:{port}/publish?topic=a", content=b"x")
+                assert r.status_code == status, (port, r.text)
+        wide.close()
+        local.close()
     finally:
         await streamer.close()
 

@@ -33,11 +33,12 @@ async def test_pipelined_keep_alive_requests_answer_in_order() -> None:
         client_id = (await client.config())["config"]["client_id"]
         update = b'{"client_id":"%s","add":["p"]}' % client_id.encode()
         batch = (
-            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"POST /update_subscriptions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-            b"POST /publish?topic=p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
-            b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            b"POST /update_subscriptions HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Length: %d\r\n\r\n%s"
+            b"POST /publish?topic=p HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /nope HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
         ) % (len(update), update)
         got = responses(await raw_request(server.port, batch))
         assert [s for s, _ in got] == [200, 200, 200, 404, 200]
@@ -49,7 +50,7 @@ async def test_pipelined_keep_alive_requests_answer_in_order() -> None:
 async def test_pipelined_requests_split_across_writes() -> None:
     async with running() as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        payload = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3
+        payload = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n" * 3
         for i in range(0, len(payload), 7):
             writer.write(payload[i : i + 7])
             await writer.drain()
@@ -67,7 +68,7 @@ async def test_chunked_request_body() -> None:
         await stream.config()
         body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
         request = (
-            b"POST /publish?topic=c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"POST /publish?topic=c HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
             b"Connection: close\r\n\r\n" + body
         )
         assert responses(await raw_request(server.port, request))[0][0] == 200
@@ -79,7 +80,7 @@ async def test_expect_100_continue() -> None:
     async with running() as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(
-            b"POST /publish?topic=e HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"POST /publish?topic=e HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\n"
             b"Expect: 100-continue\r\n\r\n"
         )
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -91,7 +92,7 @@ async def test_expect_100_continue() -> None:
         # Too large: refused before the body is sent, no 100.
         answer = await raw_request(
             server.port,
-            b"POST /publish?topic=e HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n"
+            b"POST /publish?topic=e HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999\r\n"
             b"Expect: 100-continue\r\n\r\n",
         )
         assert answer.startswith(b"HTTP/1.1 413")
@@ -101,8 +102,8 @@ async def test_head_requests_have_no_body() -> None:
     async with running() as server:
         data = await raw_request(
             server.port,
-            b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"HEAD /events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"HEAD /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            b"HEAD /events HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
         )
         first, _, rest = data.partition(b"\r\n\r\n")
         assert first.startswith(b"HTTP/1.1 200") and b"Content-Length: 3" in first
@@ -169,7 +170,7 @@ async def test_slow_headers_time_out() -> None:
 async def test_idle_keep_alive_connections_are_closed() -> None:
     async with running(keepalive_timeout=0.3) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         answer = await asyncio.wait_for(reader.read(), 5)
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok\n")
         writer.close()

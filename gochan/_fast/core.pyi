@@ -24,6 +24,7 @@ class Subscriber:
     owner: Any
     closed: bool
     paused: bool
+    transport: asyncio.WriteTransport
     def __init__(self, hub: Hub, transport: asyncio.WriteTransport, owner: Any = None) -> None: ...
     @property
     def topics(self) -> list[str]: ...
@@ -44,6 +45,7 @@ class Hub:
     slow_disconnects: int
     direct_writes: int
     direct: bool
+    send_buffer: int
     max_delay: float
     next_delay: float
     def __init__(
@@ -52,6 +54,7 @@ class Hub:
         max_pending: int = ...,
         direct: bool = True,
         max_delay: float = ...,
+        send_buffer: int = ...,
     ) -> None: ...
     def publish(self, topic: str, frame: bytes) -> int: ...
     def subscribe(self, sub: Subscriber, topic: str) -> bool: ...

@@ -19,7 +19,7 @@ cdef class Topic:
 
 cdef class Subscriber:
     cdef Hub hub
-    cdef object transport
+    cdef readonly object transport
     # The socket, when frames may be written to it directly (plain TCP, and
     # only while the transport holds nothing: see Subscriber.__cinit__); -1
     # sends everything through the transport.
@@ -39,6 +39,7 @@ cdef class Subscriber:
     cdef Py_ssize_t _find(self, PyObject* topic) noexcept
     cdef int _write_queue(self) except -1
     cdef int _send_direct(self) except -1
+    cdef void _reset(self) noexcept
     cdef bytes _joined(self, Py_ssize_t skip)
 
 
@@ -62,6 +63,7 @@ cdef class Hub:
     cdef readonly unsigned long long slow_disconnects
     cdef readonly unsigned long long direct_writes
     cdef readonly bint direct
+    cdef readonly int send_buffer     # SO_SNDBUF for stream sockets; 0: the kernel's
 
     cpdef Py_ssize_t publish(self, str topic, bytes frame) except -1
     cdef inline int _mark_dirty(self, Subscriber sub) except -1

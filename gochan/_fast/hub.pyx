@@ -23,6 +23,12 @@
 # so the flush adapts: when one took a while (many sockets written), the next
 # waits about as long, up to max_delay, letting more frames collect per
 # connection. At light load flushes run in the same loop iteration.
+#
+# A stream's kernel send buffer is capped (send_buffer), so what a stuck
+# reader pins is bounded by our own queue plus that cap, and a slow consumer
+# is cut with a reset (SO_LINGER 0): its queued bytes are freed at once
+# instead of an orphaned socket sitting in FIN-WAIT-1, and the client sees an
+# error, reconnects and replays.
 
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_DECREF
@@ -35,6 +41,16 @@ from libc.errno cimport errno, EAGAIN, EINTR
 from posix.uio cimport iovec, writev
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+
+cdef extern from "<sys/socket.h>" nogil:
+    cdef struct linger:
+        int l_onoff
+        int l_linger
+    int setsockopt(int fd, int level, int name, const void* value, unsigned int size)
+    enum: SOL_SOCKET
+    enum: SO_LINGER
+    enum: SO_SNDBUF
+
 import logging as _logging
 
 _log = _logging.getLogger("gochan.server")
@@ -44,6 +60,10 @@ _log = _logging.getLogger("gochan.server")
 DEFAULT_MAX_PENDING = 1 << 20
 # Longest wait (seconds) the adaptive flush adds under load (0: never waits).
 DEFAULT_MAX_FLUSH_DELAY = 0.0
+# Kernel send buffer asked for each stream socket (bytes; Linux doubles it
+# for bookkeeping). 0 leaves the kernel's autotuning, which lets a stuck
+# reader pin megabytes of kernel memory.
+DEFAULT_SEND_BUFFER = 64 * 1024
 # A flush shorter than this (seconds) means light load: the next one runs at
 # once, with no added latency.
 cdef double BUSY_FLUSH_S = 0.002
@@ -135,6 +155,8 @@ cdef class Subscriber:
         self.members_len = self.members_cap = 0
         self.paused = self.dirty = self.active = self.closed = False
         if self.fd >= 0:
+            if hub.send_buffer > 0:
+                setsockopt(self.fd, SOL_SOCKET, SO_SNDBUF, &hub.send_buffer, sizeof(int))
             transport.set_write_buffer_limits(0)
             # Data still in the transport (a large response head): wait for
             # its resume_writing() before writing around it.
@@ -205,6 +227,19 @@ cdef class Subscriber:
             PyMem_Free(self.queue)
             self.queue = NULL
             self.queue_cap = 0
+
+    cdef void _reset(self) noexcept:
+        # Abort with RST: what the kernel still holds for this socket is
+        # dropped now, and the peer learns at once that it was cut.
+        cdef linger lg
+        if self.fd >= 0:
+            lg.l_onoff = 1
+            lg.l_linger = 0
+            setsockopt(self.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg))
+        try:
+            self.transport.abort()
+        except Exception:
+            pass
 
     cdef Py_ssize_t _find(self, PyObject* topic) noexcept:
         cdef Py_ssize_t i
@@ -277,9 +312,12 @@ cdef class Hub:
     """Topic -> subscribers table and the fan-out that writes to them."""
 
     def __cinit__(self, loop, Py_ssize_t max_pending=DEFAULT_MAX_PENDING, bint direct=True,
-                  double max_delay=DEFAULT_MAX_FLUSH_DELAY):
+                  double max_delay=DEFAULT_MAX_FLUSH_DELAY, int send_buffer=DEFAULT_SEND_BUFFER):
         if max_pending <= 0:
             raise ValueError("max_pending must be positive")
+        if send_buffer < 0:
+            raise ValueError("send_buffer cannot be negative")
+        self.send_buffer = send_buffer
         if max_delay < 0:
             raise ValueError("max_delay cannot be negative")
         self.max_delay = max_delay
@@ -411,16 +449,33 @@ cdef class Hub:
         self.subscribers.discard(sub)
 
     def finish(self, Subscriber sub not None, bytes frame=None):
-        """End a stream gracefully: write what is queued (and ``frame``), then
-        close the transport once its buffer has drained."""
+        """End a stream gracefully: hand what is queued (and ``frame``) to the
+        transport, then close it; the transport sends all of it before the
+        FIN, a paused stream's backlog included (it is bounded by
+        max_pending). Whoever ends streams en masse bounds the wait
+        (Server.shutdown aborts what is left after its grace period)."""
+        cdef object data
         if not sub.closed:
             if frame is not None:
-                sub._enqueue(frame)
-            if not sub.paused and not sub.closed:
-                try:
+                # Past the bound too: one small last frame, owned like any other.
+                Py_INCREF(frame)
+                if sub.queue_len == sub.queue_cap:
+                    sub.queue = <PyObject**>_grow(sub.queue, &sub.queue_cap,
+                                                  QUEUE_INITIAL_SLOTS, sizeof(PyObject*))
+                sub.queue[sub.queue_len] = <PyObject*>frame
+                sub.queue_len += 1
+                sub.queue_bytes += PyBytes_GET_SIZE(frame)
+            try:
+                if not sub.paused:
                     sub._write_queue()
-                except Exception:
-                    pass
+                elif sub.queue_len:
+                    data = sub._joined(0)
+                    self.writes += 1
+                    self.bytes_written += sub.queue_bytes
+                    sub._clear_queue()
+                    sub.transport.write(data)
+            except Exception:
+                pass
         self.close(sub)
         sub.transport.close()
 
@@ -448,7 +503,7 @@ cdef class Hub:
             for sub in dirty:
                 self.slow_disconnects += 1
                 self.close(sub)
-                sub.transport.abort()
+                sub._reset()
         took = _now() - started
         self.next_delay = 0.0 if took < BUSY_FLUSH_S else min(took, self.max_delay)
 

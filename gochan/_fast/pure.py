@@ -137,9 +137,8 @@ class Hub:
     def finish(self, sub: Subscriber, frame: bytes | None = None) -> None:
         if not sub.closed:
             if frame is not None:
-                sub._enqueue(frame)
-            if not sub.paused and not sub.closed:
-                sub._write_queue()
+                sub.queue.append(frame)  # the last frame goes even past the bound
+            sub._write_queue()  # paused or not: the transport buffers it
         self.close(sub)
         sub.transport.close()
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Sequence
 
 import uvloop
 
-from ..config import Config
+from ..config import DEFAULT_MAX_CONNECTIONS, FD_RESERVE, Config, default_max_connections, fd_limit
 from ..errors import ConfigurationError
 from ..streamer import Streamer
 
@@ -83,17 +85,44 @@ async def run(config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     for host, port in server.sockets:
         print(f"gochan listening on http://{host}:{port} (driver {config.driver})", flush=True)
-    if not config.loopback_only and not config.publish_key:
-        logging.getLogger("gochan.server").warning(
-            "listening beyond loopback without publish_key: POST /publish is refused"
+    log = logging.getLogger("gochan.server")
+    if not server.router.trust_loopback and not config.publish_key:
+        log.warning("listening beyond loopback without publish_key: POST /publish is refused")
+    fds = fd_limit()
+    log.info(
+        "max_connections %d (%s), %d per peer address; max_clients %d, %d per peer address",
+        config.max_connections,
+        f"open-file limit {fds} less {FD_RESERVE} kept back"
+        if config.max_connections == default_max_connections() and fds < DEFAULT_MAX_CONNECTIONS
+        else "as configured",
+        config.peer_connection_limit,
+        config.max_clients,
+        config.peer_client_limit,
+    )
+    if config.max_connections > fds - FD_RESERVE:
+        log.warning(
+            "max_connections %d is above the open-file limit %d: past it connections "
+            "are reset unanswered; raise the limit (ulimit -n) or lower max_connections",
+            config.max_connections,
+            fds,
         )
     await stop.wait()
     logging.getLogger("gochan.server").info("shutting down")
     await streamer.close()
 
 
+def raise_fd_limit() -> None:
+    """Raise the soft open-file limit to the hard one: every connection is a
+    file descriptor, and the default max_connections is derived from it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, driver_flags = parse_args(argv)
+    raise_fd_limit()
     flags = {k: v for k, v in vars(args).items() if k != "config"}
     try:
         config = Config.from_sources(yaml_file=args.config, flags=flags, driver_flags=driver_flags)

@@ -7,7 +7,16 @@ from email.utils import formatdate
 from http import HTTPStatus
 from urllib.parse import unquote_plus
 
-__all__ = ["Request", "parse_query", "refresh_date", "response_head", "simple_response"]
+__all__ = [
+    "NO_PEER",
+    "Peer",
+    "Request",
+    "is_loopback_host",
+    "parse_query",
+    "refresh_date",
+    "response_head",
+    "simple_response",
+]
 
 MAX_QUERY_FIELDS = 1100  # a browser may name ~1000 topics at connect
 
@@ -25,10 +34,21 @@ def refresh_date() -> None:
 refresh_date()
 
 
+# The peer's IP address as text, one shared instance per address (see
+# Server.admit); NO_PEER where it is not known (an adapter, a test double).
+Peer = str
+NO_PEER: Peer = ""
+
+
+def is_loopback_host(address: str) -> bool:
+    """True for a loopback IP address (127.0.0.0/8, ::1, IPv4-mapped 127.x)."""
+    return address.startswith("127.") or address == "::1" or address.startswith("::ffff:127.")
+
+
 class Request:
     """One parsed request. Header names are lower-case; repeated ones joined."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query_string")
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "peer", "query_string")
 
     def __init__(
         self,
@@ -38,8 +58,10 @@ class Request:
         headers: dict[str, str],
         body: bytes,
         keep_alive: bool,
+        peer: Peer = NO_PEER,
     ) -> None:
         self.method = method
+        self.peer = peer
         self.path = path
         self.query_string = query_string
         self.headers = headers
@@ -48,7 +70,8 @@ class Request:
 
     def query(self) -> dict[str, list[str]]:
         """The query string's fields (``+`` and ``%XX`` decoded, UTF-8).
-        Raises ValueError past MAX_QUERY_FIELDS fields."""
+        Raises ValueError past MAX_QUERY_FIELDS fields or for escapes that
+        are not UTF-8 (they are refused, never replaced)."""
         return parse_query(self.query_string)
 
 
@@ -75,9 +98,18 @@ def parse_query(qs: str) -> dict[str, list[str]]:
             continue
         name, _, value = part.partition("=")
         if "%" in part or "+" in part:
-            name, value = unquote_plus(name), unquote_plus(value)
+            name, value = unquote_strict(name), unquote_strict(value)
         fields.setdefault(name, []).append(value)
     return fields
+
+
+def unquote_strict(text: str) -> str:
+    """``unquote_plus`` that raises ValueError for escapes that are not UTF-8:
+    ``%FF`` and ``%FE`` must not both become U+FFFD and name one topic."""
+    try:
+        return unquote_plus(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("a query parameter is not valid UTF-8 once unescaped") from None
 
 
 def response_head(

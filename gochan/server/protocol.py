@@ -4,6 +4,12 @@ Ordinary requests are parsed, queued (pipelining) and answered in order; a
 handler that must wait on the broker runs as a task and holds the queue until
 it is done. A request for the event stream turns the connection into an SSE
 stream: from then on it belongs to the fan-out hub and reads are discarded.
+
+What a peer can make the server hold is bounded: input is parsed in slices
+and parsing stops (the rest kept, reading paused) while the pipeline is full
+or the peer is not reading its answers, so unread answers never pile up past
+the transport's high-water mark. A connection closed with answers its peer
+never reads is aborted at the next deadline instead of lingering.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import httptools
 
 from .._fast import Subscriber
 from ..log import server_logger
-from .http import Request, response_head, simple_response
+from .http import NO_PEER, Peer, Request, response_head, simple_response
 from .routes import OpenStream, Reply, Response
 
 if TYPE_CHECKING:
@@ -25,8 +31,14 @@ if TYPE_CHECKING:
 
 __all__ = ["HttpProtocol"]
 
-# Parsed requests waiting for their turn; past this, reading pauses.
+# Parsed requests waiting for their turn; past this, parsing and reading pause.
 MAX_PIPELINE = 32
+# Input is parsed this many bytes at a time, so one read of tiny pipelined
+# requests cannot queue more than a slice's worth past MAX_PIPELINE.
+FEED_SLICE_BYTES = 4096
+# A connection closed gracefully gets this long to take its last answer.
+CLOSE_LINGER_S = 5.0
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 # Shared, never written: see start_stream.
@@ -42,10 +54,14 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "_body",
         "_body_len",
+        "_continue",
+        "_failure",
         "_header_bytes",
         "_headers",
         "_out",
+        "_out_bytes",
         "_reject",
+        "_unparsed",
         "_url",
         "_url_len",
         "admitted",
@@ -55,12 +71,14 @@ class HttpProtocol(asyncio.Protocol):
         "deadline",
         "in_request",
         "parser",
+        "peer",
         "pipeline",
         "reading_paused",
         "server",
         "stream",
         "task",
         "transport",
+        "write_paused",
     )
 
     def __init__(self, server: Server) -> None:
@@ -76,7 +94,11 @@ class HttpProtocol(asyncio.Protocol):
         self.stream: Subscriber | None = None
         self.closing = False
         self.reading_paused = False
+        # The transport holds more than its high-water mark: the peer is not
+        # reading its answers, so no more requests are run until it does.
+        self.write_paused = False
         self.in_request = False
+        self.peer: Peer = NO_PEER
         # Monotonic time by which the current wait must end: the request's
         # header timeout, or the idle keep-alive timeout between requests.
         self.deadline = time.monotonic() + self.config.header_timeout
@@ -89,6 +111,13 @@ class HttpProtocol(asyncio.Protocol):
         self._body_len = 0
         # Answers to pipelined requests, written together once the batch is done.
         self._out: list[bytes] = []
+        self._out_bytes = 0
+        # Input not parsed yet because the pipeline was full (reading is paused).
+        self._unparsed = b""
+        # The request being read asked for "100 Continue" and has not had it.
+        self._continue = False
+        # A malformed request's error, answered once the requests before it are.
+        self._failure: tuple[int, str] | None = None
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -96,9 +125,10 @@ class HttpProtocol(asyncio.Protocol):
         # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        if not self.server.admit(self):
+        refused = self.server.admit(self, transport.get_extra_info("peername"))
+        if refused is not None:
             self.closing = True
-            transport.write(simple_response(503, b"too many connections\n", keep_alive=False))
+            transport.write(simple_response(503, refused.encode() + b"\n", keep_alive=False))
             transport.close()
             return
         transport.set_write_buffer_limits(high=self.config.write_buffer_high_bytes)
@@ -112,41 +142,93 @@ class HttpProtocol(asyncio.Protocol):
             self.task.cancel()
             self.task = None
         self.pipeline.clear()
+        self._unparsed = b""
+        self._out.clear()
         self.server.forget(self)
 
     def data_received(self, data: bytes) -> None:
-        parser = self.parser
-        if parser is None or self.closing:
+        if self.parser is None or self.closing:
             return  # nothing is read from an event stream
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self.fail(400, "protocol upgrades are not supported")
+        if self._unparsed:  # a read that raced pause_reading: keep it in order
+            self._unparsed += data
             return
-        except httptools.HttpParserError:
-            status, message = self._reject or (400, "malformed HTTP request")
-            self.fail(status, message)
-            return
-        self._run()
+        self._feed(data)
 
     def eof_received(self) -> bool:
         # A half-closed client gets its pending answers, then the close.
-        return bool(self.busy or self.pipeline)
+        return bool(self.busy or self.pipeline or self._unparsed)
 
     def pause_writing(self) -> None:
         if self.stream is not None:
             self.stream.pause()
-        elif self.transport is not None and not self.reading_paused:
-            # Stop reading requests whose answers the peer does not read.
-            self.reading_paused = True
-            self.transport.pause_reading()
+            return
+        self.write_paused = True
+        self._pause_reading()  # stop reading requests whose answers the peer does not read
 
     def resume_writing(self) -> None:
         if self.stream is not None:
             self.stream.resume()
             self.server.streamer.resume_replay(self.stream)
-        elif self.reading_paused and len(self.pipeline) < MAX_PIPELINE:
+            return
+        self.write_paused = False
+        self._run()
+        self._continue_input()
+
+    # -- reading -----------------------------------------------------------
+
+    def _blocked(self) -> bool:
+        """No more input is parsed now: too many requests wait, the peer does
+        not read its answers, or an error is waiting to be answered."""
+        return (
+            len(self.pipeline) >= MAX_PIPELINE
+            or self.write_paused
+            or self._failure is not None
+            or self.closing
+        )
+
+    def _feed(self, data: bytes) -> None:
+        parser = self.parser
+        size = len(data)
+        pos = 0
+        while pos < size:
+            if self._blocked():
+                if self._failure is None:  # past a malformed request nothing is parsed
+                    self._unparsed = data[pos:]
+                    self._pause_reading()
+                return
+            chunk = data if size <= FEED_SLICE_BYTES else data[pos : pos + FEED_SLICE_BYTES]
+            pos += len(chunk)
+            try:
+                parser.feed_data(chunk)  # type: ignore[union-attr]
+            except httptools.HttpParserUpgrade:
+                if self.pipeline and not self.in_request:
+                    self.pipeline.pop()  # the upgrade request itself is not run
+                self._failed(400, "protocol upgrades are not supported")
+            except httptools.HttpParserError:
+                self._failed(*(self._reject or (400, "malformed HTTP request")))
+            self._run()
+            if self.parser is None or self.closing:
+                return  # a stream began, or the connection is ending
+
+    def _continue_input(self) -> None:
+        """The pipeline has room again: parse what was kept, then read on."""
+        if self._blocked() or self.parser is None:
+            return
+        if self._unparsed:
+            data, self._unparsed = self._unparsed, b""
+            self._feed(data)
+        if not self._unparsed and self.reading_paused and not self._blocked():
             self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self.reading_paused and not self.closing:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.reading_paused = False
+            self.transport.resume_reading()
 
     # -- httptools callbacks -----------------------------------------------
 
@@ -156,6 +238,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.in_request = True
+        self._continue = False
         self.deadline = time.monotonic() + self.config.header_timeout
         self._url = []
         self._url_len = 0
@@ -190,9 +273,22 @@ class HttpProtocol(asyncio.Protocol):
                 self._stop(400, "invalid Content-Length")
             if too_big:
                 self._stop(413, "request body too large")
-        if self._headers.get("expect", "").lower() == "100-continue" and self.transport:
-            self._out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self._flush_out()  # after the answers before it, and now: the client waits
+        if self._headers.get("expect", "").lower() == "100-continue":
+            # A request that will be refused gets the refusal, not an
+            # invitation to send its body; the rest get "100 Continue" once
+            # every answer before theirs is out (see _run).
+            parser = self.parser
+            assert parser is not None
+            try:
+                path = (httptools.parse_url(b"".join(self._url)).path or b"/").decode("latin-1")
+            except httptools.HttpParserInvalidURLError:
+                self._stop(400, "invalid request target")
+            refused = self.server.router.refuse_early(
+                parser.get_method().decode("ascii", "replace"), path, self._headers, self.peer
+            )
+            if refused is not None:
+                self._stop(*refused)
+            self._continue = True
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
@@ -209,6 +305,7 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserInvalidURLError:
             self._stop(400, "invalid request target")
         self.in_request = False
+        self._continue = False  # the body is here: no need to invite it
         self.pipeline.append(
             Request(
                 parser.get_method().decode("ascii", "replace"),
@@ -217,16 +314,20 @@ class HttpProtocol(asyncio.Protocol):
                 self._headers,
                 b"".join(self._body),
                 parser.should_keep_alive(),
+                self.peer,
             )
         )
-        if len(self.pipeline) >= MAX_PIPELINE and not self.reading_paused and self.transport:
-            self.reading_paused = True
-            self.transport.pause_reading()
 
     # -- running requests --------------------------------------------------
 
     def _run(self) -> None:
-        while self.pipeline and not self.busy and self.stream is None and not self.closing:
+        while (
+            self.pipeline
+            and not self.busy
+            and not self.write_paused
+            and self.stream is None
+            and not self.closing
+        ):
             request = self.pipeline.pop(0)
             try:
                 reply = self.server.router.dispatch(request)
@@ -236,15 +337,25 @@ class HttpProtocol(asyncio.Protocol):
                 return
             if isinstance(reply, (Response, OpenStream)):
                 self.deliver(reply, request)
+                if self._out_bytes >= self.config.write_buffer_high_bytes:
+                    self._flush_out()  # may pause writing: the peer must read first
             else:
                 self._flush_out()
                 self.busy = True
                 self.task = asyncio.get_running_loop().create_task(self._finish(reply, request))
                 return
+        if self.closing or self.stream is not None or self.busy or self.pipeline:
+            self._flush_out()
+            return
+        # Every request read so far is answered.
+        if self._failure is not None:
+            self.fail(*self._failure)
+            return
+        if self._continue and not self.write_paused:
+            self._continue = False
+            self._out.append(CONTINUE)
         self._flush_out()
-        if self.reading_paused and len(self.pipeline) < MAX_PIPELINE // 2:
-            self._resume_reading()
-        if not self.busy and not self.pipeline and not self.in_request:
+        if not self.in_request:
             self.deadline = time.monotonic() + self.config.keepalive_timeout
 
     async def _finish(self, pending: Awaitable[Reply], request: Request) -> None:
@@ -264,11 +375,7 @@ class HttpProtocol(asyncio.Protocol):
         self.deliver(reply, request)
         if not self.closing:
             self._run()
-
-    def _resume_reading(self) -> None:
-        if self.transport is not None and not self.closing:
-            self.reading_paused = False
-            self.transport.resume_reading()
+            self._continue_input()
 
     # -- used by the routes ------------------------------------------------
 
@@ -294,27 +401,44 @@ class HttpProtocol(asyncio.Protocol):
                 head=request.method == "HEAD",
             )
         self._out.append(data)
+        self._out_bytes += len(data)
         if not request.keep_alive:
-            self._flush_out()
-            self.closing = True
-            self.transport.close()
+            self._close_after_flush()
 
     def _flush_out(self) -> None:
         out = self._out
         if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
+            self._out_bytes = 0
+            self.transport.write(data)
+
+    def _close_after_flush(self) -> None:
+        """Write what is pending and close; the tick aborts the connection if
+        the peer has not taken it within CLOSE_LINGER_S."""
+        self._flush_out()
+        self.closing = True
+        self.pipeline.clear()
+        self._unparsed = b""
+        self.deadline = time.monotonic() + CLOSE_LINGER_S
+        if self.transport is not None:
+            self.transport.close()
+
+    def _failed(self, status: int, message: str) -> None:
+        """A malformed request: answer it after the requests before it."""
+        self.server.bad_requests += 1
+        self._failure = (status, message)
+        self.in_request = False
 
     def fail(self, status: int, message: str) -> None:
         """Answer with an error and close the connection (bad input)."""
-        self.server.bad_requests += 1
+        if self._failure is None:
+            self.server.bad_requests += 1
+        self._failure = None
         if self.transport is None or self.closing:
             return
-        self.closing = True
-        body = message.encode() + b"\n"
-        self._out.append(simple_response(status, body, keep_alive=False))
-        self._flush_out()
-        self.transport.close()
+        self._out.append(simple_response(status, message.encode() + b"\n", keep_alive=False))
+        self._close_after_flush()
 
     def start_stream(self, head: bytes, reply: OpenStream) -> None:
         """Send the response head and first frames, then hand the connection
@@ -327,6 +451,8 @@ class HttpProtocol(asyncio.Protocol):
         # Nothing more is parsed on this connection: free the parser state.
         self.parser = None
         self.pipeline.clear()
+        self._unparsed = b""
+        self.write_paused = False
         # Parse state is replaced whole by on_message_begin before any use, so
         # a stream can point at shared empties rather than own three containers.
         self._headers = _NO_HEADERS
@@ -337,10 +463,17 @@ class HttpProtocol(asyncio.Protocol):
 
     def expire(self, now: float) -> None:
         """Called by the server tick once the deadline has passed."""
-        if self.busy or self.stream is not None or self.closing:
+        transport = self.transport
+        if self.busy or self.stream is not None or transport is None:
             return
-        if self.in_request or self.pipeline:
-            self.fail(408, "request timeout")
-        elif self.transport is not None:
+        if self.closing:
+            transport.abort()  # closed, and its peer never took the last answer
+        elif self.write_paused or transport.get_write_buffer_size():
+            # Answers the peer does not read: an error answer would only wait too.
             self.closing = True
-            self.transport.close()
+            transport.abort()
+        elif self.in_request or self.pipeline or self._unparsed:
+            self.fail(408, "request timeout")
+        else:
+            self.closing = True
+            transport.close()

@@ -14,7 +14,7 @@ from importlib import resources
 from mimetypes import guess_type
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 
@@ -28,11 +28,12 @@ from ..errors import (
     InvalidClientIdError,
     InvalidTopicError,
     LimitExceededError,
+    PeerLimitError,
     UnknownClientError,
 )
 from ..log import server_logger
 from ..streamer import subscription_failure_frame
-from .http import JSON, TEXT, Request
+from .http import JSON, TEXT, Peer, Request, is_loopback_host
 
 if TYPE_CHECKING:
     from ..streamer import Streamer
@@ -69,6 +70,10 @@ SSE_HEADERS = (
     (b"X-Accel-Buffering", b"no"),
 )
 PREFLIGHT_MAX_AGE_S = 600
+# Methods that change state: a cross-site page must not be able to send them
+# (a form or text/plain fetch needs no preflight).
+STATE_CHANGING = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+LOOPBACK_NAMES = frozenset(("localhost", "localhost.", "ip6-localhost"))
 
 
 def _text(status: int, message: object, headers: Headers | None = None) -> Response:
@@ -91,13 +96,16 @@ class Router:
         config: Config,
         metrics: Callable[[], str],
         *,
-        trust_loopback: bool = True,
+        trust_loopback: bool = False,
         check_publishers: bool = True,
         no_key_hint: str = "",
     ) -> None:
-        """``trust_loopback``: without a publish_key, allow publishing when the
-        server listens on loopback only (it cannot know that behind ASGI).
-        ``check_publishers=False``: the host application authorizes publishers."""
+        """``trust_loopback``: the server listens on loopback addresses only
+        (the Server sets it from the addresses it bound; behind ASGI it
+        cannot be known). Then, without a publish_key, loopback peers may
+        publish, if their request names a loopback Host (DNS rebinding) and
+        comes from no foreign Origin. ``check_publishers=False``: the host
+        application authorizes publishers."""
         self.streamer = streamer
         self.config = config
         self.metrics_text = metrics
@@ -115,6 +123,7 @@ class Router:
             config.client_js_path: {"GET": self.client_js, "HEAD": self.client_js},
         }
         self._origins = set(config.cors_origins)
+        self._hosts = {h.lower() for h in config.allowed_hosts}
         self._static = Path(config.static_dir).resolve() if config.static_dir else None
 
     # -- dispatch ----------------------------------------------------------
@@ -127,11 +136,72 @@ class Router:
             return _text(404, "not found")
         handler = methods.get(request.method)
         if handler is not None:
+            if request.method in STATE_CHANGING:
+                refused = self.cross_site(request.headers)
+                if refused is not None:
+                    return _text(403, refused)
             return handler(request)
         allow = ", ".join([*methods, "OPTIONS"]).encode()
         if request.method == "OPTIONS":
             return self.preflight(request, allow)
         return _text(405, "method not allowed", [(b"Allow", allow)])
+
+    def refuse_early(
+        self, method: str, path: str, headers: dict[str, str], peer: Peer
+    ) -> tuple[int, str] | None:
+        """What a request would be refused with, judged from its head alone
+        (for ``Expect: 100-continue``: a refusal instead of the invitation
+        to send the body). None when it may go on."""
+        methods = self.routes.get(path)
+        if methods is None:
+            return (404, "not found")
+        if method not in methods:
+            return (405, "method not allowed")
+        if method in STATE_CHANGING:
+            refused = self.cross_site(headers)
+            if refused is not None:
+                return (403, refused)
+        if methods[method] == self.publish:
+            why = self.may_publish(Request(method, path, "", headers, b"", False, peer))
+            if why is not None:
+                return (403 if not self.config.publish_key else 401, why)
+        return None
+
+    def cross_site(self, headers: dict[str, str]) -> str | None:
+        """Why a state-changing request is refused as cross-site, or None.
+        An ``Origin`` must be the server's own (same host and port as the
+        ``Host``) or in ``cors_origins``; requests without one (servers,
+        curl) pass. A keyless loopback server also wants a loopback
+        ``Host`` (or one in ``allowed_hosts``), so a rebound DNS name
+        cannot reach it."""
+        host = headers.get("host", "")
+        if self.keyless_loopback and not self._local_host(host):
+            return f"Host {host[:64]!r} is not a loopback name (see allowed_hosts)"
+        origin = headers.get("origin")
+        if origin is None or origin in self._origins or "*" in self._origins:
+            return None
+        if origin != "null":
+            try:
+                parts = urlsplit(origin)
+            except ValueError:
+                parts = None
+            if parts is not None and parts.scheme in ("http", "https") and parts.netloc == host:
+                return None
+        return f"Origin {origin[:64]!r} is not allowed (see cors_origins)"
+
+    @property
+    def keyless_loopback(self) -> bool:
+        return self.trust_loopback and self.check_publishers and not self.config.publish_key
+
+    def _local_host(self, host: str) -> bool:
+        name = host.lower()
+        if name.startswith("["):  # [v6]:port
+            name = name[1 : name.find("]")] if "]" in name else name
+        elif name.count(":") == 1:
+            name = name.partition(":")[0]
+        if name in self._hosts or host.lower() in self._hosts:
+            return True
+        return name in LOOPBACK_NAMES or name.endswith(".localhost") or is_loopback_host(name)
 
     def cors(self, request: Request) -> list[tuple[bytes, bytes]]:
         origin = request.headers.get("origin")
@@ -165,8 +235,11 @@ class Router:
         except ValueError as exc:
             return _text(400, exc)
         client_id = (query.get("id") or [""])[0]
+        named = query.get("topic", ())
+        if len(named) > self.config.max_topics_per_client:
+            return _text(400, self._too_many_topics())
         try:
-            topics = self.streamer.check_topics(query.get("topic", ()))
+            topics = self.streamer.check_topics(named)
         except InvalidTopicError as exc:
             return _text(400, exc)
         client: Client | None
@@ -186,7 +259,10 @@ class Router:
             return Response(200, b"", list(SSE_HEADERS), None)
         if client is None:
             try:
-                client = self.streamer.create_client()
+                client = self.streamer.create_client(request.peer)
+            except PeerLimitError as exc:
+                retry = b"%d" % max(1, int(self.config.client_ttl))
+                return _text(429, exc, [(b"Retry-After", retry)])
             except LimitExceededError as exc:
                 return _text(503, exc)
         last_id = request.headers.get("last-event-id") or (query.get("last_event_id") or [""])[0]
@@ -239,7 +315,12 @@ class Router:
             value = body.get(key, [])
             if value is None:
                 value = []
-            if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            if not isinstance(value, list):
+                return _text(400, f"{key} must be a list of strings")
+            if len(value) > self.config.max_topics_per_client:
+                # Before any topic is looked at: validating 100,000 would stall the loop.
+                return _text(400, self._too_many_topics())
+            if not all(isinstance(t, str) for t in value):
                 return _text(400, f"{key} must be a list of strings")
             lists.append(value)
         client = self.streamer.get_client(client_id)
@@ -267,6 +348,9 @@ class Router:
             },
         )
 
+    def _too_many_topics(self) -> str:
+        return f"a client may hold at most {self.config.max_topics_per_client} topics"
+
     # -- POST /publish -----------------------------------------------------
 
     def may_publish(self, request: Request) -> str | None:
@@ -275,12 +359,16 @@ class Router:
             return None
         key = self.config.publish_key
         if not key:
-            if self.trust_loopback and self.config.loopback_only:
+            if self.trust_loopback and is_loopback_host(request.peer):
                 return None
             return "publishing needs a key: set publish_key (GOCHAN_PUBLISH_KEY)" + self.no_key_hint
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+        # Header values are read as Latin-1, which keeps their bytes: the key
+        # is compared as the UTF-8 bytes a client sends.
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("latin-1"), key.encode("utf-8")
+        ):
             return None
         return "missing or wrong publish key (Authorization: Bearer <key>)"
 
@@ -330,7 +418,10 @@ class Router:
         if ctype == "application/x-www-form-urlencoded":
             try:
                 form = parse_qs(
-                    request.body.decode("utf-8"), keep_blank_values=True, max_num_fields=16
+                    request.body.decode("utf-8"),
+                    keep_blank_values=True,
+                    max_num_fields=16,
+                    errors="strict",
                 )
             except (UnicodeDecodeError, ValueError):
                 raise ValueError("malformed form body") from None
@@ -376,7 +467,12 @@ class Router:
     def static(self, request: Request) -> Response:
         """A file under ``static_dir`` (``index.html`` for a directory)."""
         assert self._static is not None
-        relative = unquote(request.path).lstrip("/")
+        try:
+            relative = unquote(request.path, errors="strict").lstrip("/")
+        except UnicodeDecodeError:
+            return _text(400, "the path is not valid UTF-8 once unescaped")
+        if "\x00" in relative:
+            return _text(404, "not found")
         target = (self._static / relative).resolve()
         if target != self._static and self._static not in target.parents:
             return _text(404, "not found")  # outside the directory: ../ tricks
