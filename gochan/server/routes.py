@@ -8,6 +8,7 @@ must wait on the broker. The raw protocol and the ASGI adapter render them.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Awaitable, Callable
 from functools import cache
 from importlib import resources
@@ -201,7 +202,12 @@ class Router:
             name = name.partition(":")[0]
         if name in self._hosts or host.lower() in self._hosts:
             return True
-        return name in LOOPBACK_NAMES or name.endswith(".localhost") or is_loopback_host(name)
+        if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+            return True
+        try:  # an IP literal, strictly: "127.0.0.1.nip.io" is a name anyone can point
+            return ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            return False
 
     def cors(self, request: Request) -> list[tuple[bytes, bytes]]:
         origin = request.headers.get("origin")
