@@ -1,0 +1,123 @@
+"""Streams whose readers stop reading: at SIGTERM they get their backlog and
+``Client closed`` within the grace period (issue 10, item 7); past the
+pending bound they are cut with a reset that frees the kernel's memory at
+once and tells the client (item 8)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.support import running, wait_for
+
+from ._proc import server_process
+
+STREAMS = 40
+MESSAGES = 300
+PAYLOAD = b"x" * 1000
+TCP_FIN_WAIT1 = "04"  # /proc/net/tcp state codes
+TCP_LISTEN = "0A"
+
+
+def _open_stuck_stream(port: int, topic: str) -> socket.socket:
+    """A stream whose reader reads its head and then stops reading."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET /events?topic={topic} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    sock.settimeout(5)
+    head = b""
+    while b"\n\n" not in head.partition(b"\r\n\r\n")[2]:
+        head += sock.recv(4096)
+    return sock
+
+
+def _read_to_end(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    return data
+
+
+def test_sigterm_delivers_the_backlog_of_paused_streams(tmp_path: Path) -> None:
+    flags = ("--shutdown-grace", "20", "--heartbeat", "60")
+    with server_process(tmp_path, *flags) as server:
+        socks = [_open_stuck_stream(server.port, "backlog") for _ in range(STREAMS)]
+        with httpx.Client() as http:
+            for i in range(MESSAGES):
+                r = http.post(
+                    f"http://127.0.0.1:{server.port}/publish?topic=backlog",
+                    content=b"%d " % i + PAYLOAD,
+                )
+                assert r.status_code == 200
+        time.sleep(0.3)  # the backlog sits in gochan's queues and transports
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert server.proc.poll() is None, "exited without waiting for its streams"
+        complete = 0
+        for sock in socks:
+            data = _read_to_end(sock)
+            sock.close()
+            numbers = [
+                int(line[6:].split(b" ")[0])
+                for line in data.split(b"\n")
+                if line.startswith(b"data: ") and not line.startswith(b"data: Client")
+            ]
+            if numbers == list(range(MESSAGES)) and data.endswith(
+                b"event: message\ndata: Client closed\n\n"
+            ):
+                complete += 1
+        assert complete == STREAMS
+        assert server.proc.wait(20) == 0
+        print(
+            f"{STREAMS} backlogged streams complete, "
+            f"exit {time.monotonic() - started:.2f} s after SIGTERM"
+        )
+
+
+def _server_sockets(port: int) -> dict[str, int]:
+    """States of this machine's TCP sockets whose local port is ``port``."""
+    states: dict[str, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                states[fields[3]] = states.get(fields[3], 0) + 1
+    return states
+
+
+async def test_slow_consumers_are_reset_and_leave_nothing_in_the_kernel() -> None:
+    async with running(max_pending_bytes=64 * 1024) as server, httpx.AsyncClient() as http:
+        port = server.port
+        loop = asyncio.get_running_loop()
+        socks = [
+            await loop.run_in_executor(None, _open_stuck_stream, port, "slow") for _ in range(20)
+        ]
+        url = f"http://127.0.0.1:{port}/publish?topic=slow"
+        for _ in range(2000):
+            assert (await http.post(url, content=PAYLOAD)).status_code == 200
+            if server.streamer.hub.slow_disconnects == len(socks):
+                break
+        assert server.streamer.hub.slow_disconnects == len(socks)
+        await wait_for(lambda: server.streamer.hub.connection_count == 0)
+        states = _server_sockets(port)
+        states.pop(TCP_LISTEN, None)
+        # No orphan in FIN-WAIT-1 holding the kernel's copy of the backlog.
+        assert states.get(TCP_FIN_WAIT1, 0) == 0, states
+        reset = 0
+        for sock in socks:
+            sock.settimeout(5)
+            try:
+                while sock.recv(1 << 20):
+                    pass
+            except ConnectionResetError:
+                reset += 1  # the client learns it was cut, and reconnects
+            sock.close()
+        assert reset == len(socks)
