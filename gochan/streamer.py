@@ -212,8 +212,12 @@ class Streamer:
             _deadline, _n, client_id = heapq.heappop(self._expiry)
             client = self._clients.get(client_id)
             if client is not None and client.expires_at is not None and client.expires_at <= now:
+                # Gone from the table now, not when the task runs: a second
+                # heap entry for it (one per disconnect) must not count it
+                # again, and nobody can attach to it in between.
+                del self._clients[client_id]
                 self.counters["clients_expired"] += 1
-                self._spawn(self.remove_client(client_id))
+                self._spawn(self.remove_client(client))
         self.history.expire(now)
         for hook in self._tick_hooks:
             hook(now)

@@ -124,6 +124,27 @@ async def test_client_ttl_without_connections() -> None:
         assert streamer.driver.stats()["subscriptions"] == 0
 
 
+async def test_a_client_expiring_twice_in_one_tick_counts_once() -> None:
+    # Created (one expiry entry), attached and detached (a second entry):
+    # both deadlines pass in one tick; it is one client expired, removed once.
+    async with Streamer(Config(client_ttl=1)) as streamer:
+        client = streamer.create_client()
+        sub = streamer._new_stream(client, _NullTransport())
+        streamer.detach(sub)
+        streamer.tick(time.monotonic() + 5)
+        assert streamer.get_client(client.id) is None  # at once, not when the task runs
+        await _settle()
+        assert streamer.counters["clients_expired"] == 1
+
+
+class _NullTransport:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 async def test_publish_returns_event_id() -> None:
     async with Streamer() as streamer:
         # Nobody holds the topic: nothing is sent, no id.
