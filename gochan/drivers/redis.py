@@ -32,8 +32,16 @@ and subscribes every held topic again, one ``SUBSCRIBE`` per topic so that a
 refusal (an ACL ``NOPERM``) is attributed to its topic:
 ``Receiver.on_subscription_failure`` is called for exactly those. ``ready``
 is False meanwhile and ``subscribe`` raises
-:class:`~gochan.errors.BrokerConnectionError` at once. A silent connection
-is detected by a ``PING`` after ``ping_interval`` seconds of quiet.
+:class:`~gochan.errors.BrokerConnectionError` at once, and so does a pub/sub
+``publish``: Redis pub/sub is at-most-once and drops what is published while
+this node's subscriptions are being restored, so such a publish is refused
+rather than acknowledged and lost. For the same reason a ``PUBLISH`` on a
+topic this node holds that Redis delivered to no subscriber is refused (the
+server lost our ``SUBSCRIBE`` before the subscriber connection noticed); one
+delivered to other nodes' subscribers only is not detected. Streams accept
+publishes meanwhile: the entries are kept and read after the reconnect. A
+silent connection is detected by a ``PING`` after ``ping_interval`` seconds
+of quiet.
 """
 
 from __future__ import annotations
@@ -322,6 +330,12 @@ class RedisDriver:
         if client is None:
             raise BrokerConnectionError("redis driver is not connected")
         key = (self._prefix + topic).encode()
+        if not self._streams and not self._ready:
+            # Redis drops what is published while this node's subscriber is
+            # resubscribing: refused, not acknowledged and lost.
+            raise BrokerConnectionError(
+                f"not connected to Redis at {self._safe_url} (resubscribing)"
+            )
         try:
             if self._streams:
                 trim: list[Any] = (
@@ -332,13 +346,23 @@ class RedisDriver:
                     self._command_timeout_s,
                 )
                 return _as_bytes(entry_id).decode()
-            await asyncio.wait_for(_execute(client, "PUBLISH", key, data), self._command_timeout_s)
+            receivers = await asyncio.wait_for(
+                _execute(client, "PUBLISH", key, data), self._command_timeout_s
+            )
         except ResponseError as exc:
             raise BrokerError(f"Redis refused to publish on {key!r}: {exc}") from exc
         except _CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(
                 f"publish to Redis at {self._safe_url} failed: {exc!r}"
             ) from exc
+        if topic in self._topics and (not self._ready or int(receivers) < 1):
+            # PUBLISH answers how many subscribers got it, and this node is
+            # one: none means the server has not got our SUBSCRIBE (it was
+            # restarted and the subscriber connection has not noticed yet).
+            raise BrokerConnectionError(
+                f"Redis delivered the message on {key!r} to no subscriber of this node"
+                " (subscriber connection lost)"
+            )
         return None
 
     async def close(self) -> None:

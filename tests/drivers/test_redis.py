@@ -323,6 +323,28 @@ async def test_broker_restart_is_survived(own_redis: RedisServer) -> None:
         assert driver.ready
 
 
+async def test_publish_is_refused_until_the_subscriptions_are_back(
+    own_redis: RedisServer,
+) -> None:
+    """Redis is back but this node's subscriber has not resubscribed yet (it
+    waits out its backoff): Redis would drop the message, so the publish is
+    refused, not acknowledged and lost; once ready it is delivered."""
+    topic = unique("resub")
+    slow = {"reconnect_wait": 4.0, "reconnect_wait_max": 4.0}
+    async with connected(own_redis.url, **slow) as (driver, rec):
+        await driver.subscribe(topic)
+        await asyncio.to_thread(own_redis.stop)
+        await wait_until(lambda: not driver.ready)
+        await asyncio.to_thread(own_redis.start)
+        assert not driver.ready  # the subscriber's next attempt is 2 s away or more
+        with pytest.raises(BrokerConnectionError):
+            await driver.publish(topic, b"would be lost")
+        await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
+        await driver.publish(topic, b"delivered")
+        await rec.wait_body(topic, b"delivered")
+        assert rec.bodies(topic) == [b"delivered"]
+
+
 async def test_a_silent_broker_is_detected(own_redis: RedisServer) -> None:
     """A broker that stops answering (not closing) is noticed by PING."""
     topic = unique("silent")
