@@ -36,7 +36,9 @@ turns False, the driver reconnects with exponential backoff and jitter, runs
 ``LISTEN`` again for every topic it held and counts one reconnect. A topic the
 server refuses on the new connection is dropped and reported through
 ``Receiver.on_subscription_failure``. Notifications sent while the listener is
-disconnected are lost for this process.
+disconnected are lost for this process, so ``publish`` raises
+:class:`~gochan.errors.BrokerConnectionError` meanwhile (and when the listener
+was lost while the ``NOTIFY`` ran) instead of succeeding.
 """
 
 from __future__ import annotations
@@ -265,6 +267,9 @@ class PostgresDriver(SupervisedDriver):
         pool = self._pool
         if pool is None:
             raise BrokerConnectionError("not connected to PostgreSQL")
+        # Not while this node's listener is not LISTENing (reconnecting): the
+        # notification would not reach it, yet the publish would succeed.
+        listener = self._usable_conn()
         try:
             await pool.execute(
                 "SELECT pg_notify($1, $2)", self._prefix + topic, payload, timeout=self._timeout
@@ -275,6 +280,12 @@ class PostgresDriver(SupervisedDriver):
             ) from exc
         except Exception as exc:
             raise BrokerError(f"cannot publish on {topic!r} to PostgreSQL: {exc!r}") from exc
+        if listener is not self._conn or not self._ready or listener.is_closed():
+            # The server went away meanwhile (a restart: the pool reconnected,
+            # the listener is gone): this node may not have had it.
+            raise BrokerConnectionError(
+                f"PostgreSQL listening connection lost while publishing on {topic!r}"
+            )
         self._published += 1
         return None
 
