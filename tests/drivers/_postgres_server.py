@@ -17,7 +17,9 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from .conftest import broker_unavailable, free_port, port_open
 
@@ -30,6 +32,36 @@ class Postgres:
     dsn: str
     process: subprocess.Popen[bytes] | None = None
     tmpdir: str | None = None
+    # Starts the server (again, on the same port and data): start_cluster's.
+    spawn: Callable[[], subprocess.Popen[bytes]] | None = field(default=None, repr=False)
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.dsn).port or 5432
+
+    def halt(self, sig: int = signal.SIGINT) -> None:
+        """Stop the server with ``sig`` (SIGINT: fast shutdown, SIGQUIT: a
+        crash without checkpoint), keeping its data for :meth:`resume`."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def resume(self) -> None:
+        """Start a server stopped by :meth:`halt` again, until its port is open."""
+        assert self.spawn is not None and self.process is None
+        self.process = self.spawn()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not port_open("127.0.0.1", self.port, 0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("PostgreSQL did not start again")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -97,27 +129,34 @@ def start_cluster() -> Postgres:
         shutil.rmtree(tmpdir, ignore_errors=True)
         broker_unavailable(f"initdb failed: {init.stderr.decode(errors='replace')[-500:]}")
     port = free_port()
-    process = subprocess.Popen(
-        [
-            os.path.join(bindir, "postgres"),
-            "-D",
-            data,
-            "-p",
-            str(port),
-            "-k",
-            tmpdir,
-            "-c",
-            "listen_addresses=127.0.0.1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmpdir,
-        user=uid,
-        group=gid,
-        extra_groups=groups,
-    )
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                os.path.join(bindir, "postgres"),
+                "-D",
+                data,
+                "-p",
+                str(port),
+                "-k",
+                tmpdir,
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=tmpdir,
+            user=uid,
+            group=gid,
+            extra_groups=groups,
+        )
+
+    process = spawn()
     server = Postgres(
-        dsn=f"postgresql://postgres@127.0.0.1:{port}/postgres", process=process, tmpdir=tmpdir
+        dsn=f"postgresql://postgres@127.0.0.1:{port}/postgres",
+        process=process,
+        tmpdir=tmpdir,
+        spawn=spawn,
     )
     deadline = time.monotonic() + START_TIMEOUT_S
     while not port_open("127.0.0.1", port, 0.2):

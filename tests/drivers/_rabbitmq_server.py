@@ -21,6 +21,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -39,6 +40,8 @@ class RabbitMQ:
     local: bool = True  # rabbitmqctl can reach it
     process: subprocess.Popen[bytes] | None = None
     tmpdir: str | None = None
+    # Starts the node (again, on the same ports and data): start_node's nodes.
+    spawn: Callable[[], subprocess.Popen[bytes]] | None = field(default=None, repr=False)
     _ctl_checked: bool | None = field(default=None, repr=False)
 
     @property
@@ -108,6 +111,31 @@ class RabbitMQ:
         for pid in pids:
             self.ctl("close_connection", pid, reason)
         return len(pids)
+
+    def halt(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the node's processes with ``sig`` (SIGKILL: a crash), keeping
+        its data for :meth:`resume`."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(CTL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def resume(self) -> None:
+        """Start a node stopped by :meth:`halt` again, until its port is open."""
+        assert self.spawn is not None and self.process is None
+        self.process = self.spawn()
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        while not port_open("127.0.0.1", self.port, 0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the RabbitMQ node did not start again")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -181,22 +209,27 @@ def start_node() -> RabbitMQ:
             f.write(text)
         if uid is not None and gid is not None:
             os.chown(path, uid, gid)
-    process = subprocess.Popen(
-        [server],
-        env=env,
-        cwd=tmpdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        user=uid,
-        group=gid,
-        extra_groups=None if uid is None else [],
-    )
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [server],
+            env=env,
+            cwd=tmpdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            user=uid,
+            group=gid,
+            extra_groups=None if uid is None else [],
+        )
+
+    process = spawn()
     broker = RabbitMQ(
         url=f"amqp://guest:guest@127.0.0.1:{port}/",
         node=node,
         process=process,
         tmpdir=tmpdir,
+        spawn=spawn,
     )
     deadline = time.monotonic() + NODE_START_TIMEOUT_S
     while not port_open("127.0.0.1", port, 0.2):
