@@ -440,7 +440,7 @@ async def test_a_publish_unanswered_by_a_frozen_broker_replaces_the_connection(
     late PONG of a timed-out flush while the connection still counts as
     connected: kept, it would acknowledge publishes and deliver nothing.)"""
     topic = unique("frozen")
-    async with connected(own_nats.url, request_timeout=0.5) as (driver, rec):
+    async with connected(own_nats.url, request_timeout=1.0) as (driver, rec):
         await driver.subscribe(topic)
         assert own_nats.proc is not None
         os.kill(own_nats.proc.pid, signal.SIGSTOP)

@@ -16,6 +16,9 @@ Per driver, what the broker promises and so what is asserted:
   server processed the PUB after this node's SUB, so the node has the
   message: zero acknowledged losses for stop (SIGTERM), kill (SIGKILL) and
   freeze (SIGSTOP past the request timeout, then SIGCONT).
+- NATS JetStream: a 2xx means the stream stored the message, and the
+  driver's consumer resumes after the last sequence it delivered: zero
+  acknowledged losses (freeze).
 - Redis pub/sub: at-most-once; messages published while this node's
   subscriber connection is resubscribing are dropped by Redis. The driver
   refuses publishes until the subscriptions are restored, and a PUBLISH that
@@ -355,6 +358,13 @@ SETUPS = {
         process_fault,
         ("stop", "kill", "freeze"),
     ),
+    "natsjs": Setup(
+        "nats",
+        nats_broker,
+        lambda server: {"url": server.url, "jetstream": True, "prefix": "gochan."},
+        process_fault,
+        ("stop", "kill", "freeze"),
+    ),
     "redis": Setup(
         "redis",
         redis_broker,
@@ -434,6 +444,10 @@ def postgres() -> Iterator[Any]:
 @pytest.mark.parametrize(("kind", "hold_s"), [("stop", 1.0), ("kill", 1.0), ("freeze", FREEZE_S)])
 async def test_nats(nats: Any, kind: str, hold_s: float) -> None:
     check(await scenario("nats", nats, kind, hold_s))
+
+
+async def test_nats_jetstream_freeze(nats: Any) -> None:
+    check(await scenario("natsjs", nats, "freeze", FREEZE_S))
 
 
 @pytest.mark.parametrize("kind", ["stop", "kill"])
