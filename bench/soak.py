@@ -33,10 +33,7 @@ import asyncio
 import collections
 import contextlib
 import json
-import os
 import random
-import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -46,11 +43,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _server
 import uvloop
-
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-RESULTS = BENCH / "results"
+from _server import RESULTS, cpu_s, fd_count, free_port, rss_kib, stop_process
 
 DEFAULT_CYCLES = 1_000_000
 DEFAULT_WARMUP_CYCLES = 20_000
@@ -86,11 +81,8 @@ MESSAGE_WAIT_S = 5.0  # a topic gets publish_rate / topics msgs/s: 10/s by defau
 RECENT_IDS = 1000  # client ids re-attaching cycles pick from
 PUBLISH_TICK_S = 0.005
 PUBLISH_MAX_LAG_S = 0.5  # never more than this much behind schedule; the rest is skipped
-SERVER_START_TIMEOUT_S = 30.0
 SETTLE_EXTRA_S = 30.0  # beyond TTL + history age, the most to wait for the gauges
 SETTLE_POLL_S = 0.5
-STOP_TIMEOUT_S = 10.0
-BUILD_TIMEOUT_S = 600.0
 ERROR_SAMPLES = 10
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -106,89 +98,11 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- the server process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def server_command(args: argparse.Namespace, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "gochan.server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--client-ttl",
-        str(args.client_ttl),
-        "--history-age",
-        str(args.history_age),
-        *args.server_arg,
-    ]
-
-
-def source_tree(rev: str | None) -> Path:
-    """The directory the server runs in: the working tree, or ``rev`` exported
-    with ``git archive`` and installed (``pip install --target``, which builds
-    the extension) under bench/results/, once per commit, so that edits made to
-    the working tree meanwhile do not reach the server."""
-    if rev is None:
-        return ROOT
-    sha = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    src = RESULTS / f"soak-src-{sha[:12]}"
-    site = src / "site"
-    if not list(site.glob("gochan/_fast/core*.so")):
-        log(f"exporting {rev} ({sha[:12]}) to {src} and building it")
-        shutil.rmtree(src, ignore_errors=True)
-        src.mkdir(parents=True)
-        archive = subprocess.Popen(["git", "-C", str(ROOT), "archive", sha], stdout=subprocess.PIPE)
-        subprocess.run(["tar", "-x", "-C", str(src)], stdin=archive.stdout, check=True)
-        if archive.wait() != 0:
-            raise RuntimeError(f"git archive {sha} failed")
-        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target"]
-        subprocess.run([*pip, str(site), str(src)], check=True, timeout=BUILD_TIMEOUT_S)
-    return site
-
-
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    """SIGTERM, then SIGKILL after a bounded wait; the process group goes too."""
-    if proc.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-            return
-        except subprocess.TimeoutExpired:
-            log(f"server did not exit after {sig.name}")
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpu_s(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    flags = ["--log-level", "warning", "--client-ttl", str(args.client_ttl)]
+    return _server.server_command(
+        port, [*flags, "--history-age", str(args.history_age), *args.server_arg]
+    )
 
 
 def time_wait_sockets() -> int:
@@ -759,33 +673,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     port = free_port()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tree = source_tree(args.rev)
+    tree = _server.source_tree(args.rev, log)
     log_path = RESULTS / f"soak-server-{time.strftime('%Y%m%d-%H%M%S')}.log"
     cmd = server_command(args, port)
     log(f"server: {' '.join(cmd)} in {tree} (output to {log_path})")
-    env = {**os.environ, "PYTHONPATH": str(tree)}
     with open(log_path, "w") as server_log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=tree,
-            env=env,
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        try:
+            proc = _server.start_server(cmd, tree, port, server_log)
+        except RuntimeError as exc:
+            log(f"{exc}; see {log_path}")
+            return 2
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                log(f"server exited with code {proc.returncode}; see {log_path}")
-                return 2
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if time.monotonic() > deadline:
-                log(f"server not listening after {SERVER_START_TIMEOUT_S:g} s")
-                return 2
-            time.sleep(0.1)
         result = uvloop.run(soak(args, proc, port))
         result["server_tree"] = str(tree)
         if proc.poll() is not None:
