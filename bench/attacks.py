@@ -76,6 +76,8 @@ BACKLOG_STREAMS = 100
 BACKLOG_MESSAGES = 300
 BACKLOG_GRACE_S = 10.0
 BACKLOG_READ_S = 30.0  # every stream read to its end within this
+BACKLOG_BATCH = 100  # messages between two looks at the kernel send queues
+BACKLOG_FILL_MAX = 6000  # 6 MB per stream: above any kernel buffer here (tcp_wmem 4 MiB)
 PAYLOAD = b"x" * 1000
 CLIENT_CLOSED = b"event: message\ndata: Client closed\n\n"
 
@@ -87,6 +89,7 @@ SLOW_CHECK_EVERY = 20  # messages between two reads of the counter
 SLOW_READ_S = 30.0
 TCP_FIN_WAIT1 = "04"  # /proc/net/tcp state codes
 TCP_LISTEN = "0A"
+TCP_ESTABLISHED = "01"
 
 # lockout
 LOCKOUT_CONNECTIONS = 300
@@ -315,6 +318,14 @@ def stuff(socks: list[socket.socket], data: bytes, seconds: float) -> list[int]:
     return sent
 
 
+def connections_left(srv: Server) -> str:
+    """gochan_connections less the /metrics request itself, or why unknown."""
+    try:
+        return f"{srv.metric('gochan_connections') - 1:.0f}"
+    except (OSError, EOFError, RuntimeError) as exc:
+        return f"unknown (/metrics: {type(exc).__name__})"
+
+
 def unread_pipeline(run: Run) -> None:
     t = f"{PIPELINE_TIMEOUTS_S:g}"
     for n in (1, 4):
@@ -330,14 +341,14 @@ def unread_pipeline(run: Run) -> None:
                 run.add(f"{n} conn: RSS growth after 1 s (MiB)", round(grown, 1))
                 run.add(f"{n} conn: amplification (x)", round(grown * MIB / max(sent, 1)))
                 t0 = time.monotonic()
-                left = srv.metric("gochan_connections") - 1  # less the /metrics request
-                while left > 0 and time.monotonic() - t0 < PIPELINE_GONE_WAIT_S:
+                left = connections_left(srv)
+                while left != "0" and time.monotonic() - t0 < PIPELINE_GONE_WAIT_S:
                     time.sleep(0.2)
-                    left = srv.metric("gochan_connections") - 1
+                    left = connections_left(srv)
                 waited = time.monotonic() - t0
                 run.add(
                     f"{n} conn: connections left after the keep-alive timeout",
-                    f"{left:.0f} after {waited:.1f} s",
+                    f"{left} after {waited:.1f} s",
                 )
                 run.add(f"{n} conn: RSS growth then (MiB)", round(srv.rss_mib() - base, 1))
             finally:
@@ -527,48 +538,93 @@ def publish_many(port: int, topic: str, bodies: Iterator[bytes]) -> collections.
     return statuses
 
 
+def send_queues(port: int, state: str = TCP_ESTABLISHED) -> list[int]:
+    """Bytes in the send queue of each socket in ``state`` whose local port is ``port``."""
+    queues = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    queues.append(int(fields[4].split(":")[0], 16))
+    return queues
+
+
+def fill_kernel(port: int, topic: str, first: int) -> int:
+    """Publish in batches until the streams' kernel send queues stop growing
+    (the kernel buffer is full, so what follows waits in gochan's queues);
+    the number of the next message."""
+    seq, prev = first, -1
+    while seq - first < BACKLOG_FILL_MAX:
+        publish_many(port, topic, (b"%d " % i + PAYLOAD for i in range(seq, seq + BACKLOG_BATCH)))
+        seq += BACKLOG_BATCH
+        time.sleep(0.1)
+        queues = send_queues(port)
+        mean = sum(queues) // max(len(queues), 1)
+        if mean - prev < BACKLOG_BATCH * len(PAYLOAD) // 10:
+            return seq
+        prev = mean
+    return seq
+
+
+def watch_exit(proc: subprocess.Popen[Any], timeout: float) -> tuple[threading.Thread, list[float]]:
+    """A thread that waits for ``proc`` to exit; the list gets the time it did."""
+    exited: list[float] = []
+
+    def wait() -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+            exited.append(time.monotonic())
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread, exited
+
+
 def sigterm_backlog(run: Run) -> None:
     grace = f"{BACKLOG_GRACE_S:g}"
-    with run.server("sigterm", "--shutdown-grace", grace, "--heartbeat", "60") as srv:
-        streams = [open_stream(srv.port, "backlog", UNREAD_RCVBUF) for _ in range(BACKLOG_STREAMS)]
-        socks = [s for s, _, _ in streams]
-        try:
-            bodies = (b"%d " % i + PAYLOAD for i in range(BACKLOG_MESSAGES))
-            statuses = publish_many(srv.port, "backlog", bodies)
-            run.add("publishes answered 200", statuses.get(200, 0))
-            time.sleep(0.3)
-            exited: list[float] = []
-
-            def wait_exit() -> None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    srv.proc.wait(BACKLOG_READ_S)
-                    exited.append(time.monotonic())
-
-            waiter = threading.Thread(target=wait_exit)
-            t0 = time.monotonic()
-            srv.proc.send_signal(signal.SIGTERM)
-            waiter.start()
-            data, ends = read_all(socks, BACKLOG_READ_S)
-            waiter.join(BACKLOG_READ_S)
-        finally:
-            for sock in socks:
-                sock.close()
-        complete = closed = lost = 0
-        for (_, early, _), got in zip(streams, data, strict=True):
-            got = early + got
-            numbers = [int(n) for n in re.findall(rb"\ndata: (\d+) x", b"\n" + got)]
-            ends_closed = got.endswith(CLIENT_CLOSED)
-            closed += ends_closed
-            complete += numbers == list(range(BACKLOG_MESSAGES)) and ends_closed
-            lost += BACKLOG_MESSAGES - len(set(numbers))
-        run.add(f"streams with all {BACKLOG_MESSAGES} + Client closed", complete)
-        run.add("streams ending with Client closed", closed)
-        run.add("frames lost in total", lost)
-        run.add("stream ends", dict(collections.Counter(ends)))
-        run.add(
-            "SIGTERM to exit (s)", round(exited[0] - t0, 2) if exited else f">{BACKLOG_READ_S:g}"
-        )
-        run.add("exit code", srv.proc.returncode)
+    for deep in (False, True):
+        name = "past the kernel buffer" if deep else f"{BACKLOG_MESSAGES} msgs"
+        with run.server("sigterm", "--shutdown-grace", grace, "--heartbeat", "60") as srv:
+            streams = [open_stream(srv.port, "b", UNREAD_RCVBUF) for _ in range(BACKLOG_STREAMS)]
+            socks = [s for s, _, _ in streams]
+            try:
+                start = fill_kernel(srv.port, "b", 0) if deep else 0
+                total = start + BACKLOG_MESSAGES
+                bodies = (b"%d " % i + PAYLOAD for i in range(start, total))
+                statuses = publish_many(srv.port, "b", bodies)
+                time.sleep(0.3)
+                queued = send_queues(srv.port)
+                if deep:
+                    run.add(f"{name}: messages until the kernel buffer was full", start)
+                run.add(f"{name}: messages published (answered 200)", statuses.get(200, 0) + start)
+                run.add(
+                    f"{name}: KiB in the kernel per stream before SIGTERM (mean)",
+                    round(sum(queued) / max(len(queued), 1) / 1024),
+                )
+                t0 = time.monotonic()
+                srv.proc.send_signal(signal.SIGTERM)
+                waiter, exited = watch_exit(srv.proc, BACKLOG_READ_S)
+                data, ends = read_all(socks, BACKLOG_READ_S)
+                waiter.join(BACKLOG_READ_S)
+            finally:
+                for sock in socks:
+                    sock.close()
+            complete = closed = lost = 0
+            for (_, early, _), got in zip(streams, data, strict=True):
+                got = early + got
+                numbers = [int(n) for n in re.findall(rb"\ndata: (\d+) x", b"\n" + got)]
+                ends_closed = got.endswith(CLIENT_CLOSED)
+                closed += ends_closed
+                complete += numbers == list(range(total)) and ends_closed
+                lost += total - len(set(numbers))
+            run.add(f"{name}: streams with every message + Client closed", complete)
+            run.add(f"{name}: streams ending with Client closed", closed)
+            run.add(f"{name}: frames lost in total", lost)
+            run.add(f"{name}: stream ends", dict(collections.Counter(ends)))
+            took = round(exited[0] - t0, 2) if exited else f">{BACKLOG_READ_S:g}"
+            run.add(f"{name}: SIGTERM to exit (s)", took)
+            run.add(f"{name}: exit code", srv.proc.returncode)
 
 
 # ---------------------------------------------------------------- 4. slow consumers
