@@ -192,7 +192,7 @@ async def get_metrics(host: str, port: int) -> tuple[dict[str, float], dict[str,
     closed with an RST)."""
     reader, writer = await open_conn(host, port, "127.0.0.1", rst=True)
     try:
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: soak\r\n\r\n")
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
         status, body = await asyncio.wait_for(read_response(reader), IO_TIMEOUT_S)
     finally:
         await close_conn(writer, rst=True)
@@ -298,7 +298,8 @@ class Load:
                 st.last_event_id_sent += 1
         reader, writer = await open_conn(self.host, self.port, source, rst or early)
         try:
-            writer.write(f"GET /events?{query} HTTP/1.1\r\nHost: soak\r\n{headers}\r\n".encode())
+            request = f"GET /events?{query} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n"
+            writer.write(request.encode())
             if early:
                 st.early_closes += 1
                 return
@@ -347,7 +348,7 @@ class Load:
         reader, writer = await open_conn(self.host, self.port, source, rst)
         try:
             writer.write(
-                b"POST /update_subscriptions HTTP/1.1\r\nHost: soak\r\n"
+                b"POST /update_subscriptions HTTP/1.1\r\nHost: localhost\r\n"
                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                 % (len(body), body)
             )
@@ -401,7 +402,7 @@ class Load:
                         topic = self.topics[seq % len(self.topics)]
                         body = b"soak %d" % seq
                         batch.append(
-                            b"POST /publish?topic=%s HTTP/1.1\r\nHost: soak\r\n"
+                            b"POST /publish?topic=%s HTTP/1.1\r\nHost: localhost\r\n"
                             b"Content-Length: %d\r\n\r\n%s" % (topic.encode(), len(body), body)
                         )
                         seq += 1
