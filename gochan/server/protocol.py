@@ -24,7 +24,7 @@ import httptools
 from .._fast import Subscriber
 from ..log import server_logger
 from .http import NO_PEER, Peer, Request, response_head, simple_response
-from .routes import OpenStream, Reply, Response
+from .routes import Headers, OpenStream, Reply, Response
 
 if TYPE_CHECKING:
     from .app import Server
@@ -44,6 +44,10 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Shared, never written: see start_stream.
 _NO_HEADERS: dict[str, str] = {}
 _NO_PARTS: list[bytes] = []
+_NO_EXTRA: Headers = []
+
+# An error answer: status, message, extra headers (a 405's Allow).
+Refusal = tuple[int, str, Headers]
 
 
 class _Rejected(Exception):
@@ -102,7 +106,7 @@ class HttpProtocol(asyncio.Protocol):
         # Monotonic time by which the current wait must end: the request's
         # header timeout, or the idle keep-alive timeout between requests.
         self.deadline = time.monotonic() + self.config.header_timeout
-        self._reject: tuple[int, str] | None = None
+        self._reject: Refusal | None = None
         self._url: list[bytes] = []
         self._url_len = 0
         self._headers: dict[str, str] = {}
@@ -117,7 +121,7 @@ class HttpProtocol(asyncio.Protocol):
         # The request being read asked for "100 Continue" and has not had it.
         self._continue = False
         # A malformed request's error, answered once the requests before it are.
-        self._failure: tuple[int, str] | None = None
+        self._failure: Refusal | None = None
 
     # -- asyncio callbacks -------------------------------------------------
 
@@ -203,9 +207,9 @@ class HttpProtocol(asyncio.Protocol):
             except httptools.HttpParserUpgrade:
                 if self.pipeline and not self.in_request:
                     self.pipeline.pop()  # the upgrade request itself is not run
-                self._failed(400, "protocol upgrades are not supported")
+                self._failed(400, "protocol upgrades are not supported", _NO_EXTRA)
             except httptools.HttpParserError:
-                self._failed(*(self._reject or (400, "malformed HTTP request")))
+                self._failed(*(self._reject or (400, "malformed HTTP request", _NO_EXTRA)))
             self._run()
             if self.parser is None or self.closing:
                 return  # a stream began, or the connection is ending
@@ -232,8 +236,8 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------
 
-    def _stop(self, status: int, message: str) -> None:
-        self._reject = (status, message)
+    def _stop(self, status: int, message: str, headers: Headers = _NO_EXTRA) -> None:
+        self._reject = (status, message, headers)
         raise _Rejected(message)
 
     def on_message_begin(self) -> None:
@@ -424,20 +428,21 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _failed(self, status: int, message: str) -> None:
+    def _failed(self, status: int, message: str, headers: Headers) -> None:
         """A malformed request: answer it after the requests before it."""
         self.server.bad_requests += 1
-        self._failure = (status, message)
+        self._failure = (status, message, headers)
         self.in_request = False
 
-    def fail(self, status: int, message: str) -> None:
+    def fail(self, status: int, message: str, headers: Headers = _NO_EXTRA) -> None:
         """Answer with an error and close the connection (bad input)."""
         if self._failure is None:
             self.server.bad_requests += 1
         self._failure = None
         if self.transport is None or self.closing:
             return
-        self._out.append(simple_response(status, message.encode() + b"\n", keep_alive=False))
+        body = message.encode() + b"\n"
+        self._out.append(simple_response(status, body, headers=headers, keep_alive=False))
         self._close_after_flush()
 
     def start_stream(self, head: bytes, reply: OpenStream) -> None:

@@ -142,31 +142,41 @@ class Router:
                 if refused is not None:
                     return _text(403, refused)
             return handler(request)
-        allow = ", ".join([*methods, "OPTIONS"]).encode()
+        allow = self._allow(methods)
         if request.method == "OPTIONS":
             return self.preflight(request, allow)
         return _text(405, "method not allowed", [(b"Allow", allow)])
 
     def refuse_early(
         self, method: str, path: str, headers: dict[str, str], peer: Peer
-    ) -> tuple[int, str] | None:
-        """What a request would be refused with, judged from its head alone
-        (for ``Expect: 100-continue``: a refusal instead of the invitation
-        to send the body). None when it may go on."""
+    ) -> tuple[int, str, Headers] | None:
+        """What a request would be refused with (status, message, headers),
+        judged from its head alone (for ``Expect: 100-continue``: a refusal
+        instead of the invitation to send the body). None when it may go on,
+        or when only dispatch can tell (static files, preflights)."""
         methods = self.routes.get(path)
         if methods is None:
-            return (404, "not found")
-        if method not in methods:
-            return (405, "method not allowed")
+            return None if self._static is not None else (404, "not found", [])
+        if method == "OPTIONS":
+            return None
+        handler = methods.get(method)
+        if handler is None:
+            return (405, "method not allowed", [(b"Allow", self._allow(methods))])
         if method in STATE_CHANGING:
             refused = self.cross_site(headers)
             if refused is not None:
-                return (403, refused)
-        if methods[method] == self.publish:
+                return (403, refused, [])
+        if handler == self.publish:
             why = self.may_publish(Request(method, path, "", headers, b"", False, peer))
             if why is not None:
-                return (403 if not self.config.publish_key else 401, why)
+                if self.config.publish_key:
+                    return (401, why, [(b"WWW-Authenticate", b'Bearer realm="gochan"')])
+                return (403, why, [])
         return None
+
+    @staticmethod
+    def _allow(methods: dict[str, Handler]) -> bytes:
+        return ", ".join([*methods, "OPTIONS"]).encode()
 
     def cross_site(self, headers: dict[str, str]) -> str | None:
         """Why a state-changing request is refused as cross-site, or None.
@@ -262,7 +272,9 @@ class Router:
         else:
             client = None
         if request.method == "HEAD":
-            return Response(200, b"", list(SSE_HEADERS), None)
+            # The stream's headers, less its Connection: the head's own says
+            # keep-alive or close, as the request asked.
+            return Response(200, b"", [h for h in SSE_HEADERS if h[0] != b"Connection"], None)
         if client is None:
             try:
                 client = self.streamer.create_client(request.peer)

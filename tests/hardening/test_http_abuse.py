@@ -274,3 +274,32 @@ def test_past_the_fd_limit_connections_are_answered(tmp_path: Path) -> None:
         proc.wait(10)
         if proc.stdout:
             proc.stdout.close()
+
+
+async def test_expect_on_a_preflight_or_a_wrong_method_answers_as_without_it() -> None:
+    """Found by the fuzzer: the early refusal must not change the answer."""
+    async with running() as server:
+        expect = b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+        answer = await raw_request(
+            server.port, b"OPTIONS /publish HTTP/1.1\r\nHost: localhost\r\n" + expect
+        )
+        assert answer.startswith(b"HTTP/1.1 204") and b"Allow: POST, OPTIONS" in answer, answer
+        answer = await raw_request(
+            server.port,
+            b"POST /events HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n" + expect,
+        )
+        assert answer.startswith(b"HTTP/1.1 405") and b"Allow: GET, HEAD, OPTIONS" in answer
+
+
+async def test_head_of_the_stream_says_connection_once() -> None:
+    async with running() as server:
+        for asked, said in ((b"close", b"Connection: close"), (b"keep-alive", None)):
+            answer = await raw_request(
+                server.port,
+                b"HEAD /events HTTP/1.1\r\nHost: localhost\r\nConnection: " + asked + b"\r\n\r\n",
+                read_timeout=0.5,
+            )
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert answer.lower().count(b"connection:") == (1 if said else 0), answer
+            if said:
+                assert said in answer
