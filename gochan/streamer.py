@@ -510,15 +510,20 @@ class Streamer:
         either in the replay or live, never both, never neither. A long replay
         is written slice by slice; the stream joins its topics when it is done.
         """
-        sub = self._new_stream(client, transport)
+        # The head is written before the Subscriber exists: the Subscriber
+        # sees whether the transport still holds part of it (a large first
+        # frame the kernel did not take whole) and waits for it to drain
+        # before writing frames to the socket itself.
         if not last_event_id:
             transport.write(head)
+            sub = self._new_stream(client, transport)
             self._join(sub)
             return sub
         if self._durable is not None:
             position = self._durable.event_position(last_event_id)
             if position is not None:
                 transport.write(head)
+                sub = self._new_stream(client, transport)
                 self._held[sub] = _Held()
                 self._spawn(self._replay_from_broker(sub, position, last_event_id))
                 return sub
@@ -530,6 +535,7 @@ class Streamer:
         )
         self.counters["replay_hits" if recovered else "replay_misses"] += 1
         transport.write(head + replay_frame(last_event_id, recovered))
+        sub = self._new_stream(client, transport)
         if recovered:
             assert seq is not None
             self._replays[sub] = seq

@@ -4,12 +4,13 @@ several connections per client, TTL, reconnects and shutdown."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import httpx
 import orjson
 import pytest
 
-from tests.support import SSEStream, running, wait_for
+from tests.support import SSEStream, parse_frame, running, wait_for
 
 FIRST_HEADERS = {
     "content-type": "text/event-stream",
@@ -230,3 +231,101 @@ async def test_reader_that_stalls_then_catches_up_gets_every_frame_in_order() ->
             seen += 1
         assert hub.slow_disconnects == 0
         await stream.close()
+
+
+class _PartialTransport:
+    """A TCP transport over a real socket whose kernel takes only the first
+    ``take`` bytes of the first write; it holds the rest until ``drain()``,
+    pausing and resuming its protocol as uvloop does."""
+
+    def __init__(self, sock: socket.socket, take: int) -> None:
+        self.sock = sock
+        self.take = take
+        self.held = b""
+        self.high = 65536
+        self.protocol: asyncio.Protocol | None = None
+        self.paused = False
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"socket": self.sock, "peername": ("127.0.0.1", 40000)}.get(name, default)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.high = high or 0
+        self._maybe_pause()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.held)
+
+    def write(self, data: bytes) -> None:
+        if not self.held and self.take:
+            self.sock.sendall(data[: self.take])
+            data, self.take = data[self.take :], 0
+        elif not self.held:
+            self.sock.sendall(data)
+            return
+        self.held += data
+        self._maybe_pause()
+
+    def _maybe_pause(self) -> None:
+        if len(self.held) > self.high and not self.paused and self.protocol is not None:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def drain(self) -> None:
+        self.sock.sendall(self.held)
+        self.held = b""
+        if self.paused and self.protocol is not None:
+            self.paused = False
+            self.protocol.resume_writing()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+
+async def test_a_head_the_kernel_takes_in_part_is_not_overtaken_by_frames() -> None:
+    """The kernel takes part of a stream's head (a first frame listing many
+    topics) and the transport holds the rest: live frames must wait behind
+    it, not be written to the socket ahead of its tail."""
+    async with running() as server:
+        topics = [f"{i:03d}-" + "t" * 200 for i in range(300)]  # a ~64 KB first frame
+        client = await server.streamer.new_client(topics)
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        transport = _PartialTransport(ours, take=1000)
+        protocol = server.protocol_factory()
+        transport.protocol = protocol
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(
+            f"GET /events?id={client.id} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+        )
+        assert len(client.streams) == 1 and transport.held
+        for i in range(20):
+            await server.streamer.publish(topics[0], b"m%d" % i)
+        await asyncio.sleep(0.01)  # the hub's flush runs
+        transport.drain()
+        await asyncio.sleep(0.01)
+        data = b""
+        while b"data: m19\n\n" not in data:
+            data += theirs.recv(1 << 20)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        frames = body.split(b"\n\n")
+        assert orjson.loads(parse_frame(frames[0] + b"\n\n")["data"])["subscriptions"] == topics
+        events = [parse_frame(f + b"\n\n") for f in frames[1:21]]
+        assert [e["data"] for e in events] == [f"m{i}" for i in range(20)]
+        protocol.connection_lost(None)
+        ours.close()
+        theirs.close()
