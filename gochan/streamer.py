@@ -33,6 +33,7 @@ from .errors import (
     ClientExistsError,
     ClosedError,
     InterfaceError,
+    InvalidTopicError,
     LimitExceededError,
     PeerLimitError,
     ReplayGapError,
@@ -277,7 +278,11 @@ class Streamer:
         return client
 
     async def _subscribe_new(self, client: Client, topics: Iterable[str]) -> None:
-        topics = list(topics)
+        try:
+            topics = self.check_topics(topics)  # a bare str is refused here too
+        except BaseException:
+            self._forget_client(client)
+            raise
         if not topics:
             return
         try:
@@ -308,19 +313,13 @@ class Streamer:
         return self._client(client).topics
 
     async def remove_client(self, client: Client | str) -> bool:
-        """End the client's streams with ``Client closed`` and drop its topics."""
+        """End the client's streams with ``Client closed`` and drop its topics
+        (the original gochan's ``Client.Close``)."""
         try:
             found = self._client(client)
         except UnknownClientError:
             return False
-        found.closed = True
-        self._clients.pop(found.id, None)
-        if found.peer:
-            made = self._peer_clients.get(found.peer, 0) - 1
-            if made > 0:
-                self._peer_clients[found.peer] = made
-            else:
-                self._peer_clients.pop(found.peer, None)
+        self._forget_client(found)
         for sub in list(found.streams):
             self.hub.finish(sub, CLIENT_CLOSED_FRAME)
         found.streams.clear()
@@ -329,10 +328,34 @@ class Streamer:
             await self._release(topic)
         return True
 
+    def discard_client(self, client: Client) -> None:
+        """Remove a client that holds no topic and no stream, without
+        awaiting: what a refused connect made is not left behind."""
+        if client.topic_count or client.streams:
+            raise InterfaceError("discard_client is for clients without topics or streams")
+        if not client.closed:
+            self._forget_client(client)
+
+    def _forget_client(self, client: Client) -> None:
+        client.closed = True
+        self._clients.pop(client.id, None)
+        if client.peer:
+            made = self._peer_clients.get(client.peer, 0) - 1
+            if made > 0:
+                self._peer_clients[client.peer] = made
+            else:
+                self._peer_clients.pop(client.peer, None)
+
     # -- subscriptions -----------------------------------------------------
 
     def check_topics(self, topics: Iterable[object]) -> list[str]:
-        """Validate topics against the protocol and the driver; raise on the first bad one."""
+        """Validate topics against the protocol and the driver; raise on the
+        first bad one. ``topics`` is a collection of names: a bare ``str``
+        is refused (it would be read as its characters)."""
+        if isinstance(topics, (str, bytes)):
+            raise InvalidTopicError(
+                repr(topics)[:40], "topics must be a list of names, not one string: use [topic]"
+            )
         known = self._valid_topics
         listed: list[Any] | tuple[Any, ...] = (
             topics if isinstance(topics, (list, tuple)) else list(topics)

@@ -259,3 +259,29 @@ async def test_a_topic_the_broker_lost_can_be_added_again() -> None:
             assert (await stream.event())["data"] == "back"
     finally:
         await streamer.close()
+
+
+async def test_publish_names_one_topic() -> None:
+    async with running() as server, httpx.AsyncClient() as http:
+        stream = await SSEStream.open(server.port, "/events?topic=a&topic=b")
+        await stream.config()
+        base = f"http://127.0.0.1:{server.port}/publish"
+        r = await http.post(f"{base}?topic=a&topic=b", content=b"x")
+        assert r.status_code == 400 and "one topic" in r.text
+        r = await http.post(base, data={"topic": ["a", "b"], "data": "x"})
+        assert r.status_code == 400 and "one topic" in r.text
+        await stream.no_frame()  # neither topic got it
+        await stream.close()
+
+
+async def test_a_refused_connect_leaves_no_client_behind() -> None:
+    async with running(max_topics_per_client=2) as server, httpx.AsyncClient() as http:
+        streamer = server.streamer
+        base = f"http://127.0.0.1:{server.port}/events"
+        await streamer.new_client(["held1", "held2", "held3"][:2])
+        # Topics the driver holds already (refused without awaiting) and new
+        # ones (refused after the broker step): neither leaves a client.
+        for query in ("topic=held1&topic=held2&topic=held1x", "topic=n1&topic=n2&topic=n3"):
+            r = await http.get(f"{base}?{query}")
+            assert r.status_code == 400 and "at most 2 topics" in r.text
+        assert streamer.count_clients() == 1

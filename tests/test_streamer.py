@@ -185,3 +185,19 @@ async def test_add_held_topics_only_without_waiting_on_the_broker() -> None:
         await streamer.remove_client(client)
         await streamer.remove_client(other)
         assert driver.topics == frozenset()
+
+
+async def test_a_bare_string_is_not_a_list_of_topics() -> None:
+    async with Streamer() as streamer:
+        client = await streamer.new_client(["a"])
+        for call in (streamer.subscribe, streamer.unsubscribe):
+            with pytest.raises(InvalidTopicError, match=r"\[topic\]"):
+                await call(client, "news")  # type: ignore[arg-type]
+        with pytest.raises(InvalidTopicError):
+            await streamer.update_subscriptions(client, add="news")  # type: ignore[arg-type]
+        with pytest.raises(InvalidTopicError):
+            await streamer.new_client("news")  # type: ignore[arg-type]
+        with pytest.raises(InvalidTopicError):
+            await streamer.new_custom_client("c2", "news")  # type: ignore[arg-type]
+        assert client.topics == ["a"]
+        assert streamer.count_clients() == 1  # the refused ones left nothing

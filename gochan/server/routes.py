@@ -275,6 +275,7 @@ class Router:
             # The stream's headers, less its Connection: the head's own says
             # keep-alive or close, as the request asked.
             return Response(200, b"", [h for h in SSE_HEADERS if h[0] != b"Connection"], None)
+        created = client is None
         if client is None:
             try:
                 client = self.streamer.create_client(request.peer)
@@ -288,17 +289,21 @@ class Router:
             try:
                 subscribed = self.streamer.add_held_topics(client, topics)
             except LimitExceededError as exc:
+                if created:  # a refused connect leaves nothing behind
+                    self.streamer.discard_client(client)
                 return _text(400, exc)
             if not subscribed:  # a topic the broker must subscribe to first
-                return self._subscribe_then_stream(client, topics, last_id)
+                return self._subscribe_then_stream(client, topics, last_id, created)
         return self._open_stream(client, [], last_id)
 
     async def _subscribe_then_stream(
-        self, client: Client, topics: list[str], last_id: str
+        self, client: Client, topics: list[str], last_id: str, created: bool
     ) -> Reply:
         try:
             errors = await self.streamer.update_subscriptions(client, add=topics)
         except LimitExceededError as exc:
+            if created and not client.topic_count and not client.streams:
+                self.streamer.discard_client(client)
             return _text(400, exc)
         except (UnknownClientError, ClosedError):
             return _text(401, "Invalid client ID")
@@ -431,6 +436,8 @@ class Router:
             return qs[6:], request.body  # the common ?topic=T, nothing to unquote
         query = request.query()
         if "topic" in query:
+            if len(query["topic"]) > 1:
+                raise ValueError("one topic per publish (the query names several)")
             return query["topic"][0], request.body
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/x-www-form-urlencoded":
@@ -445,6 +452,8 @@ class Router:
                 raise ValueError("malformed form body") from None
             if "topic" not in form:
                 raise ValueError("missing topic")
+            if len(form["topic"]) > 1 or len(form.get("data", ())) > 1:
+                raise ValueError("one topic and one data per publish (the form names several)")
             return form["topic"][0], form.get("data", [""])[0].encode()
         if ctype in ("application/json", ""):
             try:
