@@ -6,23 +6,35 @@ Every knob has a named default with its unit.
 
 Driver options are not fixed here: they are the keyword arguments of the
 chosen driver's constructor, set as ``--<driver>-<option>`` flags,
-``GOCHAN_<DRIVER>_<OPTION>`` variables, or a ``<driver>:`` mapping in YAML.
+``GOCHAN_<DRIVER>_<OPTION>`` variables, or a ``<driver>:`` mapping in YAML,
+whichever source names the driver.
+
+Validation is hand-written and driven by the dataclass field types (and, for
+driver options, by the constructor's annotations and defaults) rather than
+done by a library such as pydantic: it is one ~100-line table of kinds and
+ranges, it needs no new dependency for a package whose runtime needs are four
+small libraries, and it gives exactly the one-line error gochan wants
+(``port: expected an integer 0..65535, got 'abc'``) for YAML values, strings
+from the environment or flags, and Python values passed to ``Config(...)``
+alike, where pydantic's multi-line errors would have to be rewritten anyway.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import difflib
 import inspect
+import math
 import os
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigurationError
 
-__all__ = ["Config"]
+__all__ = ["Config", "describe", "load"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3000
@@ -55,21 +67,48 @@ DEFAULT_HISTORY_SIZE = 10_000  # messages kept for Last-Event-ID replay
 DEFAULT_HISTORY_BYTES = 16 * 1024 * 1024
 DEFAULT_HISTORY_AGE_S = 300.0
 
-_POSITIVE = [
-    "client_ttl",
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Range of each numeric field: (lowest, highest, whether lowest is excluded).
+# A numeric field not listed here is >= 0.
+_ABOVE_ZERO = (0, None, True)
+_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "port": (0, 65535, False),
+    **dict.fromkeys(
+        (
+            "client_ttl",
+            "heartbeat",
+            "max_connections",
+            "max_clients",
+            "max_topics_per_client",
+            "max_pending_bytes",
+            "write_buffer_high_bytes",
+            "max_url_bytes",
+            "max_header_bytes",
+            "max_headers",
+            "max_body_bytes",
+            "header_timeout",
+            "keepalive_timeout",
+        ),
+        _ABOVE_ZERO,
+    ),
+}
+# Driver options with these names (the drivers' shared vocabulary of
+# durations) must be above 0; the driver's constructor checks the rest.
+_POSITIVE_OPTIONS = (
+    "timeout",
+    "_wait",
+    "_wait_max",
+    "_interval",
     "heartbeat",
-    "max_connections",
-    "max_clients",
-    "max_topics_per_client",
-    "max_pending_bytes",
-    "write_buffer_high_bytes",
-    "max_url_bytes",
-    "max_header_bytes",
-    "max_headers",
-    "max_body_bytes",
-    "header_timeout",
-    "keepalive_timeout",
-]
+    "reconnect_min",
+    "reconnect_max",
+    "_block",
+    "keepalive",
+    "pool_size",
+    "_batch",
+)
+_SECRET_OPTIONS = ("password", "secret", "token", "key")
 
 
 def fd_limit() -> int:
@@ -157,32 +196,26 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
-        for name in _POSITIVE:
-            if getattr(self, name) <= 0:
-                raise ConfigurationError(f"{name} must be positive, not {getattr(self, name)!r}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigurationError(f"port must be 0..65535, not {self.port}")
-        for name in (
-            "retry_ms",
-            "shutdown_grace",
-            "history_size",
-            "history_bytes",
-            "history_age",
-            "max_flush_delay",
-            "stream_send_buffer_bytes",
-            "max_connections_per_peer",
-            "max_clients_per_peer",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigurationError(f"{name} cannot be negative")
-        paths = [
-            getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_path")
-        ]
-        for path in paths:
-            if not isinstance(path, str) or not path.startswith("/"):
-                raise ConfigurationError(f"paths must start with '/': {path!r}")
-        if len(set(paths)) != len(paths):
-            raise ConfigurationError("two endpoints have the same path")
+        """Check (and normalise) every field; raise :class:`ConfigurationError`
+        naming the first bad one."""
+        for f in _FIELDS.values():
+            setattr(self, f.name, _convert(f.name, getattr(self, f.name)))
+        seen: dict[str, str] = {}
+        for name in _FIELDS:
+            if name.endswith("_path"):
+                path = getattr(self, name)
+                if path in seen:
+                    raise ConfigurationError(f"{name}: {path!r} is already {seen[path]}")
+                seen[path] = name
+        if not isinstance(self.driver_options, Mapping):
+            raise ConfigurationError(
+                f"driver_options: expected a mapping, got {self.driver_options!r}"
+            )
+        self.driver_options = {
+            name: _convert_option(self.driver, name, value, params)
+            for params in [driver_parameters(self.driver)]
+            for name, value in self.driver_options.items()
+        }
 
     @property
     def peer_connection_limit(self) -> int:
@@ -206,110 +239,304 @@ class Config:
         yaml_file: str | None = None,
         env: Mapping[str, str] | None = None,
         flags: Mapping[str, Any] | None = None,
-        driver_flags: Mapping[str, str] | None = None,
+        driver_flags: Mapping[str, str | None] | None = None,
     ) -> Config:
-        """Merge defaults < YAML < environment < flags into one Config."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        options: dict[str, Any] = {}
-        if yaml_file:
-            values, options = _read_yaml(yaml_file)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "driver_options"}
-        for name, f in fields.items():
-            raw = env.get("GOCHAN_" + name.upper())
-            if raw is not None:
-                values[name] = _coerce(name, f.type, raw)
-        for name, value in (flags or {}).items():
-            if value is not None:
-                values[name] = _coerce(name, fields[name].type, value)
-        for name in values:
-            if name not in fields:
-                raise ConfigurationError(f"unknown configuration key {name!r}")
-        driver = values.get("driver", "mem")
-        options.update(_driver_options(driver, env, driver_flags or {}, options))
-        return cls(**values, driver_options=options)
+        """Merge defaults < YAML < environment < flags into one Config
+        (see :func:`load`)."""
+        return load(yaml_file=yaml_file, env=env, flags=flags, driver_flags=driver_flags)[0]
 
 
-def _read_yaml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "driver_options"}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _expected(name: str, kind: str, bounds: tuple[float, float | None, bool] | None) -> str:
+    """What ``name`` must be, as the error says it."""
+    if name == "log_level":
+        return "one of " + ", ".join(LOG_LEVELS)
+    if name == "driver":
+        from .drivers import DRIVERS
+
+        return "one of " + ", ".join(sorted(DRIVERS))
+    if name.endswith("_path"):
+        return "a path starting with '/'"
+    if kind in ("int", "float"):
+        text = "an integer" if kind == "int" else "a number"
+        if bounds is None:
+            return text
+        low, high, above = bounds
+        if high is not None:
+            return f"{text} {low:g}..{high:g}"
+        return f"{text} {'>' if above else '>='} {low:g}"
+    return {
+        "bool": "true or false (yes/no, on/off, 1/0)",
+        "list[str]": "a list of strings or a comma-separated string",
+        "str": "a string",
+    }.get(kind, kind)
+
+
+def _parse(kind: str, value: Any) -> Any:
+    """``value`` (a YAML or Python value, or a string from the environment
+    or a flag) as ``kind``; ValueError if it is not one."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return int(value.strip())
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            number = float(value.strip())
+        else:
+            raise ValueError(value)
+        if math.isfinite(number):
+            return number
+    elif kind == "list[str]":
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
+            return [v.strip() for v in items if v.strip()]
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    else:
+        return value  # a driver option of a type gochan does not check
+    raise ValueError(value)
+
+
+def _in_range(value: float, bounds: tuple[float, float | None, bool] | None) -> bool:
+    if bounds is None:
+        return True
+    low, high, above = bounds
+    return (value > low if above else value >= low) and (high is None or value <= high)
+
+
+def _convert(name: str, value: Any) -> Any:
+    """``value`` for the field ``name``, checked, or a one-line ConfigurationError."""
+    kind = str(_FIELDS[name].type)
+    bounds = _RANGES.get(name, (0, None, False)) if kind in ("int", "float") else None
+    try:
+        result = _parse(kind, value)
+        if name == "log_level":
+            result = result.strip().lower()
+            ok = result in LOG_LEVELS
+        elif name == "driver":
+            from .drivers import DRIVERS
+
+            ok = result in DRIVERS
+        elif name.endswith("_path"):
+            ok = result.startswith("/")
+        else:
+            ok = bounds is None or _in_range(result, bounds)
+    except (TypeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise ConfigurationError(f"{name}: expected {_expected(name, kind, bounds)}, got {value!r}")
+    return result
+
+
+def _option_kind(param: inspect.Parameter) -> str:
+    annotation = param.annotation
+    if isinstance(annotation, type):
+        annotation = annotation.__name__
+    if annotation in ("str", "int", "float", "bool"):
+        return str(annotation)
+    if param.default is not inspect.Parameter.empty and param.default is not None:
+        return type(param.default).__name__
+    return "any"
+
+
+def _convert_option(
+    driver: str, name: str, value: Any, params: Mapping[str, inspect.Parameter]
+) -> Any:
+    """A driver option, typed from the constructor's annotation or default."""
+    param = params.get(name)
+    if param is None:
+        known = ", ".join(sorted(params)) or "none"
+        raise ConfigurationError(f"driver {driver!r} has no option {name!r} (options: {known})")
+    kind = _option_kind(param)
+    positive = kind in ("int", "float") and name.endswith(_POSITIVE_OPTIONS)
+    bounds = _ABOVE_ZERO if positive else None
+    try:
+        result = _parse(kind, value)
+        ok = kind not in ("int", "float") or _in_range(result, bounds)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        expected = _expected(name, kind, bounds)
+        raise ConfigurationError(f"{driver}.{name}: expected {expected}, got {value!r}")
+    return result
+
+
+def driver_parameters(driver: str) -> dict[str, inspect.Parameter]:
+    """The keyword options the driver's constructor takes."""
+    from .drivers import DRIVERS, driver_class
+
+    if driver not in DRIVERS:
+        _convert("driver", driver)  # raises the error listing the known drivers
+    params = inspect.signature(driver_class(driver)).parameters
+    return {n: p for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+# -- loading ---------------------------------------------------------------
+
+
+def load(
+    *,
+    yaml_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    driver_flags: Mapping[str, str | None] | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """Merge defaults < YAML < environment < flags into one Config, and say
+    where each value came from (``{"port": "env GOCHAN_PORT", ...}``).
+
+    ``flags`` maps field names to values (None: not given); ``driver_flags``
+    maps the other flags, as given without their ``--`` (``"nats-url"``), to
+    their value (None for a bare ``--nats-jetstream``). Every value given is
+    checked, even one a later source overrides.
+    """
+    from .drivers import DRIVERS
+
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    blocks: dict[str, Any] = {}  # <driver>: and driver_options: mappings
+    for key, value in (_read_yaml(yaml_file) if yaml_file else {}).items():
+        name = str(key).replace("-", "_")
+        if name in DRIVERS or name == "driver_options":
+            blocks[name] = value
+        elif name not in _FIELDS:
+            close = difflib.get_close_matches(name, _FIELDS, 1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigurationError(f"unknown configuration key {name!r}{hint}")
+        elif value is not None:
+            values[name], sources[name] = _convert(name, value), "yaml"
+    for name in _FIELDS:
+        raw = env.get("GOCHAN_" + name.upper())
+        if raw is not None:
+            values[name], sources[name] = _convert(name, raw), "env GOCHAN_" + name.upper()
+    for name, value in (flags or {}).items():
+        if value is not None:
+            flag = "--" + name.replace("_", "-")
+            values[name], sources[name] = _convert(name, value), "flag " + flag
+    driver = values.get("driver", "mem")
+    params = driver_parameters(driver)
+    options: dict[str, Any] = {}
+
+    def put(name: str, value: Any, source: str) -> None:
+        options[name] = _convert_option(driver, name, value, params)
+        sources[f"{driver}.{name}"] = source
+
+    for block_name in (driver, "driver_options"):
+        block = blocks.get(block_name) or {}
+        if not isinstance(block, Mapping):
+            raise ConfigurationError(f"{block_name}: expected a mapping of options, got {block!r}")
+        for key, value in block.items():
+            put(str(key).replace("-", "_"), value, "yaml")
+    for name, block in blocks.items():
+        if name not in (driver, "driver_options") and not isinstance(block, (Mapping, type(None))):
+            raise ConfigurationError(f"{name}: expected a mapping of options, got {block!r}")
+    prefix = f"GOCHAN_{driver.upper()}_"
+    for key, raw in env.items():
+        if key.startswith(prefix):
+            put(key[len(prefix) :].lower(), raw, "env " + key)
+    for flag, raw in (driver_flags or {}).items():
+        name, value = _driver_flag(driver, flag, raw, params)
+        put(name, value, "flag --" + flag)
+    return Config(**values, driver_options=options), sources
+
+
+def _driver_flag(
+    driver: str, flag: str, value: str | None, params: Mapping[str, inspect.Parameter]
+) -> tuple[str, Any]:
+    """The option a ``--<driver>-<option>`` (or ``--no-<driver>-<option>``)
+    flag sets, and its value."""
+    from .drivers import DRIVERS
+
+    negated = flag.startswith("no-")
+    body = flag[3:] if negated else flag
+    if not body.startswith(driver + "-"):
+        other = body.split("-", 1)[0]
+        if other in DRIVERS and "-" in body:
+            raise ConfigurationError(
+                f"--{flag} is an option of driver {other!r}; the driver is {driver!r}"
+            )
+        raise ConfigurationError(f"unknown option '--{flag}'")
+    name = body[len(driver) + 1 :].replace("-", "_")
+    param = params.get(name)
+    is_bool = param is not None and _option_kind(param) == "bool"
+    if value is None and is_bool:
+        return name, not negated
+    if negated:
+        raise ConfigurationError(f"unknown option '--{flag}'")
+    if value is None:
+        raise ConfigurationError(f"--{flag} needs a value")
+    return name, value
+
+
+def _read_yaml(path: str) -> dict[Any, Any]:
     import yaml
 
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigurationError(f"cannot read config file {path}: {exc}") from exc
+        reason = " ".join(str(exc).split())  # YAML errors span lines
+        raise ConfigurationError(f"cannot read config file {path}: {reason}") from exc
     if not isinstance(data, dict):
         raise ConfigurationError(f"{path}: the top level must be a mapping")
-    driver = str(data.get("driver", "mem"))
-    options = data.pop(driver, None) or {}
-    options.update(data.pop("driver_options", None) or {})
-    if not isinstance(options, dict):
-        raise ConfigurationError(f"{path}: driver options must be a mapping")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}, options
+    return data
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+# -- showing ---------------------------------------------------------------
 
 
-def _coerce(name: str, kind: Any, value: Any) -> Any:
-    """Turn a string (from env or flags) or a YAML value into the field's type."""
-    kind = str(kind)
+def _show(name: str, value: Any) -> str:
+    """One value as --check-config prints it: secrets never in clear."""
+    option = name.rpartition(".")[2] if "." in name else ""
+    secret = name == "publish_key" or any(s in option for s in _SECRET_OPTIONS)
+    if isinstance(value, str) and value and secret:
+        return "<redacted>"
+    if isinstance(value, list):
+        return ",".join(value) or "''"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str):
+        return _redact_url(value) or "''"
+    return str(value)
+
+
+def _redact_url(value: str) -> str:
+    """``value`` with the password of a URL in it replaced by ``***``."""
     try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError(value)
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind.startswith("list"):
-            if isinstance(value, list):
-                return [str(v) for v in value]
-            return [v.strip() for v in str(value).split(",") if v.strip()]
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"{name}: cannot read {value!r} as {kind}") from None
+        parts = urlsplit(value)
+        if parts.password is None:
+            return value
+    except ValueError:
+        return value
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
-def driver_parameters(driver: str) -> dict[str, inspect.Parameter]:
-    """The keyword options the driver's constructor takes."""
-    from .drivers import DRIVERS, create_driver
-
-    if driver not in DRIVERS:
-        create_driver(driver)  # raises the ConfigurationError listing known drivers
-    module_name, class_name, _extra = DRIVERS[driver]
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except ImportError:
-        return {}  # create_driver will name the missing extra
-    params = inspect.signature(cls).parameters
-    return {n: p for n, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
-
-
-def _driver_options(
-    driver: str, env: Mapping[str, str], flags: Mapping[str, str], yaml_opts: Mapping[str, Any]
-) -> dict[str, Any]:
-    params = driver_parameters(driver)
-    prefix = f"GOCHAN_{driver.upper()}_"
-    found: dict[str, Any] = dict(yaml_opts)
-    for key, raw in env.items():
-        if key.startswith(prefix):
-            found[key[len(prefix) :].lower()] = raw
-    found.update(flags)
-    options: dict[str, Any] = {}
-    for name, value in found.items():
-        param = params.get(name)
-        if param is None:
-            known = ", ".join(sorted(params)) or "none"
-            raise ConfigurationError(f"driver {driver!r} has no option {name!r} (options: {known})")
-        default = param.default
-        kind = type(default).__name__ if default is not inspect.Parameter.empty else "str"
-        options[name] = _coerce(f"{driver}.{name}", kind, value)
-    return options
+def describe(config: Config, sources: Mapping[str, str] | None = None) -> list[str]:
+    """The effective configuration, one ``key = value  (source)`` line per
+    key, driver options (``nats.url``) included; secrets redacted."""
+    sources = sources or {}
+    items = [(name, getattr(config, name)) for name in _FIELDS]
+    for name, param in driver_parameters(config.driver).items():
+        default = None if param.default is inspect.Parameter.empty else param.default
+        items.append((f"{config.driver}.{name}", config.driver_options.get(name, default)))
+    width = max(len(name) for name, _ in items)
+    return [
+        f"{name:<{width}} = {_show(name, value)}  ({sources.get(name, 'default')})"
+        for name, value in items
+    ]

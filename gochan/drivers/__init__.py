@@ -9,7 +9,15 @@ from ..errors import ConfigurationError, MissingExtraError
 from .base import Driver, DurableDriver, Receiver
 from .mem import MemDriver
 
-__all__ = ["DRIVERS", "Driver", "DurableDriver", "MemDriver", "Receiver", "create_driver"]
+__all__ = [
+    "DRIVERS",
+    "Driver",
+    "DurableDriver",
+    "MemDriver",
+    "Receiver",
+    "create_driver",
+    "driver_class",
+]
 
 # name -> (module, class, pip extra that brings its client library)
 DRIVERS: dict[str, tuple[str, str, str | None]] = {
@@ -25,19 +33,29 @@ DRIVERS: dict[str, tuple[str, str, str | None]] = {
 }
 
 
-def create_driver(name: str, options: dict[str, Any] | None = None) -> Driver:
-    """Build the driver called ``name`` with its options (from the config)."""
+def driver_class(name: str) -> type[Any]:
+    """The class of the driver called ``name``; :class:`MissingExtraError`
+    (one line naming the pip extra) when its client library is missing."""
     try:
         module_name, class_name, extra = DRIVERS[name]
     except KeyError:
         known = ", ".join(sorted(DRIVERS))
-        raise ConfigurationError(f"unknown driver {name!r} (known: {known})") from None
+        raise ConfigurationError(f"driver: expected one of {known}, got {name!r}") from None
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        # Only a missing third-party library is a missing extra; a module of
+        # gochan's own that fails to import is a bug, and keeps its traceback.
+        if extra is None or (exc.name or "gochan").partition(".")[0] == "gochan":
+            raise
         raise MissingExtraError(
-            f"driver {name!r} needs its client library: pip install 'gochan[{extra}]' ({exc})"
+            f"driver {name!r} needs its extra: pip install 'gochan[{extra}]'"
         ) from exc
-    cls = getattr(module, class_name)
-    driver: Driver = cls(**(options or {}))
+    cls: type[Any] = getattr(module, class_name)
+    return cls
+
+
+def create_driver(name: str, options: dict[str, Any] | None = None) -> Driver:
+    """Build the driver called ``name`` with its options (from the config)."""
+    driver: Driver = driver_class(name)(**(options or {}))
     return driver

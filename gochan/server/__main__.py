@@ -15,7 +15,16 @@ from collections.abc import Sequence
 
 import uvloop
 
-from ..config import DEFAULT_MAX_CONNECTIONS, FD_RESERVE, Config, default_max_connections, fd_limit
+from ..config import (
+    DEFAULT_MAX_CONNECTIONS,
+    FD_RESERVE,
+    Config,
+    default_max_connections,
+    describe,
+    fd_limit,
+    load,
+)
+from ..drivers import Driver, create_driver
 from ..errors import ConfigurationError
 from ..streamer import Streamer
 
@@ -31,14 +40,23 @@ FLAG_HELP = {
 }
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, str]]:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, str | None]]:
+    """The flags of Config's fields, and the others (``{"nats-url": "x"}``,
+    None for a bare flag): driver options, resolved by :func:`load` once the
+    driver is known from every source."""
     parser = argparse.ArgumentParser(
         prog="python -m gochan.server",
         description="gochan: relay pub/sub messages to browsers over Server-Sent Events. "
         "Every option is also a YAML key (--config) and a GOCHAN_<NAME> variable; "
-        "driver options are --<driver>-<option> (GOCHAN_<DRIVER>_<OPTION>).",
+        "driver options are --<driver>-<option> (GOCHAN_<DRIVER>_<OPTION>, or a "
+        "<driver>: mapping in YAML).",
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="read settings from a YAML file")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print it with where each value came from, and exit",
+    )
     for f in dataclasses.fields(Config):
         if f.name == "driver_options":
             continue
@@ -51,27 +69,26 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
                 flag, dest=f.name, metavar=f.name.upper(), help=FLAG_HELP.get(f.name)
             )
     args, rest = parser.parse_known_args(argv)
-    driver_flags: dict[str, str] = {}
-    it = iter(rest)
-    for item in it:
-        if not item.startswith("--"):
+    driver_flags: dict[str, str | None] = {}
+    i = 0
+    while i < len(rest):
+        item = rest[i]
+        i += 1
+        if not item.startswith("--") or item == "--":
             parser.error(f"unexpected argument {item!r}")
         name, eq, value = item[2:].partition("=")
-        if not eq:
-            following = next(it, None)
-            if following is None:
-                parser.error(f"{item} needs a value")
-            value = following
-        driver = args.driver or "mem"
-        prefix = driver + "-"
-        if not name.startswith(prefix):
-            parser.error(f"unknown option {item!r}")
-        driver_flags[name[len(prefix) :].replace("-", "_")] = value
+        if eq:
+            driver_flags[name] = value
+        elif i < len(rest) and not rest[i].startswith("--"):
+            driver_flags[name] = rest[i]
+            i += 1
+        else:
+            driver_flags[name] = None  # a bare boolean option
     return args, driver_flags
 
 
-async def run(config: Config) -> None:
-    streamer = Streamer(config)
+async def run(config: Config, driver: Driver | None = None) -> None:
+    streamer = Streamer(config, driver=driver)
     await streamer.start()
     server = await streamer.serve()
     # What exists now (modules, config, driver) lives as long as the process:
@@ -122,19 +139,24 @@ def raise_fd_limit() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, driver_flags = parse_args(argv)
-    raise_fd_limit()
-    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    raise_fd_limit()  # first: the default max_connections is derived from it
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "check_config")}
     try:
-        config = Config.from_sources(yaml_file=args.config, flags=flags, driver_flags=driver_flags)
+        config, sources = load(yaml_file=args.config, flags=flags, driver_flags=driver_flags)
+        # Built now, so the driver's own checks are answered in one line too.
+        driver = create_driver(config.driver, config.driver_options)
     except ConfigurationError as exc:
         print(f"gochan: {exc}", file=sys.stderr)
         return 2
+    if args.check_config:
+        print("\n".join(describe(config, sources)))
+        return 0
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        uvloop.run(run(config))
+        uvloop.run(run(config, driver))
     except OSError as exc:
         print(f"gochan: {exc}", file=sys.stderr)
         return 1
