@@ -282,6 +282,8 @@ def _parse(kind: str, value: Any) -> Any:
     if kind == "bool":
         if isinstance(value, bool):
             return value
+        if type(value) is int and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
     elif kind == "int":
