@@ -339,8 +339,18 @@ def _convert(name: str, value: Any) -> Any:
     except (TypeError, ValueError, AttributeError):
         ok = False
     if not ok:
-        raise ConfigurationError(f"{name}: expected {_expected(name, kind, bounds)}, got {value!r}")
+        raise ConfigurationError(
+            f"{name}: expected {_expected(name, kind, bounds)}, got {_got(name, value)}"
+        )
     return result
+
+
+def _got(name: str, value: Any) -> str:
+    """``value`` as an error shows it: a secret's type, never the value."""
+    option = name.rpartition(".")[2] if "." in name else ""
+    if name == "publish_key" or any(s in option for s in _SECRET_OPTIONS):
+        return f"a value of type {type(value).__name__}"
+    return repr(value)
 
 
 def _option_kind(param: inspect.Parameter) -> str:
@@ -372,7 +382,8 @@ def _convert_option(
         ok = False
     if not ok:
         expected = _expected(name, kind, bounds)
-        raise ConfigurationError(f"{driver}.{name}: expected {expected}, got {value!r}")
+        got = _got(f"{driver}.{name}", value)
+        raise ConfigurationError(f"{driver}.{name}: expected {expected}, got {got}")
     return result
 
 
@@ -425,6 +436,8 @@ def load(
         if raw is not None:
             values[name], sources[name] = _convert(name, raw), "env GOCHAN_" + name.upper()
     for name, value in (flags or {}).items():
+        if name not in _FIELDS:
+            raise ConfigurationError(f"unknown configuration key {name!r}")
         if value is not None:
             flag = "--" + name.replace("_", "-")
             values[name], sources[name] = _convert(name, value), "flag " + flag
@@ -502,9 +515,7 @@ def _read_yaml(path: str) -> dict[Any, Any]:
 
 def _show(name: str, value: Any) -> str:
     """One value as --check-config prints it: secrets never in clear."""
-    option = name.rpartition(".")[2] if "." in name else ""
-    secret = name == "publish_key" or any(s in option for s in _SECRET_OPTIONS)
-    if isinstance(value, str) and value and secret:
+    if isinstance(value, str) and value and _got(name, value) != repr(value):
         return "<redacted>"
     if isinstance(value, list):
         return ",".join(value) or "''"

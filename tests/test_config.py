@@ -132,8 +132,14 @@ def test_python_construction_validates_the_same_way() -> None:
         Config(auto_create_clients="nope")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match=r"^heartbeat: expected a number > 0, got True$"):
         Config(heartbeat=True)
-    with pytest.raises(ConfigurationError, match=r"^publish_key: expected a string, got 1234$"):
+    with pytest.raises(ConfigurationError) as caught:
         Config(publish_key=1234)  # type: ignore[arg-type]
+    assert str(caught.value) == "publish_key: expected a string, got a value of type int"
+    with pytest.raises(ConfigurationError) as caught:
+        Config(driver="mqtt", driver_options={"password": 1234})
+    assert str(caught.value) == "mqtt.password: expected a string, got a value of type int"
+    with pytest.raises(ConfigurationError, match=r"^unknown configuration key 'prot'$"):
+        Config.from_sources(env={}, flags={"prot": "1"})
     with pytest.raises(
         ConfigurationError, match=r"^publish_path: '/events' is already events_path$"
     ):
