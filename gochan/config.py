@@ -211,9 +211,9 @@ class Config:
             raise ConfigurationError(
                 f"driver_options: expected a mapping, got {self.driver_options!r}"
             )
+        params = driver_parameters(self.driver)  # MissingExtraError without its library
         self.driver_options = {
             name: _convert_option(self.driver, name, value, params)
-            for params in [driver_parameters(self.driver)]
             for name, value in self.driver_options.items()
         }
 
