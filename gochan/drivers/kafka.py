@@ -26,16 +26,17 @@ A ``publish`` that fails with a timeout has an unknown outcome: the producer
 may still write the record afterwards.
 
 Outages: aiokafka reconnects by itself; a health probe (a metadata request
-every ``health_interval`` seconds, more often while the broker is away) sets
-:attr:`ready` and counts reconnects. The assignment and the positions survive
-the outage, so no message retained by the broker is lost; after a reconnect a
-topic that no longer exists is reported with ``on_subscription_failure``.
+every ``health_interval`` seconds) notices a lost broker, and the shared
+reconnection loop probes it with backoff (``reconnect_min`` ..
+``reconnect_max``) until it answers, then counts a reconnect. The
+assignment and the positions survive the outage, so no message retained
+by the broker is lost; after a reconnect a topic that no longer exists is
+reported with ``on_subscription_failure``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Awaitable
 from typing import Any, ClassVar, TypeVar
@@ -54,8 +55,8 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import bounded, report_failure, require_connected, require_open, require_positive
-from .base import Receiver
+from ._common import bounded, cancel_and_wait, require_positive
+from ._lifecycle import Lifecycle
 
 __all__ = ["KafkaDriver"]
 
@@ -64,7 +65,8 @@ DEFAULT_PREFIX = ""
 DEFAULT_CLIENT_ID = "gochan"
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_HEALTH_INTERVAL_S = 2.0
-RECONNECT_BACKOFF_MIN_S = 0.1
+DEFAULT_RECONNECT_MIN_S = 0.1
+DEFAULT_RECONNECT_MAX_S = 2.0
 POLL_TIMEOUT_MS = 1000  # one getmany() wait; bounds how long close() waits for it
 CONSUME_ERROR_BACKOFF_S = 0.5
 STOP_TIMEOUT_S = 5.0
@@ -79,7 +81,7 @@ def _event_id(partition: int, offset: int) -> str:
     return f"{partition}:{offset}"
 
 
-class KafkaDriver:
+class KafkaDriver(Lifecycle[None]):
     """Relay Kafka topics.
 
     Keyword arguments (all optional):
@@ -96,9 +98,12 @@ class KafkaDriver:
         an error rather than a hang. Default 10.
     ``health_interval`` (float, seconds)
         How often the connection is probed while it is up. Default 2.
+    ``reconnect_min``, ``reconnect_max`` (float, seconds)
+        Backoff bounds between probes while the broker is away. Default 0.1, 2.
     """
 
     name: ClassVar[str] = "kafka"
+    broker: ClassVar[str] = "Kafka"
 
     def __init__(
         self,
@@ -107,6 +112,8 @@ class KafkaDriver:
         client_id: str = DEFAULT_CLIENT_ID,
         timeout: float = DEFAULT_TIMEOUT_S,
         health_interval: float = DEFAULT_HEALTH_INTERVAL_S,
+        reconnect_min: float = DEFAULT_RECONNECT_MIN_S,
+        reconnect_max: float = DEFAULT_RECONNECT_MAX_S,
     ) -> None:
         if not bootstrap_servers.strip():
             raise ConfigurationError("kafka: bootstrap_servers is empty")
@@ -121,33 +128,17 @@ class KafkaDriver:
         self.timeout = float(timeout)
         self.health_interval = float(health_interval)
 
-        self._receiver: Receiver | None = None
+        super().__init__(reconnect_min, reconnect_max)
         self._producer: Any = None
         self._consumer: Any = None
         self._topics: dict[str, str] = {}  # gochan topic -> Kafka topic
         self._by_ktopic: dict[str, str] = {}  # Kafka topic -> gochan topic
         self._assign_lock = asyncio.Lock()
         self._has_topics = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._broker_up = False
-        self._closed = False
-        self.reconnects = 0
-        self.published = 0
-        self.received = 0
+        self._consume_task: asyncio.Task[None] | None = None
 
-    # -- the Driver protocol ---------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return self._broker_up and not self._closed
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "reconnects": self.reconnects,
-            "subscriptions": len(self._topics),
-            "published": self.published,
-            "received": self.received,
-        }
+    def _where(self) -> str:
+        return f"Kafka at {self.bootstrap_servers}"
 
     def kafka_topic(self, topic: str) -> str:
         """The Kafka topic name for ``topic`` (after :meth:`check_topic`)."""
@@ -170,17 +161,14 @@ class KafkaDriver:
         if ktopic.startswith("__"):
             raise InvalidTopicError(topic, "Kafka reserves names starting with '__'")
 
-    async def connect(self, receiver: Receiver) -> None:
-        require_open(self._closed)
-        if self._receiver is not None:
-            return
+    async def _start(self) -> None:
         timeout_ms = int(self.timeout * 1000)
-        producer = AIOKafkaProducer(
+        self._producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap_servers,
             client_id=self.client_id,
             request_timeout_ms=timeout_ms,
         )
-        consumer = AIOKafkaConsumer(
+        self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers,
             client_id=self.client_id,
             group_id=None,  # never a group: every process gets every message
@@ -189,26 +177,44 @@ class KafkaDriver:
             request_timeout_ms=timeout_ms,
         )
         try:
-            await self._bounded(producer.start())
-            await self._bounded(consumer.start())
+            await self._bounded(self._producer.start())
+            await self._bounded(self._consumer.start())
         except (KafkaError, OSError, TimeoutError) as exc:
-            await self._stop_quietly(consumer, producer)
-            raise BrokerConnectionError(
-                f"kafka: cannot connect to {self.bootstrap_servers}: {exc!r}"
-            ) from exc
-        self._producer = producer
-        self._consumer = consumer
-        self._receiver = receiver
-        self._broker_up = True
-        self._tasks = [
-            asyncio.create_task(self._consume_loop(), name="gochan-kafka-consume"),
-            asyncio.create_task(self._health_loop(), name="gochan-kafka-health"),
-        ]
-        broker_logger.info("kafka: connected to %s", self.bootstrap_servers)
+            raise BrokerConnectionError(f"cannot connect to {self._where()}: {exc!r}") from exc
+        self._consume_task = asyncio.create_task(self._consume_loop(), name="gochan-kafka-consume")
+
+    async def _stop(self) -> None:
+        task, self._consume_task = self._consume_task, None
+        await cancel_and_wait(task)
+        await self._stop_quietly(self._consumer, self._producer)
+        self._consumer = self._producer = None
+        self._topics.clear()
+        self._by_ktopic.clear()
+
+    async def _open(self) -> None:
+        """aiokafka keeps the connection: only see that the broker answers."""
+        if not await self._probe():
+            raise BrokerConnectionError(f"no answer from {self._where()}")
+
+    async def _restore(self, conn: None) -> bool:
+        await self._check_topics()
+        return True
+
+    async def _serve(self, conn: None) -> str:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            if not await self._probe():
+                return "lost the connection"
+
+    async def _discard(self, conn: None) -> None:
+        pass  # aiokafka reconnects by itself
+
+    async def _close(self) -> None:
+        pass  # all in _stop
 
     async def subscribe(self, topic: str) -> None:
         self.check_topic(topic)
-        self._require_connected()
+        self._check_ready()
         ktopic = self.kafka_topic(topic)
         async with self._assign_lock:
             if topic in self._topics:
@@ -249,36 +255,16 @@ class KafkaDriver:
 
     async def publish(self, topic: str, data: bytes) -> str:
         self.check_topic(topic)
-        self._require_connected()
+        self._check_ready()
         ktopic = self.kafka_topic(topic)
         try:
             meta = await self._bounded(self._producer.send_and_wait(ktopic, bytes(data)))
         except (KafkaError, TimeoutError) as exc:
             raise BrokerError(f"kafka: cannot publish to {ktopic!r}: {exc!r}") from exc
-        self.published += 1
+        self._published += 1
         return _event_id(int(meta.partition), int(meta.offset))
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._broker_up = False
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
-        await self._stop_quietly(self._consumer, self._producer)
-        self._consumer = self._producer = None
-        self._topics.clear()
-        self._by_ktopic.clear()
-        self._receiver = None
-
     # -- internals -----------------------------------------------------------
-
-    def _require_connected(self) -> None:
-        require_connected(self._closed, self._receiver)
 
     async def _bounded(self, aw: Awaitable[_T]) -> _T:
         return await bounded(aw, self.timeout, "Kafka")
@@ -309,50 +295,19 @@ class KafkaDriver:
                 continue
             for tp, records in batches.items():
                 topic = self._by_ktopic.get(tp.topic)
-                if topic is None:
-                    continue
                 for record in records:
-                    self._deliver(topic, record)
-
-    def _deliver(self, topic: str, record: Any) -> None:
-        receiver = self._receiver
-        if receiver is None:
-            return
-        value = record.value
-        self.received += 1
-        try:
-            receiver.on_message(
-                topic,
-                b"" if value is None else bytes(value),
-                _event_id(int(record.partition), int(record.offset)),
-            )
-        except Exception:
-            broker_logger.exception("kafka: receiver failed on a message for %r", topic)
+                    value = record.value
+                    self._deliver(
+                        topic,
+                        b"" if value is None else bytes(value),
+                        _event_id(int(record.partition), int(record.offset)),
+                    )
 
     async def _probe(self) -> bool:
         try:
             return bool(await self._bounded(self._producer.client.force_metadata_update()))
         except (KafkaError, OSError, TimeoutError):
             return False
-
-    async def _health_loop(self) -> None:
-        backoff = RECONNECT_BACKOFF_MIN_S
-        while True:
-            await asyncio.sleep(self.health_interval if self._broker_up else backoff)
-            ok = await self._probe()
-            if ok and not self._broker_up:
-                self.reconnects += 1
-                self._broker_up = True
-                backoff = RECONNECT_BACKOFF_MIN_S
-                broker_logger.warning("kafka: connection to %s is back", self.bootstrap_servers)
-                await self._check_topics()
-            elif not ok and self._broker_up:
-                self._broker_up = False
-                broker_logger.warning(
-                    "kafka: lost the connection to %s; retrying", self.bootstrap_servers
-                )
-            elif not ok:
-                backoff = min(backoff * 2, self.health_interval)
 
     async def _check_topics(self) -> None:
         """After a reconnect: drop topics the broker no longer has."""
@@ -375,12 +330,7 @@ class KafkaDriver:
                 if not self._topics:
                     self._has_topics.clear()
         for topic in lost:
-            report_failure(
-                self.name,
-                self._receiver,
-                topic,
-                "the Kafka topic no longer exists after a reconnect",
-            )
+            self._report_failure(topic, "the Kafka topic no longer exists after a reconnect")
 
     @staticmethod
     async def _stop_quietly(*clients: Any) -> None:

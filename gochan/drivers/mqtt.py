@@ -55,8 +55,8 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import SupervisedDriver, check_topic_bytes, require_backoff, require_positive
-from .base import Receiver
+from ._common import check_topic_bytes, require_positive
+from ._lifecycle import Lifecycle
 
 __all__ = ["MqttDriver"]
 
@@ -88,7 +88,7 @@ def _refused(codes: object) -> bool:
     return True
 
 
-class MqttDriver(SupervisedDriver):
+class MqttDriver(Lifecycle[aiomqtt.Client]):
     """Fan-out over an MQTT broker (see the module docstring).
 
     Keyword arguments (all optional; the config layer maps ``host`` to
@@ -124,6 +124,7 @@ class MqttDriver(SupervisedDriver):
     """
 
     name: ClassVar[str] = "mqtt"
+    broker: ClassVar[str] = "MQTT"
 
     def __init__(
         self,
@@ -149,8 +150,7 @@ class MqttDriver(SupervisedDriver):
             )
         if not 0 < port < 65536:
             raise ConfigurationError(f"invalid MQTT port {port!r}")
-        require_positive("mqtt", keepalive=keepalive, timeout=timeout, reconnect_min=reconnect_min)
-        require_backoff("mqtt", reconnect_min, reconnect_max)
+        require_positive("mqtt", keepalive=keepalive, timeout=timeout)
         self._host = host
         self._port = int(port)
         self._qos = int(qos)
@@ -162,7 +162,7 @@ class MqttDriver(SupervisedDriver):
         self._keepalive = int(keepalive)
         self._timeout = float(timeout)
         super().__init__(reconnect_min, reconnect_max)
-
+        self._topics: set[str] = set()
         self._client: aiomqtt.Client | None = None
 
     # -- Driver protocol -------------------------------------------------
@@ -171,6 +171,9 @@ class MqttDriver(SupervisedDriver):
     def client_id(self) -> str:
         """The MQTT client identifier of this process."""
         return self._client_id
+
+    def _where(self) -> str:
+        return f"the MQTT broker {self._host}:{self._port}"
 
     def check_topic(self, topic: str) -> None:
         raw = check_topic_bytes(topic)
@@ -182,23 +185,6 @@ class MqttDriver(SupervisedDriver):
             raise InvalidTopicError(topic, "contains a Unicode non-character (refused by MQTT)")
         if len(raw) + len(self._prefix.encode("utf-8")) > MAX_MQTT_TOPIC_BYTES:
             raise InvalidTopicError(topic, "too long for MQTT with the configured prefix")
-
-    async def connect(self, receiver: Receiver) -> None:
-        self._check_open()
-        if self._receiver is not None:
-            raise BrokerError("driver is already connected")
-        try:
-            client = await self._open_client()
-        except Exception as exc:
-            raise BrokerConnectionError(
-                f"cannot connect to MQTT broker {self._host}:{self._port}: {exc}"
-            ) from exc
-        self._receiver = receiver
-        self._client = client
-        self._ready = True
-        self._supervisor = asyncio.get_running_loop().create_task(
-            self._supervise(client), name="gochan-mqtt-supervisor"
-        )
 
     async def subscribe(self, topic: str) -> None:
         self.check_topic(topic)
@@ -224,7 +210,7 @@ class MqttDriver(SupervisedDriver):
             return
         self._topics.discard(topic)  # nothing more is delivered for it from now on
         client = self._client
-        if client is None or not self._ready:
+        if client is None or not self.ready:
             return  # clean session: the subscription died with the connection
         try:
             await client.unsubscribe(self._prefix + topic, timeout=self._timeout)
@@ -243,7 +229,7 @@ class MqttDriver(SupervisedDriver):
                 timeout=self._timeout,
             )
         except Exception as exc:
-            if not self._ready:
+            if not self.ready:
                 raise BrokerConnectionError(
                     f"MQTT connection lost while publishing on {topic!r}: {exc}"
                 ) from exc
@@ -251,25 +237,22 @@ class MqttDriver(SupervisedDriver):
         self._published += 1
         return None
 
-    async def close(self) -> None:
-        if not await self._shut_down():
-            return
+    async def _close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            await self._close_client(client)
+            await self._discard(client)
         self._topics.clear()
-        self._receiver = None
 
     # -- internals ---------------------------------------------------------
 
     def _usable_client(self) -> aiomqtt.Client:
-        self._check_open()
+        self._check_ready()
         client = self._client
-        if client is None or not self._ready:
+        if client is None:
             raise BrokerConnectionError("not connected to the MQTT broker (reconnecting)")
         return client
 
-    async def _open_client(self) -> aiomqtt.Client:
+    async def _open(self) -> aiomqtt.Client:
         client = aiomqtt.Client(
             self._host,
             self._port,
@@ -286,7 +269,7 @@ class MqttDriver(SupervisedDriver):
         broker_logger.debug("mqtt: connected to %s:%d", self._host, self._port)
         return client
 
-    async def _close_client(self, client: aiomqtt.Client) -> None:
+    async def _discard(self, client: aiomqtt.Client) -> None:
         try:
             await asyncio.wait_for(client.__aexit__(None, None, None), self._timeout)
         except Exception as exc:
@@ -296,31 +279,20 @@ class MqttDriver(SupervisedDriver):
         if message.retain:
             return  # a stored message replayed by the broker, not a live one
         name = message.topic.value
-        topic = name[len(self._prefix) :]
-        receiver = self._receiver
-        if receiver is None or topic not in self._topics or not name.startswith(self._prefix):
+        if not name.startswith(self._prefix):
             self._stray += 1
             return
         payload = message.payload
         data = payload if isinstance(payload, bytes) else str(payload).encode("utf-8")
-        self._received += 1
-        try:
-            receiver.on_message(topic, data, None)
-        except Exception:
-            broker_logger.exception("mqtt: receiver failed on a message for %r", topic)
+        self._deliver(name[len(self._prefix) :], data)
 
-    async def _supervise(self, client: aiomqtt.Client) -> None:
-        while True:
-            try:
-                async for message in client.messages:
-                    self._dispatch(message)
-            except aiomqtt.MqttError as exc:
-                broker_logger.warning("mqtt: connection lost (%s), reconnecting", exc)
-            except Exception:  # a bug must not leave the driver silently stuck
-                broker_logger.exception("mqtt: supervisor error, starting afresh")
-            self._ready = False
-            await self._close_client(client)
-            client = await self._reconnect(self._open_client, self._restore, self._close_client)
+    async def _serve(self, client: aiomqtt.Client) -> str:
+        try:
+            async for message in client.messages:
+                self._dispatch(message)
+        except aiomqtt.MqttError as exc:
+            return f"connection lost ({exc})"
+        return "connection lost"
 
     async def _restore(self, client: aiomqtt.Client) -> bool:
         """Make ``client`` the connection and subscribe again to every held

@@ -59,8 +59,8 @@ from ..errors import (
     LimitExceededError,
 )
 from ..log import broker_logger
-from ._common import SupervisedDriver, check_topic_bytes, require_backoff, require_positive
-from .base import Receiver
+from ._common import check_topic_bytes, require_positive
+from ._lifecycle import Lifecycle
 
 __all__ = ["PayloadError", "PostgresDriver"]
 
@@ -88,7 +88,7 @@ def quote_channel(channel: str) -> str:
     return '"' + channel.replace('"', '""') + '"'
 
 
-class PostgresDriver(SupervisedDriver):
+class PostgresDriver(Lifecycle[Any]):
     """Fan-out over PostgreSQL LISTEN/NOTIFY (see the module docstring).
 
     Keyword arguments (all optional; the config layer maps ``dsn`` to
@@ -120,6 +120,7 @@ class PostgresDriver(SupervisedDriver):
     """
 
     name: ClassVar[str] = "postgres"
+    broker: ClassVar[str] = "PostgreSQL"
 
     def __init__(
         self,
@@ -143,10 +144,7 @@ class PostgresDriver(SupervisedDriver):
             )
         if pool_size < 1:
             raise ConfigurationError("PostgreSQL pool_size must be at least 1")
-        require_positive(
-            "postgres", timeout=timeout, ping_interval=ping_interval, reconnect_min=reconnect_min
-        )
-        require_backoff("postgres", reconnect_min, reconnect_max)
+        require_positive("postgres", timeout=timeout, ping_interval=ping_interval)
         self._dsn = dsn
         self._prefix = prefix
         self._prefix_bytes = prefix_bytes
@@ -155,7 +153,7 @@ class PostgresDriver(SupervisedDriver):
         self._timeout = float(timeout)
         self._ping_interval = float(ping_interval)
         super().__init__(reconnect_min, reconnect_max)
-
+        self._topics: set[str] = set()
         self._conn: Any = None  # the listening asyncpg.Connection
         self._pool: Any = None  # asyncpg.Pool for publishing
         self._lost = asyncio.Event()
@@ -206,31 +204,23 @@ class PostgresDriver(SupervisedDriver):
             raise PayloadError("NOTIFY payloads cannot contain NUL bytes")
         return text
 
-    async def connect(self, receiver: Receiver) -> None:
-        self._check_open()
-        if self._receiver is not None:
-            raise BrokerError("driver is already connected")
-        try:
-            conn = await self._open_listener()
-        except Exception as exc:
-            raise BrokerConnectionError(f"cannot connect to PostgreSQL: {exc!r}") from exc
-        try:
-            self._pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=1,
-                max_size=self._pool_size,
-                timeout=self._timeout,
-                server_settings={"application_name": self._application_name},
-            )
-        except Exception as exc:
-            conn.terminate()
-            raise BrokerConnectionError(f"cannot connect to PostgreSQL: {exc!r}") from exc
-        self._receiver = receiver
-        self._conn = conn
-        self._ready = True
-        self._supervisor = asyncio.get_running_loop().create_task(
-            self._supervise(), name="gochan-postgres-supervisor"
+    async def _start(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=1,
+            max_size=self._pool_size,
+            timeout=self._timeout,
+            server_settings={"application_name": self._application_name},
         )
+
+    async def _stop(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self._timeout)
+            except Exception as exc:
+                broker_logger.debug("postgres: error closing the pool: %r", exc)
+                pool.terminate()
 
     async def subscribe(self, topic: str) -> None:
         self.check_topic(topic)
@@ -251,7 +241,7 @@ class PostgresDriver(SupervisedDriver):
             return
         self._topics.discard(topic)  # nothing more is delivered for it from now on
         conn = self._conn
-        if conn is None or not self._ready or conn.is_closed():
+        if conn is None or not self.ready or conn.is_closed():
             return  # a new session will not LISTEN to it
         try:
             await self._bounded(
@@ -280,7 +270,7 @@ class PostgresDriver(SupervisedDriver):
             ) from exc
         except Exception as exc:
             raise BrokerError(f"cannot publish on {topic!r} to PostgreSQL: {exc!r}") from exc
-        if listener is not self._conn or not self._ready or listener.is_closed():
+        if listener is not self._conn or not self.ready or listener.is_closed():
             # The server went away meanwhile (a restart: the pool reconnected,
             # the listener is gone): this node may not have had it.
             raise BrokerConnectionError(
@@ -289,28 +279,18 @@ class PostgresDriver(SupervisedDriver):
         self._published += 1
         return None
 
-    async def close(self) -> None:
-        if not await self._shut_down():
-            return
+    async def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._close_conn(conn)
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            try:
-                await asyncio.wait_for(pool.close(), self._timeout)
-            except Exception as exc:
-                broker_logger.debug("postgres: error closing the pool: %r", exc)
-                pool.terminate()
         self._topics.clear()
-        self._receiver = None
 
     # -- internals ---------------------------------------------------------
 
     def _usable_conn(self) -> Any:
-        self._check_open()
+        self._check_ready()
         conn = self._conn
-        if conn is None or not self._ready or conn.is_closed():
+        if conn is None or conn.is_closed():
             raise BrokerConnectionError("not connected to PostgreSQL (reconnecting)")
         return conn
 
@@ -321,7 +301,7 @@ class PostgresDriver(SupervisedDriver):
         async with self._lock:
             return await aw
 
-    async def _open_listener(self) -> Any:
+    async def _open(self) -> Any:
         conn = await asyncpg.connect(
             self._dsn,
             timeout=self._timeout,
@@ -342,47 +322,23 @@ class PostgresDriver(SupervisedDriver):
             conn.terminate()
 
     def _notify(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
-        topic = channel[len(self._prefix) :]
-        receiver = self._receiver
-        if receiver is None or topic not in self._topics or not channel.startswith(self._prefix):
+        if not channel.startswith(self._prefix):
             self._stray += 1
             return
-        self._received += 1
-        try:
-            receiver.on_message(topic, payload.encode("utf-8"), None)
-        except Exception:
-            broker_logger.exception("postgres: receiver failed on a message for %r", topic)
+        self._deliver(channel[len(self._prefix) :], payload.encode("utf-8"))
 
-    async def _supervise(self) -> None:
-        while True:
-            try:
-                await self._watch()
-                self._ready = False
-                broker_logger.warning("postgres: listening connection lost, reconnecting")
-                conn, self._conn = self._conn, None
-                if conn is not None:
-                    conn.terminate()
-                await self._reconnect(self._open_listener, self._restore, self._discard)
-            except Exception:  # a bug must not leave the driver silently stuck
-                broker_logger.exception("postgres: supervisor error, starting afresh")
-                self._ready = False
-                self._lost.set()
-                await asyncio.sleep(self._reconnect_max)
-
-    async def _watch(self) -> None:
+    async def _serve(self, conn: Any) -> str:
         """Return once the listening connection is found dead."""
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), self._ping_interval)
-                return
-            conn = self._conn
-            if conn is None or conn.is_closed():
-                return
+                return "listening connection lost"
+            if conn.is_closed():
+                return "listening connection closed"
             try:
                 await self._bounded(self._locked(conn.fetchval("SELECT 1")))
             except Exception as exc:
-                broker_logger.warning("postgres: ping failed: %r", exc)
-                return
+                return f"ping failed: {exc!r}"
 
     async def _restore(self, conn: Any) -> bool:
         """Make ``conn`` the listening connection and LISTEN again to every
@@ -405,6 +361,7 @@ class PostgresDriver(SupervisedDriver):
         return True
 
     async def _discard(self, conn: Any) -> None:
-        """Drop a new listening connection that failed while being restored."""
-        self._conn = None
+        """Drop a lost listening connection, or one that failed while being restored."""
+        if conn is self._conn:
+            self._conn = None
         conn.terminate()

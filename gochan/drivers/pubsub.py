@@ -31,10 +31,11 @@ the id of the message it published. Pub/Sub does not keep order without
 ordering keys, and delivers at least once (a message whose acknowledgement
 was lost comes again after the 10 s ack deadline).
 
-Outages: a failed pull makes the driver not :attr:`ready`; a supervisor probes
-the service with exponential backoff, then checks every subscription and
-recreates the missing ones (an emulator restart forgets everything), counting
-one reconnect; a topic whose subscription cannot be recreated is reported with
+Outages: a failed pull makes the driver not :attr:`ready`; the shared
+reconnection loop probes the service with jittered exponential backoff,
+then checks every subscription and recreates the missing ones (an emulator
+restart forgets everything), counting one reconnect; a topic whose
+subscription cannot be recreated is reported with
 ``on_subscription_failure``. Messages published while a subscription did not
 exist are lost; those retained by a surviving subscription are delivered.
 """
@@ -46,22 +47,20 @@ import secrets
 import string
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 from urllib.parse import quote, unquote
 
 import aiohttp
 from gcloud.aio.pubsub import PublisherClient, PubsubMessage, SubscriberClient
 
 from ..errors import (
-    BrokerConnectionError,
     BrokerError,
-    ClosedError,
     ConfigurationError,
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import bounded, cancel_and_wait, report_failure, require_connected, require_positive
-from .base import Receiver
+from ._common import bounded, cancel_and_wait, require_positive
+from ._lifecycle import Lifecycle
 
 __all__ = ["PubSubDriver", "gochan_topic", "topic_id"]
 
@@ -116,7 +115,7 @@ class _Subscription:
     task: asyncio.Task[None] | None = None
 
 
-class PubSubDriver:
+class PubSubDriver(Lifecycle[None]):
     """Relay Google Cloud Pub/Sub topics.
 
     Keyword arguments (all optional):
@@ -145,6 +144,7 @@ class PubSubDriver:
     """
 
     name: ClassVar[str] = "pubsub"
+    broker: ClassVar[str] = "Pub/Sub"
 
     def __init__(
         self,
@@ -164,11 +164,7 @@ class PubSubDriver:
             raise ConfigurationError(f"pubsub: prefix {prefix!r} must start with a letter")
         if any(c not in _SAFE for c in prefix):
             raise ConfigurationError(f"pubsub: prefix {prefix!r} may only use A-Z a-z 0-9 -_.~+")
-        require_positive(
-            "pubsub", timeout=timeout, pull_timeout=pull_timeout, reconnect_min=reconnect_min
-        )
-        if reconnect_max < reconnect_min:
-            raise ConfigurationError("pubsub: reconnect_max is below reconnect_min")
+        require_positive("pubsub", timeout=timeout, pull_timeout=pull_timeout)
         self.project = project
         self.emulator_host = emulator_host
         self.prefix = prefix
@@ -176,38 +172,18 @@ class PubSubDriver:
         self.service_file = service_file
         self.timeout = float(timeout)
         self.pull_timeout = int(pull_timeout)
-        self.reconnect_min = float(reconnect_min)
-        self.reconnect_max = float(reconnect_max)
         self.process_token = secrets.token_hex(PROCESS_TOKEN_BYTES)
 
-        self._receiver: Receiver | None = None
+        super().__init__(reconnect_min, reconnect_max)
         self._session: aiohttp.ClientSession | None = None
         self._publisher: PublisherClient | None = None
         self._subscriber: SubscriberClient | None = None
-        self._subs: dict[str, _Subscription] = {}
+        self._topics: dict[str, _Subscription] = {}
         self._lock = asyncio.Lock()
-        self._up = asyncio.Event()
-        self._lost = asyncio.Event()
-        self._supervisor: asyncio.Task[None] | None = None
         self._counter = 0
-        self._closed = False
-        self.reconnects = 0
-        self.published = 0
-        self.received = 0
 
-    # -- the Driver protocol ---------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return self._up.is_set() and not self._closed
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "reconnects": self.reconnects,
-            "subscriptions": len(self._subs),
-            "published": self.published,
-            "received": self.received,
-        }
+    def _where(self) -> str:
+        return f"Pub/Sub (project {self.project})"
 
     def topic_id(self, topic: str) -> str:
         """The Pub/Sub topic id for ``topic`` (after :meth:`check_topic`)."""
@@ -236,42 +212,50 @@ class PubSubDriver:
         if tid.lower().startswith("goog"):
             raise InvalidTopicError(topic, "Pub/Sub topic ids must not start with 'goog'")
 
-    async def connect(self, receiver: Receiver) -> None:
-        if self._closed:
-            raise ClosedError("driver is closed")
-        if self._receiver is not None:
-            return
+    async def _start(self) -> None:
         api_root = f"http://{self.emulator_host}/v1" if self.emulator_host else None
         service_file = self.service_file or None
         # No connection limit: every held topic keeps a pull waiting.
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         # gcloud-aio's hints name requests.Session (its sync twin's type) here.
-        publisher = PublisherClient(
-            session=session,  # type: ignore[arg-type]
+        self._publisher = PublisherClient(
+            session=self._session,  # type: ignore[arg-type]
             api_root=api_root,
             service_file=service_file,
         )
-        subscriber = SubscriberClient(
-            session=session,  # type: ignore[arg-type]
+        self._subscriber = SubscriberClient(
+            session=self._session,  # type: ignore[arg-type]
             api_root=api_root,
             service_file=service_file,
         )
-        try:
-            await self._bounded(self._probe(publisher))
-        except _NETWORK_ERRORS as exc:
-            await session.close()
-            raise BrokerConnectionError(f"pubsub: cannot reach Pub/Sub: {exc!r}") from exc
-        self._session, self._publisher, self._subscriber = session, publisher, subscriber
-        self._receiver = receiver
-        self._up.set()
-        self._supervisor = asyncio.create_task(self._supervise(), name="gochan-pubsub-supervisor")
-        broker_logger.info("pubsub: connected (project %s)", self.project)
+
+    async def _stop(self) -> None:
+        subs = list(self._topics.values())
+        self._topics.clear()
+        for sub in subs:
+            await self._stop_pull(sub)
+        if self._session is not None:
+            await self._session.close()
+        self._session = self._publisher = self._subscriber = None
+
+    async def _open(self) -> None:
+        """Every call is a request of its own: only see that the service answers."""
+        assert self._publisher is not None
+        await self._bounded(self._probe(self._publisher))
+
+    async def _restore(self, conn: None) -> bool:
+        for topic, reason in await self._restore_all():
+            self._report_failure(topic, reason)
+        return True
+
+    async def _discard(self, conn: None) -> None:
+        pass
 
     async def subscribe(self, topic: str) -> None:
         self.check_topic(topic)
-        self._require_connected()
+        self._check_ready()
         async with self._lock:
-            if topic in self._subs:
+            if topic in self._topics:
                 return
             self._counter += 1
             sub_id = f"{self.prefix}gochan-{self.process_token}-{self._counter}"
@@ -286,12 +270,12 @@ class PubSubDriver:
             except _NETWORK_ERRORS as exc:
                 raise BrokerError(f"pubsub: cannot subscribe to {topic!r}: {exc!r}") from exc
             sub.task = asyncio.create_task(self._pull_loop(sub), name=f"gochan-pubsub-{sub_id}")
-            self._subs[topic] = sub
+            self._topics[topic] = sub
         broker_logger.debug("pubsub: subscribed %s to %s", sub.path, sub.topic_path)
 
     async def unsubscribe(self, topic: str) -> None:
         async with self._lock:
-            sub = self._subs.pop(topic, None)
+            sub = self._topics.pop(topic, None)
             if sub is None:
                 return
             await self._stop_pull(sub)
@@ -299,7 +283,7 @@ class PubSubDriver:
 
     async def publish(self, topic: str, data: bytes) -> str:
         self.check_topic(topic)
-        self._require_connected()
+        self._check_ready()
         assert self._publisher is not None
         message = (
             PubsubMessage(bytes(data)) if data else PubsubMessage(b"", **{EMPTY_ATTRIBUTE: "1"})
@@ -315,31 +299,18 @@ class PubSubDriver:
                 response = await self._bounded(self._publisher.publish(path, [message]))
         except _NETWORK_ERRORS as exc:
             raise BrokerError(f"pubsub: cannot publish to {topic!r}: {exc!r}") from exc
-        self.published += 1
+        self._published += 1
         return str(response["messageIds"][0])
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._up.clear()
-        await cancel_and_wait(self._supervisor)
-        self._supervisor = None
-        subs = list(self._subs.values())
-        self._subs.clear()
+    async def _close(self) -> None:
+        subs = list(self._topics.values())
+        self._topics.clear()
         for sub in subs:
             await self._stop_pull(sub)
         if self._subscriber is not None:
             await asyncio.gather(*(self._delete_subscription(sub) for sub in subs))
-        if self._session is not None:
-            await self._session.close()
-        self._session = self._publisher = self._subscriber = None
-        self._receiver = None
 
     # -- internals -----------------------------------------------------------
-
-    def _require_connected(self) -> None:
-        require_connected(self._closed, self._receiver)
 
     async def _bounded(self, aw: Awaitable[_T]) -> _T:
         return await bounded(aw, self.timeout, "Pub/Sub")
@@ -390,17 +361,16 @@ class PubSubDriver:
         assert self._subscriber is not None
         subscriber = self._subscriber
         while True:
-            await self._up.wait()
+            await self._ready_event.wait()
             try:
                 messages = await subscriber.pull(sub.path, PULL_BATCH, timeout=self.pull_timeout)
             except asyncio.TimeoutError:
                 continue  # nothing to deliver during a whole long poll
-            except _NETWORK_ERRORS as exc:
-                self._mark_lost(sub, exc)
-                continue
-            except Exception as exc:  # never let the loop die: log, pause, go on
-                broker_logger.exception("pubsub: pull on %s failed unexpectedly: %r", sub.path, exc)
-                await asyncio.sleep(self.reconnect_max)
+            except Exception as exc:  # the supervisor restores the service
+                if not isinstance(exc, _NETWORK_ERRORS):
+                    broker_logger.exception("pubsub: pull on %s failed unexpectedly", sub.path)
+                self._lose(f"pull on {sub.path} failed: {exc!r}")
+                await self._ready_event.wait()  # the last _lose may come while restoring
                 continue
             if not messages:
                 continue
@@ -412,48 +382,6 @@ class PubSubDriver:
                 # They come back after the ack deadline: duplicates, not losses.
                 broker_logger.warning("pubsub: cannot acknowledge on %s: %r", sub.path, exc)
 
-    def _deliver(self, topic: str, data: bytes, event_id: str) -> None:
-        receiver = self._receiver
-        if receiver is None or topic not in self._subs:
-            return
-        self.received += 1
-        try:
-            receiver.on_message(topic, data, event_id)
-        except Exception:
-            broker_logger.exception("pubsub: receiver failed on a message for %r", topic)
-
-    def _mark_lost(self, sub: _Subscription, error: BaseException) -> None:
-        if self._up.is_set():
-            broker_logger.warning("pubsub: pull on %s failed (%r); reconnecting", sub.path, error)
-        self._up.clear()
-        self._lost.set()
-
-    async def _supervise(self) -> None:
-        while True:
-            await self._lost.wait()
-            delay = self.reconnect_min
-            while True:
-                await asyncio.sleep(delay)
-                try:
-                    assert self._publisher is not None
-                    await self._bounded(self._probe(self._publisher))
-                    failed = await self._restore_all()
-                    break
-                except _NETWORK_ERRORS as exc:
-                    broker_logger.debug("pubsub: still unreachable: %r", exc)
-                    delay = min(delay * 2, self.reconnect_max)
-                except Exception as exc:  # keep supervising whatever happens
-                    broker_logger.exception("pubsub: restore failed unexpectedly: %r", exc)
-                    delay = self.reconnect_max
-            self.reconnects += 1
-            self._lost.clear()
-            self._up.set()
-            broker_logger.warning(
-                "pubsub: reconnected; %d subscriptions (%d lost)", len(self._subs), len(failed)
-            )
-            for topic, reason in failed:
-                report_failure(self.name, self._receiver, topic, reason)
-
     async def _restore_all(self) -> list[tuple[str, str]]:
         """Recreate the subscriptions the service forgot.
 
@@ -464,7 +392,7 @@ class PubSubDriver:
         assert self._subscriber is not None
         failed: list[tuple[str, str]] = []
         async with self._lock:
-            for topic, sub in list(self._subs.items()):
+            for topic, sub in list(self._topics.items()):
                 try:
                     await self._bounded(self._subscriber.get_subscription(sub.path))
                     continue
@@ -476,6 +404,6 @@ class PubSubDriver:
                     broker_logger.info("pubsub: recreated %s", sub.path)
                 except aiohttp.ClientResponseError as exc:
                     failed.append((topic, f"cannot recreate the Pub/Sub subscription: {exc}"))
-                    del self._subs[topic]
+                    del self._topics[topic]
                     await self._stop_pull(sub)
         return failed

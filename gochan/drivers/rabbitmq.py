@@ -60,8 +60,8 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import SupervisedDriver, check_topic_bytes, require_backoff, require_positive
-from .base import Receiver
+from ._common import check_topic_bytes, require_positive
+from ._lifecycle import Lifecycle
 
 __all__ = ["RabbitMQDriver"]
 
@@ -117,7 +117,7 @@ class _Session:
             broker_logger.debug("rabbitmq: error closing the connection: %r", exc)
 
 
-class RabbitMQDriver(SupervisedDriver):
+class RabbitMQDriver(Lifecycle[_Session]):
     """Fan-out over a RabbitMQ topic exchange (see the module docstring).
 
     Keyword arguments (all optional; the config layer maps ``url`` to
@@ -145,6 +145,7 @@ class RabbitMQDriver(SupervisedDriver):
     """
 
     name: ClassVar[str] = "rabbitmq"
+    broker: ClassVar[str] = "RabbitMQ"
 
     def __init__(
         self,
@@ -163,14 +164,13 @@ class RabbitMQDriver(SupervisedDriver):
             raise ConfigurationError(
                 f"RabbitMQ exchange name longer than {MAX_EXCHANGE_NAME_BYTES}"
             )
-        require_positive("rabbitmq", timeout=timeout, reconnect_min=reconnect_min)
-        require_backoff("rabbitmq", reconnect_min, reconnect_max)
+        require_positive("rabbitmq", timeout=timeout)
         self._url = url
         self._exchange_name = exchange
         self._connection_name = connection_name
         self._timeout = float(timeout)
         super().__init__(reconnect_min, reconnect_max)
-
+        self._topics: set[str] = set()
         self._session: _Session | None = None
 
     # -- Driver protocol -------------------------------------------------
@@ -190,21 +190,6 @@ class RabbitMQDriver(SupervisedDriver):
             raise InvalidTopicError(
                 topic, "a '.'-separated word is '*' or '#' (AMQP binding wildcards)"
             )
-
-    async def connect(self, receiver: Receiver) -> None:
-        self._check_open()
-        if self._receiver is not None:
-            raise BrokerError("driver is already connected")
-        try:
-            session = await self._open_session()
-        except Exception as exc:
-            raise BrokerConnectionError(f"cannot connect to RabbitMQ: {exc!r}") from exc
-        self._receiver = receiver
-        self._session = session
-        self._ready = True
-        self._supervisor = asyncio.get_running_loop().create_task(
-            self._supervise(session), name="gochan-rabbitmq-supervisor"
-        )
 
     async def subscribe(self, topic: str) -> None:
         self.check_topic(topic)
@@ -230,7 +215,7 @@ class RabbitMQDriver(SupervisedDriver):
         # unbind below fails (the binding then dies with the connection).
         self._topics.discard(topic)
         session = self._session
-        if session is None or not self._ready or not session.usable:
+        if session is None or not self.ready or not session.usable:
             return  # the queue, and so the binding, is gone with the connection
         try:
             await session.queue.unbind(session.exchange, topic, timeout=self._timeout)
@@ -256,25 +241,22 @@ class RabbitMQDriver(SupervisedDriver):
         self._published += 1
         return None
 
-    async def close(self) -> None:
-        if not await self._shut_down():
-            return
+    async def _close(self) -> None:
         session, self._session = self._session, None
         if session is not None:
             await session.close(self._timeout, delete_queue=True)
         self._topics.clear()
-        self._receiver = None
 
     # -- internals ---------------------------------------------------------
 
     def _usable_session(self) -> _Session:
-        self._check_open()
+        self._check_ready()
         session = self._session
-        if session is None or not self._ready or not session.usable:
+        if session is None or not session.usable:
             raise BrokerConnectionError("not connected to RabbitMQ (reconnecting)")
         return session
 
-    async def _open_session(self) -> _Session:
+    async def _open(self) -> _Session:
         url = URL(self._url)
         if "name" not in url.query:  # aiormq's way to name the connection
             url = url.update_query(name=self._connection_name)
@@ -305,32 +287,13 @@ class RabbitMQDriver(SupervisedDriver):
         return session
 
     async def _on_amqp_message(self, message: AbstractIncomingMessage) -> None:
-        topic = message.routing_key
-        receiver = self._receiver
         # The filter drops what a binding being removed (or restored for a
         # topic unsubscribed meanwhile) still lets through.
-        if topic is None or receiver is None or topic not in self._topics:
-            self._stray += 1
-            return
-        self._received += 1
-        try:
-            receiver.on_message(topic, message.body, None)
-        except Exception:
-            broker_logger.exception("rabbitmq: receiver failed on a message for %r", topic)
+        self._deliver(message.routing_key, message.body)
 
-    async def _supervise(self, session: _Session) -> None:
-        while True:
-            try:
-                await session.lost.wait()
-                self._ready = False
-                broker_logger.warning("rabbitmq: connection lost, reconnecting")
-                await session.close(self._timeout, delete_queue=False)
-                session = await self._reconnect(self._open_session, self._restore, self._discard)
-            except Exception:  # a bug must not leave the driver silently stuck
-                broker_logger.exception("rabbitmq: supervisor error, starting afresh")
-                self._ready = False
-                session.mark_lost()
-                await asyncio.sleep(self._reconnect_max)
+    async def _serve(self, session: _Session) -> str:
+        await session.lost.wait()
+        return "connection lost"
 
     async def _restore(self, session: _Session) -> bool:
         """Make ``session`` current and bind every held topic again; False when
@@ -359,5 +322,5 @@ class RabbitMQDriver(SupervisedDriver):
         return session.usable
 
     async def _discard(self, session: _Session) -> None:
-        """Drop a new session that failed while being restored."""
+        """Drop a lost session, or a new one that failed while being restored."""
         await session.close(self._timeout, delete_queue=False)

@@ -28,7 +28,7 @@ unchanged at gochan processes; plain SQS consumers see the base64 text.
 
 Outages: any receive error (connection lost, queue gone because the endpoint
 was reset) makes the driver not :attr:`ready` and restores the queue and every
-subscription with exponential backoff, counting one reconnect; a topic whose
+subscription with jittered exponential backoff, counting one reconnect; a topic whose
 subscription cannot be restored is reported with ``on_subscription_failure``.
 
 Production notes: the queue needs a policy letting SNS deliver to it; the
@@ -58,22 +58,13 @@ from botocore.exceptions import (  # type: ignore[import-untyped]
 )
 
 from ..errors import (
-    BrokerConnectionError,
     BrokerError,
     ConfigurationError,
     InvalidTopicError,
 )
 from ..log import broker_logger
-from ._common import (
-    bounded,
-    cancel_and_wait,
-    report_failure,
-    require_backoff,
-    require_connected,
-    require_open,
-    require_positive,
-)
-from .base import Receiver
+from ._common import bounded, require_positive
+from ._lifecycle import Lifecycle
 
 __all__ = ["SqsDriver"]
 
@@ -124,7 +115,7 @@ def decode_body(message: str, attributes: dict[str, Any]) -> bytes:
     return message.encode("utf-8")
 
 
-class SqsDriver:
+class SqsDriver(Lifecycle[None]):
     """Relay SNS topics through a per-process SQS queue.
 
     Keyword arguments (all optional):
@@ -149,6 +140,7 @@ class SqsDriver:
     """
 
     name: ClassVar[str] = "sqs"
+    broker: ClassVar[str] = "SNS/SQS"
 
     def __init__(
         self,
@@ -166,8 +158,7 @@ class SqsDriver:
             raise ConfigurationError(f"sqs: prefix {prefix!r} may only contain A-Z a-z 0-9 _ -")
         if not 1 <= wait_time <= MAX_WAIT_TIME_S:
             raise ConfigurationError(f"sqs: wait_time must be 1..{MAX_WAIT_TIME_S} seconds")
-        require_positive("sqs", timeout=timeout, reconnect_min=reconnect_min)
-        require_backoff("sqs", reconnect_min, reconnect_max)
+        require_positive("sqs", timeout=timeout)
         if bool(access_key_id) != bool(secret_access_key):
             raise ConfigurationError("sqs: give both access_key_id and secret_access_key, or none")
         self.endpoint_url = endpoint_url
@@ -175,8 +166,6 @@ class SqsDriver:
         self.prefix = prefix
         self.timeout = float(timeout)
         self.wait_time = int(wait_time)
-        self.reconnect_min = float(reconnect_min)
-        self.reconnect_max = float(reconnect_max)
         self._credentials = (access_key_id, secret_access_key)
         self.queue_name = f"{prefix}q-{secrets.token_hex(QUEUE_TOKEN_BYTES)}"
         if len(self.queue_name) > SQS_QUEUE_MAX_CHARS:
@@ -184,37 +173,16 @@ class SqsDriver:
                 f"sqs: prefix too long for an SQS queue name ({SQS_QUEUE_MAX_CHARS} chars)"
             )
 
-        self._receiver: Receiver | None = None
+        super().__init__(reconnect_min, reconnect_max)
         self._stack: contextlib.AsyncExitStack | None = None
         self._sqs: Any = None
         self._sns: Any = None
         self.queue_url = ""
         self.queue_arn = ""
-        self._policy_set = False
         # gochan topic -> (SNS topic ARN, subscription ARN)
-        self._subs: dict[str, tuple[str, str]] = {}
+        self._topics: dict[str, tuple[str, str]] = {}
         self._by_arn: dict[str, str] = {}  # SNS topic ARN -> gochan topic
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
-        self._broker_up = False
-        self._closed = False
-        self.reconnects = 0
-        self.published = 0
-        self.received = 0
-
-    # -- the Driver protocol ---------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return self._broker_up and not self._closed
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "reconnects": self.reconnects,
-            "subscriptions": len(self._subs),
-            "published": self.published,
-            "received": self.received,
-        }
 
     def sns_topic(self, topic: str) -> str:
         """The SNS topic name for ``topic`` (after :meth:`check_topic`)."""
@@ -232,10 +200,7 @@ class SqsDriver:
                 topic, f"SNS topic names are at most {SNS_TOPIC_MAX_CHARS} characters"
             )
 
-    async def connect(self, receiver: Receiver) -> None:
-        require_open(self._closed)
-        if self._receiver is not None:
-            return
+    async def _start(self) -> None:
         session = get_session()
         config = Config(
             connect_timeout=self.timeout,
@@ -247,38 +212,48 @@ class SqsDriver:
             options["endpoint_url"] = self.endpoint_url
         if self._credentials[0]:
             options["aws_access_key_id"], options["aws_secret_access_key"] = self._credentials
-        stack = contextlib.AsyncExitStack()
-        try:
-            self._sqs = await stack.enter_async_context(session.create_client("sqs", **options))
-            self._sns = await stack.enter_async_context(session.create_client("sns", **options))
-            await self._bounded(self._create_queue())
-        except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
+        self._stack = stack = contextlib.AsyncExitStack()
+        self._sqs = await stack.enter_async_context(session.create_client("sqs", **options))
+        self._sns = await stack.enter_async_context(session.create_client("sns", **options))
+
+    async def _stop(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
             await stack.aclose()
-            self._sqs = self._sns = None
-            raise BrokerConnectionError(f"sqs: cannot create the process queue: {exc!r}") from exc
-        self._stack = stack
-        self._receiver = receiver
-        self._broker_up = True
-        self._task = asyncio.create_task(self._receive_loop(), name="gochan-sqs-receive")
-        broker_logger.info("sqs: receiving on queue %s", self.queue_url)
+        self._sqs = self._sns = None
+        self._topics.clear()
+        self._by_arn.clear()
+
+    async def _open(self) -> None:
+        """Create the process queue (idempotent: also restores a lost one)."""
+        await self._bounded(self._create_queue())
+
+    async def _restore(self, conn: None) -> bool:
+        """Subscribe the queue to every topic again (idempotent on SNS)."""
+        for topic, reason in await self._resubscribe_all():
+            self._report_failure(topic, reason)
+        return True
+
+    async def _discard(self, conn: None) -> None:
+        pass  # nothing to close: every call is a request of its own
 
     async def subscribe(self, topic: str) -> None:
         self.check_topic(topic)
-        self._require_connected()
+        self._check_ready()
         async with self._lock:
-            if topic in self._subs:
+            if topic in self._topics:
                 return
             try:
                 topic_arn, sub_arn = await self._bounded(self._subscribe(topic))
             except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
                 raise BrokerError(f"sqs: cannot subscribe to {topic!r}: {exc!r}") from exc
-            self._subs[topic] = (topic_arn, sub_arn)
+            self._topics[topic] = (topic_arn, sub_arn)
             self._by_arn[topic_arn] = topic
         broker_logger.debug("sqs: subscribed %s", sub_arn)
 
     async def unsubscribe(self, topic: str) -> None:
         async with self._lock:
-            arns = self._subs.pop(topic, None)
+            arns = self._topics.pop(topic, None)
             if arns is None:
                 return
             topic_arn, sub_arn = arns
@@ -291,7 +266,7 @@ class SqsDriver:
 
     async def publish(self, topic: str, data: bytes) -> str:
         self.check_topic(topic)
-        self._require_connected()
+        self._check_ready()
         message, attributes = encode_body(bytes(data))
         topic_arn = self._topic_arn(topic)
         try:
@@ -313,40 +288,26 @@ class SqsDriver:
                 )
         except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
             raise BrokerError(f"sqs: cannot publish to {topic!r}: {exc!r}") from exc
-        self.published += 1
+        self._published += 1
         return str(response["MessageId"])
 
-    async def close(self) -> None:
-        if self._closed:
+    async def _close(self) -> None:
+        if self._sns is None:
             return
-        self._closed = True
-        self._broker_up = False
-        await cancel_and_wait(self._task)
-        self._task = None
-        if self._stack is not None:
-            subs = [sub_arn for _, sub_arn in self._subs.values()]
-            results = await asyncio.gather(
-                *(self._bounded(self._sns.unsubscribe(SubscriptionArn=arn)) for arn in subs),
-                return_exceptions=True,
-            )
-            for arn, result in zip(subs, results, strict=True):
-                if isinstance(result, BaseException):
-                    broker_logger.warning("sqs: cannot remove subscription %s: %r", arn, result)
-            try:
-                await self._bounded(self._sqs.delete_queue(QueueUrl=self.queue_url))
-            except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
-                broker_logger.warning("sqs: cannot delete queue %s: %r", self.queue_url, exc)
-            await self._stack.aclose()
-            self._stack = None
-        self._sqs = self._sns = None
-        self._subs.clear()
-        self._by_arn.clear()
-        self._receiver = None
+        subs = [sub_arn for _, sub_arn in self._topics.values()]
+        results = await asyncio.gather(
+            *(self._bounded(self._sns.unsubscribe(SubscriptionArn=arn)) for arn in subs),
+            return_exceptions=True,
+        )
+        for arn, result in zip(subs, results, strict=True):
+            if isinstance(result, BaseException):
+                broker_logger.warning("sqs: cannot remove subscription %s: %r", arn, result)
+        try:
+            await self._bounded(self._sqs.delete_queue(QueueUrl=self.queue_url))
+        except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
+            broker_logger.warning("sqs: cannot delete queue %s: %r", self.queue_url, exc)
 
     # -- internals -----------------------------------------------------------
-
-    def _require_connected(self) -> None:
-        require_connected(self._closed, self._receiver)
 
     async def _bounded(self, aw: Awaitable[_T]) -> _T:
         return await bounded(aw, self.timeout, "SNS/SQS")
@@ -400,7 +361,8 @@ class SqsDriver:
         )
         return topic_arn, str(response["SubscriptionArn"])
 
-    async def _receive_loop(self) -> None:
+    async def _serve(self, conn: None) -> str:
+        """Receive, deliver and delete, until a receive fails."""
         while True:
             try:
                 response = await asyncio.wait_for(
@@ -412,17 +374,12 @@ class SqsDriver:
                     self.wait_time + self.timeout,
                 )
             except (BotoCoreError, ClientError, OSError, asyncio.TimeoutError) as exc:
-                await self._restore(exc)
-                continue
-            except Exception as exc:  # never let the loop die: log, pause, go on
-                broker_logger.exception("sqs: receive failed unexpectedly: %r", exc)
-                await asyncio.sleep(self.reconnect_max)
-                continue
+                return f"receive failed: {exc!r}"
             messages = response.get("Messages", [])
             if not messages:
                 continue
             for message in messages:
-                self._deliver(message)
+                self._unwrap(message)
             try:
                 await self._bounded(
                     self._sqs.delete_message_batch(
@@ -437,7 +394,7 @@ class SqsDriver:
                 # They come back after the visibility timeout: duplicates.
                 broker_logger.warning("sqs: cannot delete received messages: %r", exc)
 
-    def _deliver(self, message: dict[str, Any]) -> None:
+    def _unwrap(self, message: dict[str, Any]) -> None:
         try:
             envelope = orjson.loads(message["Body"])
             topic_arn = envelope["TopicArn"]
@@ -446,15 +403,8 @@ class SqsDriver:
         except (KeyError, TypeError, ValueError) as exc:
             broker_logger.warning("sqs: dropping a message that is no SNS notification: %r", exc)
             return
-        topic = self._by_arn.get(topic_arn)
-        receiver = self._receiver
-        if topic is None or receiver is None:
-            return  # a topic unsubscribed a moment ago
-        self.received += 1
-        try:
-            receiver.on_message(topic, body, event_id)
-        except Exception:
-            broker_logger.exception("sqs: receiver failed on a message for %r", topic)
+        # None for a topic unsubscribed a moment ago
+        self._deliver(self._by_arn.get(topic_arn), body, event_id)
 
     async def _resubscribe_all(self) -> list[tuple[str, str]]:
         """Subscribe the queue to every topic again (idempotent on SNS).
@@ -464,40 +414,17 @@ class SqsDriver:
         """
         failed: list[tuple[str, str]] = []
         async with self._lock:
-            for topic in list(self._subs):
+            for topic in list(self._topics):
                 try:
                     topic_arn, sub_arn = await self._bounded(self._subscribe(topic))
                 except ClientError as exc:
                     failed.append((topic, f"cannot restore the SNS subscription: {exc}"))
-                    old_arn, _ = self._subs.pop(topic)
+                    old_arn, _ = self._topics.pop(topic)
                     self._by_arn.pop(old_arn, None)
                     continue
-                self._subs[topic] = (topic_arn, sub_arn)
+                self._topics[topic] = (topic_arn, sub_arn)
                 self._by_arn[topic_arn] = topic
         return failed
-
-    async def _restore(self, error: BaseException) -> None:
-        """Recreate the queue and every subscription, with backoff, until done."""
-        if self._broker_up:
-            self._broker_up = False
-            broker_logger.warning("sqs: receive failed (%r); restoring the queue", error)
-        delay = self.reconnect_min
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await self._bounded(self._create_queue())
-                failed = await self._resubscribe_all()
-                break
-            except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
-                broker_logger.debug("sqs: restore failed: %r", exc)
-                delay = min(delay * 2, self.reconnect_max)
-        self.reconnects += 1
-        self._broker_up = True
-        broker_logger.warning(
-            "sqs: queue restored with %d subscriptions (%d failed)", len(self._subs), len(failed)
-        )
-        for topic, reason in failed:
-            report_failure(self.name, self._receiver, topic, reason)
 
 
 def _error_code(exc: ClientError) -> str:

@@ -38,6 +38,7 @@ def kafka_server() -> Iterator[KafkaServer]:
 def make_driver(server: KafkaServer, **kwargs: Any) -> Any:
     kwargs.setdefault("timeout", TEST_TIMEOUT_S)
     kwargs.setdefault("health_interval", 0.2)
+    kwargs.setdefault("reconnect_max", 0.2)
     return KafkaDriver(bootstrap_servers=server.bootstrap, **kwargs)
 
 
