@@ -48,7 +48,7 @@ Reconnects
 ----------
 The driver reconnects by itself (the client library's own reconnect is
 disabled so that there is one code path): exponential backoff with jitter
-between ``reconnect_wait`` and ``reconnect_wait_max``, then every held topic
+between ``reconnect_min`` and ``reconnect_max``, then every held topic
 is subscribed again. ``ready`` is False meanwhile, ``subscribe`` and
 ``publish`` raise :class:`~gochan.errors.BrokerConnectionError` at once, and
 ``Receiver.on_subscription_failure`` is called only for topics the server
@@ -60,9 +60,10 @@ a watchdog) is not answered within ``request_timeout``: a server that is
 frozen or unreachable without closing the socket. nats-py would otherwise
 keep it "connected" with its reading task dead once the late PONG arrives,
 acknowledging publishes and delivering nothing. Attempts start
-``reconnect_wait``..``reconnect_wait_max`` apart counted from the start of
-the previous one, so the attempt that is waiting when a frozen server
-resumes gets through at once.
+``reconnect_min``..``reconnect_max`` apart counted from the start of the
+previous one, so the attempt that is waiting when a frozen server resumes
+gets through at once (the reconnection loop all drivers share,
+:mod:`gochan.drivers._lifecycle`).
 """
 
 from __future__ import annotations
@@ -84,21 +85,13 @@ from nats.js import api
 from ..errors import (
     BrokerConnectionError,
     BrokerError,
-    ClosedError,
     ConfigurationError,
     InvalidTopicError,
     ReplayGapError,
 )
 from ..log import broker_logger
-from ._common import (
-    backoff,
-    cancel_and_wait,
-    redact_url,
-    report_failure,
-    require_open,
-    require_positive,
-)
-from .base import Receiver
+from ._common import redact_url, reject_renamed, require_positive
+from ._lifecycle import Lifecycle
 
 __all__ = ["NatsDriver"]
 
@@ -109,8 +102,8 @@ DEFAULT_STREAM_MAX_AGE_S = 3600.0
 DEFAULT_STREAM_MAX_MSGS_PER_SUBJECT = 1000
 DEFAULT_CONNECT_TIMEOUT_S = 2.0
 DEFAULT_REQUEST_TIMEOUT_S = 5.0
-DEFAULT_RECONNECT_WAIT_S = 0.1
-DEFAULT_RECONNECT_WAIT_MAX_S = 5.0
+DEFAULT_RECONNECT_MIN_S = 0.1
+DEFAULT_RECONNECT_MAX_S = 5.0
 DEFAULT_PING_INTERVAL_S = 20.0
 DEFAULT_MAX_OUTSTANDING_PINGS = 2
 DEFAULT_IDLE_HEARTBEAT_S = 5.0
@@ -189,7 +182,7 @@ def _stop_consumer_tasks(sub: Subscription) -> None:
             task.cancel()
 
 
-class NatsDriver:
+class NatsDriver(Lifecycle[Client]):
     """Relay NATS subjects (core pub/sub, or JetStream) to gochan topics.
 
     Keyword arguments (all optional; the config layer exposes each one as
@@ -218,9 +211,9 @@ class NatsDriver:
     request_timeout
         Seconds allowed for a round trip: subscription confirmation,
         publish confirmation, JetStream API calls.
-    reconnect_wait
+    reconnect_min
         Seconds before the first reconnection attempt; doubled each time.
-    reconnect_wait_max
+    reconnect_max
         Longest wait between two reconnection attempts, in seconds.
     ping_interval
         Seconds between keepalive pings; the connection is considered dead
@@ -235,6 +228,7 @@ class NatsDriver:
     """
 
     name: ClassVar[str] = "nats"
+    broker: ClassVar[str] = "NATS"
 
     def __init__(
         self,
@@ -247,13 +241,15 @@ class NatsDriver:
         stream_max_msgs_per_subject: int = DEFAULT_STREAM_MAX_MSGS_PER_SUBJECT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
-        reconnect_wait: float = DEFAULT_RECONNECT_WAIT_S,
-        reconnect_wait_max: float = DEFAULT_RECONNECT_WAIT_MAX_S,
+        reconnect_min: float = DEFAULT_RECONNECT_MIN_S,
+        reconnect_max: float = DEFAULT_RECONNECT_MAX_S,
         ping_interval: float = DEFAULT_PING_INTERVAL_S,
         idle_heartbeat: float = DEFAULT_IDLE_HEARTBEAT_S,
         publish_flush: bool = True,
         name: str = DEFAULT_CLIENT_NAME,
+        **renamed: Any,
     ) -> None:
+        reject_renamed("nats", renamed)
         self._servers = [s.strip() for s in url.split(",") if s.strip()]
         if not self._servers:
             raise ConfigurationError("nats url must name at least one server")
@@ -272,8 +268,6 @@ class NatsDriver:
             "nats",
             connect_timeout=connect_timeout,
             request_timeout=request_timeout,
-            reconnect_wait=reconnect_wait,
-            reconnect_wait_max=reconnect_wait_max,
             ping_interval=ping_interval,
             idle_heartbeat=idle_heartbeat,
         )
@@ -286,21 +280,13 @@ class NatsDriver:
         self._stream_max_msgs_per_subject = stream_max_msgs_per_subject
         self._connect_timeout_s = connect_timeout
         self._request_timeout_s = request_timeout
-        self._reconnect_wait_s = reconnect_wait
-        self._reconnect_wait_max_s = max(reconnect_wait, reconnect_wait_max)
         self._ping_interval_s = ping_interval
         self._idle_heartbeat_s = idle_heartbeat
         self._publish_flush = publish_flush
         self._client_name = name
 
-        self._receiver: Receiver | None = None
+        super().__init__(reconnect_min, reconnect_max)
         self._nc: Client | None = None
-        self._ready = False
-        self._closed = False
-        self._reconnect_task: asyncio.Task[None] | None = None
-        self._watchdog: asyncio.Task[None] | None = None
-        # Connections given up while still open, to be closed (_round_trip).
-        self._retired: list[Client] = []
         # Topics the streamer holds (including any being restored) and the
         # live broker subscription of each.
         self._topics: set[str] = set()
@@ -309,16 +295,14 @@ class NatsDriver:
         self._positions: dict[str, int] = {}
         # Lower-cased subject -> the server's refusal (see _PERMISSION_RE).
         self._denied: dict[str, str] = {}
-        self._reconnects = 0
 
     # -- Driver protocol ---------------------------------------------------
 
-    @property
-    def ready(self) -> bool:
-        return self._ready and not self._closed
+    def _where(self) -> str:
+        return f"NATS at {self._url}"
 
-    def stats(self) -> dict[str, Any]:
-        return {"reconnects": self._reconnects, "subscriptions": len(self._subs)}
+    def _broker_stats(self) -> dict[str, Any]:
+        return {"jetstream": self._jetstream, "broker_subscriptions": len(self._subs)}
 
     def check_topic(self, topic: str) -> None:
         if not topic:
@@ -329,22 +313,8 @@ class NatsDriver:
         if problem is not None:
             raise InvalidTopicError(topic, problem)
 
-    async def connect(self, receiver: Receiver) -> None:
-        require_open(self._closed)
-        if self._nc is not None or self._reconnect_task is not None:
-            raise BrokerError("nats driver is already connected")
-        nc = await self._open()
-        if self._closed:  # closed while connecting
-            await self._discard(nc)
-            raise ClosedError("driver is closed")
-        self._receiver = receiver
-        self._nc = nc
-        self._ready = True
-        self._watch(nc)
-        broker_logger.info("connected to NATS at %s", self._url)
-
     async def subscribe(self, topic: str) -> None:
-        require_open(self._closed)
+        self._check_open()
         self.check_topic(topic)
         nc = self._connected()
         if topic in self._topics:
@@ -376,7 +346,7 @@ class NatsDriver:
             await self._quiet_unsubscribe(sub, settle=True)
 
     async def publish(self, topic: str, data: bytes) -> str | None:
-        require_open(self._closed)
+        self._check_open()
         self.check_topic(topic)
         # Not while the subscriptions are being restored: a core NATS message
         # published before this node's SUB is processed never reaches it.
@@ -386,6 +356,7 @@ class NatsDriver:
             if self._jetstream:
                 js = nc.jetstream(timeout=self._request_timeout_s)
                 ack = await js.publish(subject, data, stream=self._stream)
+                self._published += 1
                 return str(ack.seq)
             await nc.publish(subject, data)
             if self._publish_flush:
@@ -400,24 +371,15 @@ class NatsDriver:
             raise BrokerConnectionError(f"publish to NATS failed: {exc!r}") from exc
         except nats.errors.Error as exc:
             raise BrokerError(f"publish to NATS subject {subject!r} failed: {exc}") from exc
+        self._published += 1
         return None
 
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._ready = False
-        task, self._reconnect_task = self._reconnect_task, None
-        await cancel_and_wait(task)
-        watchdog, self._watchdog = self._watchdog, None
-        await cancel_and_wait(watchdog)
-        await self._discard_retired()
+    async def _close(self) -> None:
         nc, self._nc = self._nc, None
         subs = list(self._subs.values())
         self._subs.clear()
         self._topics.clear()
         self._positions.clear()
-        self._receiver = None
         for sub in subs:
             if nc is not None and nc.is_connected:
                 await self._quiet_unsubscribe(sub)
@@ -505,8 +467,9 @@ class NatsDriver:
     # -- connection --------------------------------------------------------
 
     def _connected(self) -> Client:
+        self._check_ready()
         nc = self._nc
-        if nc is None or not self._ready or not nc.is_connected:
+        if nc is None or not nc.is_connected:
             raise BrokerConnectionError(f"not connected to NATS at {self._url} (reconnecting)")
         return nc
 
@@ -522,11 +485,10 @@ class NatsDriver:
                 connect_errors.append(exc)
 
         async def on_disconnected() -> None:
-            if nc is self._nc:
-                self._ready = False
+            self._lost(nc, "disconnected")
 
         async def on_closed() -> None:
-            self._on_closed(nc)
+            self._lost(nc, "lost the connection")
 
         try:
             await asyncio.wait_for(
@@ -560,11 +522,10 @@ class NatsDriver:
             ) from exc
         return nc
 
-    async def _discard_retired(self) -> None:
-        while self._retired:
-            await self._discard(self._retired.pop())
-
     async def _discard(self, nc: Client) -> None:
+        if nc is self._nc:  # a new connection that failed while being restored
+            self._nc = None
+            self._drop_subs()
         try:
             await asyncio.wait_for(nc.close(), self._request_timeout_s)
         except Exception as exc:  # closing a broken connection may fail: it is gone anyway
@@ -622,32 +583,20 @@ class NatsDriver:
                 await self._quiet_unsubscribe(sub)
                 self._report_failure(topic, str(exc))
 
-    def _on_closed(self, nc: Client) -> None:
-        self._lost(nc, "lost the connection")
-
-    def _lost(self, nc: Client, why: str, close: bool = False) -> None:
+    def _lost(self, nc: Client, why: str) -> None:
         """``nc`` no longer serves (if it is the live connection): not ready,
-        its subscriptions forgotten (the topics stay held), reconnect.
-        ``close``: it is still open; the reconnection closes it first."""
-        if self._closed or nc is not self._nc:
+        its subscriptions forgotten (the topics stay held), and the
+        supervisor closes it and reconnects."""
+        if nc is not self._nc:
             return
         self._nc = None
-        self._ready = False
-        if close:
-            self._retired.append(nc)
-        watchdog = self._watchdog
-        if watchdog is not None and watchdog is not asyncio.current_task():
-            watchdog.cancel()
+        self._drop_subs()
+        self._lose(why)
+
+    def _drop_subs(self) -> None:
         for sub in self._subs.values():
             _stop_consumer_tasks(sub)
         self._subs.clear()
-        broker_logger.warning(
-            "%s to NATS at %s; reconnecting (%d topics)", why, self._url, len(self._topics)
-        )
-        if self._reconnect_task is None or self._reconnect_task.done():
-            self._reconnect_task = asyncio.get_running_loop().create_task(
-                self._reconnect(), name="gochan-nats-reconnect"
-            )
 
     async def _round_trip(self, nc: Client) -> None:
         """:func:`_flush` on ``nc``; a timeout also replaces the connection.
@@ -664,88 +613,33 @@ class NatsDriver:
             await _flush(nc, self._request_timeout_s)
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             why = f"no answer within {self._request_timeout_s}s on the connection"
-            self._lost(nc, why, close=True)
+            self._lost(nc, why)
             raise
 
-    def _watch(self, nc: Client) -> None:
-        """Start the watchdog of ``nc`` (see :meth:`_watchdog_loop`)."""
-        self._watchdog = asyncio.get_running_loop().create_task(
-            self._watchdog_loop(nc), name="gochan-nats-watchdog"
-        )
-
-    async def _watchdog_loop(self, nc: Client) -> None:
-        """A round trip on ``nc`` every ``ping_interval`` while it is live.
+    async def _serve(self, nc: Client) -> str:
+        """A round trip on ``nc`` every ``ping_interval`` until it is lost.
 
         nats-py's own pings cannot tell a dead read loop (nothing delivered,
         the connection still "connected") until several intervals have
         passed; a round trip that times out replaces the connection at once
         (:meth:`_round_trip`), whether or not anything is being published.
         """
-        while self._nc is nc and not self._closed:
-            await asyncio.sleep(self._ping_interval_s)
-            if self._nc is not nc or not self._ready:
-                return
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._lost_event.wait(), self._ping_interval_s)
+                return self._lost_why
             try:
                 await self._round_trip(nc)
             except _CONNECTION_ERRORS as exc:
-                broker_logger.debug("NATS watchdog round trip failed: %r", exc)
-                return
-
-    async def _reconnect(self) -> None:
-        # Attempts start backoff() apart, counted from the start of the
-        # previous one: an attempt that spent connect_timeout waiting on a
-        # frozen server is followed at once by the next (which then finds the
-        # server as soon as it resumes), one refused at once waits the backoff.
-        loop = asyncio.get_running_loop()
-        attempt = 0
-        started: float | None = None
-        while not self._closed:
-            delay = backoff(attempt, self._reconnect_wait_s, self._reconnect_wait_max_s)
-            if started is not None:
-                delay -= loop.time() - started
-            await asyncio.sleep(max(0.0, delay))
-            await self._discard_retired()
-            started = loop.time()
-            attempt += 1
-            try:
-                if await self._reconnect_once(attempt):
-                    return
-            except Exception:  # never let the reconnect loop die
-                broker_logger.exception("NATS reconnection attempt %d failed", attempt)
-
-    async def _reconnect_once(self, attempt: int) -> bool:
-        try:
-            nc = await self._open()
-        except BrokerError as exc:
-            broker_logger.info("NATS reconnection attempt %d failed: %s", attempt, exc)
-            return False
-        self._nc = nc
-        restored = False
-        try:
-            restored = await self._restore(nc) and self._nc is nc and nc.is_connected
-        except BrokerError as exc:
-            broker_logger.info("NATS resubscription failed: %s", exc)
-        finally:
-            if not restored and self._nc is nc:
-                self._nc = None
-                for sub in self._subs.values():
-                    _stop_consumer_tasks(sub)
-                self._subs.clear()
-                await self._discard(nc)
-        if restored:
-            self._reconnects += 1
-            self._ready = True
-            self._watch(nc)
-            broker_logger.info(
-                "reconnected to NATS at %s; %d topics resubscribed", self._url, len(self._subs)
-            )
-        return restored
+                return f"round trip failed: {exc!r}"
 
     async def _restore(self, nc: Client) -> bool:
-        """Subscribe every held topic on ``nc``; False if ``nc`` was lost meanwhile."""
+        """Make ``nc`` the connection and subscribe every held topic on it;
+        False if ``nc`` was lost meanwhile."""
+        self._nc = nc
         topics = sorted(self._topics)
         if not topics:
-            return True
+            return nc.is_connected
         last_seq: int | None = None
         if self._jetstream:
             last_seq = await self._stream_last_seq(nc)
@@ -769,7 +663,7 @@ class NatsDriver:
             if topic in self._topics:
                 self._forget(topic)
                 self._report_failure(topic, message)
-        return self._nc is nc
+        return self._nc is nc and nc.is_connected
 
     # -- subscriptions -----------------------------------------------------
 
@@ -834,20 +728,14 @@ class NatsDriver:
         jetstream = self._jetstream
 
         async def on_msg(msg: Msg) -> None:
-            receiver = self._receiver
-            if receiver is None or topic not in self._topics:
-                return
             event_id: str | None = None
-            if jetstream:
+            if jetstream and topic in self._topics:
                 seq = msg.metadata.sequence.stream
                 if seq <= self._positions.get(topic, 0):
                     return  # redelivered by a consumer reset
                 self._positions[topic] = seq
                 event_id = str(seq)
-            try:
-                receiver.on_message(topic, msg.data, event_id)
-            except Exception:
-                broker_logger.exception("receiver failed on a message for topic %r", topic)
+            self._deliver(topic, msg.data, event_id)
 
         return on_msg
 
@@ -867,6 +755,3 @@ class NatsDriver:
     def _forget(self, topic: str) -> None:
         self._topics.discard(topic)
         self._positions.pop(topic, None)
-
-    def _report_failure(self, topic: str, message: str) -> None:
-        report_failure(self.name, self._receiver, topic, message)

@@ -45,8 +45,8 @@ NatsDriver = nats_driver.NatsDriver
 
 RECONNECT_TIMEOUT_S = 15.0
 PROMPT_S = 3.0  # "promptly": a refusal must come within this
-FAST = {"connect_timeout": 1.0, "request_timeout": 2.0, "reconnect_wait": 0.05,
-        "reconnect_wait_max": 0.5}  # fmt: skip
+FAST = {"connect_timeout": 1.0, "request_timeout": 2.0, "reconnect_min": 0.05,
+        "reconnect_max": 0.5}  # fmt: skip
 
 _T = TypeVar("_T")
 
@@ -388,7 +388,7 @@ async def test_broker_restart_is_survived(own_nats: NatsServer) -> None:
 
         await asyncio.to_thread(own_nats.start)
         await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
-        assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
+        assert (driver.stats()["reconnects"], driver.stats()["subscriptions"]) == (1, 1)
         assert sorted(own_nats.subscriptions("gochan")) == [t1]
         async with raw_client(own_nats.url) as nc:
             await nc.publish(t1, b"after")
@@ -512,7 +512,7 @@ async def test_only_refused_topics_are_reported_after_a_restart(own_nats: NatsSe
         await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
         assert [t for t, _ in rec.failures] == [revoked]
         assert "permissions violation" in rec.failures[0][1].lower()
-        assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
+        assert (driver.stats()["reconnects"], driver.stats()["subscriptions"]) == (1, 1)
         async with raw_client(own_nats.url) as nc:
             await nc.publish(revoked, b"no")
             await nc.publish(allowed, b"yes")
@@ -604,7 +604,7 @@ async def test_jetstream_resumes_after_restart_without_gap(own_nats: NatsServer)
     topic = unique("jsresume")
 
     # a slow first retry (1.5 s to 3 s), so the broker is back before the driver is
-    slow = {"reconnect_wait": 3.0, "reconnect_wait_max": 3.0}
+    slow = {"reconnect_min": 3.0, "reconnect_max": 3.0}
     async with jetstream(own_nats.url, **slow) as (driver, rec, prefix, _stream):
         await driver.subscribe(topic)
         first = await driver.publish(topic, b"one")
@@ -653,4 +653,11 @@ async def test_a_subscription_revoked_while_held_is_reported(own_nats: NatsServe
         await rec.wait_for(lambda: bool(rec.failures))
         assert [t for t, _ in rec.failures] == [revoked]
         assert driver.ready
-        assert driver.stats() == {"reconnects": 0, "subscriptions": 1}
+        assert (driver.stats()["reconnects"], driver.stats()["subscriptions"]) == (0, 1)
+
+
+def test_renamed_reconnect_options_name_the_new_ones() -> None:
+    with pytest.raises(ConfigurationError, match="reconnect_wait is now called reconnect_min"):
+        NatsDriver(reconnect_wait=0.5)
+    with pytest.raises(ConfigurationError, match="reconnect_max must not be below reconnect_min"):
+        NatsDriver(reconnect_min=2.0, reconnect_max=1.0)

@@ -48,7 +48,7 @@ async def test_subscription_lifecycle(server: NatsServer) -> None:
 
 
 async def test_broker_restart(server: NatsServer) -> None:
-    await e2e.check_broker_restart(broker(server, reconnect_wait=0.1, reconnect_wait_max=0.5))
+    await e2e.check_broker_restart(broker(server, reconnect_min=0.1, reconnect_max=0.5))
 
 
 async def test_replay_across_a_time_nobody_held_the_topic_is_not_claimed(
