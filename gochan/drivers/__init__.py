@@ -23,6 +23,7 @@ __all__ = [
 DRIVERS: dict[str, tuple[str, str, str | None]] = {
     "mem": ("gochan.drivers.mem", "MemDriver", None),
     "nats": ("gochan.drivers.nats", "NatsDriver", "nats"),
+    # RedisDriver builds the pub/sub driver, or with streams=True the Streams one.
     "redis": ("gochan.drivers.redis", "RedisDriver", "redis"),
     "kafka": ("gochan.drivers.kafka", "KafkaDriver", "kafka"),
     "sqs": ("gochan.drivers.sqs", "SqsDriver", "sqs"),

@@ -30,8 +30,8 @@ RedisDriver = redis_driver.RedisDriver
 
 RECONNECT_TIMEOUT_S = 15.0
 PROMPT_S = 3.0  # "promptly": a refusal must come within this
-FAST = {"connect_timeout": 1.0, "command_timeout": 2.0, "reconnect_wait": 0.05,
-        "reconnect_wait_max": 0.5}  # fmt: skip
+FAST = {"connect_timeout": 1.0, "command_timeout": 2.0, "reconnect_min": 0.05,
+        "reconnect_max": 0.5}  # fmt: skip
 
 
 # -- helpers -----------------------------------------------------------------
@@ -102,7 +102,16 @@ def test_bad_options_are_configuration_errors(options: dict[str, Any]) -> None:
 
 def test_registry_builds_the_driver() -> None:
     options = {"url": "redis://127.0.0.1:1/0", "prefix": "gochan:"}
-    harness.check_registry("redis", options, RedisDriver)
+    harness.check_registry("redis", options, redis_driver.RedisPubSubDriver)
+    streams = import_or_skip("gochan.drivers.redis_streams").RedisStreamsDriver
+    harness.check_registry("redis", {**options, "streams": True}, streams)
+
+
+def test_renamed_and_misplaced_options_are_configuration_errors() -> None:
+    with pytest.raises(ConfigurationError, match="reconnect_wait_max is now called reconnect_max"):
+        RedisDriver(reconnect_wait_max=1.0)
+    with pytest.raises(ConfigurationError, match="stream_maxlen is an option of Redis Streams"):
+        RedisDriver(stream_maxlen=10)
 
 
 # -- pub/sub ---------------------------------------------------------------------
@@ -124,7 +133,7 @@ async def test_plain_redis_publish_arrives_unchanged(redis_url: str) -> None:
         await client.publish("gochan:" + topic, b"last")
         await rec.wait_messages(5)
         assert rec.messages == [(topic, body, None) for body in [*bodies, b"last"]]
-        assert driver.stats() == {"reconnects": 0, "subscriptions": 1}
+        assert (driver.stats()["reconnects"], driver.stats()["subscriptions"]) == (0, 1)
 
 
 async def test_driver_publish_reaches_plain_subscribers(redis_url: str) -> None:
@@ -304,7 +313,7 @@ async def test_broker_restart_is_survived(own_redis: RedisServer) -> None:
 
         await asyncio.to_thread(own_redis.start)
         await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
-        assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
+        assert (driver.stats()["reconnects"], driver.stats()["subscriptions"]) == (1, 1)
         async with raw_client(own_redis.url) as client:
             assert await numsub(client, t1) == 1
             assert await numsub(client, t2) == 0
@@ -330,7 +339,7 @@ async def test_publish_is_refused_until_the_subscriptions_are_back(
     waits out its backoff): Redis would drop the message, so the publish is
     refused, not acknowledged and lost; once ready it is delivered."""
     topic = unique("resub")
-    slow = {"reconnect_wait": 4.0, "reconnect_wait_max": 4.0}
+    slow = {"reconnect_min": 4.0, "reconnect_max": 4.0}
     async with connected(own_redis.url, **slow) as (driver, rec):
         await driver.subscribe(topic)
         await asyncio.to_thread(own_redis.stop)
@@ -386,7 +395,7 @@ async def test_only_refused_topics_are_reported_after_a_restart(own_redis: Redis
         await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
         assert [t for t, _ in rec.failures] == [revoked]
         assert "NoPermissionError: this user has no permissions" in rec.failures[0][1]
-        assert driver.stats() == {"reconnects": 1, "subscriptions": 1}
+        assert (driver.stats()["reconnects"], driver.stats()["subscriptions"]) == (1, 1)
         async with raw_client(own_redis.url) as client:
             assert await numsub(client, allowed) == 1
             await client.publish(allowed, b"yes")
@@ -517,7 +526,7 @@ async def test_streams_resume_after_restart_without_gap(own_redis: RedisServer) 
     topic = unique("resume")
 
     # a slow first retry (1.5 s to 3 s), so the broker is back before the driver is
-    slow = {"reconnect_wait": 3.0, "reconnect_wait_max": 3.0}
+    slow = {"reconnect_min": 3.0, "reconnect_max": 3.0}
     async with connected(own_redis.url, prefix="g:", streams=True, **slow) as (driver, rec):
         await driver.subscribe(topic)
         first = await driver.publish(topic, b"one")

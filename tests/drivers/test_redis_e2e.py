@@ -51,4 +51,4 @@ async def test_subscription_lifecycle(server: RedisServer) -> None:
 
 
 async def test_broker_restart(server: RedisServer) -> None:
-    await e2e.check_broker_restart(broker(server, reconnect_wait=0.05, reconnect_wait_max=0.5))
+    await e2e.check_broker_restart(broker(server, reconnect_min=0.05, reconnect_max=0.5))
