@@ -55,12 +55,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from types import FrameType
 from typing import Any
 
-from ._fast import Subscriber
+from .frames import CLIENT_CLOSED_FRAME
 from .log import server_logger
 from .server.app import Server
 from .server.http import Request
 from .server.routes import OpenStream, Response, Router
-from .streamer import CLIENT_CLOSED_FRAME, Streamer
+from .stream import Stream
+from .streamer import Streamer
 
 __all__ = ["GochanASGI", "Message", "Receive", "Scope", "Send"]
 
@@ -92,7 +93,7 @@ class _StreamTransport(asyncio.WriteTransport):
         self.size = 0
         self.state = _OPEN
         self.paused = False
-        self.sub: Subscriber | None = None
+        self.sub: Stream | None = None
         self.pump_task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._deadline: asyncio.TimerHandle | None = None
@@ -139,7 +140,7 @@ class _StreamTransport(asyncio.WriteTransport):
 
     # -- what the adapter calls --------------------------------------------
 
-    def attach(self, sub: Subscriber) -> None:
+    def attach(self, sub: Stream) -> None:
         self.sub = sub
         if self.size > self.high_water and not self.paused:
             self.paused = True
@@ -173,7 +174,7 @@ class _StreamTransport(asyncio.WriteTransport):
             # send() returned: the server took the bytes, so we have drained.
             if self.paused and self.state == _OPEN and self.sub is not None:
                 self.paused = False
-                self.sub.resume()  # may write (and pause) again at once
+                self.sub.writable()  # may write (and pause) again at once
         if self.state == _CLOSING:
             await send(_end())
 
@@ -245,7 +246,7 @@ class GochanASGI:
             "when the app authorizes publishers",
         )
         self.handle_signals = handle_signals
-        self._streams: set[Subscriber] = set()
+        self._streams: set[Stream] = set()
         self._exiting = False
 
     # -- ASGI --------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from .errors import InvalidClientIdError, InvalidTopicError
 
 if TYPE_CHECKING:
-    from ._fast import Subscriber
+    from .stream import Stream
 
 __all__ = [
     "MAX_CLIENT_ID_CHARS",
@@ -96,7 +96,7 @@ class Client:
         # embedding API): its per-peer share is counted against that address.
         self.peer = peer
         self._topics: dict[str, None] = {}
-        self.streams: list[Subscriber] = []
+        self.streams: list[Stream] = []
         # Monotonic deadline after which the client is removed; None while it
         # has a live stream.
         self.expires_at: float | None = None

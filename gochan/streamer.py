@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from ._fast import HEARTBEAT, Hub, Subscriber, encode_event, encode_system
+from ._fast import HEARTBEAT, Hub, Subscriber
 from .client import (
     Client,
     TopicError,
@@ -27,7 +24,7 @@ from .client import (
     validate_topic,
 )
 from .config import DEFAULT_TICK_S, Config
-from .drivers import Driver, DurableDriver, MemDriver, create_driver
+from .drivers import Driver, MemDriver, create_driver
 from .errors import (
     BrokerError,
     ClientExistsError,
@@ -36,44 +33,21 @@ from .errors import (
     InvalidTopicError,
     LimitExceededError,
     PeerLimitError,
-    ReplayGapError,
     UnknownClientError,
 )
-from .history import History
+from .frames import CLIENT_CLOSED_FRAME, subscription_failure_frame
 from .log import logger
+from .replay import Replayer
+from .stream import Stream
 
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["CLIENT_CLOSED_FRAME", "Streamer"]
+__all__ = ["Streamer"]
 
-CLIENT_CLOSED_FRAME = encode_system(b"Client closed")
-# Replay is written in slices of this many bytes, the next one once the
-# socket has taken the last, so a long backlog never sits in memory twice.
-REPLAY_SLICE_BYTES = 256 * 1024
 VALID_TOPICS_CACHED = 65_536  # topic names remembered as valid (then forgotten at once)
 
 TickHook = Callable[[float], None]
-
-
-class _Held:
-    """Live frames kept for a stream while the broker replays to it."""
-
-    __slots__ = ("bytes", "frames")
-
-    def __init__(self) -> None:
-        self.frames: list[tuple[int | None, bytes]] = []
-        self.bytes = 0
-
-
-def replay_frame(last_event_id: str, recovered: bool) -> bytes:
-    replay = {"replay": {"last_event_id": last_event_id[:256], "recovered": recovered}}
-    return encode_system(orjson.dumps(replay))
-
-
-def subscription_failure_frame(topic: str, message: str) -> bytes:
-    payload = {"error": {"code": "subscription-failure", "message": message, "topic": topic}}
-    return encode_system(orjson.dumps(payload))
 
 
 class Streamer:
@@ -101,26 +75,14 @@ class Streamer:
         self._background: set[asyncio.Task[Any]] = set()
         self._servers: list[Server] = []
         self._next_heartbeat = 0.0
-        # Event ids are "<epoch>-<seq>": the random epoch tells this process's
-        # ids from an earlier run's, so a stale Last-Event-ID is recognised.
-        self._epoch = secrets.token_hex(4)
-        self._seq = 0
-        config = self.config
-        self.history = History(config.history_size, config.history_bytes, config.history_age)
-        self._replays: dict[Subscriber, int] = {}  # streams still replaying -> last seq sent
         # Topic names already validated, each mapped to one shared instance:
         # a client's topics are that instance, not the copy parsed from its
         # request (10 topics x 10,000 connections is 5.6 MB of copies).
         self._valid_topics: dict[str, str] = {}
-        # Durable drivers: streams replaying from the broker, and the live
-        # frames (with their positions) held for them meanwhile.
         driver = self.driver
-        self._durable = driver if isinstance(driver, DurableDriver) and driver.durable else None
         # In memory every publish goes through this streamer, so a message on a
         # topic nobody holds is seen being lost; with a broker it is not.
         self._sees_every_publish = isinstance(driver, MemDriver)
-        self._held: dict[Subscriber, _Held] = {}
-        self._drained: dict[Subscriber, asyncio.Event] = {}
         self._started = False
         self._closed = False
         self.counters: dict[str, int] = dict.fromkeys(
@@ -128,6 +90,8 @@ class Streamer:
              "subscription_failures", "replay_hits", "replay_misses"),
             0,
         )  # fmt: skip
+        self.replayer = Replayer(self.config, driver, self.counters, self._join, self._spawn)
+        self.history = self.replayer.history  # what is kept for replay in memory
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -223,7 +187,7 @@ class Streamer:
         for hook in self._tick_hooks:
             hook(now)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -430,9 +394,9 @@ class Streamer:
         for topic in new:
             refs[topic] = refs.get(topic, 0) + 1
         client._add_topics(new)
-        for sub in client.streams:
-            if sub not in self._replays and sub not in self._held:
-                self.hub.subscribe_all(sub, new)
+        for stream in client.streams:
+            if stream.replay is None:  # a replaying stream joins when it is done
+                self.hub.subscribe_all(stream, new)
         return True
 
     async def _apply(self, client: Client, add: list[str], remove: list[str]) -> list[TopicError]:
@@ -458,9 +422,9 @@ class Streamer:
                 await self._release(topic)
                 raise UnknownClientError(f"client {client.id!r} was removed")
             client._add_topic(topic)
-            for sub in client.streams:
-                if sub not in self._replays and sub not in self._held:
-                    hub.subscribe(sub, topic)  # a replaying stream joins when it is done
+            for stream in client.streams:
+                if stream.replay is None:  # a replaying stream joins when it is done
+                    hub.subscribe(stream, topic)
         for topic in remove:
             if client._remove_topic(topic):
                 for sub in client.streams:
@@ -525,175 +489,31 @@ class Streamer:
         transport: asyncio.WriteTransport,
         head: bytes,
         last_event_id: str = "",
-    ) -> Subscriber:
-        """Write ``head`` (HTTP head and first frames), replay what the stream
-        missed after ``last_event_id``, and attach it to the fan-out.
-
-        Nothing is awaited from the history read to the attach: a message is
-        either in the replay or live, never both, never neither. A long replay
-        is written slice by slice; the stream joins its topics when it is done.
-        """
-        # The head is written before the Subscriber exists: the Subscriber
-        # sees whether the transport still holds part of it (a large first
-        # frame the kernel did not take whole) and waits for it to drain
-        # before writing frames to the socket itself.
-        if not last_event_id:
-            transport.write(head)
-            sub = self._new_stream(client, transport)
-            self._join(sub)
-            return sub
-        if self._durable is not None:
-            position = self._durable.event_position(last_event_id)
-            if position is not None:
-                transport.write(head)
-                sub = self._new_stream(client, transport)
-                self._held[sub] = _Held()
-                self._spawn(self._replay_from_broker(sub, position, last_event_id))
-                return sub
-        seq = self._parse_event_id(last_event_id)
-        recovered = (
-            seq is not None
-            and self.history.enabled
-            and self.history.complete_after(seq, client.topics)
-        )
-        self.counters["replay_hits" if recovered else "replay_misses"] += 1
-        transport.write(head + replay_frame(last_event_id, recovered))
-        sub = self._new_stream(client, transport)
-        if recovered:
-            assert seq is not None
-            self._replays[sub] = seq
-            self._replay_step(sub)
-        else:
-            self._join(sub)
-        return sub
-
-    def _parse_event_id(self, event_id: str) -> int | None:
-        epoch, _, seq = event_id.rpartition("-")
-        if epoch != self._epoch or not seq.isdigit():
-            return None  # another process's or another run's id
-        return int(seq)
-
-    def _new_stream(self, client: Client, transport: asyncio.WriteTransport) -> Subscriber:
-        sub = Subscriber(self.hub, transport, client)
-        client.streams.append(sub)
+    ) -> Stream:
+        """A new stream of ``client`` on ``transport``: ``head`` (the HTTP head
+        and first frames) first in its queue, then what it missed after
+        ``last_event_id`` (see :mod:`gochan.replay`), then live frames."""
+        stream = Stream(self.hub, transport, client)
+        stream.send(head, bounded=False)
+        client.streams.append(stream)
         client.expires_at = None
-        return sub
+        if last_event_id:
+            self.replayer.start(stream, last_event_id)
+        else:
+            self._join(stream)
+        return stream
 
-    def _join(self, sub: Subscriber) -> None:
-        hub = self.hub
-        client = sub.owner
-        assert isinstance(client, Client)
-        hub.subscribe_all(sub, client.topics)
+    def _join(self, stream: Stream) -> None:
+        self.hub.subscribe_all(stream, stream.client.topics)
 
-    def _replay_step(self, sub: Subscriber) -> None:
-        seq = self._replays.get(sub)
-        if seq is None:
-            return
-        if sub.closed:
-            del self._replays[sub]
-            return
-        if sub.paused or sub.pending_bytes:
-            return  # resume_replay() or the next step continues once it drains
-        client = sub.owner
-        assert isinstance(client, Client)
-        topics = set(client.topics)
-        if not self.history.complete_after(seq, topics):
-            # The history moved past this stream while it read: it reconnects
-            # and is told it was not recovered.
-            del self._replays[sub]
-            self.hub.finish(sub)
-            return
-        budget = REPLAY_SLICE_BYTES
-        for item in self.history.after(seq):
-            seq = item.seq
-            if item.topic in topics:
-                sub.send(item.frame)
-                budget -= len(item.frame)
-                if budget <= 0:
-                    self._replays[sub] = seq
-                    asyncio.get_running_loop().call_soon(self._replay_step, sub)
-                    return
-        del self._replays[sub]
-        self._join(sub)
-
-    def resume_replay(self, sub: Subscriber) -> None:
-        """The stream's socket drained: go on replaying if it was."""
-        if sub in self._replays:
-            self._replay_step(sub)
-        drained = self._drained.get(sub)
-        if drained is not None:
-            drained.set()
-
-    async def _replay_from_broker(self, sub: Subscriber, position: int, last_event_id: str) -> None:
-        """Replay from a durable broker while live frames are held, then send
-        the held ones the replay did not cover and join the live fan-out."""
-        driver = self._durable
-        assert driver is not None
-        client = sub.owner
-        assert isinstance(client, Client)
-        sent_upto = position
-        answered = False
-        try:
-            replay = driver.replay(client.topics, position)
-            try:
-                async for topic, data, event_id in replay:
-                    if not answered:
-                        answered = True
-                        self.counters["replay_hits"] += 1
-                        sub.send(replay_frame(last_event_id, True))
-                    if sub.closed:
-                        return
-                    if client.has_topic(topic):
-                        sub.send(encode_event(topic, event_id, data))
-                    sent_upto = max(sent_upto, driver.event_position(event_id) or sent_upto)
-                    if sub.paused or sub.pending_bytes >= REPLAY_SLICE_BYTES:
-                        await self._wait_drained(sub)
-            finally:
-                await replay.aclose()
-            if not answered:
-                answered = True
-                self.counters["replay_hits"] += 1
-                sub.send(replay_frame(last_event_id, True))
-        except (ReplayGapError, BrokerError) as exc:
-            if answered:
-                # Part of it went out; the rest cannot: make the browser
-                # reconnect and be told it was not recovered.
-                logger.warning("replay failed midway: %s", exc)
-                self._held.pop(sub, None)
-                self.hub.finish(sub)
-                return
-            self.counters["replay_misses"] += 1
-            sub.send(replay_frame(last_event_id, False))
-        finally:
-            held = self._held.pop(sub, None)
-            self._drained.pop(sub, None)
-        if sub.closed or held is None:
-            return
-        for held_position, frame in held.frames:
-            if held_position is None or held_position > sent_upto:
-                sub.send(frame)
-        self._join(sub)
-
-    async def _wait_drained(self, sub: Subscriber) -> None:
-        while not sub.closed and (sub.paused or sub.pending_bytes):
-            if sub.paused:
-                drained = self._drained.setdefault(sub, asyncio.Event())
-                drained.clear()
-                await drained.wait()
-            else:
-                await asyncio.sleep(0)  # the flush runs at the end of this iteration
-
-    def detach(self, sub: Subscriber) -> None:
+    def detach(self, stream: Subscriber) -> None:
         """The stream's connection is gone; the TTL starts with the last one."""
-        self._replays.pop(sub, None)
-        self._held.pop(sub, None)
-        drained = self._drained.pop(sub, None)
-        if drained is not None:
-            drained.set()
-        self.hub.close(sub)
-        client = sub.owner
-        if isinstance(client, Client) and sub in client.streams:
-            client.streams.remove(sub)
+        if isinstance(stream, Stream):
+            self.replayer.forget(stream)
+        self.hub.close(stream)
+        client = stream.owner
+        if isinstance(client, Client) and stream in client.streams:
+            client.streams.remove(stream)
             if not client.streams and not client.closed and not self._closed:
                 self._arm_expiry(client)
 
@@ -716,33 +536,11 @@ class Streamer:
         """Driver callback: number the message (unless the broker did), encode
         it once, keep it for replay and queue it on every stream of ``topic``."""
         self.counters["messages_in"] += 1
-        if event_id is not None:
-            frame = encode_event(topic, event_id, data)
-            if self._held:
-                self._hold(topic, event_id, frame)
-        else:
-            self._seq += 1
-            event_id = f"{self._epoch}-{self._seq}"
-            frame = encode_event(topic, event_id, data)
-            if self.history.enabled and topic in self._topic_refs:
-                self.history.add(self._seq, topic, frame, time.monotonic())
+        event_id, frame = self.replayer.frame(topic, data, event_id, topic in self._topic_refs)
         hub = self._hub
         if hub is not None:
             hub.publish(topic, frame)
         return event_id
-
-    def _hold(self, topic: str, event_id: str, frame: bytes) -> None:
-        assert self._durable is not None
-        position = self._durable.event_position(event_id)
-        for sub, held in list(self._held.items()):
-            client = sub.owner
-            if isinstance(client, Client) and client.has_topic(topic):
-                held.frames.append((position, frame))
-                held.bytes += len(frame)
-                if held.bytes > self.config.max_pending_bytes:
-                    # Live traffic outran the replay: a slow consumer.
-                    del self._held[sub]
-                    self.hub.finish(sub)
 
     def on_subscription_failure(self, topic: str, message: str) -> None:
         """Driver callback: the broker lost ``topic``; tell its clients. The

@@ -10,7 +10,7 @@ import pytest
 
 import gochan._fast as fast
 from gochan._fast import HEARTBEAT, core, encode_event, encode_system, pure
-from gochan.streamer import CLIENT_CLOSED_FRAME, subscription_failure_frame
+from gochan.frames import CLIENT_CLOSED_FRAME, subscription_failure_frame
 
 
 def test_compiled_core_is_in_use() -> None:

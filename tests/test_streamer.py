@@ -129,8 +129,8 @@ async def test_a_client_expiring_twice_in_one_tick_counts_once() -> None:
     # both deadlines pass in one tick; it is one client expired, removed once.
     async with Streamer(Config(client_ttl=1)) as streamer:
         client = streamer.create_client()
-        sub = streamer._new_stream(client, _NullTransport())
-        streamer.detach(sub)
+        stream = streamer.open_stream(client, _NullTransport(), b"")  # type: ignore[arg-type]
+        streamer.detach(stream)
         streamer.tick(time.monotonic() + 5)
         assert streamer.get_client(client.id) is None  # at once, not when the task runs
         await _settle()
@@ -138,6 +138,12 @@ async def test_a_client_expiring_twice_in_one_tick_counts_once() -> None:
 
 
 class _NullTransport:
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def write(self, data: bytes) -> None:
         pass
 

@@ -18,7 +18,7 @@ cdef class Topic:
 
 
 cdef class Subscriber:
-    cdef Hub hub
+    cdef readonly Hub hub
     cdef readonly object transport
     # The socket, when frames may be written to it directly (plain TCP, and
     # only while the transport holds nothing: see Subscriber.__cinit__); -1
@@ -35,6 +35,7 @@ cdef class Subscriber:
     cdef readonly bint closed
 
     cdef int _enqueue(self, bytes frame) except -1
+    cdef int _append(self, bytes frame) except -1
     cdef void _clear_queue(self) noexcept
     cdef Py_ssize_t _find(self, PyObject* topic) noexcept
     cdef int _write_queue(self) except -1

@@ -180,14 +180,30 @@ cdef class Subscriber:
         """Bytes queued and not yet handed to the transport."""
         return self.queue_bytes
 
-    def send(self, bytes frame not None):
-        """Queue one frame for this stream only (system frames, replay)."""
+    def send(self, bytes frame not None, bint bounded=True):
+        """Queue one frame for this stream only (its head, system frames,
+        replay). ``bounded=False``: past max_pending too (a stream's head,
+        its last frame)."""
         if self.closed:
             return False
-        self._enqueue(frame)
+        if bounded:
+            self._enqueue(frame)
+        else:
+            self._append(frame)
         self.active = True
         self.hub._mark_dirty(self)
         return True
+
+    cdef int _append(self, bytes frame) except -1:
+        # Queue one frame whatever the bound says.
+        if self.queue_len == self.queue_cap:
+            self.queue = <PyObject**>_grow(self.queue, &self.queue_cap,
+                                           QUEUE_INITIAL_SLOTS, sizeof(PyObject*))
+        Py_INCREF(frame)
+        self.queue[self.queue_len] = <PyObject*>frame
+        self.queue_len += 1
+        self.queue_bytes += PyBytes_GET_SIZE(frame)
+        return 0
 
     def pause(self):
         """The transport's buffer is full (``pause_writing``): hold frames."""
@@ -208,14 +224,7 @@ cdef class Subscriber:
             self.hub.doomed.append(self)
             self.hub._mark_dirty(self)
             return 0
-        if self.queue_len == self.queue_cap:
-            self.queue = <PyObject**>_grow(self.queue, &self.queue_cap,
-                                           QUEUE_INITIAL_SLOTS, sizeof(PyObject*))
-        Py_INCREF(frame)
-        self.queue[self.queue_len] = <PyObject*>frame
-        self.queue_len += 1
-        self.queue_bytes += size
-        return 0
+        return self._append(frame)
 
     cdef void _clear_queue(self) noexcept:
         cdef Py_ssize_t i
@@ -457,14 +466,7 @@ cdef class Hub:
         cdef object data
         if not sub.closed:
             if frame is not None:
-                # Past the bound too: one small last frame, owned like any other.
-                Py_INCREF(frame)
-                if sub.queue_len == sub.queue_cap:
-                    sub.queue = <PyObject**>_grow(sub.queue, &sub.queue_cap,
-                                                  QUEUE_INITIAL_SLOTS, sizeof(PyObject*))
-                sub.queue[sub.queue_len] = <PyObject*>frame
-                sub.queue_len += 1
-                sub.queue_bytes += PyBytes_GET_SIZE(frame)
+                sub._append(frame)  # past the bound too: one small last frame
             try:
                 if not sub.paused:
                     sub._write_queue()

@@ -44,10 +44,13 @@ class Subscriber:
     def pending_bytes(self) -> int:
         return sum(map(len, self.queue))
 
-    def send(self, frame: bytes) -> bool:
+    def send(self, frame: bytes, bounded: bool = True) -> bool:
         if self.closed:
             return False
-        self._enqueue(frame)
+        if bounded:
+            self._enqueue(frame)
+        else:
+            self.queue.append(frame)
         self.active = True
         self.hub._mark_dirty(self)
         return True

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from .._fast import Subscriber
 from ..log import server_logger
+from ..stream import Stream
 from .http import NO_PEER, Peer, Request, response_head, simple_response
 from .routes import Headers, OpenStream, Reply, Response
 
@@ -95,7 +95,7 @@ class HttpProtocol(asyncio.Protocol):
         self.admitted = False
         self.busy = False
         self.task: asyncio.Task[None] | None = None
-        self.stream: Subscriber | None = None
+        self.stream: Stream | None = None
         self.closing = False
         self.reading_paused = False
         # The transport holds more than its high-water mark: the peer is not
@@ -171,8 +171,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         if self.stream is not None:
-            self.stream.resume()
-            self.server.streamer.resume_replay(self.stream)
+            self.stream.writable()
             return
         self.write_paused = False
         self._run()

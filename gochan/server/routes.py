@@ -19,7 +19,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 
-from .._fast import encode_system
 from ..client import Client, validate_client_id
 from ..config import Config
 from ..errors import (
@@ -32,8 +31,8 @@ from ..errors import (
     PeerLimitError,
     UnknownClientError,
 )
+from ..frames import first_frame, subscription_failure_frame
 from ..log import server_logger
-from ..streamer import subscription_failure_frame
 from .http import JSON, TEXT, Peer, Request, is_loopback_host
 
 if TYPE_CHECKING:
@@ -312,12 +311,8 @@ class Router:
 
     def _open_stream(self, client: Client, extra_frames: list[bytes], last_id: str) -> OpenStream:
         config = self.config
-        first = {
-            "config": {"client_id": client.id, "client_ttl_millis": int(config.client_ttl * 1000)},
-            "subscriptions": client.topics,
-        }
         parts = [b"retry: %d\n" % config.retry_ms] if config.retry_ms else []
-        parts.append(encode_system(orjson.dumps(first)))
+        parts.append(first_frame(client.id, config.client_ttl, client.topics))
         parts.extend(extra_frames)
         return OpenStream(client, list(SSE_HEADERS), b"".join(parts), last_id)
 

@@ -1,0 +1,38 @@
+"""The system frames gochan sends on its own account (``event: message``):
+the first frame, replay results, subscription failures and ``Client closed``.
+Messages' frames are encoded by the Cython core (``_fast.encode_event``)."""
+
+from __future__ import annotations
+
+import orjson
+
+from ._fast import encode_system
+
+__all__ = [
+    "CLIENT_CLOSED_FRAME",
+    "first_frame",
+    "replay_frame",
+    "subscription_failure_frame",
+]
+
+CLIENT_CLOSED_FRAME = encode_system(b"Client closed")
+REPLAY_ID_CHARS = 256  # a Last-Event-ID echoed back is cut to this
+
+
+def first_frame(client_id: str, client_ttl_s: float, topics: list[str]) -> bytes:
+    """The client's config and subscriptions, first on every stream."""
+    first = {
+        "config": {"client_id": client_id, "client_ttl_millis": int(client_ttl_s * 1000)},
+        "subscriptions": topics,
+    }
+    return encode_system(orjson.dumps(first))
+
+
+def replay_frame(last_event_id: str, recovered: bool) -> bytes:
+    replay = {"replay": {"last_event_id": last_event_id[:REPLAY_ID_CHARS], "recovered": recovered}}
+    return encode_system(orjson.dumps(replay))
+
+
+def subscription_failure_frame(topic: str, message: str) -> bytes:
+    payload = {"error": {"code": "subscription-failure", "message": message, "topic": topic}}
+    return encode_system(orjson.dumps(payload))

@@ -1,0 +1,45 @@
+"""Stream: one SSE stream, and the only writer to its transport.
+
+Everything a stream sends (its HTTP head and first frames, a replay, live
+frames, heartbeats, ``Client closed``) goes through one queue, the fan-out
+core's :class:`~gochan._fast.Subscriber` it is, so bytes leave in the order
+they were queued: a head the kernel takes only in part is never overtaken.
+While it replays, its replay state lives here too (see :mod:`gochan.replay`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from ._fast import Hub, Subscriber
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .replay import ReplayState
+
+__all__ = ["Stream"]
+
+
+class Stream(Subscriber):
+    """An SSE stream of one client: its place in the fan-out, its queue, and
+    its replay cursor or held frames while it replays."""
+
+    __slots__ = ("replay",)
+
+    def __init__(self, hub: Hub, transport: asyncio.WriteTransport, client: Client) -> None:
+        # Subscriber.__cinit__ has taken (hub, transport, client).
+        self.replay: ReplayState | None = None
+
+    @property
+    def client(self) -> Client:
+        client: Client = self.owner
+        return client
+
+    def writable(self) -> None:
+        """The transport drained (its ``resume_writing``): write what waited,
+        and go on replaying if it was."""
+        self.resume()
+        replay = self.replay
+        if replay is not None:
+            replay.drained(self)
