@@ -84,9 +84,12 @@ class Replayer:
     # -- numbering ---------------------------------------------------------
 
     def frame(self, topic: str, data: bytes, event_id: str | None, kept: bool) -> tuple[str, bytes]:
-        """The message's id and frame: the broker's id, or the next of ours
-        (kept for replay when ``kept``: someone holds the topic here)."""
-        if event_id is not None:
+        """The message's id and frame: a durable broker's id (a position it
+        can replay from), or else the next of ours, kept for replay when
+        ``kept`` (someone holds the topic here). An id from a driver that
+        cannot replay (an SQS message id, say) names nothing gochan could
+        resume from, so gochan numbers the message itself."""
+        if event_id is not None and self.durable is not None:
             frame = encode_event(topic, event_id, data)
             if self._from_broker:
                 self._hold(topic, event_id, frame)

@@ -283,3 +283,39 @@ async def test_durable_hand_off_drops_duplicates_and_keeps_what_follows() -> Non
         await stream.close()
     finally:
         await streamer.close()
+
+
+class _IdGivingDriver(MemDriver):
+    """In memory, but passing its own message ids as SQS or Pub/Sub do:
+    ids gochan cannot resume from."""
+
+    name = "id-giving"
+
+    def publish_nowait(self, topic: str, data: bytes) -> str | None:
+        receiver = self._receiver
+        assert receiver is not None
+        self.published += 1
+        if topic in self._topics:
+            return receiver.on_message(topic, data, f"broker-msg-{random.getrandbits(64):x}")
+        return None
+
+
+async def test_a_driver_that_cannot_replay_still_gets_replay_from_memory() -> None:
+    async with Streamer(Config(port=0), driver=_IdGivingDriver()) as streamer:
+        server = await streamer.serve()
+        port = server.port
+        async with httpx.AsyncClient() as http:
+            stream = await SSEStream.open(port, "/events?topic=a")
+            client_id = (await stream.config())["config"]["client_id"]
+            await publish(http, port, "a", "before")
+            last = await stream.event()
+            await stream.close()
+            missed = [await publish(http, port, "a", f"m{i}") for i in range(3)]
+            again = await SSEStream.open(
+                port, f"/events?id={client_id}", {"Last-Event-ID": last["id"]}
+            )
+            await again.config()
+            replay = orjson.loads((await again.event())["data"])
+            assert replay["replay"]["recovered"] is True, replay
+            assert [(await again.event())["id"] for _ in missed] == missed
+            await again.close()
