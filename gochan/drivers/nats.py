@@ -70,9 +70,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import nats
 import nats.errors
@@ -92,6 +91,16 @@ from ..errors import (
 from ..log import broker_logger
 from ._common import redact_url, reject_renamed, require_positive
 from ._lifecycle import Lifecycle
+from ._nats_client import (
+    CONNECTION_ERRORS,
+    PERMISSION_RE,
+    ensure_stream,
+    flush,
+    replay_stream,
+    stop_consumer_tasks,
+    stream_last_seq,
+    subject_problem,
+)
 
 __all__ = ["NatsDriver"]
 
@@ -108,78 +117,6 @@ DEFAULT_PING_INTERVAL_S = 20.0
 DEFAULT_MAX_OUTSTANDING_PINGS = 2
 DEFAULT_IDLE_HEARTBEAT_S = 5.0
 DEFAULT_CLIENT_NAME = "gochan"
-REPLAY_BATCH = 256  # messages fetched per round trip when replaying
-REPLAY_CONSUMER_IDLE_S = 30.0  # the server drops a forgotten replay consumer after this
-
-_WILDCARDS = frozenset("*>")
-# nats-py lower-cases the server's -ERR text before handing it to error_cb.
-_PERMISSION_RE = re.compile(r'permissions violation for subscription to "(.*?)"')
-
-# Failures of the connection itself, as opposed to a refusal of one operation.
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.ConnectionDrainingError,
-    nats.errors.StaleConnectionError,
-    nats.errors.NoServersError,
-    nats.errors.TimeoutError,
-    asyncio.TimeoutError,
-    OSError,
-)
-
-
-def _subject_problem(subject: str) -> str | None:
-    """Why ``subject`` is not a literal NATS subject, or None if it is one."""
-    for ch in subject:
-        if ch.isspace():
-            return "NATS subjects cannot contain whitespace"
-        if ord(ch) < 0x20 or ord(ch) == 0x7F:
-            return "NATS subjects cannot contain control characters"
-        if ch in _WILDCARDS:
-            return f"{ch!r} is a NATS wildcard"
-    if "" in subject.split("."):
-        return "'.' separates NATS subject tokens, which cannot be empty"
-    return None
-
-
-async def _flush(nc: Client, timeout_s: float) -> None:
-    """Wait until the server has processed every command sent before: a
-    PING/PONG round trip (``Client.rtt``).
-
-    The PING must follow the earlier SUB and PUB commands: nats-py writes it
-    straight to the socket while they may still sit in the pending buffer
-    waiting for the flusher task, so the PONG could come back before the
-    server has seen them (a message published just after ``subscribe``
-    returned would be missed, a refused SUB reported late). So first wait for
-    the flusher to have written the pending buffer
-    (``_flush_pending(force_flush=True)`` waits for exactly that).
-
-    Not ``Client.flush``: when nats-py's read loop has died it skips the round
-    trip and returns at once, so a publish would look delivered while nothing
-    is read from the server any more. ``rtt`` always waits for the PONG.
-    A timeout here leaves the connection unusable (see ``_round_trip``).
-    """
-    flush_pending = getattr(nc, "_flush_pending", None)
-    if flush_pending is not None:
-        await asyncio.wait_for(flush_pending(force_flush=True), timeout_s)
-    else:  # the flusher was woken when the commands were queued: let it run
-        await asyncio.sleep(0)
-    # nats-py annotates the timeout as int; asyncio takes float seconds.
-    await nc.rtt(timeout=cast(int, timeout_s))
-
-
-def _stop_consumer_tasks(sub: Subscription) -> None:
-    """Cancel the heartbeat and flow-control tasks of a JetStream subscription.
-
-    nats-py cancels them in ``PushSubscription.unsubscribe`` only when the
-    connection is still open; after a lost connection its heartbeat task
-    would sleep on for two heartbeat intervals before noticing.
-    """
-    jsi = getattr(getattr(sub, "_sub", None), "_jsi", None)
-    for name in ("_hbtask", "_fctask"):
-        task = getattr(jsi, name, None)
-        if isinstance(task, asyncio.Task):
-            task.cancel()
 
 
 class NatsDriver(Lifecycle[Client]):
@@ -253,7 +190,7 @@ class NatsDriver(Lifecycle[Client]):
         self._servers = [s.strip() for s in url.split(",") if s.strip()]
         if not self._servers:
             raise ConfigurationError("nats url must name at least one server")
-        if prefix and (not prefix.endswith(".") or _subject_problem(prefix[:-1])):
+        if prefix and (not prefix.endswith(".") or subject_problem(prefix[:-1])):
             raise ConfigurationError(
                 f"nats prefix {prefix!r} must be empty or a valid subject ending with '.'"
                 " (e.g. 'gochan.')"
@@ -262,7 +199,7 @@ class NatsDriver(Lifecycle[Client]):
             raise ConfigurationError(
                 "nats jetstream needs a prefix (e.g. 'gochan.'): the stream holds '<prefix>>'"
             )
-        if jetstream and (not stream or _subject_problem(stream) or "." in stream):
+        if jetstream and (not stream or subject_problem(stream) or "." in stream):
             raise ConfigurationError(f"invalid JetStream stream name {stream!r}")
         require_positive(
             "nats",
@@ -293,7 +230,7 @@ class NatsDriver(Lifecycle[Client]):
         self._subs: dict[str, Subscription] = {}
         # JetStream: last stream sequence delivered (or skipped) per topic.
         self._positions: dict[str, int] = {}
-        # Lower-cased subject -> the server's refusal (see _PERMISSION_RE).
+        # Lower-cased subject -> the server's refusal (see PERMISSION_RE).
         self._denied: dict[str, str] = {}
 
     # -- Driver protocol ---------------------------------------------------
@@ -307,7 +244,7 @@ class NatsDriver(Lifecycle[Client]):
     def check_topic(self, topic: str) -> None:
         if not topic:
             raise InvalidTopicError(topic, "empty topic")
-        problem = _subject_problem(topic)
+        problem = subject_problem(topic)
         if problem is None and not self._prefix and topic.startswith("$"):
             problem = "subjects starting with '$' are reserved by the NATS server"
         if problem is not None:
@@ -367,7 +304,7 @@ class NatsDriver(Lifecycle[Client]):
             raise BrokerError(
                 f"message of {len(data)} bytes exceeds the NATS server's max_payload"
             ) from exc
-        except _CONNECTION_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(f"publish to NATS failed: {exc!r}") from exc
         except nats.errors.Error as exc:
             raise BrokerError(f"publish to NATS subject {subject!r} failed: {exc}") from exc
@@ -384,7 +321,7 @@ class NatsDriver(Lifecycle[Client]):
             if nc is not None and nc.is_connected:
                 await self._quiet_unsubscribe(sub)
             else:
-                _stop_consumer_tasks(sub)
+                stop_consumer_tasks(sub)
         if nc is not None:
             await self._discard(nc)
 
@@ -405,64 +342,13 @@ class NatsDriver(Lifecycle[Client]):
     ) -> AsyncGenerator[tuple[str, bytes, str], None]:
         if not self._jetstream:
             raise ReplayGapError("core NATS keeps no messages to replay")
-        nc = self._connected()
-        js = nc.jetstream(timeout=self._request_timeout_s)
-        wanted = {self._prefix + topic: topic for topic in topics}
-        try:
-            info = await js.stream_info(self._stream)
-        except _CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(f"JetStream stream info failed: {exc!r}") from exc
-        except nats.errors.Error as exc:
-            raise BrokerError(f"JetStream stream info failed: {exc}") from exc
-        first, last = info.state.first_seq, info.state.last_seq
-        if after > last:
-            raise ReplayGapError(
-                f"sequence {after} is beyond stream {self._stream}'s last ({last})"
-            )
-        if after + 1 < first:
-            raise ReplayGapError(f"stream {self._stream} no longer keeps sequence {after + 1}")
-        if after == last or not wanted:
-            return
-        # One subject: the server filters; several: read the stream, filter here
-        # (nats-server 2.9 takes one filter subject per consumer).
-        subject = next(iter(wanted)) if len(wanted) == 1 else self._prefix + ">"
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=after + 1,
-            ack_policy=api.AckPolicy.NONE,
-            inactive_threshold=REPLAY_CONSUMER_IDLE_S,
-            mem_storage=True,
+        js = self._connected().jetstream(timeout=self._request_timeout_s)
+        messages = replay_stream(
+            js, self._stream, self._prefix, topics, after, self._request_timeout_s
         )
-        try:
-            psub = await js.pull_subscribe(subject, stream=self._stream, config=config)
-        except _CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(f"JetStream replay failed: {exc!r}") from exc
-        except nats.errors.Error as exc:
-            raise BrokerError(f"JetStream replay failed: {exc}") from exc
-        try:
-            pending = (await psub.consumer_info()).num_pending or 0
-            seq = after
-            while pending > 0 and seq < last:
-                msgs = await psub.fetch(REPLAY_BATCH, timeout=self._request_timeout_s)
-                for msg in msgs:
-                    meta = msg.metadata
-                    seq = meta.sequence.stream
-                    pending = meta.num_pending
-                    if seq > last:
-                        return  # the live consumers have this one
-                    topic = wanted.get(msg.subject)
-                    if topic is not None:
-                        yield topic, msg.data, str(seq)
-        except _CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(f"JetStream replay failed: {exc!r}") from exc
-        except nats.errors.Error as exc:
-            raise BrokerError(f"JetStream replay failed: {exc}") from exc
-        finally:
-            with contextlib.suppress(Exception):
-                consumer = await psub.consumer_info()
-                await js.delete_consumer(self._stream, consumer.name)
-            with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+        async with contextlib.aclosing(messages):
+            async for message in messages:
+                yield message
 
     # -- connection --------------------------------------------------------
 
@@ -532,43 +418,23 @@ class NatsDriver(Lifecycle[Client]):
             broker_logger.debug("closing a NATS connection failed: %r", exc)
 
     async def _ensure_stream(self, nc: Client) -> None:
-        js = nc.jetstream(timeout=self._request_timeout_s)
-        try:
-            try:
-                await js.stream_info(self._stream)
-                return
-            except nats.js.errors.NotFoundError:
-                if not self._create_stream:
-                    raise BrokerError(f"JetStream stream {self._stream!r} does not exist") from None
-            await js.add_stream(
-                api.StreamConfig(
-                    name=self._stream,
-                    subjects=[self._prefix + ">"],
-                    storage=api.StorageType.FILE,
-                    max_age=self._stream_max_age_s,
-                    max_msgs_per_subject=self._stream_max_msgs_per_subject,
-                )
-            )
-            broker_logger.info(
-                "created JetStream stream %s for subjects %s>", self._stream, self._prefix
-            )
-        except nats.errors.NoRespondersError as exc:
-            raise BrokerError(f"JetStream is not enabled on the NATS server ({exc!r})") from exc
-        except nats.js.errors.APIError as exc:
-            raise BrokerError(f"JetStream stream {self._stream!r}: {exc}") from exc
+        await ensure_stream(
+            nc.jetstream(timeout=self._request_timeout_s),
+            api.StreamConfig(
+                name=self._stream,
+                subjects=[self._prefix + ">"],
+                storage=api.StorageType.FILE,
+                max_age=self._stream_max_age_s,
+                max_msgs_per_subject=self._stream_max_msgs_per_subject,
+            ),
+            self._create_stream,
+        )
 
     async def _stream_last_seq(self, nc: Client) -> int:
-        js = nc.jetstream(timeout=self._request_timeout_s)
-        try:
-            info = await js.stream_info(self._stream)
-        except _CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(f"JetStream stream info failed: {exc!r}") from exc
-        except nats.errors.Error as exc:
-            raise BrokerError(f"JetStream stream {self._stream!r}: {exc}") from exc
-        return info.state.last_seq
+        return await stream_last_seq(nc.jetstream(timeout=self._request_timeout_s), self._stream)
 
     async def _on_error(self, nc: Client, exc: Exception) -> None:
-        match = _PERMISSION_RE.search(str(exc))
+        match = PERMISSION_RE.search(str(exc))
         if match is None:
             broker_logger.warning("NATS error: %s", exc)
             return
@@ -595,7 +461,7 @@ class NatsDriver(Lifecycle[Client]):
 
     def _drop_subs(self) -> None:
         for sub in self._subs.values():
-            _stop_consumer_tasks(sub)
+            stop_consumer_tasks(sub)
         self._subs.clear()
 
     async def _round_trip(self, nc: Client) -> None:
@@ -610,7 +476,7 @@ class NatsDriver(Lifecycle[Client]):
         is not ready and refuses publishes.
         """
         try:
-            await _flush(nc, self._request_timeout_s)
+            await flush(nc, self._request_timeout_s)
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             why = f"no answer within {self._request_timeout_s}s on the connection"
             self._lost(nc, why)
@@ -630,7 +496,7 @@ class NatsDriver(Lifecycle[Client]):
                 return self._lost_why
             try:
                 await self._round_trip(nc)
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 return f"round trip failed: {exc!r}"
 
     async def _restore(self, nc: Client) -> bool:
@@ -693,7 +559,7 @@ class NatsDriver(Lifecycle[Client]):
         except BaseException as exc:
             for sub in subs.values():
                 await self._quiet_unsubscribe(sub)
-            if isinstance(exc, _CONNECTION_ERRORS):
+            if isinstance(exc, CONNECTION_ERRORS):
                 raise BrokerConnectionError(f"NATS subscription failed: {exc!r}") from exc
             if isinstance(exc, nats.errors.Error):
                 raise BrokerError(f"NATS subscription failed: {exc}") from exc
@@ -750,7 +616,7 @@ class NatsDriver(Lifecycle[Client]):
                 await self._round_trip(nc)
         except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
             broker_logger.debug("NATS unsubscribe failed: %r", exc)  # the connection went with it
-        _stop_consumer_tasks(sub)
+        stop_consumer_tasks(sub)
 
     def _forget(self, topic: str) -> None:
         self._topics.discard(topic)
