@@ -57,8 +57,8 @@ from typing import Any
 
 from .frames import CLIENT_CLOSED_FRAME
 from .log import server_logger
-from .server.app import Server
 from .server.http import Request
+from .server.metrics import Metrics
 from .server.routes import OpenStream, Response, Router
 from .stream import Stream
 from .streamer import Streamer
@@ -220,7 +220,7 @@ class GochanASGI:
     waits for the streams. Limits (``max_body_bytes``, ``max_connections`` for
     requests in flight, ``write_buffer_high_bytes``, ``max_pending_bytes``,
     ``shutdown_grace`` to flush a closing stream) and paths come from the
-    streamer's config. ``server`` holds the request counters /metrics reports.
+    streamer's config. ``metrics`` holds the request counters /metrics reports.
     """
 
     def __init__(
@@ -232,14 +232,13 @@ class GochanASGI:
     ) -> None:
         self.streamer = streamer
         self.config = streamer.config
-        # A Server that never listens: its counters (fed by ASGI requests
-        # here) and its Prometheus text, so /metrics reads the same.
-        self.server = Server(streamer, self.config, sweep=False)
+        # This front end's own counters, rendered as the raw server's are.
+        self.metrics = Metrics(streamer)
         # Behind ASGI gochan cannot know how it is exposed: no loopback exemption.
         self.router = Router(
             streamer,
             self.config,
-            self.server.metrics_text,
+            self.metrics.render,
             trust_loopback=False,
             check_publishers=publish_key_required,
             no_key_hint=", or pass GochanASGI(publish_key_required=False) "
@@ -308,17 +307,17 @@ class GochanASGI:
     # -- requests ----------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        server = self.server
-        server.connections_total += 1
-        if server.connections >= self.config.max_connections:
-            server.connections_refused += 1
+        metrics = self.metrics
+        metrics.connections_total += 1
+        if metrics.connections >= self.config.max_connections:
+            metrics.connections_refused += 1
             await self._respond(scope, send, Response(503, b"too many connections\n"), [])
             return
-        server.connections += 1
+        metrics.connections += 1
         try:
             await self._serve(scope, receive, send)
         finally:
-            server.connections -= 1
+            metrics.connections -= 1
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.streamer.started:
@@ -329,7 +328,7 @@ class GochanASGI:
         if request is None:
             return
         if isinstance(request, Response):
-            self.server.bad_requests += 1
+            self.metrics.bad_requests += 1
             await self._respond(scope, send, request, [(b"connection", b"close")])
             return
         try:

@@ -376,12 +376,12 @@ async def test_disconnect_detaches_the_stream_and_starts_the_ttl() -> None:
         client_id = (await stream.config())["config"]["client_id"]
         client: Client = served.app.state.streamer.get_client(client_id)
         assert hub.connection_count == 1 and hub.subscriber_count("t") == 1
-        assert client.expires_at is None and realtime.server.connections == 1
+        assert client.expires_at is None and realtime.metrics.connections == 1
         await stream.close()
         await wait_for(lambda: hub.connection_count == 0)
         assert hub.subscriber_count("t") == 0 and not client.streams
         assert client.expires_at is not None  # the client lives on for its TTL
-        await wait_for(lambda: realtime.server.connections == 0)
+        await wait_for(lambda: realtime.metrics.connections == 0)
         # It reconnects within the TTL and keeps its topics.
         again = await open_stream(served, f"/realtime/events?id={client_id}", BOB)
         assert (await again.config())["subscriptions"] == ["t"]
@@ -449,7 +449,7 @@ async def test_slow_consumer_is_dropped_and_others_get_everything() -> None:
         assert received.count(b"data: " + body) == 2000
         await fast.close()
         await slow.close()
-        await wait_for(lambda: realtime.server.connections == 0)
+        await wait_for(lambda: realtime.metrics.connections == 0)
 
 
 async def test_reader_that_stalls_then_catches_up_gets_every_frame_in_order() -> None:
@@ -584,9 +584,9 @@ async def test_limits_and_an_unstarted_streamer() -> None:
         streams = [await open_stream(served, "/rt/events") for _ in range(2)]
         r = await http.get("/rt/healthz")
         assert (r.status_code, r.text) == (503, "too many connections\n")
-        assert "gochan_connections_refused_total 1" in realtime.server.metrics_text()
+        assert "gochan_connections_refused_total 1" in realtime.metrics.render()
         await streams.pop().close()
-        await wait_for(lambda: realtime.server.connections == 1)
+        await wait_for(lambda: realtime.metrics.connections == 1)
         assert (await http.get("/rt/healthz")).status_code == 200
         await streams[0].config()
         realtime.end_streams()
