@@ -25,6 +25,7 @@ class MemDriver:
         self._topics: set[str] = set()
         self._closed = False
         self.published = 0
+        self._received = 0
 
     @property
     def ready(self) -> bool:
@@ -36,7 +37,19 @@ class MemDriver:
         return frozenset(self._topics)
 
     def stats(self) -> dict[str, Any]:
-        return {"subscriptions": len(self._topics), "published": self.published}
+        """The keys every driver's ``stats()`` has (see ``_lifecycle.Lifecycle``)."""
+        return {
+            "driver": self.name,
+            "state": "closed" if self._closed else "ready" if self.ready else "idle",
+            "ready": self.ready,
+            "subscriptions": len(self._topics),
+            "reconnects": 0,
+            "published": self.published,
+            "received": self._received,
+            "failures": 0,
+            "stray": 0,
+            "broker": {},
+        }
 
     def check_topic(self, topic: str) -> None:
         return None  # any protocol-valid topic is fine in memory
@@ -58,6 +71,7 @@ class MemDriver:
             raise ClosedError("driver is not connected")
         self.published += 1
         if topic in self._topics:
+            self._received += 1
             return self._receiver.on_message(topic, data, None)
         return None
 
