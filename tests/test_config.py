@@ -241,11 +241,11 @@ def test_driver_in_env_url_by_flag(
 def test_yaml_block_with_driver_by_flag_or_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = f"nats:\n  url: {NATS_URL}\n  reconnect-wait: 0.5\nredis:\n  url: redis://x\n"
+    text = f"nats:\n  url: {NATS_URL}\n  reconnect-min: 0.5\nredis:\n  url: redis://x\n"
     path = yaml_file(tmp_path, text)
     shown = check_config(capsys, "--config", path, "--driver", "nats")
     assert shown["nats.url"] == (NATS_URL, "yaml")
-    assert shown["nats.reconnect_wait"] == ("0.5", "yaml")
+    assert shown["nats.reconnect_min"] == ("0.5", "yaml")
     assert not any(key.startswith("redis.") for key in shown)  # another driver's block: unused
     monkeypatch.setenv("GOCHAN_DRIVER", "nats")
     monkeypatch.setenv("GOCHAN_NATS_PREFIX", "env.")
@@ -269,23 +269,23 @@ def test_driver_options_from_env_mapping(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("source", ["yaml", "env", "flag", "python"])
 def test_driver_option_types(tmp_path: Path, source: str) -> None:
-    line = "nats.reconnect_wait: expected a number > 0, got 'x'"
+    line = "nats.reconnect_min: expected a number > 0, got 'x'"
     with pytest.raises(ConfigurationError) as caught:
         if source == "yaml":
-            path = yaml_file(tmp_path, "driver: nats\nnats:\n  reconnect_wait: x\n")
+            path = yaml_file(tmp_path, "driver: nats\nnats:\n  reconnect_min: x\n")
             Config.from_sources(yaml_file=path, env={})
         elif source == "env":
-            Config.from_sources(env={"GOCHAN_DRIVER": "nats", "GOCHAN_NATS_RECONNECT_WAIT": "x"})
+            Config.from_sources(env={"GOCHAN_DRIVER": "nats", "GOCHAN_NATS_RECONNECT_MIN": "x"})
         elif source == "flag":
-            load(env={}, flags={"driver": "nats"}, driver_flags={"nats-reconnect-wait": "x"})
+            load(env={}, flags={"driver": "nats"}, driver_flags={"nats-reconnect-min": "x"})
         else:
-            Config(driver="nats", driver_options={"reconnect_wait": "x"})
+            Config(driver="nats", driver_options={"reconnect_min": "x"})
     assert str(caught.value) == line
 
 
 def test_driver_option_errors_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, line in [
-        (["--nats-reconnect-wait", "0"], "nats.reconnect_wait: expected a number > 0, got '0'"),
+        (["--nats-reconnect-min", "0"], "nats.reconnect_min: expected a number > 0, got '0'"),
         (["--nats-stream-max-msgs-per-subject", "1.5"],
          "nats.stream_max_msgs_per_subject: expected an integer, got '1.5'"),
         (["--nats-jetstream=maybe"], f"nats.jetstream: expected {BOOL}, got 'maybe'"),
@@ -382,7 +382,7 @@ def test_check_config_prints_the_effective_configuration(tmp_path: Path) -> None
     assert lines["cors_origins"].endswith("= http://a.test,http://b.test  (yaml)")
     assert lines["publish_key"].endswith("= <redacted>  (yaml)")
     assert lines["nats.url"].endswith("= nats://user:***@h:4222  (yaml)")
-    assert lines["nats.reconnect_wait"].endswith("= 0.1  (default)")
+    assert lines["nats.reconnect_min"].endswith("= 0.1  (default)")
     assert "secret" not in result.stdout
     assert set(lines) >= {"max_connections", "allowed_hosts", "static_dir", "nats.jetstream"}
 
