@@ -55,7 +55,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from types import FrameType
 from typing import Any
 
-from .frames import CLIENT_CLOSED_FRAME
 from .log import server_logger
 from .server.http import Request
 from .server.metrics import Metrics
@@ -245,7 +244,6 @@ class GochanASGI:
             "when the app authorizes publishers",
         )
         self.handle_signals = handle_signals
-        self._streams: set[Stream] = set()
         self._exiting = False
 
     # -- ASGI --------------------------------------------------------------
@@ -299,10 +297,7 @@ class GochanASGI:
         self._exiting = True
         if not self.streamer.started:
             return
-        hub = self.streamer.hub
-        for sub in list(self._streams):
-            hub.finish(sub, CLIENT_CLOSED_FRAME)
-            self.streamer.detach(sub)
+        self.streamer.end_streams(self)
 
     # -- requests ----------------------------------------------------------
 
@@ -439,10 +434,9 @@ class GochanASGI:
         transport = _StreamTransport(loop, config.write_buffer_high_bytes, config.shutdown_grace)
         # Only the SSE preamble: the ASGI server writes the HTTP head.
         sub = self.streamer.open_stream(
-            reply.client, transport, reply.preamble, reply.last_event_id
+            reply.client, transport, reply.preamble, reply.last_event_id, self
         )
         transport.attach(sub)
-        self._streams.add(sub)
         start = {
             "type": "http.response.start",
             "status": 200,
@@ -453,7 +447,6 @@ class GochanASGI:
         try:
             await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._streams.discard(sub)
             self.streamer.detach(sub)
             transport.release()
             for task in (pump, watch):

@@ -25,11 +25,19 @@ class Stream(Subscriber):
     """An SSE stream of one client: its place in the fan-out, its queue, and
     its replay cursor or held frames while it replays."""
 
-    __slots__ = ("replay",)
+    __slots__ = ("front_end", "replay")
 
-    def __init__(self, hub: Hub, transport: asyncio.WriteTransport, client: Client) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        transport: asyncio.WriteTransport,
+        client: Client,
+        front_end: object = None,
+    ) -> None:
         # Subscriber.__cinit__ has taken (hub, transport, client).
         self.replay: ReplayState | None = None
+        # The server (or adapter) that opened it, which ends it at shutdown.
+        self.front_end = front_end
 
     @property
     def client(self) -> Client:

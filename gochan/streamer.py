@@ -120,7 +120,7 @@ class Streamer:
         self._closed = True
         for server in list(self._servers):
             await server.shutdown()
-        self.end_all_streams()
+        self.end_streams()
         if self._tick_task is not None:
             self._tick_task.cancel()
             await asyncio.gather(self._tick_task, return_exceptions=True)
@@ -489,11 +489,14 @@ class Streamer:
         transport: asyncio.WriteTransport,
         head: bytes,
         last_event_id: str = "",
+        front_end: object = None,
     ) -> Stream:
         """A new stream of ``client`` on ``transport``: ``head`` (the HTTP head
         and first frames) first in its queue, then what it missed after
-        ``last_event_id`` (see :mod:`gochan.replay`), then live frames."""
-        stream = Stream(self.hub, transport, client)
+        ``last_event_id`` (see :mod:`gochan.replay`), then live frames.
+        ``front_end``: who opened it, so that :meth:`end_streams` ends only
+        its streams when it stops."""
+        stream = Stream(self.hub, transport, client, front_end)
         stream.send(head, bounded=False)
         client.streams.append(stream)
         client.expires_at = None
@@ -517,17 +520,20 @@ class Streamer:
             if not client.streams and not client.closed and not self._closed:
                 self._arm_expiry(client)
 
-    def end_all_streams(self) -> list[asyncio.WriteTransport]:
-        """Send ``Client closed`` to every stream and close it (shutdown): a
-        backlogged stream gets its backlog first. Returns the transports,
-        which close once their peers have taken the rest."""
+    def end_streams(self, front_end: object = None) -> list[asyncio.WriteTransport]:
+        """Send ``Client closed`` to the streams ``front_end`` opened (every
+        stream when None) and close them (shutdown): a backlogged stream gets
+        its backlog first. Returns the transports, which close once their
+        peers have taken the rest."""
         if self._hub is None:
             return []
         transports: list[asyncio.WriteTransport] = []
-        for sub in self._hub.open_subscribers():
-            transports.append(sub.transport)
-            self._hub.finish(sub, CLIENT_CLOSED_FRAME)
-            self.detach(sub)
+        for stream in self._hub.open_subscribers():
+            if front_end is not None and getattr(stream, "front_end", None) is not front_end:
+                continue
+            transports.append(stream.transport)
+            self._hub.finish(stream, CLIENT_CLOSED_FRAME)
+            self.detach(stream)
         return transports
 
     # -- messages ----------------------------------------------------------

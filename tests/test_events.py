@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 
+from gochan import Config, Streamer
 from tests.support import SSEStream, parse_frame, running, wait_for
 
 FIRST_HEADERS = {
@@ -341,3 +342,22 @@ async def test_a_head_the_kernel_takes_in_part_is_not_overtaken_by_frames() -> N
         protocol.connection_lost(None)
         ours.close()
         theirs.close()
+
+
+async def test_a_server_shutting_down_ends_only_its_own_streams() -> None:
+    streamer = Streamer(Config(port=0))
+    await streamer.start()
+    try:
+        first, second = await streamer.serve(), await streamer.serve()
+        mine = await SSEStream.open(first.port, "/events?topic=t")
+        other = await SSEStream.open(second.port, "/events?topic=t")
+        await mine.config()
+        await other.config()
+        await first.shutdown()
+        assert (await mine.event())["data"] == "Client closed"
+        await streamer.publish("t", b"still here")
+        assert (await other.event())["data"] == "still here"
+        await mine.close()
+        await other.close()
+    finally:
+        await streamer.close()

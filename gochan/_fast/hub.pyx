@@ -142,7 +142,8 @@ cdef class Topic:
 cdef class Subscriber:
     """One SSE stream's place in the fan-out: its queue and its topics."""
 
-    def __cinit__(self, Hub hub not None, object transport, object owner=None):
+    def __cinit__(self, Hub hub not None, object transport, object owner=None, *args, **kwargs):
+        # *args, **kwargs: what a Python subclass (gochan.stream.Stream) adds.
         self.hub = hub
         self.transport = transport
         self.owner = owner

@@ -133,7 +133,7 @@ class Server:
         self._closing = True
         if self._listener is not None:
             self._listener.close()
-        streams = self.streamer.end_all_streams()
+        streams = self.streamer.end_streams(self)  # its own, not every stream of the hub
         deadline = time.monotonic() + self.config.shutdown_grace
         while any(p.busy for p in self.http) and time.monotonic() < deadline:
             await asyncio.sleep(SHUTDOWN_POLL_S)

@@ -339,7 +339,8 @@ class HttpProtocol(asyncio.Protocol):
                 self.fail(500, "internal server error")
                 return
             if isinstance(reply, (Response, OpenStream)):
-                self.deliver(reply, request)
+                if not self._deliver_safely(reply, request):
+                    return
                 if self._out_bytes >= self.config.write_buffer_high_bytes:
                     self._flush_out()  # may pause writing: the peer must read first
             else:
@@ -375,10 +376,22 @@ class HttpProtocol(asyncio.Protocol):
             self.task = None
         # No await between the handler's result and its delivery: a stream
         # is attached in the same loop step its subscriptions were made in.
-        self.deliver(reply, request)
+        if not self._deliver_safely(reply, request):
+            return
         if not self.closing:
             self._run()
             self._continue_input()
+
+    def _deliver_safely(self, reply: Reply, request: Request) -> bool:
+        """deliver(), with a failure answered as a 500 (and logged) instead of
+        escaping into the loop; False when it failed."""
+        try:
+            self.deliver(reply, request)
+        except Exception:
+            server_logger.exception("answer failed: %s %s", request.method, request.path)
+            self.fail(500, "internal server error")
+            return False
+        return True
 
     # -- used by the routes ------------------------------------------------
 
@@ -450,7 +463,7 @@ class HttpProtocol(asyncio.Protocol):
         fall between the first frame and live delivery."""
         assert self.transport is not None
         self.stream = self.server.streamer.open_stream(
-            reply.client, self.transport, head, reply.last_event_id
+            reply.client, self.transport, head, reply.last_event_id, self.server
         )
         # Nothing more is parsed on this connection: free the parser state.
         self.parser = None
