@@ -1,5 +1,6 @@
 """gochan: relay pub/sub messages to web browsers over Server-Sent Events."""
 
+from . import server as _server  # noqa: F401  (registers the HTTP front end)
 from .client import Client, TopicError
 from .config import Config
 from .drivers import Driver, MemDriver

@@ -13,7 +13,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._fast import HEARTBEAT, Hub, Subscriber
 from .client import (
@@ -592,14 +592,24 @@ class Streamer:
 
     # -- serving -----------------------------------------------------------
 
+    # The HTTP front end serve() and protocol_factory() build. gochan.server
+    # sets it when it is imported (the package imports it), so the core does
+    # not depend on the server: the server depends on the core.
+    server_class: ClassVar[type[Server] | None] = None
+
+    def _server(self, **options: Any) -> Server:
+        cls = type(self).server_class
+        if cls is None:
+            raise InterfaceError("no HTTP front end: import gochan.server")
+        server = cls(self, self.config, **options)
+        self._servers.append(server)
+        return server
+
     async def serve(self, host: str | None = None, port: int | None = None) -> Server:
         """Listen on ``host:port`` (defaults from the config) and return the server."""
-        from .server import Server
-
         await self.start()
-        server = Server(self, self.config)
+        server = self._server()
         await server.listen(host or self.config.host, self.config.port if port is None else port)
-        self._servers.append(server)
         return server
 
     def protocol_factory(self, *, loopback_only: bool = False) -> Callable[[], asyncio.Protocol]:
@@ -608,11 +618,7 @@ class Streamer:
         caller binds: pass ``loopback_only=True`` to promise they are all
         loopback, which allows keyless publishing from loopback peers when
         no publish_key is set (otherwise publishing needs the key)."""
-        from .server import Server
-
-        server = Server(self, self.config, loopback_only=loopback_only)
-        self._servers.append(server)
-        return server.protocol_factory
+        return self._server(loopback_only=loopback_only).protocol_factory
 
     def _forget_server(self, server: Server) -> None:
         if server in self._servers:
