@@ -39,6 +39,7 @@ from .frames import CLIENT_CLOSED_FRAME, subscription_failure_frame
 from .log import logger
 from .replay import Replayer
 from .stream import Stream
+from .subscriptions import Subscriptions
 
 if TYPE_CHECKING:
     from .server import Server
@@ -65,9 +66,6 @@ class Streamer:
         self._hub: Hub | None = None
         self._clients: dict[str, Client] = {}
         self._peer_clients: dict[str, int] = {}  # peer address -> clients it made
-        self._topic_refs: dict[str, int] = {}  # topic -> clients holding it
-        self._driver_topics: set[str] = set()  # topics the driver is subscribed to
-        self._topic_locks: dict[str, asyncio.Lock] = {}
         self._expiry: list[tuple[float, int, str]] = []  # (deadline, n, client id)
         self._expiry_n = itertools.count()
         self._tick_hooks: list[TickHook] = []
@@ -80,9 +78,6 @@ class Streamer:
         # request (10 topics x 10,000 connections is 5.6 MB of copies).
         self._valid_topics: dict[str, str] = {}
         driver = self.driver
-        # In memory every publish goes through this streamer, so a message on a
-        # topic nobody holds is seen being lost; with a broker it is not.
-        self._sees_every_publish = isinstance(driver, MemDriver)
         self._started = False
         self._closed = False
         self.counters: dict[str, int] = dict.fromkeys(
@@ -92,6 +87,9 @@ class Streamer:
         )  # fmt: skip
         self.replayer = Replayer(self.config, driver, self.counters, self._join, self._spawn)
         self.history = self.replayer.history  # what is kept for replay in memory
+        self.subscriptions = Subscriptions(
+            driver, self.history, sees_every_publish=isinstance(driver, MemDriver)
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -289,7 +287,7 @@ class Streamer:
         found.streams.clear()
         for topic in found.topics:
             found._remove_topic(topic)
-            await self._release(topic)
+            await self.subscriptions.release(topic)
         return True
 
     def discard_client(self, client: Client) -> None:
@@ -384,15 +382,13 @@ class Streamer:
         if client.closed or (isinstance(lock, asyncio.Lock) and lock.locked()):
             return False
         new = client.new_topics(topics)
-        if not self._driver_topics.issuperset(new):
+        if not self.subscriptions.subscribed.issuperset(new):
             return False
         if client.topic_count + len(new) > self.config.max_topics_per_client:
             raise LimitExceededError(
                 f"a client may hold at most {self.config.max_topics_per_client} topics"
             )
-        refs = self._topic_refs
-        for topic in new:
-            refs[topic] = refs.get(topic, 0) + 1
+        self.subscriptions.hold_now(new)
         client._add_topics(new)
         for stream in client.streams:
             if stream.replay is None:  # a replaying stream joins when it is done
@@ -405,12 +401,12 @@ class Streamer:
         for topic in add:
             try:
                 if client.has_topic(topic):
-                    if topic not in self._driver_topics:
+                    if topic not in self.subscriptions.subscribed:
                         # The broker lost it (on_subscription_failure): adding
                         # it again is how a client asks for another try.
-                        await self._reconcile(topic)
+                        await self.subscriptions.reconcile(topic)
                     continue
-                await self._acquire(topic)
+                await self.subscriptions.acquire(topic)
             except BrokerError as exc:
                 self.counters["subscription_failures"] += 1
                 errors.append(TopicError(topic, "subscription-failure", str(exc)))
@@ -419,7 +415,7 @@ class Streamer:
                     sub.send(frame)
                 continue
             if client.closed:  # removed while we waited on the broker
-                await self._release(topic)
+                await self.subscriptions.release(topic)
                 raise UnknownClientError(f"client {client.id!r} was removed")
             client._add_topic(topic)
             for stream in client.streams:
@@ -429,57 +425,8 @@ class Streamer:
             if client._remove_topic(topic):
                 for sub in client.streams:
                     hub.unsubscribe(sub, topic)
-                await self._release(topic)
+                await self.subscriptions.release(topic)
         return errors
-
-    async def _acquire(self, topic: str) -> None:
-        refs = self._topic_refs[topic] = self._topic_refs.get(topic, 0) + 1
-        if refs == 1 and not self._sees_every_publish:
-            # While nobody held it, other publishers' messages on it went
-            # nowhere and we cannot know whether there were any.
-            self.history.mark_gap(topic)
-        if topic in self._driver_topics:
-            return
-        try:
-            await self._reconcile(topic)
-        except BaseException:
-            self._drop_ref(topic)
-            raise
-
-    async def _release(self, topic: str) -> None:
-        self._drop_ref(topic)
-        if topic not in self._topic_refs and topic in self._driver_topics:
-            try:
-                await self._reconcile(topic)
-            except BrokerError as exc:
-                logger.warning("unsubscribe from %r failed: %s", topic, exc)
-
-    def _drop_ref(self, topic: str) -> None:
-        refs = self._topic_refs.get(topic, 0) - 1
-        if refs > 0:
-            self._topic_refs[topic] = refs
-        else:
-            self._topic_refs.pop(topic, None)
-
-    async def _reconcile(self, topic: str) -> None:
-        # One driver call at a time per topic, bringing the driver in line
-        # with whether any client holds the topic now.
-        lock = self._topic_locks.get(topic)
-        if lock is None:
-            lock = self._topic_locks[topic] = asyncio.Lock()
-        try:
-            async with lock:
-                wanted = topic in self._topic_refs
-                held = topic in self._driver_topics
-                if wanted and not held:
-                    await self.driver.subscribe(topic)
-                    self._driver_topics.add(topic)
-                elif held and not wanted:
-                    self._driver_topics.discard(topic)
-                    await self.driver.unsubscribe(topic)
-        finally:
-            if not lock.locked() and self._topic_locks.get(topic) is lock:
-                del self._topic_locks[topic]
 
     # -- streams (used by the server) --------------------------------------
 
@@ -542,7 +489,8 @@ class Streamer:
         """Driver callback: number the message (unless the broker did), encode
         it once, keep it for replay and queue it on every stream of ``topic``."""
         self.counters["messages_in"] += 1
-        event_id, frame = self.replayer.frame(topic, data, event_id, topic in self._topic_refs)
+        held = self.subscriptions.held(topic)
+        event_id, frame = self.replayer.frame(topic, data, event_id, held)
         hub = self._hub
         if hub is not None:
             hub.publish(topic, frame)
@@ -552,7 +500,7 @@ class Streamer:
         """Driver callback: the broker lost ``topic``; tell its clients. The
         topic stays theirs; the next add of it (by any client) subscribes again."""
         self.counters["subscription_failures"] += 1
-        self._driver_topics.discard(topic)
+        self.subscriptions.lost(topic)
         frame = subscription_failure_frame(topic, message)
         for client in self._clients.values():
             if client.has_topic(topic):
@@ -583,7 +531,8 @@ class Streamer:
         return event_id
 
     def _note_unheld(self, topic: str) -> None:
-        if self._sees_every_publish and topic not in self._topic_refs:
+        subs = self.subscriptions
+        if subs.sees_every_publish and not subs.held(topic):
             self.history.mark_gap(topic)  # it goes nowhere: nobody holds the topic
 
     @property
@@ -630,7 +579,7 @@ class Streamer:
             **self.counters,
             **hub,
             "clients": len(self._clients),
-            "driver_subscriptions": len(self._driver_topics),
+            "driver_subscriptions": len(self.subscriptions.subscribed),
             "history_messages": len(self.history),
             "history_bytes": self.history.bytes,
             "driver": self.driver.stats(),
