@@ -101,7 +101,10 @@ class DurableDriver(Driver, Protocol):
     ) -> AsyncGenerator[tuple[str, bytes, str], None]:
         """Messages on ``topics`` after position ``after`` as (topic, data,
         event id), in position order, through at least the newest message
-        stored when it was called.
+        this process had delivered live when it was called (what comes later
+        is held and sent after the replay). Live frames that arrive after
+        the hand-off are not checked against the replay, so a driver whose
+        live delivery can lag behind the broker (Kafka) stops there.
 
         Raises :class:`gochan.errors.ReplayGapError` before yielding anything
         when some of those messages are no longer kept (or the position is

@@ -165,18 +165,32 @@ class KafkaServer:
     bootstrap: str
     mock: MockKafka | None
 
-    def produce(self, ktopic: str, value: bytes) -> tuple[int, int]:
+    def produce(self, ktopic: str, value: bytes, key: bytes | None = None) -> tuple[int, int]:
         """Produce with an ordinary Kafka client (librdkafka; blocking), not the
         driver; returns the record's partition and offset."""
         import confluent_kafka
 
         producer = confluent_kafka.Producer({"bootstrap.servers": self.bootstrap})
         result: list[Any] = []
-        producer.produce(ktopic, value, on_delivery=lambda err, msg: result.append((err, msg)))
+        producer.produce(
+            ktopic, value, key=key, on_delivery=lambda err, msg: result.append((err, msg))
+        )
         producer.flush(PRODUCE_TIMEOUT_S)
         err, msg = result[0]
         assert err is None, err
         return msg.partition(), msg.offset()
+
+    def create_topic(self, ktopic: str, partitions: int) -> None:
+        """Create a Kafka topic (the mock's own command; an admin request on a
+        real broker)."""
+        if self.mock is not None:
+            self.mock.command(f"topic {ktopic} {partitions}")
+            return
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        for future in admin.create_topics([NewTopic(ktopic, partitions)]).values():
+            future.result(PRODUCE_TIMEOUT_S)
 
     def stop(self) -> None:
         if self.mock is not None:
