@@ -3,8 +3,9 @@ pooled client for commands, and the supervised dedicated connection (the
 pub/sub subscriber, or the Streams reader) that the shared lifecycle
 reconnects.
 
-Topic to key mapping: the channel (or stream key) of a topic is ``prefix +
-topic``, UTF-8 encoded. Redis channels and keys are binary-safe, so every
+Topic to key mapping: the channel of a topic is ``prefix + topic``, UTF-8
+encoded (the Streams driver keeps every topic in one key, ``prefix +
+stream_key``). Redis channels and keys are binary-safe, so every
 gochan topic maps and ``check_topic`` refuses nothing.
 """
 
@@ -82,7 +83,8 @@ class RedisBase(Lifecycle[AbstractConnection]):
         ``redis://[[user]:password@]host:port/db``, ``rediss://`` for TLS or
         ``unix:///path/to/socket``.
     prefix
-        Prepended to every topic to make its channel or stream key.
+        Prepended to every topic to make its channel (pub/sub), or to
+        ``stream_key`` to make the one stream key (Streams).
     connect_timeout
         Seconds allowed to open a connection (TCP, TLS, AUTH, SELECT).
     command_timeout
@@ -142,7 +144,7 @@ class RedisBase(Lifecycle[AbstractConnection]):
         self._redis: redis.asyncio.Redis | None = None  # commands: PUBLISH, XADD, ...
         self._listen_pool: ConnectionPool | None = None  # makes dedicated connections
         self._conn: AbstractConnection | None = None  # the live dedicated connection
-        # topic -> channel (stream key) for every held topic, and back.
+        # topic -> channel (Streams: the topic field) for every held topic, and back.
         self._topics: dict[str, bytes] = {}
         self._by_channel: dict[bytes, str] = {}
 

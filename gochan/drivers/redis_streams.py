@@ -1,34 +1,71 @@
-"""The Redis Streams driver (``driver: redis`` with ``streams: true``).
+"""The Redis Streams driver (``driver: redis`` with ``streams: true``): a
+:class:`~gochan.drivers.base.DurableDriver`, so ``Last-Event-ID`` resumes on
+any gochan node on the same Redis, and after a gochan restart.
 
-Topic to key mapping
---------------------
-The stream key of a topic is ``prefix + topic``, UTF-8 encoded; keys are
-binary-safe, so every topic maps. Stream keys live in the keyspace with
-other data: use a prefix (``"gochan:"``) so topics cannot collide with it.
+One stream key for every topic
+------------------------------
+Every topic's messages go to ONE stream key, ``prefix + stream_key``
+(``gochan-stream`` by default), each entry carrying its topic and body as
+the fields ``topic`` and ``data`` -- as JetStream keeps one stream whose
+subjects are the topics. The reason is replay: a browser sends back ONE
+``Last-Event-ID``, and entry ids are per key (and within one millisecond two
+keys' ids do not follow creation order), so with a key per topic a single id
+cannot say where every one of the client's topics stopped. One key gives
+one global order: an entry id names a point in it, the same on every node
+and after a restart, and replay is ``XRANGE`` after that point, filtered by
+the client's topics.
+
+What it costs:
+
+- Every node reads every entry of the key (one ``XREAD BLOCK`` connection)
+  and drops those for topics it does not hold: its Redis traffic is the
+  whole publish rate, not just its topics'.
+- ``stream_maxlen`` caps ALL topics together (trimmed approximately on each
+  ``XADD``): a busy topic shortens a quiet one's replay window. Size it for
+  the replay window you need at the total publish rate.
+- The key lives on one Redis Cluster shard: publishing does not spread over
+  shards.
+- Other programs publish with ``XADD <key> * topic <topic> data <body>``;
+  entries without both fields are skipped with a warning.
+
+(Positions per topic -- an id encoding every topic's entry id -- would
+keep keys per topic but make ids grow with the client's topics, and could
+not be sent as one SSE ``id:`` shared by every connection.)
+
+Event ids and positions
+-----------------------
+The event id is the entry id (``<ms>-<seq>``); its position is
+``ms * 2**64 + seq``, which grows in publish order. Replay after an id
+needs that entry still in the stream: an id trimmed away by
+``stream_maxlen``, deleted, from another Redis, or from the future is
+answered with :class:`~gochan.errors.ReplayGapError` before anything is
+yielded, so the browser is told ``recovered: false``. An entry trimmed while
+a replay pages through the stream ends the replay the same way midway.
 
 Delivery
 --------
-``publish`` is ``XADD <key> MAXLEN ~ <n> * data <body>`` and returns the
-entry id; one reader connection runs ``XREAD BLOCK`` over every held key
-from the last entry id seen per topic. ``subscribe`` starts at the stream's
-last entry (only new entries). The entry id is the event id. After a
-reconnect (the loop every driver shares, ``reconnect_min`` ..
-``reconnect_max``) the reader resumes from the last ids: entries added
-meanwhile are delivered, none twice. The body is the entry's ``data`` field;
-entries without one (added by hand) are skipped with a warning. Publishes
-are accepted while the reader reconnects: the entries are kept and read
-after it.
+``publish`` is ``XADD <key> MAXLEN ~ <n> * topic <topic> data <body>`` and
+returns the entry id. The reader starts at the stream's last entry when
+the first topic is held (``subscribe``), reads from the last entry id it
+saw and dispatches each entry to the topic it names. After a reconnect (the
+loop every driver shares, ``reconnect_min`` .. ``reconnect_max``) it
+resumes from that id: entries added meanwhile are delivered, none twice.
+Publishes are accepted while the reader reconnects: the entries are kept
+and read after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
+import redis.asyncio
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
-from ..errors import BrokerConnectionError, BrokerError, ConfigurationError
+from ..errors import BrokerConnectionError, BrokerError, ConfigurationError, ReplayGapError
 from ..log import broker_logger
 from ._common import require_positive
 from ._redis_conn import (
@@ -42,16 +79,33 @@ from ._redis_conn import (
 
 __all__ = ["STREAM_OPTIONS", "RedisStreamsDriver"]
 
-DEFAULT_STREAM_MAXLEN = 1000
+DEFAULT_STREAM_KEY = "gochan-stream"
+DEFAULT_STREAM_MAXLEN = 10000
 DEFAULT_STREAM_BLOCK_S = 5.0
 DEFAULT_STREAM_BATCH = 500
-STREAM_OPTIONS = ("stream_maxlen", "stream_block", "stream_batch")
+STREAM_OPTIONS = ("stream_key", "stream_maxlen", "stream_block", "stream_batch")
 
+STREAM_TOPIC_FIELD = b"topic"
 STREAM_DATA_FIELD = b"data"
-# Waking a reader blocked in XREAD: CLIENT UNBLOCK answers 0 while the XREAD
-# is still on its way to the server; retry a few times.
-_UNBLOCK_ATTEMPTS = 20
-_UNBLOCK_RETRY_S = 0.005
+_SEQ_BITS = 64  # an entry id's sequence part is a 64-bit number
+_SEQ_MAX = (1 << _SEQ_BITS) - 1
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+
+
+def entry_position(entry_id: str) -> int | None:
+    """The position an entry id ``<ms>-<seq>`` names, or None."""
+    match = _ENTRY_ID.fullmatch(entry_id)
+    if match is None:
+        return None
+    ms, seq = int(match[1]), int(match[2])
+    if ms > _SEQ_MAX or seq > _SEQ_MAX:
+        return None
+    return (ms << _SEQ_BITS) | seq
+
+
+def position_entry(position: int) -> bytes:
+    """The entry id of a position."""
+    return b"%d-%d" % (position >> _SEQ_BITS, position & _SEQ_MAX)
 
 
 def _entry_key(entry_id: bytes) -> tuple[int, int]:
@@ -59,31 +113,44 @@ def _entry_key(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _entry_data(fields: Any) -> bytes | None:
-    if not isinstance(fields, list):
-        return None
-    for i in range(0, len(fields) - 1, 2):
-        if as_bytes(fields[i]) == STREAM_DATA_FIELD:
-            return as_bytes(fields[i + 1])
-    return None
+def _entry_fields(fields: Any) -> tuple[bytes | None, bytes | None]:
+    """The ``topic`` and ``data`` fields of an entry (None when missing)."""
+    if isinstance(fields, dict):  # parsed by redis-py's command client
+        topic, data = fields.get(STREAM_TOPIC_FIELD), fields.get(STREAM_DATA_FIELD)
+        return (
+            None if topic is None else as_bytes(topic),
+            None if data is None else as_bytes(data),
+        )
+    topic = data = None
+    if isinstance(fields, list):  # raw, as the reader's connection reads it
+        for i in range(0, len(fields) - 1, 2):
+            name = as_bytes(fields[i])
+            if name == STREAM_TOPIC_FIELD:
+                topic = as_bytes(fields[i + 1])
+            elif name == STREAM_DATA_FIELD:
+                data = as_bytes(fields[i + 1])
+    return topic, data
 
 
 class RedisStreamsDriver(RedisBase):
-    """Relay Redis Streams to gochan topics.
+    """Relay one Redis stream to gochan topics, with broker replay.
 
     Keyword arguments, besides those of :class:`RedisBase`:
 
+    stream_key
+        The stream key of every topic, after ``prefix``.
     stream_maxlen
-        Entries kept per topic, trimmed approximately on each XADD
-        (0: never trimmed).
+        Entries kept in the stream, for all topics together, trimmed
+        approximately on each XADD (0: never trimmed).
     stream_block
         Seconds one XREAD blocks waiting for entries.
     stream_batch
-        Most entries fetched by one XREAD.
+        Most entries fetched by one XREAD or one replay XRANGE.
     """
 
     def __init__(
         self,
+        stream_key: str = DEFAULT_STREAM_KEY,
         stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
         stream_block: float = DEFAULT_STREAM_BLOCK_S,
         stream_batch: int = DEFAULT_STREAM_BATCH,
@@ -92,91 +159,123 @@ class RedisStreamsDriver(RedisBase):
         require_positive("redis", stream_block=stream_block, stream_batch=stream_batch)
         if stream_maxlen < 0:
             raise ConfigurationError(f"redis stream_maxlen must be >= 0, not {stream_maxlen!r}")
+        if not stream_key:
+            raise ConfigurationError("redis stream_key must not be empty")
         super().__init__(**options)
+        self._stream = self._key(stream_key)
         self._stream_maxlen = stream_maxlen
         self._stream_block_s = stream_block
         self._stream_batch = stream_batch
-        # Last entry id per topic, and the reader's state.
-        self._positions: dict[str, bytes] = {}
+        # The last entry id the reader saw; None while no topic is held.
+        self._cursor: bytes | None = None
         self._wakeup = asyncio.Event()
-        self._reader_id: int | None = None
-        self._reading = False
 
     async def subscribe(self, topic: str) -> None:
         self._live_conn()
         if topic in self._topics:
             return
-        key = self._key(topic)
         client = self._client()
         try:
+            # Also tells a key of another type at once (WRONGTYPE).
             last = await asyncio.wait_for(
-                execute(client, "XREVRANGE", key, "+", "-", "COUNT", 1),
+                execute(client, "XREVRANGE", self._stream, "+", "-", "COUNT", 1),
                 self._command_timeout_s,
             )
         except ResponseError as exc:
-            raise BrokerError(f"Redis key {key!r} cannot be read as a stream: {exc}") from exc
+            raise BrokerError(
+                f"Redis key {self._stream!r} cannot be read as a stream: {exc}"
+            ) from exc
         except CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(f"Redis XREVRANGE failed: {exc!r}") from exc
         if topic in self._topics:  # subscribed concurrently
             return
-        self._add_topic(topic, key)
-        self._positions[topic] = as_bytes(last[0][0]) if last else b"0-0"
-        await self._wake_reader()
+        if self._cursor is None:  # the first topic: read what comes from now on
+            self._cursor = as_bytes(last[0][0]) if last else b"0-0"
+        # The reader dispatches by the entry's topic field: map it back.
+        self._add_topic(topic, topic.encode())
+        self._wakeup.set()
 
     async def unsubscribe(self, topic: str) -> None:
-        if self._drop_topic(topic) is not None:
-            await self._wake_reader()
+        if self._drop_topic(topic) is not None and not self._topics:
+            self._cursor = None  # the next first topic starts from the end again
 
     async def publish(self, topic: str, data: bytes) -> str | None:
         client = self._client()
-        key = self._key(topic)
         trim: list[Any] = ["MAXLEN", "~", self._stream_maxlen] if self._stream_maxlen else []
         try:
             entry_id = await asyncio.wait_for(
-                execute(client, "XADD", key, *trim, "*", STREAM_DATA_FIELD, data),
+                execute(
+                    client, "XADD", self._stream, *trim, "*",
+                    STREAM_TOPIC_FIELD, topic.encode(), STREAM_DATA_FIELD, data,
+                ),
                 self._command_timeout_s,
-            )
+            )  # fmt: skip
         except ResponseError as exc:
-            raise BrokerError(f"Redis refused to publish on {key!r}: {exc}") from exc
+            raise BrokerError(f"Redis refused to publish on {self._stream!r}: {exc}") from exc
         except CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(f"publish to {self._where()} failed: {exc!r}") from exc
         self._published += 1
         return as_bytes(entry_id).decode()
 
-    def _drop_topic(self, topic: str) -> bytes | None:
-        self._positions.pop(topic, None)
-        return super()._drop_topic(topic)
-
     async def _close(self) -> None:
         await super()._close()
-        self._positions.clear()
+        self._cursor = None
+
+    # -- replay (DurableDriver) ------------------------------------------------------
+
+    @property
+    def durable(self) -> bool:
+        """Always: the stream keeps the entries, their ids are positions."""
+        return True
+
+    def event_position(self, event_id: str) -> int | None:
+        return entry_position(event_id)
+
+    async def replay(
+        self, topics: Sequence[str], after: int
+    ) -> AsyncGenerator[tuple[str, bytes, str], None]:
+        """The entries on ``topics`` after position ``after``, read with
+        XRANGE in pages up to the stream's last entry at the call. Each page
+        starts at the entry seen last, so an entry trimmed meanwhile is a
+        gap, never skipped silently."""
+        client = self._client()
+        wanted = {topic.encode(): topic for topic in topics}
+        cursor = position_entry(after)
+        last = await self._command(client, "XREVRANGE", self._stream, "+", "-", "COUNT", 1)
+        end = as_bytes(last[0][0]) if last else None
+        if end is None or _entry_key(end) < _entry_key(cursor):
+            raise ReplayGapError(f"entry {cursor.decode()} is beyond {self._stream!r}'s last")
+        while True:
+            page = await self._command(
+                client, "XRANGE", self._stream, cursor, end, "COUNT", self._stream_batch + 1
+            )
+            if not page or as_bytes(page[0][0]) != cursor:
+                raise ReplayGapError(
+                    f"entry {cursor.decode()} is no longer in {self._stream!r} "
+                    "(trimmed, deleted, or never there)"
+                )
+            for entry_id, fields in page[1:]:
+                cursor = as_bytes(entry_id)
+                topic_field, data = _entry_fields(fields)
+                topic = wanted.get(topic_field) if topic_field is not None else None
+                if topic is not None and data is not None:
+                    yield topic, data, cursor.decode()
+            if len(page) <= self._stream_batch or cursor == end:
+                return
+
+    async def _command(self, client: redis.asyncio.Redis, *args: Any) -> Any:
+        try:
+            return await asyncio.wait_for(execute(client, *args), self._command_timeout_s)
+        except ResponseError as exc:
+            raise BrokerError(f"Redis refused {args[0]} on {self._stream!r}: {exc}") from exc
+        except CONNECTION_ERRORS as exc:
+            raise BrokerConnectionError(f"Redis {args[0]} failed: {exc!r}") from exc
 
     # -- the reader ----------------------------------------------------------------
 
-    async def _opened(self, conn: AbstractConnection) -> None:
-        await conn.send_command("CLIENT", "ID", check_health=False)
-        reply = await asyncio.wait_for(conn.read_response(), self._command_timeout_s)
-        self._reader_id = int(reply)
-
     async def _restore(self, conn: AbstractConnection) -> bool:
-        self._conn = conn  # the reader resumes from the positions kept
+        self._conn = conn  # the reader resumes from the entry id it saw last
         return bool(conn.is_connected)
-
-    async def _wake_reader(self) -> None:
-        """Make the reader pick up a changed set of keys now, not after its block."""
-        self._wakeup.set()
-        client = self._redis
-        for _ in range(_UNBLOCK_ATTEMPTS):
-            reader_id = self._reader_id
-            if not self._reading or reader_id is None or client is None:
-                return
-            try:
-                if await execute(client, "CLIENT UNBLOCK", reader_id):
-                    return
-            except CONNECTION_ERRORS as exc:
-                broker_logger.debug("Redis CLIENT UNBLOCK failed: %r", exc)
-                return
-            await asyncio.sleep(_UNBLOCK_RETRY_S)
 
     async def _serve(self, conn: AbstractConnection) -> str:
         try:
@@ -184,73 +283,66 @@ class RedisStreamsDriver(RedisBase):
                 await self._read_once(conn)
         except SESSION_ERRORS as exc:
             return f"lost the connection ({exc})"
-        finally:
-            self._reading = False
 
     async def _read_once(self, conn: AbstractConnection) -> None:
-        """One XREAD over every held key (or, with none, a PING when quiet)."""
+        """One XREAD of the stream (or, with no topic held, a PING when quiet)."""
         self._wakeup.clear()
-        topics = list(self._positions)
-        if not topics:
+        cursor = self._cursor
+        if cursor is None:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), self._ping_interval_s)
             except asyncio.TimeoutError:
                 await conn.send_command("PING", check_health=False)
                 await asyncio.wait_for(conn.read_response(), self._command_timeout_s)
             return
-        keys = [self._topics[t] for t in topics]
-        ids = [self._positions[t] for t in topics]
         block_ms = max(1, round(self._stream_block_s * 1000))
-        self._reading = True
         try:
             await conn.send_command(
-                "XREAD", "COUNT", self._stream_batch, "BLOCK", block_ms, "STREAMS", *keys, *ids,
+                "XREAD", "COUNT", self._stream_batch, "BLOCK", block_ms,
+                "STREAMS", self._stream, cursor,
                 check_health=False,
             )  # fmt: skip
             reply = await asyncio.wait_for(
                 conn.read_response(), self._stream_block_s + self._command_timeout_s
             )
         except ResponseError as exc:
-            await self._stream_error(topics, exc)
+            await self._stream_error(exc)
             return
-        finally:
-            self._reading = False
-        for key, entries in reply or ():
-            topic = self._by_channel.get(as_bytes(key))
+        for _key, entries in reply or ():
             for entry_id, fields in entries or ():
-                if topic is None or topic not in self._positions:
-                    break  # unsubscribed meanwhile
                 entry_id = as_bytes(entry_id)
-                if _entry_key(entry_id) <= _entry_key(self._positions[topic]):
-                    continue  # already seen (subscribed again meanwhile)
-                self._positions[topic] = entry_id
-                data = _entry_data(fields)
-                if data is None:
-                    broker_logger.warning(
-                        "Redis stream entry %s on %r has no %r field; skipped",
-                        entry_id.decode(),
-                        key,
-                        STREAM_DATA_FIELD.decode(),
-                    )
-                    continue
-                self._deliver(topic, data, entry_id.decode())
+                seen = self._cursor
+                if seen is None:
+                    return  # no topic held any more
+                if _entry_key(entry_id) <= _entry_key(seen):
+                    continue  # before the first topic held now was subscribed
+                self._cursor = entry_id
+                self._dispatch(entry_id, fields)
 
-    async def _stream_error(self, topics: list[str], exc: ResponseError) -> None:
-        """XREAD was refused: find the keys that are no streams and drop them."""
-        client = self._client()
-        bad: list[str] = []
-        for topic in topics:
-            key = self._topics.get(topic)
-            if key is None:
-                continue
-            kind = as_bytes(await execute(client, "TYPE", key))
-            if kind not in (b"stream", b"none"):
-                bad.append(topic)
-        if not bad:
+    def _dispatch(self, entry_id: bytes, fields: Any) -> None:
+        topic_field, data = _entry_fields(fields)
+        if topic_field is None or data is None:
+            broker_logger.warning(
+                "Redis stream entry %s in %r has no %r or %r field; skipped",
+                entry_id.decode(),
+                self._stream,
+                STREAM_TOPIC_FIELD.decode(),
+                STREAM_DATA_FIELD.decode(),
+            )
+            return
+        topic = self._by_channel.get(topic_field)
+        if topic is not None:  # others are for topics other nodes hold
+            self._deliver(topic, data, entry_id.decode())
+
+    async def _stream_error(self, exc: ResponseError) -> None:
+        """XREAD was refused: if the key is no stream now, every topic is lost."""
+        kind = as_bytes(await execute(self._client(), "TYPE", self._stream))
+        if kind in (b"stream", b"none"):
             raise BrokerError(f"Redis refused XREAD: {exc}")
-        for topic in bad:
+        for topic in list(self._topics):
             self._drop_topic(topic)
-            self._report_failure(topic, f"Redis key is no longer a stream: {exc}")
+            self._report_failure(topic, f"Redis key {self._stream!r} is no longer a stream: {exc}")
+        self._cursor = None
 
 
 # The config layer types options from the signature: show RedisBase's too.

@@ -26,6 +26,7 @@ from .harness import BINARY_BODY, DELIVERY_TIMEOUT_S, MULTILINE_BODY, Recorder, 
 
 redis_asyncio = import_or_skip("redis.asyncio")
 redis_driver = import_or_skip("gochan.drivers.redis")
+redis_streams = import_or_skip("gochan.drivers.redis_streams")
 RedisDriver = redis_driver.RedisDriver
 
 RECONNECT_TIMEOUT_S = 15.0
@@ -48,6 +49,11 @@ async def raw_client(url: str) -> AsyncIterator[Any]:
         yield client
     finally:
         await client.aclose()
+
+
+def stream_key(prefix: str) -> str:
+    """The one stream key of every topic of a Streams driver with ``prefix``."""
+    return prefix + redis_streams.DEFAULT_STREAM_KEY
 
 
 async def numsub(client: Any, channel: str) -> int:
@@ -103,7 +109,7 @@ def test_bad_options_are_configuration_errors(options: dict[str, Any]) -> None:
 def test_registry_builds_the_driver() -> None:
     options = {"url": "redis://127.0.0.1:1/0", "prefix": "gochan:"}
     harness.check_registry("redis", options, redis_driver.RedisPubSubDriver)
-    streams = import_or_skip("gochan.drivers.redis_streams").RedisStreamsDriver
+    streams = redis_streams.RedisStreamsDriver
     harness.check_registry("redis", {**options, "streams": True}, streams)
 
 
@@ -414,32 +420,40 @@ async def test_only_refused_topics_are_reported_after_a_restart(own_redis: Redis
 
 
 async def test_streams_ids_are_entry_ids(redis_url: str) -> None:
+    """Every topic is in one stream key, in one order: entries carry their
+    topic; those for topics not held here, or without both fields, are skipped."""
     t1, t2 = unique("st"), unique("st")
     prefix = unique("gt") + ":"
+    key = stream_key(prefix)
 
     async with (
         connected(redis_url, prefix=prefix, streams=True) as (driver, rec),
         raw_client(redis_url) as client,
     ):
         try:
-            before = await client.xadd(prefix + t1, {"data": b"before subscribe"})
+            before = await client.xadd(key, {"topic": t1, "data": b"before subscribe"})
             await driver.subscribe(t1)
-            await driver.subscribe(t2)  # no stream yet
+            await driver.subscribe(t2)
             id1 = await driver.publish(t1, BINARY_BODY)
-            id2 = (await client.xadd(prefix + t2, {"data": MULTILINE_BODY})).decode()
-            await client.xadd(prefix + t2, {"other": b"no data field"})
+            id2 = (await client.xadd(key, {"topic": t2, "data": MULTILINE_BODY})).decode()
+            await client.xadd(key, {"topic": t2, "other": b"no data field"})
+            await client.xadd(key, {"data": b"no topic field"})
+            await client.xadd(key, {"topic": "not held here", "data": b"x"})
             id3 = await driver.publish(t1, b"")
             await rec.wait_messages(3)
             await asyncio.sleep(0.2)
             assert before.decode() < id1
-            assert sorted(rec.messages) == sorted(
-                [(t1, BINARY_BODY, id1), (t2, MULTILINE_BODY, id2), (t1, b"", id3)]
-            )
-            assert rec.bodies(t1) == [BINARY_BODY, b""]
-            entries = await client.xrange(prefix + t1)
-            assert [e[1] for e in entries[-2:]] == [{b"data": BINARY_BODY}, {b"data": b""}]
+            assert rec.messages == [
+                (t1, BINARY_BODY, id1),
+                (t2, MULTILINE_BODY, id2),
+                (t1, b"", id3),
+            ]
+            entries = await client.xrange(key)
+            assert entries[-1][1] == {b"topic": t1.encode(), b"data": b""}
+            assert driver.event_position(id1) < driver.event_position(id2)
+            assert driver.event_position(id2) < driver.event_position(id3)
         finally:
-            await client.delete(prefix + t1, prefix + t2)
+            await client.delete(key)
 
 
 async def test_streams_new_topics_are_read_at_once(redis_url: str) -> None:
@@ -469,7 +483,7 @@ async def test_streams_new_topics_are_read_at_once(redis_url: str) -> None:
                 (first, b"sentinel"),
             ]
         finally:
-            await client.delete(prefix + first, prefix + second)
+            await client.delete(stream_key(prefix))
 
 
 async def test_streams_fan_out_and_trim(redis_url: str) -> None:
@@ -490,36 +504,40 @@ async def test_streams_fan_out_and_trim(redis_url: str) -> None:
             expected = [(topic, b"m%d" % i, ids[i]) for i in range(200)]
             assert rec_a.messages == expected
             assert rec_b.messages == expected
-            assert await client.xlen(prefix + topic) < 200  # trimmed (approximately)
+            assert await client.xlen(stream_key(prefix)) < 200  # trimmed (approximately)
         finally:
-            await client.delete(prefix + topic)
+            await client.delete(stream_key(prefix))
 
 
 async def test_streams_refuse_keys_of_another_type(redis_url: str) -> None:
     prefix = unique("gt") + ":"
-    good, bad = unique("st"), unique("st")
+    key = stream_key(prefix)
+    one, two = unique("st"), unique("st")
 
     async with (
         connected(redis_url, prefix=prefix, streams=True) as (driver, rec),
         raw_client(redis_url) as client,
     ):
         try:
-            await client.set(prefix + bad, b"a string")
+            await client.set(key, b"a string")
             with pytest.raises(BrokerError, match="WRONGTYPE"):
-                await driver.subscribe(bad)
-            await client.delete(prefix + bad)
-            await driver.subscribe(bad)
-            await driver.subscribe(good)
-            # the key is replaced by a string while held
-            await client.set(prefix + bad, b"a string")
-            await driver.publish(good, b"still flowing")
-            await rec.wait_for(lambda: bool(rec.failures) and bool(rec.messages))
-            assert [t for t, _ in rec.failures] == [bad]
-            assert rec.messages[0][:2] == (good, b"still flowing")
-            assert driver.stats()["subscriptions"] == 1
+                await driver.subscribe(one)
+            await client.delete(key)
+            await driver.subscribe(one)
+            await driver.subscribe(two)
+            # the key is replaced by a string while held: every topic is lost
+            await client.set(key, b"a string")
+            await rec.wait_for(lambda: len(rec.failures) == 2)
+            assert sorted(t for t, _ in rec.failures) == sorted([one, two])
+            assert driver.stats()["subscriptions"] == 0
             assert driver.ready
+            await client.delete(key)
+            await driver.subscribe(one)
+            await driver.publish(one, b"flowing again")
+            await rec.wait_messages(1)
+            assert rec.messages[0][:2] == (one, b"flowing again")
         finally:
-            await client.delete(prefix + good, prefix + bad)
+            await client.delete(key)
 
 
 async def test_streams_resume_after_restart_without_gap(own_redis: RedisServer) -> None:
@@ -535,7 +553,8 @@ async def test_streams_resume_after_restart_without_gap(own_redis: RedisServer) 
         await wait_until(lambda: not driver.ready)
         await asyncio.to_thread(own_redis.start)  # empty: no persistence
         async with raw_client(own_redis.url) as client:
-            away = (await client.xadd("g:" + topic, {"data": b"while away"})).decode()
+            entry = {"topic": topic, "data": b"while away"}
+            away = (await client.xadd(stream_key("g:"), entry)).decode()
         assert not driver.ready  # added while the driver was away
         await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
         third = await driver.publish(topic, b"three")
