@@ -17,7 +17,7 @@ import pytest
 from gochan import Config, Streamer
 from gochan.errors import BrokerError
 from gochan.server import Server
-from tests.support import SSEStream
+from tests.support import SSEStream, wait_for
 
 from . import _kafka_server, e2e
 from ._kafka_server import KafkaServer
@@ -285,3 +285,29 @@ async def test_a_node_whose_live_delivery_lags_sends_nothing_twice(server: Kafka
         assert (await resumed.event())["id"] == live
         await resumed.no_frame(0.5)
         await resumed.close()
+
+
+async def test_resume_after_a_broker_outage(server: KafkaServer) -> None:
+    mock = server.mock
+    if mock is None:
+        pytest.skip("needs the mock cluster's down/up switch (GOCHAN_KAFKA_URL is set)")
+    log = new_log(server)
+    async with node(server, log) as a:
+        driver = a.streamer.driver
+        first = await open_stream(a.port)
+        seen = await a.streamer.publish("t1", b"before")
+        assert (await first.event())["id"] == seen
+        await first.close()
+        await asyncio.to_thread(mock.command, "down")
+        try:
+            await wait_for(lambda: not driver.ready, 10)
+        finally:
+            await asyncio.to_thread(mock.command, "up")
+        await wait_for(lambda: driver.ready, 10)
+        missed = await a.streamer.publish("t2", b"after")
+        resumed = await open_stream(a.port, seen)
+        assert (await replay_answer(resumed))["recovered"] is True
+        assert (await resumed.event())["id"] == missed
+        await resumed.no_frame(0.3)
+        await resumed.close()
+        assert driver.stats()["reconnects"] == 1
