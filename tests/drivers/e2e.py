@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import httpx
+import orjson
 
 from gochan import Config, Streamer
 from gochan.server import Server
@@ -24,6 +25,7 @@ from tests.support import SSEStream, free_port
 
 DELIVERY_TIMEOUT_S = 10.0
 RECOVERY_TIMEOUT_S = 30.0
+REPLAY_MISSED = 4  # messages a reconnecting browser missed, in the replay check
 
 
 @dataclass
@@ -189,6 +191,50 @@ async def check_broker_restart(broker: Broker) -> None:
         await stream.close()
 
 
+async def check_replay_on_the_same_node(broker: Broker, via_broker: bool = True) -> None:
+    """A browser that lost its stream reconnects with ``Last-Event-ID``: the
+    node (which kept the topic for the client's TTL) says ``recovered:true``
+    and sends exactly the messages it missed, in order, then live ones.
+    The missed ones are published through gochan and, when ``via_broker``,
+    also by the broker's own client."""
+    topic = broker.topic("replay")
+    url = f"/events?topic={topic}"  # a plain EventSource: no client id
+    async with nodes(broker, 1) as (node,):
+        driver = node.streamer.driver
+        stream = await SSEStream.open(node.port, url)
+        await stream.config()
+        await post_publish(node.port, topic, b"seen")
+        seen = await stream.event(DELIVERY_TIMEOUT_S)
+        assert (seen["event"], seen["data"]) == (topic, "seen"), seen
+        await stream.close()
+        received = driver.stats()["received"]
+        missed = [f"missed {i}" for i in range(REPLAY_MISSED)]
+        for i, body in enumerate(missed):
+            if via_broker and i % 2:
+                await broker.publish(topic, body.encode())
+            else:
+                await post_publish(node.port, topic, body.encode())
+        # Every missed one has reached the node before the browser is back.
+        await until_true(lambda: driver.stats()["received"] >= received + len(missed))
+        resumed = await SSEStream.open(node.port, url, {"Last-Event-ID": seen["id"]})
+        await resumed.config()
+        answer = orjson.loads((await resumed.event())["data"])
+        assert answer == {"replay": {"last_event_id": seen["id"], "recovered": True}}
+        assert [await next_data(resumed, topic) for _ in missed] == missed
+        await post_publish(node.port, topic, b"live")
+        assert await next_data(resumed, topic) == "live"
+        await resumed.no_frame(0.3)  # each exactly once
+        await resumed.close()
+
+
+async def until_true(probe: Callable[[], bool], timeout: float = DELIVERY_TIMEOUT_S) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not probe():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
 async def until(probe: Callable[[], Awaitable[bool]], want: bool, timeout: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -201,6 +247,7 @@ __all__ = [
     "Broker",
     "check_broker_restart",
     "check_relay",
+    "check_replay_on_the_same_node",
     "check_subscription_lifecycle",
     "nodes",
     "process_node",

@@ -368,5 +368,9 @@ async def test_e2e_subscription_lifecycle(own_mosquitto: Mosquitto) -> None:
     await e2e.check_subscription_lifecycle(e2e_broker(own_mosquitto))
 
 
+async def test_e2e_replay_on_the_same_node(own_mosquitto: Mosquitto) -> None:
+    await e2e.check_replay_on_the_same_node(e2e_broker(own_mosquitto))
+
+
 async def test_e2e_broker_restart(own_mosquitto: Mosquitto) -> None:
     await e2e.check_broker_restart(e2e_broker(own_mosquitto))

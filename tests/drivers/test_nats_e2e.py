@@ -47,6 +47,11 @@ async def test_subscription_lifecycle(server: NatsServer) -> None:
     await e2e.check_subscription_lifecycle(broker(server))
 
 
+async def test_replay_on_the_same_node(server: NatsServer) -> None:
+    """Core NATS (no JetStream): gochan's in-memory history replays."""
+    await e2e.check_replay_on_the_same_node(broker(server))
+
+
 async def test_broker_restart(server: NatsServer) -> None:
     await e2e.check_broker_restart(broker(server, reconnect_min=0.1, reconnect_max=0.5))
 

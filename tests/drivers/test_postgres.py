@@ -365,6 +365,10 @@ async def test_e2e_subscription_lifecycle(postgres: Postgres, prefix: str) -> No
     await e2e.check_subscription_lifecycle(e2e_broker(postgres, prefix))
 
 
+async def test_e2e_replay_on_the_same_node(postgres: Postgres, prefix: str) -> None:
+    await e2e.check_replay_on_the_same_node(e2e_broker(postgres, prefix))
+
+
 async def test_e2e_broker_restart(postgres: Postgres, prefix: str) -> None:
     await e2e.check_broker_restart(e2e_broker(postgres, prefix))
 

@@ -57,6 +57,10 @@ async def test_subscription_lifecycle(server: PubSubServer) -> None:
     await e2e.check_subscription_lifecycle(broker(server))
 
 
+async def test_replay_on_the_same_node(server: PubSubServer) -> None:
+    await e2e.check_replay_on_the_same_node(broker(server))
+
+
 async def test_broker_restart(server: PubSubServer) -> None:
     if server.emulator is None:
         pytest.skip("restarts its own emulator (GOCHAN_PUBSUB_EMULATOR_HOST is set)")

@@ -399,6 +399,10 @@ async def test_e2e_subscription_lifecycle(rabbitmq: RabbitMQ, exchange: str) -> 
     await e2e.check_subscription_lifecycle(e2e_broker(rabbitmq, exchange))
 
 
+async def test_e2e_replay_on_the_same_node(rabbitmq: RabbitMQ, exchange: str) -> None:
+    await e2e.check_replay_on_the_same_node(e2e_broker(rabbitmq, exchange))
+
+
 async def test_e2e_broker_restart(rabbitmq: RabbitMQ, exchange: str) -> None:
     """The broker, as seen through a relay, goes away and comes back."""
 

@@ -50,5 +50,16 @@ async def test_subscription_lifecycle(server: RedisServer) -> None:
     await e2e.check_subscription_lifecycle(broker(server))
 
 
+async def test_replay_on_the_same_node(server: RedisServer) -> None:
+    """Redis pub/sub keeps nothing: gochan's in-memory history replays."""
+    await e2e.check_replay_on_the_same_node(broker(server))
+
+
+async def test_streams_replay_on_the_same_node(server: RedisServer) -> None:
+    """Redis Streams replays from the stream (tests/drivers/test_redis_replay.py
+    has the other nodes, the restart and the gaps)."""
+    await e2e.check_replay_on_the_same_node(broker(server, streams=True), via_broker=False)
+
+
 async def test_broker_restart(server: RedisServer) -> None:
     await e2e.check_broker_restart(broker(server, reconnect_min=0.05, reconnect_max=0.5))

@@ -58,6 +58,10 @@ async def test_subscription_lifecycle(server: AwsServer) -> None:
     await e2e.check_subscription_lifecycle(broker(server))
 
 
+async def test_replay_on_the_same_node(server: AwsServer) -> None:
+    await e2e.check_replay_on_the_same_node(broker(server))
+
+
 async def test_broker_restart(server: AwsServer) -> None:
     if server.moto is None:
         pytest.skip("restarts its own moto_server (GOCHAN_SQS_URL is set)")
