@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..log import server_logger
 from .http import NO_PEER, Peer, is_loopback_host, refresh_date
 from .metrics import Metrics
-from .protocol import HttpProtocol
+from .protocol import ADMITTED, HttpProtocol
 from .routes import Router
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class Server:
             self.peers[address] = count + 1
         proto.peer = address
         self.metrics.connections += 1
-        proto.admitted = True
+        proto.state |= ADMITTED
         self.http.add(proto)
         return None
 
@@ -87,8 +87,8 @@ class Server:
 
     def forget(self, proto: HttpProtocol) -> None:
         # From connection_lost, for admitted and refused connections alike.
-        if proto.admitted:
-            proto.admitted = False
+        if proto.state & ADMITTED:
+            proto.state &= ~ADMITTED
             self.metrics.connections -= 1
             peer = proto.peer
             if peer:
@@ -139,7 +139,7 @@ class Server:
             await asyncio.sleep(SHUTDOWN_POLL_S)
         for proto in list(self.http):
             if proto.transport is not None and not proto.transport.is_closing():
-                proto.closing = True
+                proto.close_soon()
                 if proto.busy:
                     proto.transport.abort()
                 else:

@@ -50,6 +50,18 @@ _NO_EXTRA: Headers = []
 Refusal = tuple[int, str, Headers]
 
 
+# The connection's state: one word of named bits. They are not exclusive: a
+# request can be read while the one before it waits on the broker, and flow
+# control (the two pauses) is independent of both.
+ADMITTED = 1  # counted in by the server; connection_lost counts it out
+IN_REQUEST = 2  # a request has begun and is not complete
+BUSY = 4  # a handler is awaited: the requests behind it wait
+READ_PAUSED = 8  # the transport is not reading (pipeline full, peer not reading)
+WRITE_PAUSED = 16  # the transport holds more than its high-water mark: the peer
+# is not reading its answers, so no more requests are run until it does
+CLOSING = 32  # closing or closed: nothing more is run or written
+
+
 class _Rejected(Exception):
     """Raised inside a parser callback to stop parsing with an HTTP error."""
 
@@ -68,21 +80,16 @@ class HttpProtocol(asyncio.Protocol):
         "_unparsed",
         "_url",
         "_url_len",
-        "admitted",
-        "busy",
-        "closing",
         "config",
         "deadline",
-        "in_request",
         "parser",
         "peer",
         "pipeline",
-        "reading_paused",
         "server",
+        "state",
         "stream",
         "task",
         "transport",
-        "write_paused",
     )
 
     def __init__(self, server: Server) -> None:
@@ -92,16 +99,9 @@ class HttpProtocol(asyncio.Protocol):
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         # A list, not a deque: an empty list is far smaller, and it stays short.
         self.pipeline: list[Request] = []
-        self.admitted = False
-        self.busy = False
+        self.state = 0  # the bits below: nothing yet
         self.task: asyncio.Task[None] | None = None
         self.stream: Stream | None = None
-        self.closing = False
-        self.reading_paused = False
-        # The transport holds more than its high-water mark: the peer is not
-        # reading its answers, so no more requests are run until it does.
-        self.write_paused = False
-        self.in_request = False
         self.peer: Peer = NO_PEER
         # Monotonic time by which the current wait must end: the request's
         # header timeout, or the idle keep-alive timeout between requests.
@@ -123,6 +123,19 @@ class HttpProtocol(asyncio.Protocol):
         # A malformed request's error, answered once the requests before it are.
         self._failure: Refusal | None = None
 
+    @property
+    def busy(self) -> bool:
+        """A handler is awaited."""
+        return bool(self.state & BUSY)
+
+    @property
+    def closing(self) -> bool:
+        return bool(self.state & CLOSING)
+
+    def close_soon(self) -> None:
+        """Mark it closing (the server's shutdown closes the transport)."""
+        self.state |= CLOSING
+
     # -- asyncio callbacks -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -131,14 +144,14 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = transport
         refused = self.server.admit(self, transport.get_extra_info("peername"))
         if refused is not None:
-            self.closing = True
+            self.state |= CLOSING
             transport.write(simple_response(503, refused.encode() + b"\n", keep_alive=False))
             transport.close()
             return
         transport.set_write_buffer_limits(high=self.config.write_buffer_high_bytes)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
+        self.state |= CLOSING
         if self.stream is not None:
             self.server.streamer.detach(self.stream)
             self.stream = None
@@ -151,7 +164,7 @@ class HttpProtocol(asyncio.Protocol):
         self.server.forget(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.parser is None or self.closing:
+        if self.parser is None or (self.state & CLOSING):
             return  # nothing is read from an event stream
         if self._unparsed:  # a read that raced pause_reading: keep it in order
             self._unparsed += data
@@ -160,20 +173,20 @@ class HttpProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # A half-closed client gets its pending answers, then the close.
-        return bool(self.busy or self.pipeline or self._unparsed)
+        return bool((self.state & BUSY) or self.pipeline or self._unparsed)
 
     def pause_writing(self) -> None:
         if self.stream is not None:
             self.stream.pause()
             return
-        self.write_paused = True
+        self.state |= WRITE_PAUSED
         self._pause_reading()  # stop reading requests whose answers the peer does not read
 
     def resume_writing(self) -> None:
         if self.stream is not None:
             self.stream.writable()
             return
-        self.write_paused = False
+        self.state &= ~WRITE_PAUSED
         self._run()
         self._continue_input()
 
@@ -182,11 +195,10 @@ class HttpProtocol(asyncio.Protocol):
     def _blocked(self) -> bool:
         """No more input is parsed now: too many requests wait, the peer does
         not read its answers, or an error is waiting to be answered."""
-        return (
-            len(self.pipeline) >= MAX_PIPELINE
-            or self.write_paused
+        return bool(
+            self.state & (WRITE_PAUSED | CLOSING)
+            or len(self.pipeline) >= MAX_PIPELINE
             or self._failure is not None
-            or self.closing
         )
 
     def _feed(self, data: bytes) -> None:
@@ -204,13 +216,13 @@ class HttpProtocol(asyncio.Protocol):
             try:
                 parser.feed_data(chunk)  # type: ignore[union-attr]
             except httptools.HttpParserUpgrade:
-                if self.pipeline and not self.in_request:
+                if self.pipeline and not (self.state & IN_REQUEST):
                     self.pipeline.pop()  # the upgrade request itself is not run
                 self._failed(400, "protocol upgrades are not supported", _NO_EXTRA)
             except httptools.HttpParserError:
                 self._failed(*(self._reject or (400, "malformed HTTP request", _NO_EXTRA)))
             self._run()
-            if self.parser is None or self.closing:
+            if self.parser is None or (self.state & CLOSING):
                 return  # a stream began, or the connection is ending
 
     def _continue_input(self) -> None:
@@ -220,17 +232,21 @@ class HttpProtocol(asyncio.Protocol):
         if self._unparsed:
             data, self._unparsed = self._unparsed, b""
             self._feed(data)
-        if not self._unparsed and self.reading_paused and not self._blocked():
+        if not self._unparsed and (self.state & READ_PAUSED) and not self._blocked():
             self._resume_reading()
 
     def _pause_reading(self) -> None:
-        if self.transport is not None and not self.reading_paused and not self.closing:
-            self.reading_paused = True
+        if (
+            self.transport is not None
+            and not (self.state & READ_PAUSED)
+            and not (self.state & CLOSING)
+        ):
+            self.state |= READ_PAUSED
             self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self.transport is not None and not self.closing:
-            self.reading_paused = False
+        if self.transport is not None and not (self.state & CLOSING):
+            self.state &= ~READ_PAUSED
             self.transport.resume_reading()
 
     # -- httptools callbacks -----------------------------------------------
@@ -240,7 +256,7 @@ class HttpProtocol(asyncio.Protocol):
         raise _Rejected(message)
 
     def on_message_begin(self) -> None:
-        self.in_request = True
+        self.state |= IN_REQUEST
         self._continue = False
         self.deadline = time.monotonic() + self.config.header_timeout
         self._url = []
@@ -307,7 +323,7 @@ class HttpProtocol(asyncio.Protocol):
             parsed = httptools.parse_url(url)
         except httptools.HttpParserInvalidURLError:
             self._stop(400, "invalid request target")
-        self.in_request = False
+        self.state &= ~IN_REQUEST
         self._continue = False  # the body is here: no need to invite it
         self.pipeline.append(
             Request(
@@ -326,10 +342,10 @@ class HttpProtocol(asyncio.Protocol):
     def _run(self) -> None:
         while (
             self.pipeline
-            and not self.busy
-            and not self.write_paused
+            and not (self.state & BUSY)
+            and not (self.state & WRITE_PAUSED)
             and self.stream is None
-            and not self.closing
+            and not (self.state & CLOSING)
         ):
             request = self.pipeline.pop(0)
             try:
@@ -345,21 +361,26 @@ class HttpProtocol(asyncio.Protocol):
                     self._flush_out()  # may pause writing: the peer must read first
             else:
                 self._flush_out()
-                self.busy = True
+                self.state |= BUSY
                 self.task = asyncio.get_running_loop().create_task(self._finish(reply, request))
                 return
-        if self.closing or self.stream is not None or self.busy or self.pipeline:
+        if (
+            (self.state & CLOSING)
+            or self.stream is not None
+            or (self.state & BUSY)
+            or self.pipeline
+        ):
             self._flush_out()
             return
         # Every request read so far is answered.
         if self._failure is not None:
             self.fail(*self._failure)
             return
-        if self._continue and not self.write_paused:
+        if self._continue and not (self.state & WRITE_PAUSED):
             self._continue = False
             self._out.append(CONTINUE)
         self._flush_out()
-        if not self.in_request:
+        if not (self.state & IN_REQUEST):
             self.deadline = time.monotonic() + self.config.keepalive_timeout
 
     async def _finish(self, pending: Awaitable[Reply], request: Request) -> None:
@@ -372,13 +393,13 @@ class HttpProtocol(asyncio.Protocol):
             self.fail(500, "internal server error")
             return
         finally:
-            self.busy = False
+            self.state &= ~BUSY
             self.task = None
         # No await between the handler's result and its delivery: a stream
         # is attached in the same loop step its subscriptions were made in.
         if not self._deliver_safely(reply, request):
             return
-        if not self.closing:
+        if not (self.state & CLOSING):
             self._run()
             self._continue_input()
 
@@ -397,7 +418,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def deliver(self, reply: Reply, request: Request) -> None:
         """Write a handler's reply: a whole response, or the start of a stream."""
-        if self.closing or self.transport is None:
+        if (self.state & CLOSING) or self.transport is None:
             return
         cors = self.server.router.cors(request)
         if isinstance(reply, OpenStream):
@@ -433,7 +454,7 @@ class HttpProtocol(asyncio.Protocol):
         """Write what is pending and close; the tick aborts the connection if
         the peer has not taken it within CLOSE_LINGER_S."""
         self._flush_out()
-        self.closing = True
+        self.state |= CLOSING
         self.pipeline.clear()
         self._unparsed = b""
         self.deadline = time.monotonic() + CLOSE_LINGER_S
@@ -444,14 +465,14 @@ class HttpProtocol(asyncio.Protocol):
         """A malformed request: answer it after the requests before it."""
         self.server.metrics.bad_requests += 1
         self._failure = (status, message, headers)
-        self.in_request = False
+        self.state &= ~IN_REQUEST
 
     def fail(self, status: int, message: str, headers: Headers = _NO_EXTRA) -> None:
         """Answer with an error and close the connection (bad input)."""
         if self._failure is None:
             self.server.metrics.bad_requests += 1
         self._failure = None
-        if self.transport is None or self.closing:
+        if self.transport is None or (self.state & CLOSING):
             return
         body = message.encode() + b"\n"
         self._out.append(simple_response(status, body, headers=headers, keep_alive=False))
@@ -469,28 +490,28 @@ class HttpProtocol(asyncio.Protocol):
         self.parser = None
         self.pipeline.clear()
         self._unparsed = b""
-        self.write_paused = False
+        self.state &= ~WRITE_PAUSED
         # Parse state is replaced whole by on_message_begin before any use, so
         # a stream can point at shared empties rather than own three containers.
         self._headers = _NO_HEADERS
         self._url = self._body = _NO_PARTS
         self.server.streaming(self)
-        if self.reading_paused:  # paused while the head was written; streams read (EOF)
+        if self.state & READ_PAUSED:  # paused while the head was written; streams read (EOF)
             self._resume_reading()
 
     def expire(self, now: float) -> None:
         """Called by the server tick once the deadline has passed."""
         transport = self.transport
-        if self.busy or self.stream is not None or transport is None:
+        if (self.state & BUSY) or self.stream is not None or transport is None:
             return
-        if self.closing:
+        if self.state & CLOSING:
             transport.abort()  # closed, and its peer never took the last answer
-        elif self.write_paused or transport.get_write_buffer_size():
+        elif (self.state & WRITE_PAUSED) or transport.get_write_buffer_size():
             # Answers the peer does not read: an error answer would only wait too.
-            self.closing = True
+            self.state |= CLOSING
             transport.abort()
-        elif self.in_request or self.pipeline or self._unparsed:
+        elif (self.state & IN_REQUEST) or self.pipeline or self._unparsed:
             self.fail(408, "request timeout")
         else:
-            self.closing = True
+            self.state |= CLOSING
             transport.close()
