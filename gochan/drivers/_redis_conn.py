@@ -5,7 +5,7 @@ reconnects.
 
 Topic to key mapping: the channel of a topic is ``prefix + topic``, UTF-8
 encoded (the Streams driver keeps every topic in one key, ``prefix +
-stream_key``). Redis channels and keys are binary-safe, so every
+stream_name``). Redis channels and keys are binary-safe, so every
 gochan topic maps and ``check_topic`` refuses nothing.
 """
 
@@ -84,7 +84,7 @@ class RedisBase(Lifecycle[AbstractConnection]):
         ``unix:///path/to/socket``.
     prefix
         Prepended to every topic to make its channel (pub/sub), or to
-        ``stream_key`` to make the one stream key (Streams).
+        ``stream_name`` to make the one stream key (Streams).
     connect_timeout
         Seconds allowed to open a connection (TCP, TLS, AUTH, SELECT).
     command_timeout

@@ -4,7 +4,7 @@ any gochan node on the same Redis, and after a gochan restart.
 
 One stream key for every topic
 ------------------------------
-Every topic's messages go to ONE stream key, ``prefix + stream_key``
+Every topic's messages go to ONE stream key, ``prefix + stream_name``
 (``gochan-stream`` by default), each entry carrying its topic and body as
 the fields ``topic`` and ``data`` -- as JetStream keeps one stream whose
 subjects are the topics. The reason is replay: a browser sends back ONE
@@ -79,11 +79,11 @@ from ._redis_conn import (
 
 __all__ = ["STREAM_OPTIONS", "RedisStreamsDriver"]
 
-DEFAULT_STREAM_KEY = "gochan-stream"
+DEFAULT_STREAM_NAME = "gochan-stream"
 DEFAULT_STREAM_MAXLEN = 10000
 DEFAULT_STREAM_BLOCK_S = 5.0
 DEFAULT_STREAM_BATCH = 500
-STREAM_OPTIONS = ("stream_key", "stream_maxlen", "stream_block", "stream_batch")
+STREAM_OPTIONS = ("stream_name", "stream_maxlen", "stream_block", "stream_batch")
 
 STREAM_TOPIC_FIELD = b"topic"
 STREAM_DATA_FIELD = b"data"
@@ -137,8 +137,8 @@ class RedisStreamsDriver(RedisBase):
 
     Keyword arguments, besides those of :class:`RedisBase`:
 
-    stream_key
-        The stream key of every topic, after ``prefix``.
+    stream_name
+        The one stream key of every topic, after ``prefix``.
     stream_maxlen
         Entries kept in the stream, for all topics together, trimmed
         approximately on each XADD (0: never trimmed).
@@ -150,7 +150,7 @@ class RedisStreamsDriver(RedisBase):
 
     def __init__(
         self,
-        stream_key: str = DEFAULT_STREAM_KEY,
+        stream_name: str = DEFAULT_STREAM_NAME,
         stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
         stream_block: float = DEFAULT_STREAM_BLOCK_S,
         stream_batch: int = DEFAULT_STREAM_BATCH,
@@ -159,10 +159,10 @@ class RedisStreamsDriver(RedisBase):
         require_positive("redis", stream_block=stream_block, stream_batch=stream_batch)
         if stream_maxlen < 0:
             raise ConfigurationError(f"redis stream_maxlen must be >= 0, not {stream_maxlen!r}")
-        if not stream_key:
-            raise ConfigurationError("redis stream_key must not be empty")
+        if not stream_name:
+            raise ConfigurationError("redis stream_name must not be empty")
         super().__init__(**options)
-        self._stream = self._key(stream_key)
+        self._stream = self._key(stream_name)
         self._stream_maxlen = stream_maxlen
         self._stream_block_s = stream_block
         self._stream_batch = stream_batch

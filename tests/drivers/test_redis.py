@@ -51,9 +51,9 @@ async def raw_client(url: str) -> AsyncIterator[Any]:
         await client.aclose()
 
 
-def stream_key(prefix: str) -> str:
+def stream_name(prefix: str) -> str:
     """The one stream key of every topic of a Streams driver with ``prefix``."""
-    return prefix + redis_streams.DEFAULT_STREAM_KEY
+    return prefix + redis_streams.DEFAULT_STREAM_NAME
 
 
 async def numsub(client: Any, channel: str) -> int:
@@ -419,12 +419,23 @@ async def test_only_refused_topics_are_reported_after_a_restart(own_redis: Redis
 # -- Redis Streams ------------------------------------------------------------------
 
 
+def test_streams_positions_follow_entry_ids() -> None:
+    position = redis_streams.entry_position
+    ids = ["0-1", "1-0", "1-1", "1-18446744073709551615", "2-0", "1796167833010-7"]
+    positions = [position(i) for i in ids]
+    assert positions == sorted(positions) and len(set(positions)) == len(ids)
+    for entry_id, pos in zip(ids, positions, strict=True):
+        assert redis_streams.position_entry(pos) == entry_id.encode()
+    for bad in ("", "12", "1-", "-1", "a-1", "1-2-3", "1-18446744073709551616", " 1-1", "1-1\n"):
+        assert position(bad) is None, bad
+
+
 async def test_streams_ids_are_entry_ids(redis_url: str) -> None:
     """Every topic is in one stream key, in one order: entries carry their
     topic; those for topics not held here, or without both fields, are skipped."""
     t1, t2 = unique("st"), unique("st")
     prefix = unique("gt") + ":"
-    key = stream_key(prefix)
+    key = stream_name(prefix)
 
     async with (
         connected(redis_url, prefix=prefix, streams=True) as (driver, rec),
@@ -483,7 +494,7 @@ async def test_streams_new_topics_are_read_at_once(redis_url: str) -> None:
                 (first, b"sentinel"),
             ]
         finally:
-            await client.delete(stream_key(prefix))
+            await client.delete(stream_name(prefix))
 
 
 async def test_streams_fan_out_and_trim(redis_url: str) -> None:
@@ -504,14 +515,14 @@ async def test_streams_fan_out_and_trim(redis_url: str) -> None:
             expected = [(topic, b"m%d" % i, ids[i]) for i in range(200)]
             assert rec_a.messages == expected
             assert rec_b.messages == expected
-            assert await client.xlen(stream_key(prefix)) < 200  # trimmed (approximately)
+            assert await client.xlen(stream_name(prefix)) < 200  # trimmed (approximately)
         finally:
-            await client.delete(stream_key(prefix))
+            await client.delete(stream_name(prefix))
 
 
 async def test_streams_refuse_keys_of_another_type(redis_url: str) -> None:
     prefix = unique("gt") + ":"
-    key = stream_key(prefix)
+    key = stream_name(prefix)
     one, two = unique("st"), unique("st")
 
     async with (
@@ -554,7 +565,7 @@ async def test_streams_resume_after_restart_without_gap(own_redis: RedisServer) 
         await asyncio.to_thread(own_redis.start)  # empty: no persistence
         async with raw_client(own_redis.url) as client:
             entry = {"topic": topic, "data": b"while away"}
-            away = (await client.xadd(stream_key("g:"), entry)).decode()
+            away = (await client.xadd(stream_name("g:"), entry)).decode()
         assert not driver.ready  # added while the driver was away
         await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
         third = await driver.publish(topic, b"three")

@@ -35,8 +35,8 @@ def options(server: RedisServer, prefix: str, **more: Any) -> dict[str, Any]:
     return {"url": server.url, "streams": True, "prefix": prefix, **more}
 
 
-def stream_key(prefix: str) -> str:
-    return prefix + redis_streams.DEFAULT_STREAM_KEY
+def stream_name(prefix: str) -> str:
+    return prefix + redis_streams.DEFAULT_STREAM_NAME
 
 
 @contextlib.asynccontextmanager
@@ -69,7 +69,7 @@ async def xadd(server: RedisServer, prefix: str, topic: str, data: bytes) -> str
     """Publish as any other Redis client would: XADD with the topic as a field."""
     client = redis_asyncio.Redis.from_url(server.url)
     try:
-        entry = await client.xadd(stream_key(prefix), {"topic": topic, "data": data})
+        entry = await client.xadd(stream_name(prefix), {"topic": topic, "data": data})
         return str(entry.decode())
     finally:
         await client.aclose()
@@ -179,8 +179,8 @@ async def test_trimmed_unknown_or_future_ids_are_not_recovered(server: RedisServ
             await a.streamer.publish("t1", b"%d" % i)
         client = redis_asyncio.Redis.from_url(server.url)
         try:
-            assert await client.xrange(stream_key(prefix), trimmed, trimmed) == []
-            newest = (await client.xrevrange(stream_key(prefix), count=1))[0][0].decode()
+            assert await client.xrange(stream_name(prefix), trimmed, trimmed) == []
+            newest = (await client.xrevrange(stream_name(prefix), count=1))[0][0].decode()
         finally:
             await client.aclose()
         ms = newest.partition("-")[0]
