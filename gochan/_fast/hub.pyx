@@ -63,7 +63,7 @@ DEFAULT_MAX_FLUSH_DELAY = 0.0
 # Kernel send buffer asked for each stream socket (bytes; Linux doubles it
 # for bookkeeping). 0 leaves the kernel's autotuning, which lets a stuck
 # reader pin megabytes of kernel memory.
-DEFAULT_SEND_BUFFER = 64 * 1024
+DEFAULT_SEND_BUFFER = 256 * 1024  # see gochan/config.py
 # A flush shorter than this (seconds) means light load: the next one runs at
 # once, with no added latency.
 cdef double BUSY_FLUSH_S = 0.002
