@@ -46,7 +46,8 @@ def _read_to_end(sock: socket.socket) -> bytes:
 
 
 def test_sigterm_delivers_the_backlog_of_paused_streams(tmp_path: Path) -> None:
-    flags = ("--shutdown-grace", "20", "--heartbeat", "60")
+    # A small kernel buffer, so the backlog does not all fit in the kernel.
+    flags = ("--shutdown-grace", "20", "--heartbeat", "60", "--stream-send-buffer-bytes", "65536")
     with server_process(tmp_path, *flags) as server:
         socks = [_open_stuck_stream(server.port, "backlog") for _ in range(STREAMS)]
         with httpx.Client() as http:
@@ -94,7 +95,8 @@ def _server_sockets(port: int) -> dict[str, int]:
 
 
 async def test_slow_consumers_are_reset_and_leave_nothing_in_the_kernel() -> None:
-    async with running(max_pending_bytes=64 * 1024) as server, httpx.AsyncClient() as http:
+    limits = {"max_pending_bytes": 64 * 1024, "stream_send_buffer_bytes": 64 * 1024}
+    async with running(**limits) as server, httpx.AsyncClient() as http:
         port = server.port
         loop = asyncio.get_running_loop()
         socks = [
