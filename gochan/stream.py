@@ -1,9 +1,11 @@
 """Stream: one SSE stream, and the only writer to its transport.
 
 Everything a stream sends (its HTTP head and first frames, a replay, live
-frames, heartbeats, ``Client closed``) goes through one queue, the fan-out
-core's :class:`~gochan._fast.Subscriber` it is, so bytes leave in the order
-they were queued: a head the kernel takes only in part is never overtaken.
+frames, heartbeats, ``Client closed``) goes through the fan-out core's
+:class:`~gochan._fast.Subscriber` it is, in order: the head first
+(``send_first``: straight to the socket when nothing is ahead of it, and the
+stream waits while the transport holds a tail the kernel did not take), then
+one queue. A head the kernel takes only in part is never overtaken.
 While it replays, its replay state lives here too (see :mod:`gochan.replay`).
 """
 

@@ -444,7 +444,7 @@ class Streamer:
         ``front_end``: who opened it, so that :meth:`end_streams` ends only
         its streams when it stops."""
         stream = Stream(self.hub, transport, client, front_end)
-        stream.send(head, bounded=False)
+        stream.send_first(head)
         client.streams.append(stream)
         client.expires_at = None
         if last_event_id:

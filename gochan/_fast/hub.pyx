@@ -39,6 +39,7 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize,
 from libc.string cimport memcpy
 from libc.errno cimport errno, EAGAIN, EINTR
 from posix.uio cimport iovec, writev
+from posix.unistd cimport write as fd_write
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 
@@ -193,6 +194,32 @@ cdef class Subscriber:
             self._append(frame)
         self.active = True
         self.hub._mark_dirty(self)
+        return True
+
+    def send_first(self, bytes head not None):
+        """Write a new stream's head (HTTP head and first frames). Straight
+        to the socket when nothing is ahead of it, so an idle stream keeps no
+        queue array for it; what the kernel does not take goes to the
+        transport, and the stream waits for it (``resume``) before writing
+        anything else. Else it is queued first, like ``send``."""
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(head)
+        cdef ssize_t sent
+        if self.closed:
+            return False
+        if self.fd < 0 or self.paused or self.queue_len:
+            return self.send(head, False)
+        sent = fd_write(self.fd, PyBytes_AS_STRING(head), size)
+        if sent < 0:
+            if errno != EAGAIN and errno != EINTR:
+                raise OSError(errno, "write failed")
+            sent = 0
+        self.hub.writes += 1
+        self.hub.direct_writes += 1
+        self.hub.bytes_written += size
+        if sent < size:
+            self.paused = True  # until the transport has written the rest
+            self.transport.write(head[sent:])
+        self.active = True
         return True
 
     cdef int _append(self, bytes frame) except -1:

@@ -55,6 +55,9 @@ class Subscriber:
         self.hub._mark_dirty(self)
         return True
 
+    def send_first(self, head: bytes) -> bool:
+        return self.send(head, False)
+
     def pause(self) -> None:
         self.paused = True
 
