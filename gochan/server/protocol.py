@@ -44,6 +44,10 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Shared, never written: see start_stream.
 _NO_HEADERS: dict[str, str] = {}
 _NO_PARTS: list[bytes] = []
+# A stream's pipeline and answer list: empty tuples, shared, so a stream does
+# not keep two empty lists (112 bytes), and a write to them would raise.
+_NO_REQUESTS = cast("list[Request]", ())
+_NO_ANSWERS = cast("list[bytes]", ())
 _NO_EXTRA: Headers = []
 
 # An error answer: status, message, extra headers (a 405's Allow).
@@ -158,9 +162,9 @@ class HttpProtocol(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()
             self.task = None
-        self.pipeline.clear()
+        self.pipeline = _NO_REQUESTS
         self._unparsed = b""
-        self._out.clear()
+        self._out = _NO_ANSWERS
         self.server.forget(self)
 
     def data_received(self, data: bytes) -> None:
@@ -455,7 +459,7 @@ class HttpProtocol(asyncio.Protocol):
         the peer has not taken it within CLOSE_LINGER_S."""
         self._flush_out()
         self.state |= CLOSING
-        self.pipeline.clear()
+        self.pipeline = _NO_REQUESTS
         self._unparsed = b""
         self.deadline = time.monotonic() + CLOSE_LINGER_S
         if self.transport is not None:
@@ -474,6 +478,10 @@ class HttpProtocol(asyncio.Protocol):
         self._failure = None
         if self.transport is None or (self.state & CLOSING):
             return
+        if self.stream is not None:  # a stream has begun: no answer can follow
+            self.state |= CLOSING
+            self.transport.abort()
+            return
         body = message.encode() + b"\n"
         self._out.append(simple_response(status, body, headers=headers, keep_alive=False))
         self._close_after_flush()
@@ -488,7 +496,8 @@ class HttpProtocol(asyncio.Protocol):
         )
         # Nothing more is parsed on this connection: free the parser state.
         self.parser = None
-        self.pipeline.clear()
+        self.pipeline = _NO_REQUESTS
+        self._out = _NO_ANSWERS
         self._unparsed = b""
         self.state &= ~WRITE_PAUSED
         # Parse state is replaced whole by on_message_begin before any use, so
