@@ -66,3 +66,10 @@ async def test_broker_restart(server: KafkaServer) -> None:
     if server.mock is None:
         pytest.skip("needs the mock cluster's down/up switch (GOCHAN_KAFKA_URL is set)")
     await e2e.check_broker_restart(broker(server))
+
+
+async def test_replay_on_the_same_node(server: KafkaServer) -> None:
+    """Per-topic mode (no log_topic): gochan numbers the messages and replays
+    them from memory on the node that held the topic, in the order they
+    arrived (the mock's topics have several partitions: no publish order)."""
+    await e2e.check_replay_on_the_same_node(broker(server), ordered=False)
