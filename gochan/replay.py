@@ -232,7 +232,10 @@ class Replayer:
             self.forget(stream)
         if stream.closed or state is None or state.held is None:
             return
-        for held_position, frame in state.held:
+        # In position order: live frames of several topics can arrive from
+        # the broker's per-topic subscriptions out of their publish order.
+        held = sorted(state.held, key=lambda item: (item[0] is None, item[0] or 0))
+        for held_position, frame in held:
             if held_position is None or held_position > sent_upto:
                 stream.send(frame)
         self._join(stream)

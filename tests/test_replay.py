@@ -285,6 +285,32 @@ async def test_durable_hand_off_drops_duplicates_and_keeps_what_follows() -> Non
         await streamer.close()
 
 
+async def test_live_frames_held_during_a_replay_go_out_in_position_order() -> None:
+    """Two topics' live subscriptions may deliver out of publish order while
+    a broker replay runs (seen with JetStream's per-subject consumers): the
+    held frames are sent in position order."""
+    driver = ScriptedDurableDriver()
+    streamer = Streamer(Config(port=0), driver=driver)
+    await streamer.start()
+    server = await streamer.serve()
+    try:
+        driver.store("a", b"m1")
+        driver.store("b", b"m2")  # replayed
+        driver.stored_during_replay = [("a", b"m3"), ("b", b"m4")]
+        driver.during_replay = [4, 3]  # live, swapped
+        stream = await SSEStream.open(
+            server.port, "/events?topic=a&topic=b", {"Last-Event-ID": "p1"}
+        )
+        await stream.config()
+        await stream.event()  # the replay answer
+        got = [(await stream.event())["id"] for _ in range(3)]
+        assert got == ["p2", "p3", "p4"]
+        await stream.no_frame(0.2)
+        await stream.close()
+    finally:
+        await streamer.close()
+
+
 class _IdGivingDriver(MemDriver):
     """In memory, but passing its own message ids as SQS or Pub/Sub do:
     ids gochan cannot resume from."""
