@@ -257,3 +257,33 @@ __all__ = [
     "nodes",
     "process_node",
 ]
+
+
+# -- replay across nodes (test_*_replay.py) --------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(driver: str, options: dict[str, Any]) -> AsyncIterator[Server]:
+    """A gochan node in this process on ``driver`` with ``options``."""
+    streamer = Streamer(Config(port=0, driver=driver, driver_options=options))
+    await streamer.start()
+    try:
+        yield await streamer.serve()
+    finally:
+        await streamer.close()
+
+
+async def open_replay_stream(port: int, last_id: str = "") -> SSEStream:
+    """A plain EventSource("/events?topic=t1&topic=t2") reconnecting: no
+    client id in its URL, so any node can take it."""
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    stream = await SSEStream.open(port, "/events?topic=t1&topic=t2", headers)
+    assert (await stream.config())["subscriptions"] == ["t1", "t2"]
+    return stream
+
+
+async def replay_answer(stream: SSEStream) -> dict[str, Any]:
+    """The ``replay`` system frame's payload, next on ``stream``."""
+    event = await stream.event()
+    answer: dict[str, Any] = orjson.loads(event["data"])["replay"]
+    return answer

@@ -8,16 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import orjson
 import pytest
 
-from gochan import Config, Streamer
 from gochan.errors import BrokerError
 from gochan.server import Server
-from tests.support import SSEStream, wait_for
+from tests.support import wait_for
 
 from . import _kafka_server, e2e
 from ._kafka_server import KafkaServer
@@ -52,29 +50,12 @@ def options(server: KafkaServer, log: str) -> dict[str, Any]:
     }
 
 
-@contextlib.asynccontextmanager
-async def node(server: KafkaServer, log: str) -> AsyncIterator[Server]:
-    streamer = Streamer(Config(port=0, driver="kafka", driver_options=options(server, log)))
-    await streamer.start()
-    try:
-        yield await streamer.serve()
-    finally:
-        await streamer.close()
+def node(server: KafkaServer, log: str) -> contextlib.AbstractAsyncContextManager[Server]:
+    return e2e.serving("kafka", options(server, log))
 
 
-async def open_stream(port: int, last_id: str = "") -> SSEStream:
-    headers = {"Last-Event-ID": last_id} if last_id else {}
-    # A plain EventSource("/events?topic=t1&topic=t2") reconnecting: no client
-    # id in its URL, so any node can take it.
-    stream = await SSEStream.open(port, "/events?topic=t1&topic=t2", headers)
-    assert (await stream.config())["subscriptions"] == ["t1", "t2"]
-    return stream
-
-
-async def replay_answer(stream: SSEStream) -> dict[str, Any]:
-    event = await stream.event()
-    answer: dict[str, Any] = orjson.loads(event["data"])["replay"]
-    return answer
+open_stream = e2e.open_replay_stream
+replay_answer = e2e.replay_answer
 
 
 async def produce(server: KafkaServer, log: str, tag: str, topic: str, data: bytes) -> str:

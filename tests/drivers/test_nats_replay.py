@@ -6,16 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import nats
-import orjson
 import pytest
 
-from gochan import Config, Streamer
 from gochan.server import Server
-from tests.support import SSEStream
 
 from . import e2e
 from ._nats_server import NatsServer
@@ -30,29 +27,12 @@ def options(server: NatsServer, stream: str) -> dict[str, Any]:
     return {"url": server.url, "jetstream": True, "prefix": "gochan.", "stream": stream}
 
 
-@contextlib.asynccontextmanager
-async def node(server: NatsServer, stream: str) -> AsyncIterator[Server]:
-    streamer = Streamer(Config(port=0, driver="nats", driver_options=options(server, stream)))
-    await streamer.start()
-    try:
-        yield await streamer.serve()
-    finally:
-        await streamer.close()
+def node(server: NatsServer, stream: str) -> contextlib.AbstractAsyncContextManager[Server]:
+    return e2e.serving("nats", options(server, stream))
 
 
-async def open_stream(port: int, last_id: str = "") -> SSEStream:
-    headers = {"Last-Event-ID": last_id} if last_id else {}
-    # A plain EventSource("/events?topic=t1&topic=t2") reconnecting: no client
-    # id in its URL, so any node can take it.
-    stream = await SSEStream.open(port, "/events?topic=t1&topic=t2", headers)
-    assert (await stream.config())["subscriptions"] == ["t1", "t2"]
-    return stream
-
-
-async def replay_answer(stream: SSEStream) -> dict[str, Any]:
-    event = await stream.event()
-    answer: dict[str, Any] = orjson.loads(event["data"])["replay"]
-    return answer
+open_stream = e2e.open_replay_stream
+replay_answer = e2e.replay_answer
 
 
 async def js_publish(server: NatsServer, stream: str, subject: str, data: bytes) -> str:

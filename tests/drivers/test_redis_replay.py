@@ -8,15 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import orjson
 import pytest
 
-from gochan import Config, Streamer
 from gochan.server import Server
-from tests.support import SSEStream
 
 from . import e2e
 from ._redis_server import RedisServer
@@ -39,30 +36,14 @@ def stream_name(prefix: str) -> str:
     return prefix + redis_streams.DEFAULT_STREAM_NAME
 
 
-@contextlib.asynccontextmanager
-async def node(server: RedisServer, prefix: str, **more: Any) -> AsyncIterator[Server]:
-    config = Config(port=0, driver="redis", driver_options=options(server, prefix, **more))
-    streamer = Streamer(config)
-    await streamer.start()
-    try:
-        yield await streamer.serve()
-    finally:
-        await streamer.close()
+def node(
+    server: RedisServer, prefix: str, **more: Any
+) -> contextlib.AbstractAsyncContextManager[Server]:
+    return e2e.serving("redis", options(server, prefix, **more))
 
 
-async def open_stream(port: int, last_id: str = "") -> SSEStream:
-    headers = {"Last-Event-ID": last_id} if last_id else {}
-    # A plain EventSource("/events?topic=t1&topic=t2") reconnecting: no client
-    # id in its URL, so any node can take it.
-    stream = await SSEStream.open(port, "/events?topic=t1&topic=t2", headers)
-    assert (await stream.config())["subscriptions"] == ["t1", "t2"]
-    return stream
-
-
-async def replay_answer(stream: SSEStream) -> dict[str, Any]:
-    event = await stream.event()
-    answer: dict[str, Any] = orjson.loads(event["data"])["replay"]
-    return answer
+open_stream = e2e.open_replay_stream
+replay_answer = e2e.replay_answer
 
 
 async def xadd(server: RedisServer, prefix: str, topic: str, data: bytes) -> str:
