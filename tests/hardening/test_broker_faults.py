@@ -148,14 +148,21 @@ async def run_scenario(driver: str, options: dict[str, Any], fault: Fault) -> Re
                     arrivals[n] = loop.time()
 
         async def watch_readiness() -> None:
+            # A span runs from the first to the LAST sample that saw the driver
+            # not ready: it became ready somewhere before the next sample, and
+            # on a loaded machine that gap can be long, so a publish answered
+            # in it is not counted as answered while not ready.
             since: float | None = None
+            last_seen = 0.0
             while True:
                 ready = streamer.driver.ready
                 now = loop.time()
-                if not ready and since is None:
-                    since = now
-                elif ready and since is not None:
-                    not_ready.append((since, now))
+                if not ready:
+                    last_seen = now
+                    if since is None:
+                        since = now
+                elif since is not None:
+                    not_ready.append((since, last_seen))
                     since = None
                 if not running and since is None:
                     return
