@@ -489,7 +489,8 @@ class Streamer:
         """Driver callback: number the message (unless the broker did), encode
         it once, keep it for replay and queue it on every stream of ``topic``."""
         self.counters["messages_in"] += 1
-        held = self.subscriptions.held(topic)
+        # Per message: the dict lookup itself, not a method call around it.
+        held = topic in self.subscriptions.refs
         event_id, frame = self.replayer.frame(topic, data, event_id, held)
         hub = self._hub
         if hub is not None:
