@@ -4,6 +4,7 @@ restarted on the SAME port for an outage."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 from .conftest import broker_unavailable, free_port, port_open
 
 STOP_TIMEOUT_S = 10.0
+FREEZE_TIMEOUT_S = 5.0
 LOG_TAIL_CHARS = 4000
 
 _S = TypeVar("_S", bound="ServerProcess")
@@ -116,6 +118,34 @@ class ServerProcess:
     def close(self) -> None:
         self.stop()
         self._tmp.cleanup()
+
+    def freeze(self) -> None:
+        """SIGSTOP, and return only once every thread of the server is stopped.
+
+        ``kill`` returns before a thread running on another core has taken the
+        signal, so a command written right after it could still be answered
+        (CI saw a publish acknowledged by a "frozen" NATS)."""
+        assert self.proc is not None, "not running"
+        self.proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + FREEZE_TIMEOUT_S
+        while not all(state in "Tt" for state in thread_states(self.proc.pid)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.program} did not stop on SIGSTOP")
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        assert self.proc is not None, "not running"
+        self.proc.send_signal(signal.SIGCONT)
+
+
+def thread_states(pid: int) -> list[str]:
+    """The state letter (``/proc/<pid>/task/<tid>/stat``) of each thread."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError):
+            # "tid (comm) S ...": comm may hold spaces and parentheses.
+            states.append(stat.read_text().rpartition(")")[2].split()[0])
+    return states
 
     def log(self) -> str:
         try:

@@ -9,7 +9,6 @@ restart it always use a server they started themselves.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 import uuid
@@ -415,12 +414,11 @@ async def test_a_silent_broker_is_detected(own_nats: NatsServer) -> None:
 
     async with connected(own_nats.url, ping_interval=1.0) as (driver, rec):
         await driver.subscribe(topic)
-        assert own_nats.proc is not None
-        os.kill(own_nats.proc.pid, signal.SIGSTOP)
+        own_nats.freeze()
         try:
             await wait_until(lambda: not driver.ready, 10.0)
         finally:
-            os.kill(own_nats.proc.pid, signal.SIGCONT)
+            own_nats.thaw()
         await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
         assert driver.stats()["reconnects"] >= 1
         async with raw_client(own_nats.url) as nc:
@@ -442,8 +440,7 @@ async def test_a_publish_unanswered_by_a_frozen_broker_replaces_the_connection(
     topic = unique("frozen")
     async with connected(own_nats.url, request_timeout=1.0) as (driver, rec):
         await driver.subscribe(topic)
-        assert own_nats.proc is not None
-        os.kill(own_nats.proc.pid, signal.SIGSTOP)
+        own_nats.freeze()
         try:
             with pytest.raises(BrokerConnectionError):
                 await driver.publish(topic, b"unanswered")
@@ -453,7 +450,7 @@ async def test_a_publish_unanswered_by_a_frozen_broker_replaces_the_connection(
                 await driver.publish(topic, b"refused")
             assert time.monotonic() - started < 0.1
         finally:
-            os.kill(own_nats.proc.pid, signal.SIGCONT)
+            own_nats.thaw()
         await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
         assert driver.stats()["reconnects"] == 1
         await driver.publish(topic, b"after")

@@ -8,8 +8,6 @@ always use a server they started themselves.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -366,12 +364,11 @@ async def test_a_silent_broker_is_detected(own_redis: RedisServer) -> None:
 
     async with connected(own_redis.url, ping_interval=0.3) as (driver, rec):
         await driver.subscribe(topic)
-        assert own_redis.proc is not None
-        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        own_redis.freeze()
         try:
             await wait_until(lambda: not driver.ready, 5.0)
         finally:
-            os.kill(own_redis.proc.pid, signal.SIGCONT)
+            own_redis.thaw()
         await wait_until(lambda: driver.ready, RECONNECT_TIMEOUT_S)
         assert driver.stats()["reconnects"] >= 1
         async with raw_client(own_redis.url) as client:

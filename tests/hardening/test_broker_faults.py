@@ -278,8 +278,8 @@ def process_fault(server: Any, kind: str, hold_s: float) -> Fault:
     if kind == "freeze":
         return Fault(
             kind,
-            lambda: server.proc.send_signal(signal.SIGSTOP),
-            lambda: server.proc.send_signal(signal.SIGCONT),
+            server.freeze,
+            server.thaw,
             hold_s,
         )
     sig = signal.SIGKILL if kind == "kill" else signal.SIGTERM
