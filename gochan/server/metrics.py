@@ -4,6 +4,7 @@ streamer's figures."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ class Metrics:
         "connections_refused",
         "connections_total",
         "peer_refusals",
+        "refusals",
         "streamer",
     )
 
@@ -32,6 +34,13 @@ class Metrics:
         self.connections_refused = 0
         self.peer_refusals = 0
         self.bad_requests = 0
+        self.refusals: Counter[str] = Counter()  # requests refused, by reason
+
+    def refuse(self, reason: str) -> None:
+        """Count one request or connection refused for ``reason``: a short
+        fixed word such as ``"max_connections"`` or ``"forbidden"``, never
+        anything the client sent (it becomes a label value)."""
+        self.refusals[reason] += 1
 
     def render(self) -> str:
         stats = self.streamer.stats()
@@ -81,6 +90,11 @@ class Metrics:
         lines = []
         for name, kind, help_text, value in rows:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        lines += ["# HELP gochan_refusals_total Requests and connections refused, by reason",
+                  "# TYPE gochan_refusals_total counter"]  # fmt: skip
+        lines += [
+            f'gochan_refusals_total{{reason="{r}"}} {n}' for r, n in sorted(self.refusals.items())
+        ]
         lines.append("# TYPE gochan_driver_ready gauge")
         lines.append(f"gochan_driver_ready {int(self.streamer.ready)}")
         return "\n".join(lines) + "\n"
