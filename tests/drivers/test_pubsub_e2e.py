@@ -42,7 +42,8 @@ def broker(server: PubSubServer) -> e2e.Broker:
     options: dict[str, Any] = {
         "project": PROJECT,
         "emulator_host": server.host,
-        "timeout": 3.0,
+        # The emulator is a JVM: on a loaded machine its first answers take seconds.
+        "timeout": 10.0,
         "pull_timeout": 2,
         "reconnect_max": 0.5,
     }
