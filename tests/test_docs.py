@@ -422,13 +422,17 @@ def test_systemd_unit_runs_a_valid_configuration(tmp_path: Path) -> None:
 
 
 def nginx_binary() -> str:
+    """nginx (and openssl, for its certificate), or a skip; CI must have them."""
     binary = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None
     )
-    if binary is None:
+    openssl = shutil.which("openssl")
+    missing = [name for name, found in (("nginx", binary), ("openssl", openssl)) if found is None]
+    if missing:
         if os.environ.get("GOCHAN_REQUIRE_BROKERS") == "1":
-            pytest.fail("nginx is required here (GOCHAN_REQUIRE_BROKERS=1)")
-        pytest.skip("nginx is not installed (Debian package nginx)")
+            pytest.fail(f"{' and '.join(missing)} required here (GOCHAN_REQUIRE_BROKERS=1)")
+        pytest.skip(f"{' and '.join(missing)} not installed (Debian packages nginx, openssl)")
+    assert binary is not None
     return binary
 
 

@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
         "every setting with where its value came from, secrets redacted, and exit",
     )
     for title, names in reference.field_sections():
-        group = parser.add_argument_group(title.lower())
+        group = parser.add_argument_group(title)
         for name in names:
             flag = "--" + name.replace("_", "-")
             text = FLAG_HELP.get(name, "").replace("%", "%%") or None
