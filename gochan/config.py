@@ -257,7 +257,8 @@ FLAG_HELP: dict[str, str] = {
     # Listening
     "host": "address to listen on (default 127.0.0.1: loopback only; 0.0.0.0 or :: for all)",
     "port": "TCP port to listen on (default 3000; 0: any free port)",
-    "driver": "message source: a driver named below (default mem: in-process only)",
+    "driver": "message source: a driver of docs/drivers.md, listed at the end of --help "
+    "(default mem: in-process only)",
     "log_level": "debug, info, warning or error (default info)",
     # Clients and streams
     "client_ttl": "seconds a client outlives its last connection, or its creation (default 60 s)",
