@@ -34,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigurationError
 
-__all__ = ["Config", "describe", "load"]
+__all__ = ["FLAG_HELP", "Config", "describe", "load"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3000
@@ -248,6 +248,70 @@ class Config:
         (see :func:`load`)."""
         return load(yaml_file=yaml_file, env=env, flags=flags, driver_flags=driver_flags)[0]
 
+
+# One help line per Config field, stating its default and unit: the text of
+# `python -m gochan.server --help` and of docs/configuration.md (regenerated
+# by `python -m gochan.server.reference`). tests/test_docs.py fails on a field
+# without one, or one whose stated default is not the field's.
+FLAG_HELP: dict[str, str] = {
+    # Listening
+    "host": "address to listen on (default 127.0.0.1: loopback only; 0.0.0.0 or :: for all)",
+    "port": "TCP port to listen on (default 3000; 0: any free port)",
+    "driver": "message source: a driver of docs/drivers.md, listed at the end of --help "
+    "(default mem: in-process only)",
+    "log_level": "debug, info, warning or error (default info)",
+    # Clients and streams
+    "client_ttl": "seconds a client outlives its last connection, or its creation (default 60 s)",
+    "heartbeat": "seconds between heartbeat comments on an idle stream (default 15 s)",
+    "retry_ms": "retry: field, in milliseconds, sent before a stream's first frame "
+    "(default 0: none, browsers use their own)",
+    "auto_create_clients": "GET /events without an id creates a client (default true)",
+    "max_connections": "open TCP connections, streams included; more get 503 "
+    "(default: the open-file limit less 256, at most 50000)",
+    "max_clients": "clients held; more get 503 (default 100000)",
+    "max_connections_per_peer": "connections one peer address may hold; more get 503 "
+    "(default 0: a tenth of max_connections)",
+    "max_clients_per_peer": "clients one peer address may create without an id; more get "
+    "429 (default 0: a tenth of max_clients)",
+    "max_topics_per_client": "topics one client may hold; more is a 400 (default 1024)",
+    "max_pending_bytes": "bytes of unsent output a stream may queue before it is cut as a "
+    "slow consumer (default 1048576 = 1 MiB)",
+    "write_buffer_high_bytes": "bytes of unsent answers past which a connection's further "
+    "requests wait (default 65536 = 64 KiB)",
+    "stream_send_buffer_bytes": "kernel send buffer of a stream socket, in bytes "
+    "(default 262144 = 256 KiB; 0: the kernel's autotuning)",
+    "max_flush_delay": "seconds writes may wait under heavy load to carry more frames per "
+    "socket: less CPU, more latency (default 0: off)",
+    # Replay
+    "history_size": "messages kept in memory for Last-Event-ID replay (default 10000; "
+    "0: replay off)",
+    "history_bytes": "bytes of messages kept for replay (default 16777216 = 16 MiB; 0: replay off)",
+    "history_age": "seconds a message is kept for replay (default 300 s; 0: replay off)",
+    # HTTP limits
+    "max_url_bytes": "longest request line, in bytes; longer is a 431 (default 8192 = 8 KiB)",
+    "max_header_bytes": "largest request head, in bytes; larger is a 431 (default 16384 = 16 KiB)",
+    "max_headers": "most header fields in a request; more is a 431 (default 100)",
+    "max_body_bytes": "largest request body, in bytes; larger is a 413 (default 1048576 = 1 MiB)",
+    "header_timeout": "seconds a request has to arrive whole; slower gets 408 (default 10 s)",
+    "keepalive_timeout": "seconds an idle keep-alive connection is kept open (default 75 s)",
+    "shutdown_grace": "seconds requests and streams get to finish on SIGTERM/SIGINT (default 5 s)",
+    # Security
+    "publish_key": "bearer token POST /publish requires (default none: only loopback "
+    "peers of a loopback-only server may publish)",
+    "cors_origins": "origins allowed by CORS and to send state-changing requests, "
+    "comma-separated, or * (default none)",
+    "allowed_hosts": "Host names a keyless loopback server accepts on state-changing "
+    "requests besides loopback names, comma-separated (default none)",
+    # Paths
+    "events_path": "path of the event stream (default /events)",
+    "update_path": "path of subscription updates (default /update_subscriptions)",
+    "publish_path": "path of publishing (default /publish)",
+    "healthz_path": "path of the liveness check (default /healthz)",
+    "readyz_path": "path of the readiness check (default /readyz)",
+    "metrics_path": "path of the Prometheus metrics (default /metrics)",
+    "client_js_path": "path the browser client gochan.js is served at (default /gochan.js)",
+    "static_dir": "directory of files served at / for GET, index.html for / (default none: off)",
+}
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "driver_options"}
 _TRUE = {"1", "true", "yes", "on"}

@@ -277,7 +277,16 @@ RedisPubSubDriver.__signature__ = options_signature(RedisBase.__init__)  # type:
 
 def RedisDriver(*, streams: bool = False, **options: Any) -> Driver:
     """The ``redis`` registry entry: a :class:`RedisPubSubDriver`, or with
-    ``streams=True`` a :class:`~gochan.drivers.redis_streams.RedisStreamsDriver`."""
+    ``streams=True`` a :class:`~gochan.drivers.redis_streams.RedisStreamsDriver`.
+
+    Keyword arguments: those of :class:`RedisBase`, those of
+    :class:`~gochan.drivers.redis_streams.RedisStreamsDriver` (with
+    ``streams=True`` only), and
+
+    streams
+        Relay one Redis stream (durable: event ids are entry ids, replay
+        from Redis on any node) instead of pub/sub channels.
+    """
     if streams:
         return RedisStreamsDriver(**options)
     for option in STREAM_OPTIONS:

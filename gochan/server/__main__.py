@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import gc
 import logging
 import resource
@@ -18,6 +17,7 @@ import uvloop
 from ..config import (
     DEFAULT_MAX_CONNECTIONS,
     FD_RESERVE,
+    FLAG_HELP,
     Config,
     default_max_connections,
     describe,
@@ -27,47 +27,53 @@ from ..config import (
 from ..drivers import Driver, create_driver
 from ..errors import ConfigurationError
 from ..streamer import Streamer
+from . import reference
 
-FLAG_HELP = {
-    "host": "address to listen on (default 127.0.0.1: loopback only)",
-    "port": "port to listen on (default 3000)",
-    "driver": "message driver: mem (default), or a broker driver",
-    "client_ttl": "seconds a client outlives its last connection (default 60)",
-    "heartbeat": "seconds between heartbeats on idle streams (default 15)",
-    "log_level": "debug, info, warning or error (default info)",
-    "publish_key": "bearer token POST /publish requires (needed off loopback)",
-    "cors_origins": "comma-separated origins allowed by CORS, or *",
-}
+# The help lines live with the settings (gochan.config.FLAG_HELP, also the
+# source of docs/configuration.md); the name stays importable from here.
+__all__ = ["FLAG_HELP", "main", "parse_args"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Builds the driver list of --help only when help is shown: it imports
+    every installed driver's module."""
+
+    def format_help(self) -> str:
+        if self.epilog is None:
+            self.epilog = reference.drivers_epilog()
+        return super().format_help()
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, str | None]]:
     """The flags of Config's fields, and the others (``{"nats-url": "x"}``,
     None for a bare flag): driver options, resolved by :func:`load` once the
     driver is known from every source."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m gochan.server",
         description="gochan: relay pub/sub messages to browsers over Server-Sent Events. "
-        "Every option is also a YAML key (--config) and a GOCHAN_<NAME> variable; "
-        "driver options are --<driver>-<option> (GOCHAN_<DRIVER>_<OPTION>, or a "
-        "<driver>: mapping in YAML).",
+        "Every option is also a YAML key (--config) and a GOCHAN_<NAME> variable "
+        "(--client-ttl: client_ttl, GOCHAN_CLIENT_TTL); flags win over variables, which "
+        "win over the file. Reference: docs/configuration.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="read settings from a YAML file")
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the configuration, print it with where each value came from, and exit",
+        help="validate the configuration (building the driver, without connecting), print "
+        "every setting with where its value came from, secrets redacted, and exit",
     )
-    for f in dataclasses.fields(Config):
-        if f.name == "driver_options":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction)
-        else:
-            parser.add_argument(
-                flag, dest=f.name, metavar=f.name.upper(), help=FLAG_HELP.get(f.name)
-            )
+    for title, names in reference.field_sections():
+        group = parser.add_argument_group(title)
+        for name in names:
+            flag = "--" + name.replace("_", "-")
+            text = FLAG_HELP.get(name, "").replace("%", "%%") or None
+            if str(Config.__dataclass_fields__[name].type) == "bool":
+                group.add_argument(
+                    flag, dest=name, action=argparse.BooleanOptionalAction, help=text
+                )
+            else:
+                group.add_argument(flag, dest=name, metavar=name.upper(), help=text)
     args, rest = parser.parse_known_args(argv)
     driver_flags: dict[str, str | None] = {}
     i = 0
