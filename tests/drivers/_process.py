@@ -137,6 +137,12 @@ class ServerProcess:
         assert self.proc is not None, "not running"
         self.proc.send_signal(signal.SIGCONT)
 
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+        except OSError:
+            return "<no log>"
+
 
 def thread_states(pid: int) -> list[str]:
     """The state letter (``/proc/<pid>/task/<tid>/stat``) of each thread."""
@@ -146,9 +152,3 @@ def thread_states(pid: int) -> list[str]:
             # "tid (comm) S ...": comm may hold spaces and parentheses.
             states.append(stat.read_text().rpartition(")")[2].split()[0])
     return states
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
-        except OSError:
-            return "<no log>"
