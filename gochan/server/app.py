@@ -74,9 +74,8 @@ class Server:
         ``first_input`` is what it read from it, parsed before anything else."""
         from .handoff import HandoffProtocol
 
-        if self._closing:
-            sock.close()  # the peer sees the connection close, as on any worker stopping
-            return
+        # While shutting down it is admitted only to be refused, as any
+        # connection then is (503 "shutting down").
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         coro = loop.connect_accepted_socket(lambda: HandoffProtocol(self, first_input), sock)

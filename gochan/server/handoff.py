@@ -35,7 +35,7 @@ from .protocol import BUSY, CLOSING, IN_REQUEST, HttpProtocol
 
 if TYPE_CHECKING:
     from .app import Server
-    from .routes import Reply
+    from .routes import OpenStream, Reply
 
 __all__ = ["Handoff", "HandoffProtocol", "owner_tag", "worker_of"]
 
@@ -272,6 +272,15 @@ class HandoffProtocol(HttpProtocol):
             if len(self._raw) > self.server.handoff.max_bytes:  # type: ignore[union-attr]
                 self._raw = None
         super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self._owner >= 0:
+            return True  # the owner reads the end too: it stays with the socket
+        return super().eof_received()
+
+    def start_stream(self, head: bytes, reply: OpenStream) -> None:
+        super().start_stream(head, reply)
+        self._raw = None  # nothing more is read from a stream
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

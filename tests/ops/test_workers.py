@@ -353,3 +353,51 @@ async def test_sigterm_stops_every_worker(gochan: ServerProcess) -> None:
     finally:
         for stream in streams.values():
             await stream.close()
+
+
+async def test_half_closed_request_is_answered_by_the_owner(gochan: ServerProcess) -> None:
+    """A client that sends its request and then shuts its side (EOF) still
+    gets its answer when the connection is passed on."""
+    streams = await stream_on_each_worker(gochan.port, "/events")
+    try:
+        ids = {w: await client_id(s) for w, s in streams.items()}
+        before = sum(a for _s, a in (await handoffs(gochan.port)).values())
+        for round_ in range(ATTEMPTS // 4):
+            for worker, cid in ids.items():
+                body = orjson.dumps({"client_id": cid, "add": [topic(f"h{round_}")]})
+                reader, writer = await asyncio.open_connection("127.0.0.1", gochan.port)
+                writer.write(
+                    b"POST /update_subscriptions HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Connection: close\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body) + body
+                )
+                writer.write_eof()
+                answer = await asyncio.wait_for(reader.read(), DELIVERY_TIMEOUT_S)
+                writer.close()
+                assert answer.startswith(b"HTTP/1.1 200 "), answer
+                assert b"X-Gochan-Worker: %d\r\n" % worker in answer
+            if sum(a for _s, a in (await handoffs(gochan.port)).values()) > before:
+                break
+        else:
+            raise AssertionError("no half-closed request landed on the other worker")
+    finally:
+        for stream in streams.values():
+            await stream.close()
+
+
+async def test_second_signal_kills_the_workers(gochan: ServerProcess) -> None:
+    streams = await stream_on_each_worker(gochan.port, "/events")
+    pids = worker_pids(gochan)
+    try:
+        # Two different signals: a second SIGTERM still pending would merge
+        # with the first.
+        gochan.proc.send_signal(signal.SIGTERM)
+        gochan.proc.send_signal(signal.SIGINT)
+        code = await asyncio.to_thread(gochan.proc.wait, SHUTDOWN_GRACE_S + SUPERVISOR_MARGIN_S)
+        assert code == 1, gochan.stderr()
+        assert "second signal: killing the workers" in gochan.stderr()
+        for pid in pids.values():
+            assert not Path(f"/proc/{pid}").exists()
+    finally:
+        for stream in streams.values():
+            await stream.close()
