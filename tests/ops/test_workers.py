@@ -301,9 +301,26 @@ async def test_keep_alive_connection_passed_and_pipelined_refused(gochan: Server
             await stream.close()
 
 
+async def passed_to_worker_1(port: int, cid: str) -> None:
+    """Updates for worker 1's client ``cid`` on fresh connections, until
+    worker 0 has passed one on; each answered by worker 1."""
+    sent = (await handoffs(port))[0][0]
+    for _ in range(ATTEMPTS):
+        r = await update(port, cid, [topic("p")])
+        assert r.status_code == 200 and r.headers["x-gochan-worker"] == "1", r.text
+        if (await handoffs(port))[0][0] > sent:
+            return
+    raise AssertionError("no update for worker 1's client landed on worker 0")
+
+
 async def test_killed_worker_is_restarted(gochan: ServerProcess) -> None:
     pids = worker_pids(gochan)
     assert sorted(pids) == [0, 1]
+    # Worker 0 holds a hand-off connection to this worker 1 ...
+    streams = await stream_on_each_worker(gochan.port, "/events")
+    await passed_to_worker_1(gochan.port, await client_id(streams[1]))
+    for stream in streams.values():
+        await stream.close()
     os.kill(pids[1], signal.SIGKILL)
     died = re.compile(rf"worker 1 \(pid {pids[1]}\) died \(signal SIGKILL\); restarting")
     for _ in range(200):
@@ -324,11 +341,13 @@ async def test_killed_worker_is_restarted(gochan: ServerProcess) -> None:
     else:
         raise AssertionError("the restarted worker serves no stream")
     try:
-        ids = [await client_id(s) for s in streams.values()]
-        assert sorted(cid.split(".")[0] for cid in ids) == ["w0", "w1"]
+        ids = {w: await client_id(s) for w, s in streams.items()}
+        assert {w: cid.split(".")[0] for w, cid in ids.items()} == {0: "w0", 1: "w1"}
         await publish(gochan.port, name, b"after the restart")
         for stream in streams.values():
             assert await next_data(stream, name) == "after the restart"
+        # ... and passes connections to the new one.
+        await passed_to_worker_1(gochan.port, ids[1])
     finally:
         for stream in streams.values():
             await stream.close()
