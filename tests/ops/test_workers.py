@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -162,6 +163,34 @@ def test_mem_driver_refused(tmp_path: Path) -> None:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("gochan: workers:") and "mem" in lines[0], lines
     assert done.stdout == ""
+
+
+def test_port_in_use_refused() -> None:
+    import_or_skip("nats")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        done = subprocess.run(
+            [sys.executable, "-m", "gochan.server", "--workers", "2", "--driver", "nats",
+             "--port", str(taken.getsockname()[1])],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert done.returncode == 1, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Address already in use" in lines[0], done.stderr
+
+
+def test_worker_that_cannot_start_stops_the_supervisor() -> None:
+    import_or_skip("nats")
+    with socket.create_server(("127.0.0.1", 0)) as nothing:  # no broker here
+        url = f"nats://127.0.0.1:{nothing.getsockname()[1]}"
+        nothing.close()
+        done = subprocess.run(
+            [sys.executable, "-m", "gochan.server", "--workers", "2", "--driver", "nats",
+             f"--nats-url={url}", "--port", "0"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1, done
+    assert re.search(r"worker \d \(pid \d+\) failed to start \(exit code 1\)", done.stderr)
+    assert "listening" not in done.stdout
 
 
 async def test_one_publish_reaches_streams_on_both_workers(gochan: ServerProcess) -> None:
