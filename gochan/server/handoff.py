@@ -290,6 +290,9 @@ class HandoffProtocol(HttpProtocol):
         fresh, self._fresh = self._fresh, False
         owner = self._owner_of(self.pipeline[-1])
         if owner < 0:
+            # Only the first request since idle can be passed: until the
+            # connection is idle again, nothing read needs keeping.
+            self._raw = None
             return
         self.pipeline.pop()
         transport = self.transport

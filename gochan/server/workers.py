@@ -152,7 +152,8 @@ class Supervisor:
         self._ready: set[int] = set()
         self._listening = False
         self._held: list[socket.socket] = []
-        self._closed_fds: tuple[int, ...] = ()
+        self._closed_fds: tuple[int, ...] = ()  # the supervisor's own, closed in a worker
+        self._ready_r = self._ready_w = -1  # the pipe workers say "listening" on
 
     # -- the supervisor's loop ---------------------------------------------
 
