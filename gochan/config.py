@@ -65,6 +65,7 @@ DEFAULT_WRITE_BUFFER_HIGH_BYTES = 64 * 1024
 DEFAULT_STREAM_SEND_BUFFER_BYTES = 256 * 1024
 DEFAULT_MAX_FLUSH_DELAY_S = 0.0  # off: see max_flush_delay
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
+DEFAULT_WORKERS = 1  # processes serving the port (SO_REUSEPORT); 1: this process alone
 DEFAULT_TICK_S = 0.5
 DEFAULT_HISTORY_SIZE = 10_000  # messages kept for Last-Event-ID replay
 DEFAULT_HISTORY_BYTES = 16 * 1024 * 1024
@@ -77,6 +78,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _ABOVE_ZERO = (0, None, True)
 _RANGES: dict[str, tuple[float, float | None, bool]] = {
     "port": (0, 65535, False),
+    "workers": (1, None, False),
     **dict.fromkeys(
         (
             "client_ttl",
@@ -177,6 +179,9 @@ class Config:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_S
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S
+    # Processes serving the port, each a full node on the broker (see
+    # docs/workers.md); above 1 it needs a broker driver, not mem.
+    workers: int = DEFAULT_WORKERS
 
     # Security
     publish_key: str = ""
@@ -210,6 +215,11 @@ class Config:
                 if path in seen:
                     raise ConfigurationError(f"{name}: {path!r} is already {seen[path]}")
                 seen[path] = name
+        if self.workers > 1 and self.driver == "mem":
+            raise ConfigurationError(
+                f"workers: {self.workers} processes cannot share the mem driver's state "
+                "(it lives in one process); use a broker driver such as nats or redis"
+            )
         if not isinstance(self.driver_options, Mapping):
             raise ConfigurationError(
                 f"driver_options: expected a mapping, got {self.driver_options!r}"
@@ -295,6 +305,8 @@ FLAG_HELP: dict[str, str] = {
     "header_timeout": "seconds a request has to arrive whole; slower gets 408 (default 10 s)",
     "keepalive_timeout": "seconds an idle keep-alive connection is kept open (default 75 s)",
     "shutdown_grace": "seconds requests and streams get to finish on SIGTERM/SIGINT (default 5 s)",
+    "workers": "processes serving one port (SO_REUSEPORT), each a full node on the broker, "
+    "restarted when one dies; refused for driver mem (default 1)",
     # Security
     "publish_key": "bearer token POST /publish requires (default none: only loopback "
     "peers of a loopback-only server may publish)",

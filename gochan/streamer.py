@@ -72,6 +72,9 @@ class Streamer:
         self._tick_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._servers: list[Server] = []
+        # Put before the random part of generated ids: a worker's tag
+        # (``w1.``) under --workers, so any worker can tell whose client it is.
+        self.client_id_prefix = ""
         self._next_heartbeat = 0.0
         # Topic names already validated, each mapped to one shared instance:
         # a client's topics are that instance, not the copy parsed from its
@@ -222,7 +225,7 @@ class Streamer:
         """A new client with a random id and no topics (no broker I/O).
         ``peer``: the address it is made for, counted against
         ``max_clients_per_peer`` until the client is removed."""
-        return self._add_client(new_client_id(), peer)
+        return self._add_client(self.client_id_prefix + new_client_id(), peer)
 
     async def new_client(self, topics: Iterable[str] = ()) -> Client:
         """A new client with a random unguessable id, subscribed to ``topics``."""

@@ -11,6 +11,7 @@ import resource
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import uvloop
 
@@ -28,6 +29,9 @@ from ..drivers import Driver, create_driver
 from ..errors import ConfigurationError
 from ..streamer import Streamer
 from . import reference
+
+if TYPE_CHECKING:
+    from .workers import WorkerSetup
 
 # The help lines live with the settings (gochan.config.FLAG_HELP, also the
 # source of docs/configuration.md); the name stays importable from here.
@@ -93,10 +97,17 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
     return args, driver_flags
 
 
-async def run(config: Config, driver: Driver | None = None) -> None:
+async def run(
+    config: Config, driver: Driver | None = None, worker: WorkerSetup | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT. ``worker``: as one of the processes of
+    ``--workers`` (see workers.py), which the supervisor told it."""
     streamer = Streamer(config, driver=driver)
-    await streamer.start()
-    server = await streamer.serve()
+    if worker is None:
+        await streamer.start()
+        server = await streamer.serve()
+    else:
+        server = await worker.serve(streamer)
     # What exists now (modules, config, driver) lives as long as the process:
     # keep it out of the full collections a connect storm triggers (after
     # collecting startup's garbage, which would otherwise be frozen too).
@@ -106,8 +117,11 @@ async def run(config: Config, driver: Driver | None = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    for host, port in server.sockets:
-        print(f"gochan listening on http://{host}:{port} (driver {config.driver})", flush=True)
+    if worker is None:
+        for host, port in server.sockets:
+            print(f"gochan listening on http://{host}:{port} (driver {config.driver})", flush=True)
+    else:
+        worker.ready()  # the supervisor says it once every worker listens
     log = logging.getLogger("gochan.server")
     if not server.router.trust_loopback and not config.publish_key:
         log.warning("listening beyond loopback without publish_key: POST /publish is refused")
@@ -161,6 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if config.workers > 1:
+        from .workers import Supervisor
+
+        try:
+            return Supervisor(
+                config, lambda: create_driver(config.driver, config.driver_options)
+            ).run()
+        except OSError as exc:
+            print(f"gochan: {exc}", file=sys.stderr)
+            return 1
     try:
         uvloop.run(run(config, driver))
     except OSError as exc:

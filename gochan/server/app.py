@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ from .routes import Router
 if TYPE_CHECKING:
     from ..config import Config
     from ..streamer import Streamer
+    from .handoff import Handoff
+    from .routes import Headers
 
 __all__ = ["Server"]
 
@@ -49,13 +52,44 @@ class Server:
         self.http: set[HttpProtocol] = set()  # connections not (yet) streaming
         self._listener: asyncio.Server | None = None
         self._closing = False
+        # A worker of several (--workers): its hand-off channel, and the
+        # header that names it on every answer. None in a single process.
+        self.handoff: Handoff | None = None
+        self.worker_headers: Headers = []
+        self._adopting: set[asyncio.Task[None]] = set()
         if sweep:
             streamer.add_tick_hook(self._tick)
 
     # -- connections -------------------------------------------------------
 
     def protocol_factory(self) -> HttpProtocol:
+        if self.handoff is not None:
+            from .handoff import HandoffProtocol
+
+            return HandoffProtocol(self)
         return HttpProtocol(self)
+
+    def adopt(self, sock: socket.socket, first_input: bytes) -> None:
+        """Serve a connection another worker accepted (see handoff.py):
+        ``first_input`` is what it read from it, parsed before anything else."""
+        from .handoff import HandoffProtocol
+
+        # While shutting down it is admitted only to be refused, as any
+        # connection then is (503 "shutting down").
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        coro = loop.connect_accepted_socket(lambda: HandoffProtocol(self, first_input), sock)
+
+        async def adopt() -> None:
+            try:
+                await coro
+            except OSError as exc:
+                server_logger.warning("a connection passed by another worker was lost: %s", exc)
+                sock.close()
+
+        task = loop.create_task(adopt())
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     def admit(self, proto: HttpProtocol, peername: object) -> str | None:
         """Count a new connection in, or say why it is refused."""
@@ -106,10 +140,17 @@ class Server:
 
     # -- listening ---------------------------------------------------------
 
-    async def listen(self, host: str, port: int) -> None:
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """``reuse_port``: share the port with other processes that set it
+        too (SO_REUSEPORT: the workers of ``--workers``)."""
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            self.protocol_factory, host, port, backlog=LISTEN_BACKLOG, reuse_address=True
+            self.protocol_factory,
+            host,
+            port,
+            backlog=LISTEN_BACKLOG,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         # Decided by the addresses really bound, not by a configured name.
         self.router.trust_loopback = all(is_loopback_host(h) for h, _port in self.sockets)
@@ -133,6 +174,8 @@ class Server:
         self._closing = True
         if self._listener is not None:
             self._listener.close()
+        if self.handoff is not None:
+            self.handoff.close()
         streams = self.streamer.end_streams(self)  # its own, not every stream of the hub
         deadline = time.monotonic() + self.config.shutdown_grace
         while any(p.busy for p in self.http) and time.monotonic() < deadline:
