@@ -186,10 +186,18 @@ class ExampleServer(Process):
     topic once per interval), serving the page at /. ``defaults``: only the
     port is given, as a new user would run it."""
 
-    def __init__(self, port: int, log: Path, *, defaults: bool = False) -> None:
+    def __init__(
+        self,
+        port: int,
+        log: Path,
+        *,
+        defaults: bool = False,
+        topics: int = EXAMPLE_TOPICS,
+        interval: float = EXAMPLE_INTERVAL_S,
+    ) -> None:
         argv = [sys.executable, str(EXAMPLE / "server.py"), "--port", str(port)]
         if not defaults:
-            argv += ["--topics", str(EXAMPLE_TOPICS), "--interval", str(EXAMPLE_INTERVAL_S)]
+            argv += ["--topics", str(topics), "--interval", str(interval)]
         super().__init__(argv, log)
         self.port = port
         self.url = f"http://127.0.0.1:{port}"

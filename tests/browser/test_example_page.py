@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .conftest import EXAMPLE_TOPICS, BrowserSession, ExampleServer
+from .conftest import EXAMPLE_TOPICS, BrowserSession, ExampleServer, free_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Request
@@ -248,3 +248,45 @@ def test_errors_card_counts_every_refusal(browser: BrowserSession, example: Exam
     refused = rf"the server responded with a status of 400 .*{url}/update_subscriptions"
     down = rf"net::ERR_CONNECTION_(REFUSED|RESET) .*{url}/events"
     browser.assert_no_errors(allow=rf"^Failed to load resource: ({refused}|{down})")
+
+
+def test_rates_follow_the_flags(browser: BrowserSession, tmp_path: Path) -> None:
+    """--topics 20 --interval 0.05: each topic 20 messages/s, and the page
+    reads 20.0 per topic and 4 x 20 in all, from what arrives."""
+    server = ExampleServer(free_port(), tmp_path / "server.log", topics=20, interval=0.05)
+    server.start()
+    try:
+        browser.page.goto(f"{server.url}/?topics=0-3&n=20")
+        browser.wait_js("() => gochanDemo.total() >= 4 * 20 * 1.5", timeout=15)
+        rates = browser.js("() => gochanDemo.rates()")
+        assert sorted(rates) == ["Topic0", "Topic1", "Topic2", "Topic3"]
+        assert all(15 <= r <= 25 for r in rates.values()), rates
+        assert 60 <= browser.js("() => gochanDemo.rate()") <= 100
+        on_screen = browser.page.text_content('tr[data-topic="Topic3"] .rate') or ""
+        assert 15 <= float(on_screen) <= 25, on_screen
+        # Topic20 is past --topics: subscribed, but nothing arrives for it.
+        browser.js("() => gochanDemo.subscribe(['Topic20'])")
+        browser.js("() => gochanDemo.gc.flush()")
+        time.sleep(0.6)
+        assert browser.js("() => gochanDemo.counts()")["Topic20"] == 0
+        assert browser.js("() => gochanDemo.rates()")["Topic20"] == 0
+        browser.assert_no_errors()
+    finally:
+        server.stop()
+
+
+def test_rows_out_of_view_are_written_when_scrolled_to(
+    browser: BrowserSession, example: ExampleServer
+) -> None:
+    """The page writes only the rows in view; one scrolled to shows its numbers."""
+    page = browser.page
+    open_page(browser, example, f"0-{EXAMPLE_TOPICS - 1}")
+    last = f"Topic{EXAMPLE_TOPICS - 1}"
+    wait_counts(browser, {last: 3})
+    cell = f'tr[data-topic="{last}"] .count'
+    assert page.text_content(cell) == "0"  # far below the fold, not written yet
+    page.eval_on_selector("#topic-scroll", "(el) => { el.scrollTop = el.scrollHeight; }")
+    browser.wait_js(
+        "(cell) => Number(document.querySelector(cell).textContent) >= 3", cell, timeout=5
+    )
+    browser.assert_no_errors()
