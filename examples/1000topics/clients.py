@@ -1,8 +1,13 @@
 """Browser stand-ins for the 1000-topics example: N SSE connections, each
 subscribed at connect to ``--per-conn`` topics (spread so every topic gets the
-same share), counting events and latency from the payload timestamps.
+same share), counting events and publish-to-receive latency from the payload
+timestamps (the server's time.time_ns(): run this on the same machine).
 
+    python examples/1000topics/server.py
     python examples/1000topics/clients.py --connections 1000 --duration 10
+
+With the server's defaults (1,000 topics, each every 0.1 s) and these (10
+topics per connection), each connection receives 100 messages/s.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ async def client(
                 break
             buffer += chunk
             *frames, buffer = buffer.split(b"\n\n")
-            now = time.monotonic_ns()
+            now = time.time_ns()  # the payloads carry the server's wall clock
             for frame in frames:
                 if frame.startswith(b"event: Topic"):
                     stats.events += 1
@@ -97,7 +102,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:3000")
     parser.add_argument("--connections", type=int, default=1000)
-    parser.add_argument("--topics", type=int, default=1000)
+    parser.add_argument("--topics", type=int, default=1000, help="topics the server publishes on")
     parser.add_argument("--per-conn", type=int, default=10, help="topics per connection")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds to listen")
     return parser.parse_args(argv)

@@ -42,7 +42,7 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 EXAMPLE_TOPICS = 50  # topics the example server publishes on
-EXAMPLE_INTERVAL_S = 0.002  # 500 messages/s in all: 10/s per topic
+EXAMPLE_INTERVAL_S = 0.1  # each topic once per 0.1 s: 10/s per topic, 500/s in all
 START_TIMEOUT_S = 15.0
 
 # Records every EventSource the page opens, so a test can listen on the wire
@@ -182,14 +182,22 @@ class Process:
 
 
 class ExampleServer(Process):
-    """examples/1000topics/server.py: gochan with its own round-robin publisher,
-    serving the page at /."""
+    """examples/1000topics/server.py: gochan with its own publisher (every
+    topic once per interval), serving the page at /. ``defaults``: only the
+    port is given, as a new user would run it."""
 
-    def __init__(self, port: int, log: Path) -> None:
-        argv = [
-            sys.executable, str(EXAMPLE / "server.py"), "--port", str(port),
-            "--topics", str(EXAMPLE_TOPICS), "--interval", str(EXAMPLE_INTERVAL_S),
-        ]  # fmt: skip
+    def __init__(
+        self,
+        port: int,
+        log: Path,
+        *,
+        defaults: bool = False,
+        topics: int = EXAMPLE_TOPICS,
+        interval: float = EXAMPLE_INTERVAL_S,
+    ) -> None:
+        argv = [sys.executable, str(EXAMPLE / "server.py"), "--port", str(port)]
+        if not defaults:
+            argv += ["--topics", str(topics), "--interval", str(interval)]
         super().__init__(argv, log)
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -205,6 +213,17 @@ class ExampleServer(Process):
 @pytest.fixture
 def example(tmp_path: Path) -> Iterator[ExampleServer]:
     server = ExampleServer(free_port(), tmp_path / "example-server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def example_defaults(tmp_path: Path) -> Iterator[ExampleServer]:
+    """The example server exactly as the README starts it, on a free port."""
+    server = ExampleServer(free_port(), tmp_path / "example-server.log", defaults=True)
     server.start()
     try:
         yield server

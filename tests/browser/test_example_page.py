@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .conftest import EXAMPLE_TOPICS, BrowserSession, ExampleServer
+from .conftest import EXAMPLE_TOPICS, BrowserSession, ExampleServer, free_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Request
@@ -67,8 +67,9 @@ def test_page_shows_live_messages(
     client_id = browser.js("() => gochanDemo.gc.clientId")
     assert page.text_content("#client") == f"client {client_id}"
     assert server_subscriptions(example, client_id) == [f"Topic{i}" for i in range(5)]
-    # Rates are computed on the page every 500 ms: 10 messages/s per topic.
+    # Rates are computed on the page every 250 ms: 10 messages/s per topic.
     browser.wait_js("() => Number(document.getElementById('rate').textContent) > 0")
+    browser.wait_js("() => /ms$/.test(document.getElementById('p50').textContent)")
     browser.wait_js("() => document.querySelector('tr[data-topic=Topic2] .count').textContent > 0")
 
     # A second handler on a topic gets the same messages, with ids, then leaves.
@@ -182,6 +183,7 @@ def test_survives_server_restart(browser: BrowserSession, example: ExampleServer
     # The counters are rendered twice a second, not per event.
     browser.wait_js("() => document.getElementById('reconnects').textContent !== '0'")
     assert browser.page.text_content("#reconnects") == "1"
+    assert browser.js("() => gochanDemo.errors()")["stream"] == 1  # the drop, once
     browser.assert_no_errors(allow=restart_noise(example))
 
 
@@ -197,6 +199,13 @@ def test_page_controls_without_errors(browser: BrowserSession, example: ExampleS
     page.fill("#topics-input", "message")
     page.press("#topics-input", "Enter")
     assert "reserved" in (page.text_content("#log li") or "")
+    assert browser.js("() => gochanDemo.errors()") == {
+        "topic": 1,
+        "request": 0,
+        "stream": 0,
+        "total": 1,
+    }
+    assert page.text_content("#errors") == "1"
     page.click("#clear")
     browser.js("() => gochanDemo.gc.flush()")
     assert page.locator("#topic-rows tr").count() == 0
@@ -204,4 +213,80 @@ def test_page_controls_without_errors(browser: BrowserSession, example: ExampleS
     total = browser.js("() => gochanDemo.total()")
     time.sleep(0.4)
     assert browser.js("() => gochanDemo.total()") == total
+    browser.assert_no_errors()
+
+
+def test_errors_card_counts_every_refusal(browser: BrowserSession, example: ExampleServer) -> None:
+    """A topic refused before any request, an update the server refuses, a
+    lost stream: each is one more on the errors card, by kind."""
+    page = browser.page
+    open_page(browser, example, "0-2")
+    wait_counts(browser, {"Topic0": 2})
+    errors = "() => gochanDemo.errors()"
+    assert browser.js(errors)["total"] == 0
+
+    page.fill("#topics-input", "message")  # reserved: gochan.js refuses it
+    page.press("#topics-input", "Enter")
+    assert browser.js(errors) == {"topic": 1, "request": 0, "stream": 0, "total": 1}
+
+    # 1,100 topics more than a client may hold (1,024 by default): the server
+    # answers 400 to the whole update, and keeps the client as it was.
+    page.fill("#topics-input", "100-1099 1100-1199")
+    page.press("#topics-input", "Enter")
+    browser.js("() => gochanDemo.gc.flush()")
+    browser.wait_js("() => gochanDemo.errors().request === 1")
+    assert "update-failed (HTTP 400)" in (page.text_content("#log li") or "")
+    client_id = browser.js("() => gochanDemo.gc.clientId")
+    assert server_subscriptions(example, client_id) == ["Topic0", "Topic1", "Topic2"]
+
+    example.stop()  # the stream ends: one stream error, whatever the retries
+    browser.wait_js("() => gochanDemo.errors().stream === 1")
+    assert browser.js(errors) == {"topic": 1, "request": 1, "stream": 1, "total": 3}
+    browser.wait_js("() => document.getElementById('errors').textContent === '3'")
+    assert page.text_content("#error-kinds") == "topic 1 · req 1 · stream 1"
+    url = re.escape(example.url)
+    refused = rf"the server responded with a status of 400 .*{url}/update_subscriptions"
+    down = rf"net::ERR_CONNECTION_(REFUSED|RESET) .*{url}/events"
+    browser.assert_no_errors(allow=rf"^Failed to load resource: ({refused}|{down})")
+
+
+def test_rates_follow_the_flags(browser: BrowserSession, tmp_path: Path) -> None:
+    """--topics 20 --interval 0.05: each topic 20 messages/s, and the page
+    reads 20.0 per topic and 4 x 20 in all, from what arrives."""
+    server = ExampleServer(free_port(), tmp_path / "server.log", topics=20, interval=0.05)
+    server.start()
+    try:
+        browser.page.goto(f"{server.url}/?topics=0-3&n=20")
+        browser.wait_js("() => gochanDemo.total() >= 4 * 20 * 1.5", timeout=15)
+        rates = browser.js("() => gochanDemo.rates()")
+        assert sorted(rates) == ["Topic0", "Topic1", "Topic2", "Topic3"]
+        assert all(15 <= r <= 25 for r in rates.values()), rates
+        assert 60 <= browser.js("() => gochanDemo.rate()") <= 100
+        on_screen = browser.page.text_content('tr[data-topic="Topic3"] .rate') or ""
+        assert 15 <= float(on_screen) <= 25, on_screen
+        # Topic20 is past --topics: subscribed, but nothing arrives for it.
+        browser.js("() => gochanDemo.subscribe(['Topic20'])")
+        browser.js("() => gochanDemo.gc.flush()")
+        time.sleep(0.6)
+        assert browser.js("() => gochanDemo.counts()")["Topic20"] == 0
+        assert browser.js("() => gochanDemo.rates()")["Topic20"] == 0
+        browser.assert_no_errors()
+    finally:
+        server.stop()
+
+
+def test_rows_out_of_view_are_written_when_scrolled_to(
+    browser: BrowserSession, example: ExampleServer
+) -> None:
+    """The page writes only the rows in view; one scrolled to shows its numbers."""
+    page = browser.page
+    open_page(browser, example, f"0-{EXAMPLE_TOPICS - 1}")
+    last = f"Topic{EXAMPLE_TOPICS - 1}"
+    wait_counts(browser, {last: 3})
+    cell = f'tr[data-topic="{last}"] .count'
+    assert page.text_content(cell) == "0"  # far below the fold, not written yet
+    page.eval_on_selector("#topic-scroll", "(el) => { el.scrollTop = el.scrollHeight; }")
+    browser.wait_js(
+        "(cell) => Number(document.querySelector(cell).textContent) >= 3", cell, timeout=5
+    )
     browser.assert_no_errors()
