@@ -16,7 +16,7 @@ async def test_1000topics_server_and_clients() -> None:
     port = free_port()
     server = await asyncio.create_subprocess_exec(
         sys.executable, str(EXAMPLE / "server.py"), "--port", str(port),
-        "--topics", "50", "--interval", "0.002",
+        "--topics", "50", "--interval", "0.1",
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -33,7 +33,7 @@ async def test_1000topics_server_and_clients() -> None:
         match = re.search(rb"connections (\d+)/40, errors (\d+), events (\d+)", out)
         assert match, out
         assert int(match.group(1)) == 40 and int(match.group(2)) == 0
-        # 500 msgs/s, each topic held by 4 of the 40 clients: ~2000 events/s.
+        # 10 msgs/s per topic (500/s in all), each held by 4 of the 40 clients: ~2000 events/s.
         assert int(match.group(3)) > 500
     finally:
         server.terminate()
