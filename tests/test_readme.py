@@ -59,3 +59,86 @@ async def test_asgi_mounting_example_serves_gochan() -> None:
         realtime.end_streams()  # type: ignore[attr-defined]
         server.should_exit = True
         await task
+
+
+def walkthrough() -> list[tuple[str, str]]:
+    """The curl walkthrough's blocks, in order: (command, expected output) for
+    each ``$`` line of a ``console`` block (continuations joined), and
+    ("", text) for a plain block (what the stream shows)."""
+    text = README.read_text()
+    section = text.split("<!-- readme-curl", 1)[1].split("\n## ", 1)[0]
+    steps: list[tuple[str, str]] = []
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", section, re.S):
+        if lang == "js":  # the EventSource snippet: tests/browser covers gochan.js
+            continue
+        if lang != "console":
+            steps.append(("", body))
+            continue
+        command, _, output = body.partition("\n")
+        while command.endswith("\\"):
+            more, _, output = output.partition("\n")
+            command = command[:-1] + more.strip()
+        steps.append((command.removeprefix("$ "), output))
+    return steps
+
+
+def test_curl_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """Each command of the walkthrough run with curl against
+    ``python -m gochan.server``; each answer is the README's, but for the
+    client id and the node's epoch in event ids, which are random."""
+    import shutil
+
+    from tests.hardening._proc import server_process
+
+    if shutil.which("curl") is None:
+        import pytest
+
+        pytest.skip("curl is not installed (apt-get install curl)")
+    steps = walkthrough()
+    assert [bool(c) for c, _ in steps] == [True, True, False, True, True], steps
+    doc_id = re.search(r'"client_id":"([^"]+)"', steps[0][1])
+    doc_epoch = re.search(r'"id":"([0-9a-f]{8})-1"', steps[1][1])
+    assert doc_id and doc_epoch
+    with server_process(tmp_path) as server:
+
+        def run(command: str) -> str:
+            command = command.replace("localhost:3000", f"127.0.0.1:{server.port}") + " -sS"
+            done = subprocess.run(
+                ["bash", "-c", command], capture_output=True, text=True, timeout=10
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout + "\n"  # a terminal shows the prompt on the next line
+
+        stream_command = steps[0][0].replace("localhost:3000", f"127.0.0.1:{server.port}")
+        stream = subprocess.Popen(
+            ["bash", "-c", stream_command + " 2>/dev/null"], stdout=subprocess.PIPE
+        )
+        try:
+            assert stream.stdout is not None
+            first = stream.stdout.readline() + stream.stdout.readline() + stream.stdout.readline()
+            real_id = re.search(rb'"client_id":"([^"]+)"', first)
+            assert real_id, first
+            client_id = real_id[1].decode()
+            assert first.decode() == steps[0][1].replace(doc_id[1], client_id)
+
+            published = run(steps[1][0])
+            real_epoch = re.fullmatch(r'\{"id":"([0-9a-f]{8})-1"\}\n', published)
+            assert real_epoch, published
+            epoch = real_epoch[1]
+
+            def expected(text: str) -> str:
+                return text.replace(doc_id[1], client_id).replace(doc_epoch[1], epoch)
+
+            assert published == expected(steps[1][1])
+            shown = b"".join(stream.stdout.readline() for _ in range(4)).decode()
+            assert shown == expected(steps[2][1])
+            assert run(steps[3][0]) == expected(steps[3][1])
+            shown = b"".join(stream.stdout.readline() for _ in range(4)).decode()
+            assert shown == expected('event: a\nid: 3f9c1a2b-2\ndata: {"n":1}\n\n')
+            update = steps[4][0].replace(doc_id[1], client_id)
+            assert run(update) == expected(steps[4][1])
+        finally:
+            stream.kill()
+            stream.wait()
+            if stream.stdout is not None:
+                stream.stdout.close()
