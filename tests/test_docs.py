@@ -287,13 +287,18 @@ def test_drivers_doc_names_each_extra_as_pyproject_defines_it() -> None:
 
 
 def test_regenerate_rewrites_a_stale_block(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
     for path in (CONFIGURATION, DRIVERS_MD):
-        (tmp_path / path.name).write_text(path.read_text())
-    stale = (tmp_path / "drivers.md").read_text().replace("`--nats-url`", "`--nats-uri`")
-    (tmp_path / "drivers.md").write_text(stale)
-    changed = reference.regenerate(tmp_path)
-    assert "drivers.md (nats options)" in changed
-    assert (tmp_path / "drivers.md").read_text() == DRIVERS_MD.read_text()
+        (docs / path.name).write_text(path.read_text())
+    readme = DOCS.parent / "README.md"
+    (tmp_path / "README.md").write_text(readme.read_text().replace("`url=nats:", "`uri=nats:"))
+    stale = (docs / "drivers.md").read_text().replace("`--nats-url`", "`--nats-uri`")
+    (docs / "drivers.md").write_text(stale)
+    changed = reference.regenerate(docs)
+    assert "drivers.md (nats options)" in changed and "../README.md (drivers)" in changed
+    assert (docs / "drivers.md").read_text() == DRIVERS_MD.read_text()
+    assert (tmp_path / "README.md").read_text() == readme.read_text()
 
 
 # -- docs/security.md --------------------------------------------------------

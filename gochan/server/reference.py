@@ -352,6 +352,33 @@ def driver_table(name: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+# What a gochan topic becomes on each broker, for the README's table.
+TOPICS_BECOME = {
+    "mem": "nothing outside the process",
+    "nats": "subject `prefix + topic` (JetStream: one stream)",
+    "redis": "channel `prefix + topic` (Streams: one key for all)",
+    "kafka": "Kafka topic `prefix + topic` (or keys of one `log_topic`)",
+    "sqs": "SNS topic `prefix + topic`, one SQS queue per process",
+    "pubsub": "Pub/Sub topic `prefix + topic`, one subscription per process",
+    "rabbitmq": "binding key on one topic exchange, one queue per process",
+    "mqtt": "MQTT topic `prefix + topic`",
+    "postgres": "LISTEN/NOTIFY channel `prefix + topic`",
+}
+
+
+def readme_drivers_table() -> str:
+    """The README's drivers: name, extra, what a topic becomes, every option
+    with its default (docs/drivers.md has what each means)."""
+    rows = ["| Driver | Install | A topic becomes | Options (default) |"]
+    rows.append("| --- | --- | --- | --- |")
+    for name, (_, _, extra) in DRIVERS.items():
+        install = f"`pip install 'gochan[{extra}]'`" if extra else "built in"
+        options = ", ".join(f"`{o.name}={o.default_text}`" for o in driver_options(name))
+        link = f"[`{name}`](docs/drivers.md#{name})"
+        rows.append(f"| {link} | {install} | {TOPICS_BECOME[name]} | {options or 'none'} |")
+    return "\n".join(rows) + "\n"
+
+
 def drivers_epilog() -> str:
     """The end of ``--help``: every driver, its extra and its options."""
     out = [
@@ -390,6 +417,7 @@ def blocks() -> dict[tuple[str, str], str]:
     result = {("configuration.md", "settings"): config_table()}
     for name in DRIVERS:
         result["drivers.md", f"{name} options"] = driver_table(name)
+    result["../README.md", "drivers"] = readme_drivers_table()
     return result
 
 
