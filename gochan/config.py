@@ -65,6 +65,14 @@ DEFAULT_WRITE_BUFFER_HIGH_BYTES = 64 * 1024
 DEFAULT_STREAM_SEND_BUFFER_BYTES = 256 * 1024
 DEFAULT_MAX_FLUSH_DELAY_S = 0.0  # off: see max_flush_delay
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
+# At shutdown each stream gets a "retry:" drawn uniformly from this window
+# (seconds), so browsers do not all reconnect in the same second.
+DEFAULT_SHUTDOWN_RETRY_MIN_S = 1.0
+DEFAULT_SHUTDOWN_RETRY_MAX_S = 30.0
+# New connections one peer address may open: a token bucket refilled at this
+# rate (connections per second; 0: no limit) holding up to the burst.
+DEFAULT_CONNECTION_RATE_PER_PEER = 100.0
+DEFAULT_CONNECTION_BURST_PER_PEER = 200
 DEFAULT_TICK_S = 0.5
 DEFAULT_HISTORY_SIZE = 10_000  # messages kept for Last-Event-ID replay
 DEFAULT_HISTORY_BYTES = 16 * 1024 * 1024
@@ -92,6 +100,7 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
             "max_body_bytes",
             "header_timeout",
             "keepalive_timeout",
+            "connection_burst_per_peer",
         ),
         _ABOVE_ZERO,
     ),
@@ -177,6 +186,16 @@ class Config:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_S
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S
+    # The window (seconds) each stream's "retry:" at shutdown is drawn from.
+    shutdown_retry_min: float = DEFAULT_SHUTDOWN_RETRY_MIN_S
+    shutdown_retry_max: float = DEFAULT_SHUTDOWN_RETRY_MAX_S
+    # New connections per second per peer address (0: off), and the burst
+    # allowed above that rate. Behind a reverse proxy every connection comes
+    # from the proxy: raise them, or turn the rate off.
+    connection_rate_per_peer: float = DEFAULT_CONNECTION_RATE_PER_PEER
+    connection_burst_per_peer: int = DEFAULT_CONNECTION_BURST_PER_PEER
+    # One JSON line per request on the gochan.access logger (stderr).
+    access_log: bool = False
 
     # Security
     publish_key: str = ""
@@ -210,6 +229,11 @@ class Config:
                 if path in seen:
                     raise ConfigurationError(f"{name}: {path!r} is already {seen[path]}")
                 seen[path] = name
+        if self.shutdown_retry_max < self.shutdown_retry_min:
+            raise ConfigurationError(
+                f"shutdown_retry_max: expected a number >= shutdown_retry_min "
+                f"({self.shutdown_retry_min:g}), got {self.shutdown_retry_max:g}"
+            )
         if not isinstance(self.driver_options, Mapping):
             raise ConfigurationError(
                 f"driver_options: expected a mapping, got {self.driver_options!r}"

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import os
 import resource
 import signal
 import sys
@@ -27,6 +28,7 @@ from ..config import (
 from ..drivers import Driver, create_driver
 from ..errors import ConfigurationError
 from ..streamer import Streamer
+from .app import SHUTDOWN_SPREAD_FRACTION
 
 FLAG_HELP = {
     "host": "address to listen on (default 127.0.0.1: loopback only)",
@@ -37,6 +39,14 @@ FLAG_HELP = {
     "log_level": "debug, info, warning or error (default info)",
     "publish_key": "bearer token POST /publish requires (needed off loopback)",
     "cors_origins": "comma-separated origins allowed by CORS, or *",
+    "shutdown_retry_min": "at shutdown, least 'retry:' given to a stream, seconds (default 1.0)",
+    "shutdown_retry_max": "at shutdown, most 'retry:' given to a stream, seconds (default 30.0; "
+    ">= shutdown_retry_min)",
+    "connection_rate_per_peer": "new connections per second one peer address may open "
+    "(default 100; 0: no limit); past it 429 with Retry-After",
+    "connection_burst_per_peer": "new connections one peer address may open at once above "
+    "connection_rate_per_peer (default 200)",
+    "access_log": "one JSON line per request on stderr, logger gochan.access (default off)",
 }
 
 
@@ -63,7 +73,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction)
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                help=FLAG_HELP.get(f.name),
+            )
         else:
             parser.add_argument(
                 flag, dest=f.name, metavar=f.name.upper(), help=FLAG_HELP.get(f.name)
@@ -98,8 +113,22 @@ async def run(config: Config, driver: Driver | None = None) -> None:
     gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def exit_now(signum: int) -> None:
+        logging.getLogger("gochan.server").warning(
+            "second signal (%s): exiting now", signal.Signals(signum).name
+        )
+        logging.shutdown()
+        os._exit(128 + signum)  # what a shell reports for a death by that signal
+
+    def first_signal(signum: int) -> None:
+        # The graceful shutdown starts; a second signal skips it.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, exit_now, sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, first_signal, sig)
     for host, port in server.sockets:
         print(f"gochan listening on http://{host}:{port} (driver {config.driver})", flush=True)
     log = logging.getLogger("gochan.server")
@@ -124,7 +153,11 @@ async def run(config: Config, driver: Driver | None = None) -> None:
             fds,
         )
     await stop.wait()
-    logging.getLogger("gochan.server").info("shutting down")
+    logging.getLogger("gochan.server").info(
+        "shutting down: streams end over %.1f s, exit within %.1f s (a second signal exits now)",
+        config.shutdown_grace * SHUTDOWN_SPREAD_FRACTION,
+        config.shutdown_grace,
+    )
     await streamer.close()
 
 

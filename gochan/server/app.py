@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import random
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -23,6 +25,9 @@ __all__ = ["Server"]
 
 LISTEN_BACKLOG = 4096
 SHUTDOWN_POLL_S = 0.05
+# Streams are ended over this first part of shutdown_grace; the rest is left
+# for their last frames to flush.
+SHUTDOWN_SPREAD_FRACTION = 0.5
 
 
 class Server:
@@ -125,25 +130,50 @@ class Server:
         return int(self.sockets[0][1])
 
     async def shutdown(self) -> None:
-        """Stop accepting, end every stream with ``Client closed`` after what
-        it has queued, let in-flight requests finish, and wait up to the
-        grace period for every connection to close; abort what is left."""
+        """Stop accepting, end every stream with ``Client closed`` (each with
+        its own jittered ``retry:``, see :meth:`Streamer.closing_frame`) after
+        what it has queued, let in-flight requests finish, and wait up to the
+        grace period for every connection to close; abort what is left.
+
+        Streams are ended at an even pace over the first
+        SHUTDOWN_SPREAD_FRACTION of ``shutdown_grace``, in random order,
+        rather than in one burst: the flush of their last frames is spread
+        out, and so are the reconnects of clients that ignore ``retry:``.
+        The rest of the grace is left for the last ones to flush."""
         if self._closing:
             return
         self._closing = True
         if self._listener is not None:
             self._listener.close()
-        streams = self.streamer.end_streams(self)  # its own, not every stream of the hub
-        deadline = time.monotonic() + self.config.shutdown_grace
-        while any(p.busy for p in self.http) and time.monotonic() < deadline:
+        streamer = self.streamer
+        start = time.monotonic()
+        deadline = start + self.config.shutdown_grace
+        spread = self.config.shutdown_grace * SHUTDOWN_SPREAD_FRACTION
+        streams = streamer.streams_of(self)  # its own, not every stream of the hub
+        random.shuffle(streams)
+        transports: list[asyncio.WriteTransport] = []
+        ended = 0
+        http_closed = False
+        while True:
+            now = time.monotonic()
+            due = len(streams)
+            if now < start + spread:  # an even pace: the share of the spread elapsed
+                due = int(due * (now - start) / spread)
+            for stream in streams[ended:due]:
+                if not stream.closed:
+                    transports.append(stream.transport)
+                    streamer.end_stream(stream, streamer.closing_frame())
+            ended = max(ended, due)
+            if not http_closed and (now >= deadline or not any(p.busy for p in self.http)):
+                self._close_http()
+                http_closed = True
+            if ended == len(streams) and http_closed:
+                break
             await asyncio.sleep(SHUTDOWN_POLL_S)
-        for proto in list(self.http):
-            if proto.transport is not None and not proto.transport.is_closing():
-                proto.close_soon()
-                if proto.busy:
-                    proto.transport.abort()
-                else:
-                    proto.transport.close()
+        # A request that was waiting on the broker may have become a stream.
+        for stream in streamer.streams_of(self):
+            transports.append(stream.transport)
+            streamer.end_stream(stream, streamer.closing_frame())
         # Streams and answers drain to peers that read them, until the grace ends.
         while self.metrics.connections > 0 and time.monotonic() < deadline:
             await asyncio.sleep(SHUTDOWN_POLL_S)
@@ -153,16 +183,30 @@ class Server:
                 self.metrics.connections,
                 self.config.shutdown_grace,
             )
-            for transport in streams + [p.transport for p in self.http if p.transport]:
+            for transport in transports + [p.transport for p in self.http if p.transport]:
                 with contextlib.suppress(Exception):
                     transport.abort()
-        self.streamer.remove_tick_hook(self._tick)
-        self.streamer._forget_server(self)
+            with contextlib.suppress(Exception):
+                streamer.hub.sweep(math.inf)  # slow consumers still being cut
+        streamer.remove_tick_hook(self._tick)
+        streamer._forget_server(self)
         if self._listener is not None:
             try:
-                await asyncio.wait_for(self._listener.wait_closed(), self.config.shutdown_grace)
+                remaining = max(SHUTDOWN_POLL_S, deadline - time.monotonic())
+                await asyncio.wait_for(self._listener.wait_closed(), remaining)
             except asyncio.TimeoutError:
                 server_logger.warning("connections still open after the grace period")
+
+    def _close_http(self) -> None:
+        """Close the connections that are not streams: in-flight answers go
+        out first (an idle keep-alive connection just closes)."""
+        for proto in list(self.http):
+            if proto.transport is not None and not proto.transport.is_closing():
+                proto.close_soon()
+                if proto.busy:
+                    proto.transport.abort()
+                else:
+                    proto.transport.close()
 
     # -- metrics -----------------------------------------------------------
 
