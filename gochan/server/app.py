@@ -12,10 +12,12 @@ import time
 from typing import TYPE_CHECKING
 
 from ..log import server_logger
+from .access import AccessLog
 from .http import NO_PEER, Peer, is_loopback_host, refresh_date
 from .metrics import Metrics
-from .protocol import ADMITTED, HttpProtocol
-from .routes import Router
+from .protocol import ADMITTED, HttpProtocol, Refusal
+from .ratelimit import PeerRate
+from .routes import Headers, Router
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -23,11 +25,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Server"]
 
+NO_HEADERS: Headers = []
+
 LISTEN_BACKLOG = 4096
 SHUTDOWN_POLL_S = 0.05
 # Streams are ended over this first part of shutdown_grace; the rest is left
 # for their last frames to flush.
 SHUTDOWN_SPREAD_FRACTION = 0.5
+SHUTDOWN_EXIT_RESERVE_S = 0.5  # at most, and at most a tenth of the grace
 
 
 class Server:
@@ -54,6 +59,10 @@ class Server:
         self.http: set[HttpProtocol] = set()  # connections not (yet) streaming
         self._listener: asyncio.Server | None = None
         self._closing = False
+        # One JSON line per request (off: None, one attribute check per request).
+        self.access_log = AccessLog() if config.access_log else None
+        rate = config.connection_rate_per_peer
+        self.connection_rate = PeerRate(rate, config.connection_burst_per_peer) if rate else None
         if sweep:
             streamer.add_tick_hook(self._tick)
 
@@ -62,27 +71,38 @@ class Server:
     def protocol_factory(self) -> HttpProtocol:
         return HttpProtocol(self)
 
-    def admit(self, proto: HttpProtocol, peername: object) -> str | None:
-        """Count a new connection in, or say why it is refused."""
-        self.metrics.connections_total += 1
+    def admit(self, proto: HttpProtocol, peername: object) -> Refusal | None:
+        """Count a new connection in, or say why it is refused (the status,
+        message and headers it is answered with before it is closed)."""
+        metrics = self.metrics
+        metrics.connections_total += 1
         if self._closing:
-            self.metrics.connections_refused += 1
-            return "shutting down"
-        if self.metrics.connections >= self.config.max_connections:
-            self.metrics.connections_refused += 1
-            return "too many connections"
+            metrics.connections_refused += 1
+            return (503, "shutting down", NO_HEADERS)
+        if metrics.connections >= self.config.max_connections:
+            metrics.connections_refused += 1
+            return (503, "too many connections", NO_HEADERS)
         address = NO_PEER
         if isinstance(peername, tuple) and peername and isinstance(peername[0], str):
             # One shared instance per address, for the connection and its clients.
             address = sys.intern(peername[0])
+            if self.connection_rate is not None:
+                wait = self.connection_rate.take(address)
+                if wait:
+                    metrics.connections_refused += 1
+                    metrics.refuse("connection_rate")
+                    retry = b"%d" % max(1, math.ceil(wait))
+                    return (429, "too many new connections from your address", [
+                        (b"Retry-After", retry)
+                    ])  # fmt: skip
             count = self.peers.get(address, 0)
             if count >= self.config.peer_connection_limit:
-                self.metrics.connections_refused += 1
-                self.metrics.peer_refusals += 1
-                return "too many connections from your address"
+                metrics.connections_refused += 1
+                metrics.peer_refusals += 1
+                return (503, "too many connections from your address", NO_HEADERS)
             self.peers[address] = count + 1
         proto.peer = address
-        self.metrics.connections += 1
+        metrics.connections += 1
         proto.state |= ADMITTED
         self.http.add(proto)
         return None
@@ -106,6 +126,8 @@ class Server:
 
     def _tick(self, now: float) -> None:
         refresh_date()
+        if self.connection_rate is not None:
+            self.connection_rate.forget_idle(now)
         for proto in [p for p in self.http if p.deadline <= now]:
             proto.expire(now)
 
@@ -146,9 +168,12 @@ class Server:
         if self._listener is not None:
             self._listener.close()
         streamer = self.streamer
+        grace = self.config.shutdown_grace
         start = time.monotonic()
-        deadline = start + self.config.shutdown_grace
-        spread = self.config.shutdown_grace * SHUTDOWN_SPREAD_FRACTION
+        # What is left is aborted a little before the grace ends, so closing
+        # the driver and exiting fit in it too.
+        deadline = start + grace - min(SHUTDOWN_EXIT_RESERVE_S, grace * 0.1)
+        spread = grace * SHUTDOWN_SPREAD_FRACTION
         streams = streamer.streams_of(self)  # its own, not every stream of the hub
         random.shuffle(streams)
         transports: list[asyncio.WriteTransport] = []
