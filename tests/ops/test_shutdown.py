@@ -12,10 +12,15 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from gochan import Config
+from gochan.config import load
+from gochan.errors import ConfigurationError
+from gochan.server.__main__ import FLAG_HELP
 from gochan.server.app import SHUTDOWN_SPREAD_FRACTION
 from tests.hardening._proc import ServerProcess, open_stuck_stream, server_process
-from tests.support import SSEStream, closing_retry, wait_for
+from tests.support import SSEStream, closing_retry, running, wait_for
 
 STREAMS = 200
 STUCK = 10
@@ -115,3 +120,33 @@ async def test_a_second_sigterm_exits_at_once(tmp_path: Path) -> None:
     assert code == 128 + signal.SIGTERM
     assert took < 10  # far inside the 60 s grace the first signal started
     assert "second signal (SIGTERM): exiting now" in server.stderr()
+
+
+def test_retry_window_keys() -> None:
+    config = Config()
+    assert (config.shutdown_retry_min, config.shutdown_retry_max) == (1.0, 30.0)
+    with pytest.raises(ConfigurationError, match=r"shutdown_retry_max: expected a number >= "):
+        Config(shutdown_retry_min=5, shutdown_retry_max=2)
+    with pytest.raises(ConfigurationError, match="shutdown_retry_min"):
+        Config(shutdown_retry_min=-1)
+    config, sources = load(
+        env={"GOCHAN_SHUTDOWN_RETRY_MAX": "2.5"}, flags={"shutdown_retry_min": "0.5"}
+    )
+    assert (config.shutdown_retry_min, config.shutdown_retry_max) == (0.5, 2.5)
+    assert sources["shutdown_retry_min"] == "flag --shutdown-retry-min"
+    for key in (
+        "shutdown_retry_min",
+        "shutdown_retry_max",
+        "connection_rate_per_peer",
+        "connection_burst_per_peer",
+        "access_log",
+    ):
+        assert "default" in FLAG_HELP[key], key
+
+
+async def test_each_stream_draws_its_own_retry_from_the_window() -> None:
+    async with running(shutdown_retry_min=2.0, shutdown_retry_max=2.5) as server:
+        draws = {closing_retry(server.streamer.closing_frame(), 2000, 2500) for _ in range(200)}
+        assert len(draws) > 50
+    async with running(shutdown_retry_min=3.0, shutdown_retry_max=3.0) as server:
+        assert closing_retry(server.streamer.closing_frame(), 3000, 3000) == 3000
