@@ -44,8 +44,8 @@ FLAG_HELP = {
     ">= shutdown_retry_min)",
     "connection_rate_per_peer": "new connections per second one peer address may open "
     "(default 100; 0: no limit); past it 429 with Retry-After",
-    "connection_burst_per_peer": "new connections one peer address may open at once above "
-    "connection_rate_per_peer (default 200)",
+    "connection_burst_per_peer": "new connections one peer address may open in one burst, "
+    "the token bucket's size (default 200)",
     "access_log": "one JSON line per request on stderr, logger gochan.access (default off)",
 }
 

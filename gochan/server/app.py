@@ -183,7 +183,7 @@ class Server:
             now = time.monotonic()
             due = len(streams)
             if now < start + spread:  # an even pace: the share of the spread elapsed
-                due = int(due * (now - start) / spread)
+                due = math.ceil(due * (now - start) / spread)
             for stream in streams[ended:due]:
                 if not stream.closed:
                     transports.append(stream.transport)
