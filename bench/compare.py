@@ -122,6 +122,9 @@ def server_command(
             limit,
             "--max-clients",
             limit,
+            # The load generator opens every connection at once, from 16 addresses.
+            "--connection-rate-per-peer",
+            "0",
         ]
     if name == "sse-starlette":
         return [py, str(BENCH / "peers" / "starlette_peer.py"), *common]

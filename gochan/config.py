@@ -66,6 +66,14 @@ DEFAULT_STREAM_SEND_BUFFER_BYTES = 256 * 1024
 DEFAULT_MAX_FLUSH_DELAY_S = 0.0  # off: see max_flush_delay
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
 DEFAULT_WORKERS = 1  # processes serving the port (SO_REUSEPORT); 1: this process alone
+# At shutdown each stream gets a "retry:" drawn uniformly from this window
+# (seconds), so browsers do not all reconnect in the same second.
+DEFAULT_SHUTDOWN_RETRY_MIN_S = 1.0
+DEFAULT_SHUTDOWN_RETRY_MAX_S = 30.0
+# New connections one peer address may open: a token bucket refilled at this
+# rate (connections per second; 0: no limit) holding up to the burst.
+DEFAULT_CONNECTION_RATE_PER_PEER = 100.0
+DEFAULT_CONNECTION_BURST_PER_PEER = 200
 DEFAULT_TICK_S = 0.5
 DEFAULT_HISTORY_SIZE = 10_000  # messages kept for Last-Event-ID replay
 DEFAULT_HISTORY_BYTES = 16 * 1024 * 1024
@@ -94,6 +102,7 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
             "max_body_bytes",
             "header_timeout",
             "keepalive_timeout",
+            "connection_burst_per_peer",
         ),
         _ABOVE_ZERO,
     ),
@@ -182,6 +191,16 @@ class Config:
     # Processes serving the port, each a full node on the broker (see
     # docs/workers.md); above 1 it needs a broker driver, not mem.
     workers: int = DEFAULT_WORKERS
+    # The window (seconds) each stream's "retry:" at shutdown is drawn from.
+    shutdown_retry_min: float = DEFAULT_SHUTDOWN_RETRY_MIN_S
+    shutdown_retry_max: float = DEFAULT_SHUTDOWN_RETRY_MAX_S
+    # New connections per second per peer address (0: off), and the burst
+    # allowed above that rate. Behind a reverse proxy every connection comes
+    # from the proxy: raise them, or turn the rate off.
+    connection_rate_per_peer: float = DEFAULT_CONNECTION_RATE_PER_PEER
+    connection_burst_per_peer: int = DEFAULT_CONNECTION_BURST_PER_PEER
+    # One JSON line per request on the gochan.access logger (stderr).
+    access_log: bool = False
 
     # Security
     publish_key: str = ""
@@ -219,6 +238,11 @@ class Config:
             raise ConfigurationError(
                 f"workers: {self.workers} processes cannot share the mem driver's state "
                 "(it lives in one process); use a broker driver such as nats or redis"
+            )
+        if self.shutdown_retry_max < self.shutdown_retry_min:
+            raise ConfigurationError(
+                f"shutdown_retry_max: expected a number >= shutdown_retry_min "
+                f"({self.shutdown_retry_min:g}), got {self.shutdown_retry_max:g}"
             )
         if not isinstance(self.driver_options, Mapping):
             raise ConfigurationError(
@@ -305,6 +329,15 @@ FLAG_HELP: dict[str, str] = {
     "header_timeout": "seconds a request has to arrive whole; slower gets 408 (default 10 s)",
     "keepalive_timeout": "seconds an idle keep-alive connection is kept open (default 75 s)",
     "shutdown_grace": "seconds requests and streams get to finish on SIGTERM/SIGINT (default 5 s)",
+    "shutdown_retry_min": "at shutdown, the shortest retry: a stream is given, in seconds "
+    "(default 1 s)",
+    "shutdown_retry_max": "at shutdown, the longest retry: a stream is given, in seconds; "
+    "at least shutdown_retry_min (default 30 s)",
+    "connection_rate_per_peer": "new connections per second one peer address may open; past "
+    "it 429 with Retry-After; 0: no limit (default 100)",
+    "connection_burst_per_peer": "new connections one peer address may open at once above "
+    "that rate, the token bucket's size (default 200)",
+    "access_log": "one JSON line per request on stderr, logger gochan.access (default false)",
     "workers": "processes serving one port (SO_REUSEPORT), each a full node on the broker, "
     "restarted when one dies; refused for driver mem (default 1)",
     # Security

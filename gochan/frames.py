@@ -10,6 +10,7 @@ from ._fast import encode_system
 
 __all__ = [
     "CLIENT_CLOSED_FRAME",
+    "closing_frame",
     "first_frame",
     "replay_frame",
     "subscription_failure_frame",
@@ -36,3 +37,9 @@ def replay_frame(last_event_id: str, recovered: bool) -> bytes:
 def subscription_failure_frame(topic: str, message: str) -> bytes:
     payload = {"error": {"code": "subscription-failure", "message": message, "topic": topic}}
     return encode_system(orjson.dumps(payload))
+
+
+def closing_frame(retry_ms: int) -> bytes:
+    """``Client closed`` carrying a ``retry:`` field (shutdown): one frame, so
+    the reconnection delay is set by the same event that ends the stream."""
+    return b"retry: %d\n" % retry_ms + CLIENT_CLOSED_FRAME

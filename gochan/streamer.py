@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import random
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -35,7 +36,7 @@ from .errors import (
     PeerLimitError,
     UnknownClientError,
 )
-from .frames import CLIENT_CLOSED_FRAME, subscription_failure_frame
+from .frames import CLIENT_CLOSED_FRAME, closing_frame, subscription_failure_frame
 from .log import logger
 from .replay import Replayer
 from .stream import Stream
@@ -76,6 +77,7 @@ class Streamer:
         # (``w1.``) under --workers, so any worker can tell whose client it is.
         self.client_id_prefix = ""
         self._next_heartbeat = 0.0
+        self._jitter = random.Random()  # shutdown retry delays: spread, not secret
         # Topic names already validated, each mapped to one shared instance:
         # a client's topics are that instance, not the copy parsed from its
         # request (10 topics x 10,000 connections is 5.6 MB of copies).
@@ -185,6 +187,7 @@ class Streamer:
                 self.counters["clients_expired"] += 1
                 self._spawn(self.remove_client(client))
         self.history.expire(now)
+        self.hub.sweep(now)  # slow consumers being cut
         for hook in self._tick_hooks:
             hook(now)
 
@@ -471,20 +474,38 @@ class Streamer:
                 self._arm_expiry(client)
 
     def end_streams(self, front_end: object = None) -> list[asyncio.WriteTransport]:
-        """Send ``Client closed`` to the streams ``front_end`` opened (every
-        stream when None) and close them (shutdown): a backlogged stream gets
-        its backlog first. Returns the transports, which close once their
-        peers have taken the rest."""
+        """End the streams ``front_end`` opened (every stream when None) at
+        once (shutdown), each with its own :meth:`closing_frame`: a
+        backlogged stream gets its backlog first. Returns the transports,
+        which close once their peers have taken the rest. (The server's
+        shutdown spreads the endings over its grace period instead.)"""
+        transports: list[asyncio.WriteTransport] = []
+        for stream in self.streams_of(front_end):
+            transports.append(stream.transport)
+            self.end_stream(stream, self.closing_frame())
+        return transports
+
+    def streams_of(self, front_end: object = None) -> list[Subscriber]:
+        """The open streams ``front_end`` opened (every one when None)."""
         if self._hub is None:
             return []
-        transports: list[asyncio.WriteTransport] = []
-        for stream in self._hub.open_subscribers():
-            if front_end is not None and getattr(stream, "front_end", None) is not front_end:
-                continue
-            transports.append(stream.transport)
-            self._hub.finish(stream, CLIENT_CLOSED_FRAME)
-            self.detach(stream)
-        return transports
+        streams = self._hub.open_subscribers()
+        if front_end is None:
+            return streams
+        return [s for s in streams if getattr(s, "front_end", None) is front_end]
+
+    def end_stream(self, stream: Subscriber, frame: bytes = CLIENT_CLOSED_FRAME) -> None:
+        """Send what ``stream`` has queued, then ``frame``, and close it."""
+        self.hub.finish(stream, frame)
+        self.detach(stream)
+
+    def closing_frame(self) -> bytes:
+        """``Client closed`` with a ``retry:`` drawn uniformly from
+        [shutdown_retry_min, shutdown_retry_max], one draw per stream, so a
+        fleet of browsers does not reconnect in the same second."""
+        config = self.config
+        delay = self._jitter.uniform(config.shutdown_retry_min, config.shutdown_retry_max)
+        return closing_frame(round(delay * 1000))
 
     # -- messages ----------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -100,6 +101,19 @@ class SSEStream:
         self.writer.close()
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
+
+
+SHUTDOWN_FRAME = re.compile(rb"retry: (\d+)\nevent: message\ndata: Client closed\n\n")
+
+
+def closing_retry(frame: bytes, low_ms: int = 1000, high_ms: int = 30_000) -> int:
+    """The ``retry:`` of a shutdown's last frame (``Client closed`` with a
+    ``retry:`` field), checked to lie in [low_ms, high_ms] (the default window)."""
+    found = SHUTDOWN_FRAME.fullmatch(frame)
+    assert found is not None, frame
+    retry = int(found.group(1))
+    assert low_ms <= retry <= high_ms, retry
+    return retry
 
 
 def parse_frame(raw: bytes) -> dict[str, str]:

@@ -53,16 +53,11 @@ PLANNED = {
     "max_streams_per_identity",
     "publish_rate_per_identity",
     "publish_burst",
-    "shutdown_retry_min",
-    "shutdown_retry_max",
-    "connection_rate_per_peer",
-    "connection_burst_per_peer",
-    "access_log",
 }
 PLANNED_FLAGS = {"--" + name.replace("_", "-") for name in PLANNED}
 PLANNED_FLAGS |= {"--no-" + flag[2:] for flag in PLANNED_FLAGS}
 # The other branches' pages, linked from these. DELETE AT MERGE too.
-PLANNED_DOCS = {"authorization.md", "metrics.md", "operations.md"}
+PLANNED_DOCS = {"authorization.md", "metrics.md"}
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "driver_options"}
 

@@ -33,6 +33,8 @@ cdef class Subscriber:
     cdef bint dirty, active
     cdef readonly bint paused
     cdef readonly bint closed
+    # Bytes handed to the socket or the transport, head included.
+    cdef readonly unsigned long long bytes_out
 
     cdef int _enqueue(self, bytes frame) except -1
     cdef int _append(self, bytes frame) except -1
@@ -48,7 +50,11 @@ cdef class Hub:
     cdef dict topics                 # name -> Topic
     cdef set subscribers             # every open Subscriber
     cdef list dirty                  # Subscribers with frames to write
-    cdef list doomed                 # slow consumers to abort at the next flush
+    cdef list doomed                 # slow consumers to cut at the next flush
+    # (deadline, Subscriber) of slow consumers being cut: reset once their
+    # peer has taken what was already written, or at the deadline.
+    cdef list cutting
+    cdef readonly double cut_linger
     cdef bint flush_scheduled
     cdef object _call_soon
     cdef object _call_later
@@ -70,3 +76,4 @@ cdef class Hub:
     cdef inline int _mark_dirty(self, Subscriber sub) except -1
     cdef int _detach(self, Subscriber sub, Py_ssize_t member) except -1
     cdef bint _subscribe(self, Subscriber sub, str topic) except -1
+    cdef int _cut(self, Subscriber sub) except -1

@@ -25,10 +25,16 @@
 # connection. At light load flushes run in the same loop iteration.
 #
 # A stream's kernel send buffer is capped (send_buffer), so what a stuck
-# reader pins is bounded by our own queue plus that cap, and a slow consumer
-# is cut with a reset (SO_LINGER 0): its queued bytes are freed at once
-# instead of an orphaned socket sitting in FIN-WAIT-1, and the client sees an
-# error, reconnects and replays.
+# reader pins is bounded by our own queue plus that cap. A slow consumer is
+# cut at a frame boundary: the frames it had not started are dropped at once
+# (the queue only ever holds whole frames), and what was already written (the
+# rest of a frame the kernel took in part, in the transport, and the kernel's
+# copy) is left to reach the peer. Once the socket has nothing unsent or
+# unacknowledged (SIOCOUTQ 0), or at the cut_linger deadline for a peer that
+# does not read, it is reset (SO_LINGER 0): the kernel's memory is freed at
+# once instead of an orphaned socket sitting in FIN-WAIT-1, and the client
+# sees an error, reconnects and replays. A reset with bytes still in flight
+# loses them, which would end the peer's stream mid-frame: hence the wait.
 
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_DECREF
@@ -52,6 +58,11 @@ cdef extern from "<sys/socket.h>" nogil:
     enum: SO_LINGER
     enum: SO_SNDBUF
 
+cdef extern from "<sys/ioctl.h>" nogil:
+    # TIOCOUTQ is SIOCOUTQ on Linux: bytes a TCP socket has not had acked.
+    int ioctl(int fd, unsigned long request, ...)
+    enum: TIOCOUTQ
+
 import logging as _logging
 
 _log = _logging.getLogger("gochan.server")
@@ -65,6 +76,9 @@ DEFAULT_MAX_FLUSH_DELAY = 0.0
 # for bookkeeping). 0 leaves the kernel's autotuning, which lets a stuck
 # reader pin megabytes of kernel memory.
 DEFAULT_SEND_BUFFER = 256 * 1024  # see gochan/config.py
+# Longest wait (seconds) for a slow consumer being cut to take what was
+# already written to it, before it is reset anyway.
+DEFAULT_CUT_LINGER = 5.0
 # A flush shorter than this (seconds) means light load: the next one runs at
 # once, with no added latency.
 cdef double BUSY_FLUSH_S = 0.002
@@ -100,6 +114,26 @@ cdef int _direct_fd(object transport) except -2:
         return sock.fileno()
     except Exception:
         return -1
+
+
+cdef bint _is_closing(object transport):
+    is_closing = getattr(transport, "is_closing", None)
+    return is_closing is not None and is_closing()
+
+
+cdef bint _drained(Subscriber sub):
+    # Everything written to this stream has reached its peer: nothing in the
+    # transport, nothing unsent or unacknowledged in the kernel. Without a
+    # socket of our own to ask (TLS, test doubles), the transport's word.
+    cdef int unsent = 0
+    get_size = getattr(sub.transport, "get_write_buffer_size", None)
+    if get_size is not None and get_size():
+        return False
+    if sub.fd < 0:
+        return True
+    if ioctl(sub.fd, TIOCOUTQ, &unsent) < 0:
+        return False  # cannot tell (not Linux): wait for the deadline
+    return unsent == 0
 
 
 cdef class Topic:
@@ -156,6 +190,7 @@ cdef class Subscriber:
         self.members = NULL
         self.members_len = self.members_cap = 0
         self.paused = self.dirty = self.active = self.closed = False
+        self.bytes_out = 0
         if self.fd >= 0:
             if hub.send_buffer > 0:
                 setsockopt(self.fd, SOL_SOCKET, SO_SNDBUF, &hub.send_buffer, sizeof(int))
@@ -216,6 +251,7 @@ cdef class Subscriber:
         self.hub.writes += 1
         self.hub.direct_writes += 1
         self.hub.bytes_written += size
+        self.bytes_out += size
         if sent < size:
             self.paused = True  # until the transport has written the rest
             self.transport.write(head[sent:])
@@ -297,6 +333,7 @@ cdef class Subscriber:
         data = <object>self.queue[0] if self.queue_len == 1 else self._joined(0)
         self.hub.writes += 1
         self.hub.bytes_written += self.queue_bytes
+        self.bytes_out += self.queue_bytes
         self._clear_queue()
         self.transport.write(data)
         return 0
@@ -334,6 +371,7 @@ cdef class Subscriber:
         self.hub.writes += 1
         self.hub.direct_writes += 1
         self.hub.bytes_written += total
+        self.bytes_out += total
         if sent == total:
             self._clear_queue()
             return 0
@@ -349,9 +387,14 @@ cdef class Hub:
     """Topic -> subscribers table and the fan-out that writes to them."""
 
     def __cinit__(self, loop, Py_ssize_t max_pending=DEFAULT_MAX_PENDING, bint direct=True,
-                  double max_delay=DEFAULT_MAX_FLUSH_DELAY, int send_buffer=DEFAULT_SEND_BUFFER):
+                  double max_delay=DEFAULT_MAX_FLUSH_DELAY, int send_buffer=DEFAULT_SEND_BUFFER,
+                  double cut_linger=DEFAULT_CUT_LINGER):
         if max_pending <= 0:
             raise ValueError("max_pending must be positive")
+        if cut_linger < 0:
+            raise ValueError("cut_linger cannot be negative")
+        self.cut_linger = cut_linger
+        self.cutting = []
         if send_buffer < 0:
             raise ValueError("send_buffer cannot be negative")
         self.send_buffer = send_buffer
@@ -490,7 +533,13 @@ cdef class Hub:
         transport, then close it; the transport sends all of it before the
         FIN, a paused stream's backlog included (it is bounded by
         max_pending). Whoever ends streams en masse bounds the wait
-        (Server.shutdown aborts what is left after its grace period)."""
+        (Server.shutdown aborts what is left after its grace period).
+
+        The last frame always follows whole frames: the queue holds only
+        whole frames, and a frame the kernel took in part has its rest in
+        the transport, ahead of anything handed to it after. A stream
+        already cut as a slow consumer gets nothing more (its unstarted
+        frames are gone): it is only closed, after what it had started."""
         cdef object data
         if not sub.closed:
             if frame is not None:
@@ -502,6 +551,7 @@ cdef class Hub:
                     data = sub._joined(0)
                     self.writes += 1
                     self.bytes_written += sub.queue_bytes
+                    sub.bytes_out += sub.queue_bytes
                     sub._clear_queue()
                     sub.transport.write(data)
             except Exception:
@@ -533,9 +583,49 @@ cdef class Hub:
             for sub in dirty:
                 self.slow_disconnects += 1
                 self.close(sub)
-                sub._reset()
+                self._cut(sub)
         took = _now() - started
         self.next_delay = 0.0 if took < BUSY_FLUSH_S else min(took, self.max_delay)
+
+    cdef int _cut(self, Subscriber sub) except -1:
+        # A slow consumer, closed (its unstarted frames dropped): reset it now
+        # if its peer has everything already written, else once it has, or
+        # at the deadline (see the top of this file).
+        if _is_closing(sub.transport):
+            return 0
+        if _drained(sub):
+            sub._reset()
+        else:
+            self.cutting.append((_now() + self.cut_linger, sub))
+        return 0
+
+    def sweep(self, double now):
+        """Reset the slow consumers being cut whose peer has taken what was
+        written to them, or whose deadline (``time.monotonic()`` clock) is
+        past; returns how many. Run on the streamer's tick; ``sweep(inf)``
+        resets every one (shutdown's end)."""
+        cdef list keep = []
+        cdef Subscriber sub
+        cdef double deadline
+        cdef Py_ssize_t reset = 0
+        if not self.cutting:
+            return 0
+        for deadline, sub in self.cutting:
+            if _is_closing(sub.transport):
+                continue  # gone already (the peer closed, or a shutdown)
+            if now >= deadline or _drained(sub):
+                sub._reset()
+                reset += 1
+            else:
+                keep.append((deadline, sub))
+        self.cutting = keep
+        return reset
+
+    @property
+    def cutting_count(self):
+        """Slow consumers cut and waiting for their peer to take what was
+        already written to them."""
+        return len(self.cutting)
 
     def heartbeat(self, bytes frame not None):
         """Send ``frame`` to every stream that sent nothing since the last call."""

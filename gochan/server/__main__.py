@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import resource
 import signal
 import sys
@@ -29,6 +30,7 @@ from ..drivers import Driver, create_driver
 from ..errors import ConfigurationError
 from ..streamer import Streamer
 from . import reference
+from .app import SHUTDOWN_SPREAD_FRACTION
 
 if TYPE_CHECKING:
     from .workers import WorkerSetup
@@ -115,8 +117,22 @@ async def run(
     gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def exit_now(signum: int) -> None:
+        logging.getLogger("gochan.server").warning(
+            "second signal (%s): exiting now", signal.Signals(signum).name
+        )
+        logging.shutdown()
+        os._exit(128 + signum)  # what a shell reports for a death by that signal
+
+    def first_signal(signum: int) -> None:
+        # The graceful shutdown starts; a second signal skips it.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, exit_now, sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, first_signal, sig)
     if worker is None:
         for host, port in server.sockets:
             print(f"gochan listening on http://{host}:{port} (driver {config.driver})", flush=True)
@@ -144,7 +160,11 @@ async def run(
             fds,
         )
     await stop.wait()
-    logging.getLogger("gochan.server").info("shutting down")
+    logging.getLogger("gochan.server").info(
+        "shutting down: streams end over %.1f s, exit within %.1f s (a second signal exits now)",
+        config.shutdown_grace * SHUTDOWN_SPREAD_FRACTION,
+        config.shutdown_grace,
+    )
     await streamer.close()
 
 

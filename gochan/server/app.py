@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import random
 import socket
 import sys
 import time
 from typing import TYPE_CHECKING
 
 from ..log import server_logger
+from .access import AccessLog
 from .http import NO_PEER, Peer, is_loopback_host, refresh_date
 from .metrics import Metrics
-from .protocol import ADMITTED, HttpProtocol
-from .routes import Router
+from .protocol import ADMITTED, HttpProtocol, Refusal
+from .ratelimit import PeerRate
+from .routes import Headers, Router
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -24,8 +28,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Server"]
 
+NO_HEADERS: Headers = []
+
 LISTEN_BACKLOG = 4096
 SHUTDOWN_POLL_S = 0.05
+# Streams are ended over this first part of shutdown_grace; the rest is left
+# for their last frames to flush.
+SHUTDOWN_SPREAD_FRACTION = 0.5
+SHUTDOWN_EXIT_RESERVE_S = 0.5  # at most, and at most a tenth of the grace
 
 
 class Server:
@@ -57,6 +67,10 @@ class Server:
         self.handoff: Handoff | None = None
         self.worker_headers: Headers = []
         self._adopting: set[asyncio.Task[None]] = set()
+        # One JSON line per request (off: None, one attribute check per request).
+        self.access_log = AccessLog() if config.access_log else None
+        rate = config.connection_rate_per_peer
+        self.connection_rate = PeerRate(rate, config.connection_burst_per_peer) if rate else None
         if sweep:
             streamer.add_tick_hook(self._tick)
 
@@ -91,27 +105,38 @@ class Server:
         self._adopting.add(task)
         task.add_done_callback(self._adopting.discard)
 
-    def admit(self, proto: HttpProtocol, peername: object) -> str | None:
-        """Count a new connection in, or say why it is refused."""
-        self.metrics.connections_total += 1
+    def admit(self, proto: HttpProtocol, peername: object) -> Refusal | None:
+        """Count a new connection in, or say why it is refused (the status,
+        message and headers it is answered with before it is closed)."""
+        metrics = self.metrics
+        metrics.connections_total += 1
         if self._closing:
-            self.metrics.connections_refused += 1
-            return "shutting down"
-        if self.metrics.connections >= self.config.max_connections:
-            self.metrics.connections_refused += 1
-            return "too many connections"
+            metrics.connections_refused += 1
+            return (503, "shutting down", NO_HEADERS)
+        if metrics.connections >= self.config.max_connections:
+            metrics.connections_refused += 1
+            return (503, "too many connections", NO_HEADERS)
         address = NO_PEER
         if isinstance(peername, tuple) and peername and isinstance(peername[0], str):
             # One shared instance per address, for the connection and its clients.
             address = sys.intern(peername[0])
+            if self.connection_rate is not None:
+                wait = self.connection_rate.take(address)
+                if wait:
+                    metrics.connections_refused += 1
+                    metrics.refuse("connection_rate")
+                    retry = b"%d" % max(1, math.ceil(wait))
+                    return (429, "too many new connections from your address", [
+                        (b"Retry-After", retry)
+                    ])  # fmt: skip
             count = self.peers.get(address, 0)
             if count >= self.config.peer_connection_limit:
-                self.metrics.connections_refused += 1
-                self.metrics.peer_refusals += 1
-                return "too many connections from your address"
+                metrics.connections_refused += 1
+                metrics.peer_refusals += 1
+                return (503, "too many connections from your address", NO_HEADERS)
             self.peers[address] = count + 1
         proto.peer = address
-        self.metrics.connections += 1
+        metrics.connections += 1
         proto.state |= ADMITTED
         self.http.add(proto)
         return None
@@ -135,6 +160,8 @@ class Server:
 
     def _tick(self, now: float) -> None:
         refresh_date()
+        if self.connection_rate is not None:
+            self.connection_rate.forget_idle(now)
         for proto in [p for p in self.http if p.deadline <= now]:
             proto.expire(now)
 
@@ -166,9 +193,16 @@ class Server:
         return int(self.sockets[0][1])
 
     async def shutdown(self) -> None:
-        """Stop accepting, end every stream with ``Client closed`` after what
-        it has queued, let in-flight requests finish, and wait up to the
-        grace period for every connection to close; abort what is left."""
+        """Stop accepting, end every stream with ``Client closed`` (each with
+        its own jittered ``retry:``, see :meth:`Streamer.closing_frame`) after
+        what it has queued, let in-flight requests finish, and wait up to the
+        grace period for every connection to close; abort what is left.
+
+        Streams are ended at an even pace over the first
+        SHUTDOWN_SPREAD_FRACTION of ``shutdown_grace``, in random order,
+        rather than in one burst: the flush of their last frames is spread
+        out, and so are the reconnects of clients that ignore ``retry:``.
+        The rest of the grace is left for the last ones to flush."""
         if self._closing:
             return
         self._closing = True
@@ -176,17 +210,38 @@ class Server:
             self._listener.close()
         if self.handoff is not None:
             self.handoff.close()
-        streams = self.streamer.end_streams(self)  # its own, not every stream of the hub
-        deadline = time.monotonic() + self.config.shutdown_grace
-        while any(p.busy for p in self.http) and time.monotonic() < deadline:
+        streamer = self.streamer
+        grace = self.config.shutdown_grace
+        start = time.monotonic()
+        # What is left is aborted a little before the grace ends, so closing
+        # the driver and exiting fit in it too.
+        deadline = start + grace - min(SHUTDOWN_EXIT_RESERVE_S, grace * 0.1)
+        spread = grace * SHUTDOWN_SPREAD_FRACTION
+        streams = streamer.streams_of(self)  # its own, not every stream of the hub
+        random.shuffle(streams)
+        transports: list[asyncio.WriteTransport] = []
+        ended = 0
+        http_closed = False
+        while True:
+            now = time.monotonic()
+            due = len(streams)
+            if now < start + spread:  # an even pace: the share of the spread elapsed
+                due = math.ceil(due * (now - start) / spread)
+            for stream in streams[ended:due]:
+                if not stream.closed:
+                    transports.append(stream.transport)
+                    streamer.end_stream(stream, streamer.closing_frame())
+            ended = max(ended, due)
+            if not http_closed and (now >= deadline or not any(p.busy for p in self.http)):
+                self._close_http()
+                http_closed = True
+            if ended == len(streams) and http_closed:
+                break
             await asyncio.sleep(SHUTDOWN_POLL_S)
-        for proto in list(self.http):
-            if proto.transport is not None and not proto.transport.is_closing():
-                proto.close_soon()
-                if proto.busy:
-                    proto.transport.abort()
-                else:
-                    proto.transport.close()
+        # A request that was waiting on the broker may have become a stream.
+        for stream in streamer.streams_of(self):
+            transports.append(stream.transport)
+            streamer.end_stream(stream, streamer.closing_frame())
         # Streams and answers drain to peers that read them, until the grace ends.
         while self.metrics.connections > 0 and time.monotonic() < deadline:
             await asyncio.sleep(SHUTDOWN_POLL_S)
@@ -196,16 +251,30 @@ class Server:
                 self.metrics.connections,
                 self.config.shutdown_grace,
             )
-            for transport in streams + [p.transport for p in self.http if p.transport]:
+            for transport in transports + [p.transport for p in self.http if p.transport]:
                 with contextlib.suppress(Exception):
                     transport.abort()
-        self.streamer.remove_tick_hook(self._tick)
-        self.streamer._forget_server(self)
+            with contextlib.suppress(Exception):
+                streamer.hub.sweep(math.inf)  # slow consumers still being cut
+        streamer.remove_tick_hook(self._tick)
+        streamer._forget_server(self)
         if self._listener is not None:
             try:
-                await asyncio.wait_for(self._listener.wait_closed(), self.config.shutdown_grace)
+                remaining = max(SHUTDOWN_POLL_S, deadline - time.monotonic())
+                await asyncio.wait_for(self._listener.wait_closed(), remaining)
             except asyncio.TimeoutError:
                 server_logger.warning("connections still open after the grace period")
+
+    def _close_http(self) -> None:
+        """Close the connections that are not streams: in-flight answers go
+        out first (an idle keep-alive connection just closes)."""
+        for proto in list(self.http):
+            if proto.transport is not None and not proto.transport.is_closing():
+                proto.close_soon()
+                if proto.busy:
+                    proto.transport.abort()
+                else:
+                    proto.transport.close()
 
     # -- metrics -----------------------------------------------------------
 

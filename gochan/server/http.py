@@ -48,7 +48,16 @@ def is_loopback_host(address: str) -> bool:
 class Request:
     """One parsed request. Header names are lower-case; repeated ones joined."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "peer", "query_string")
+    __slots__ = (
+        "body",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "peer",
+        "query_string",
+        "started",
+    )
 
     def __init__(
         self,
@@ -59,8 +68,11 @@ class Request:
         body: bytes,
         keep_alive: bool,
         peer: Peer = NO_PEER,
+        started: float = 0.0,
     ) -> None:
         self.method = method
+        # time.monotonic() once it was read whole; 0.0 unless the access log is on.
+        self.started = started
         self.peer = peer
         self.path = path
         self.query_string = query_string

@@ -148,15 +148,25 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = transport
         refused = self.server.admit(self, transport.get_extra_info("peername"))
         if refused is not None:
+            status, message, headers = refused
             self.state |= CLOSING
-            transport.write(simple_response(503, refused.encode() + b"\n", keep_alive=False))
+            body = message.encode() + b"\n"
+            answer = simple_response(status, body, headers=headers, keep_alive=False)
+            transport.write(answer)
             transport.close()
+            log = self.server.access_log
+            if log is not None:
+                peername = transport.get_extra_info("peername")
+                log.unparsed(str(peername[0]) if peername else NO_PEER, status, len(answer))
             return
         transport.set_write_buffer_limits(high=self.config.write_buffer_high_bytes)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state |= CLOSING
         if self.stream is not None:
+            log = self.server.access_log
+            if log is not None:
+                log.stream_ended(self, self.peer, self.stream.bytes_out)
             self.server.streamer.detach(self.stream)
             self.stream = None
         if self.task is not None:
@@ -338,6 +348,7 @@ class HttpProtocol(asyncio.Protocol):
                 b"".join(self._body),
                 parser.should_keep_alive(),
                 self.peer,
+                time.monotonic() if self.server.access_log is not None else 0.0,
             )
         )
 
@@ -356,7 +367,7 @@ class HttpProtocol(asyncio.Protocol):
                 reply = self.server.router.dispatch(request)
             except Exception:
                 server_logger.exception("handler failed: %s %s", request.method, request.path)
-                self.fail(500, "internal server error")
+                self.fail(500, "internal server error", request=request)
                 return
             if isinstance(reply, (Response, OpenStream)):
                 if not self._deliver_safely(reply, request):
@@ -394,7 +405,7 @@ class HttpProtocol(asyncio.Protocol):
             raise
         except Exception:
             server_logger.exception("handler failed: %s %s", request.method, request.path)
-            self.fail(500, "internal server error")
+            self.fail(500, "internal server error", request=request)
             return
         finally:
             self.state &= ~BUSY
@@ -414,7 +425,7 @@ class HttpProtocol(asyncio.Protocol):
             self.deliver(reply, request)
         except Exception:
             server_logger.exception("answer failed: %s %s", request.method, request.path)
-            self.fail(500, "internal server error")
+            self.fail(500, "internal server error", request=request)
             return False
         return True
 
@@ -429,6 +440,9 @@ class HttpProtocol(asyncio.Protocol):
             self._flush_out()
             head = response_head(200, reply.headers + cors, keep_alive=True)
             self.start_stream(head + reply.preamble, reply)
+            log = self.server.access_log
+            if log is not None:
+                log.stream_opened(self, request)
             return
         if reply.content_type is None:  # a bare head (HEAD of the event stream)
             data = response_head(reply.status, reply.headers + cors, keep_alive=request.keep_alive)
@@ -443,6 +457,9 @@ class HttpProtocol(asyncio.Protocol):
             )
         self._out.append(data)
         self._out_bytes += len(data)
+        log = self.server.access_log
+        if log is not None:
+            log.response(request, reply.status, len(data))
         if not request.keep_alive:
             self._close_after_flush()
 
@@ -471,8 +488,15 @@ class HttpProtocol(asyncio.Protocol):
         self._failure = (status, message, headers)
         self.state &= ~IN_REQUEST
 
-    def fail(self, status: int, message: str, headers: Headers = _NO_EXTRA) -> None:
-        """Answer with an error and close the connection (bad input)."""
+    def fail(
+        self,
+        status: int,
+        message: str,
+        headers: Headers = _NO_EXTRA,
+        request: Request | None = None,
+    ) -> None:
+        """Answer with an error and close the connection (bad input, or
+        ``request``'s handler failed)."""
         if self._failure is None:
             self.server.metrics.bad_requests += 1
         self._failure = None
@@ -483,7 +507,14 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.abort()
             return
         body = message.encode() + b"\n"
-        self._out.append(simple_response(status, body, headers=headers, keep_alive=False))
+        answer = simple_response(status, body, headers=headers, keep_alive=False)
+        self._out.append(answer)
+        log = self.server.access_log
+        if log is not None:
+            if request is None:
+                log.unparsed(self.peer, status, len(answer))
+            else:
+                log.response(request, status, len(answer))
         self._close_after_flush()
 
     def start_stream(self, head: bytes, reply: OpenStream) -> None:

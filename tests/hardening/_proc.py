@@ -59,6 +59,47 @@ def get(port: int, path: str, host: str = "127.0.0.1", timeout: float = 5.0) -> 
     return data.partition(b"\r\n\r\n")[2]
 
 
+def open_stuck_stream(port: int, target: str, rcvbuf: int = 4096) -> socket.socket:
+    """A stream (of ``/events?topic=<target>``, or of ``target`` itself when
+    it starts with ``/``) whose reader reads its head and first frame and
+    then stops reading; its receive buffer is ``rcvbuf`` bytes."""
+    path = target if target.startswith("/") else f"/events?topic={target}"
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    sock.settimeout(5)
+    head = b""
+    while b"\n\n" not in head.partition(b"\r\n\r\n")[2]:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise AssertionError(f"stream refused: {head!r}")
+        head += chunk
+    return sock
+
+
+def read_to_end(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything until the server closes (EOF)."""
+    sock.settimeout(timeout)
+    data = b""
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    return data
+
+
+def read_until_cut(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Everything until the server closes or resets the connection, and
+    whether it was reset (how a slow consumer is cut)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    except ConnectionResetError:
+        return data, True
+    return data, False
+
+
 @contextlib.contextmanager
 def server_process(tmp_path: Path, *flags: str) -> Iterator[ServerProcess]:
     log = tmp_path / "server.log"
