@@ -44,7 +44,9 @@ class Server:
         self.streamer = streamer
         self.config = config
         self.metrics = Metrics(streamer)
-        self.router = Router(streamer, config, self.metrics.render, trust_loopback=loopback_only)
+        self.router = Router(
+            streamer, config, self.metrics.exposition, trust_loopback=loopback_only
+        )
         self.peers: dict[Peer, int] = {}  # open connections per peer address
         self.http: set[HttpProtocol] = set()  # connections not (yet) streaming
         self._listener: asyncio.Server | None = None
@@ -62,9 +64,11 @@ class Server:
         self.metrics.connections_total += 1
         if self._closing:
             self.metrics.connections_refused += 1
+            self.metrics.refuse("shutting_down")
             return "shutting down"
         if self.metrics.connections >= self.config.max_connections:
             self.metrics.connections_refused += 1
+            self.metrics.refuse("max_connections")
             return "too many connections"
         address = NO_PEER
         if isinstance(peername, tuple) and peername and isinstance(peername[0], str):
@@ -74,6 +78,7 @@ class Server:
             if count >= self.config.peer_connection_limit:
                 self.metrics.connections_refused += 1
                 self.metrics.peer_refusals += 1
+                self.metrics.refuse("max_connections_per_peer")
                 return "too many connections from your address"
             self.peers[address] = count + 1
         proto.peer = address

@@ -467,14 +467,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def _failed(self, status: int, message: str, headers: Headers) -> None:
         """A malformed request: answer it after the requests before it."""
-        self.server.metrics.bad_requests += 1
+        self.server.metrics.malformed(status)
         self._failure = (status, message, headers)
         self.state &= ~IN_REQUEST
 
     def fail(self, status: int, message: str, headers: Headers = _NO_EXTRA) -> None:
         """Answer with an error and close the connection (bad input)."""
         if self._failure is None:
-            self.server.metrics.bad_requests += 1
+            self.server.metrics.malformed(status)
         self._failure = None
         if self.transport is None or (self.state & CLOSING):
             return
