@@ -12,16 +12,14 @@ Every family is listed in docs/metrics.md.
 
 from __future__ import annotations
 
+import os
+import resource
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    GCCollector,
-    PlatformCollector,
-    ProcessCollector,
-)
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -37,7 +35,7 @@ from ..errors import InterfaceError
 if TYPE_CHECKING:
     from ..streamer import Streamer
 
-__all__ = ["Metrics", "MetricsCollector"]
+__all__ = ["Metrics", "MetricsCollector", "ProcessCollector"]
 
 # The refusal reason of a request answered with an error status and closed
 # (Metrics.malformed); any other status counts as "bad_request".
@@ -110,7 +108,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.registry.register(MetricsCollector(self))
         # The process's own figures, in this registry rather than the global one.
-        ProcessCollector(registry=self.registry)
+        self.registry.register(ProcessCollector())
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)  # registers itself only where gc has stats
 
@@ -223,3 +221,56 @@ def _histogram(name: str, help_text: str, source: Histogram) -> HistogramMetricF
     buckets = [(repr(b), n) for b, n in zip(bounds, cumulative, strict=False)]
     buckets.append(("+Inf", cumulative[-1]))
     return HistogramMetricFamily(name, help_text, buckets, total, unit="seconds")
+
+
+class ProcessCollector:
+    """The ``process_*`` families of prometheus-client's ProcessCollector
+    (memory, CPU, start time, descriptors), read from /proc at each scrape,
+    with the open descriptors counted without listing them: prometheus-
+    client lists /proc/self/fd, 15 ms of the event loop per scrape with
+    10,000 streams open; Linux 6.2 and later give the count as the size of
+    that directory. Nothing where there is no /proc."""
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self.proc = Path(proc)
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.page = resource.getpagesize()
+        try:
+            stat = (self.proc / "stat").read_text()
+            self.boot_time = next(
+                float(line.split()[1]) for line in stat.splitlines() if line.startswith("btime ")
+            )
+        except (OSError, StopIteration, ValueError):
+            self.boot_time = 0.0  # no /proc: nothing to report
+
+    def collect(self) -> Iterator[Metric]:
+        if not self.boot_time:
+            return
+        me = self.proc / "self"
+        try:
+            stat = (me / "stat").read_bytes()
+            fds = os.stat(me / "fd").st_size or len(os.listdir(me / "fd"))
+        except OSError:
+            return
+        # Fields after the command name (which may hold spaces and parentheses).
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        cpu = (int(fields[11]) + int(fields[12])) / self.ticks
+        yield GaugeMetricFamily(
+            "process_virtual_memory_bytes", "Virtual memory size in bytes.", int(fields[20])
+        )
+        yield GaugeMetricFamily(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            int(fields[21]) * self.page,
+        )
+        yield GaugeMetricFamily(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            self.boot_time + int(fields[19]) / self.ticks,
+        )
+        yield CounterMetricFamily(
+            "process_cpu_seconds_total", "Total user and system CPU time spent in seconds.", cpu
+        )
+        yield GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", fds)
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        yield GaugeMetricFamily("process_max_fds", "Maximum number of open file descriptors.", soft)
