@@ -188,8 +188,8 @@ def parse_frame(frame: bytes) -> tuple[str, str, bytes]:
 
 
 async def get_metrics(host: str, port: int) -> tuple[dict[str, float], dict[str, float]]:
-    """The gauges and the counters of /metrics, by name (over one connection,
-    closed with an RST)."""
+    """gochan's gauges and counters of /metrics, by name (over one connection,
+    closed with an RST); the process's own (memory, CPU) are not compared."""
     reader, writer = await open_conn(host, port, "127.0.0.1", rst=True)
     try:
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -204,7 +204,7 @@ async def get_metrics(host: str, port: int) -> tuple[dict[str, float], dict[str,
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split()
             kinds[name] = kind
-        elif line and not line.startswith("#"):
+        elif line.startswith("gochan_"):
             name, value = line.split()
             values[name] = float(value)
     gauges = {n: v for n, v in sorted(values.items()) if kinds.get(n) == "gauge"}
@@ -613,8 +613,8 @@ def report(r: Json) -> str:
          f"{c.get('gochan_messages_published_total', 0):,.0f} / "
          f"{c.get('gochan_deliveries_total', 0):,.0f} / "
          f"{c.get('gochan_clients_expired_total', 0):,.0f}"),
-        ("server: connections / refused / bad requests",
-         f"{c.get('gochan_connections_total', 0):,.0f} / "
+        ("server: connections accepted / refused / bad requests",
+         f"{c.get('gochan_connections_accepted_total', 0):,.0f} / "
          f"{c.get('gochan_connections_refused_total', 0):,.0f} / "
          f"{c.get('gochan_bad_requests_total', 0):,.0f}"),
         ("server: replay hits / misses / slow disconnects",

@@ -109,3 +109,39 @@ def test_fanout_coalesced_batch(benchmark: Any, impl: str) -> None:
         loop.run()
 
     benchmark(batch)
+
+
+@pytest.mark.parametrize("receivers", [1, 100])
+def test_on_message_and_flush(benchmark: Any, receivers: int) -> None:
+    """One message from the driver through Streamer.on_message (numbering,
+    history, the publish-to-write timestamp) to N streams, then the flush
+    (one write each, and the message's latency observation)."""
+    import asyncio
+
+    from gochan import Streamer
+
+    benchmark.group = f"on_message + flush to {receivers}"
+
+    async def run() -> None:
+        streamer = Streamer()
+        await streamer.start()
+        try:
+            hub = streamer.hub
+            transports = [NullTransport() for _ in range(receivers)]
+            subs = [core.Subscriber(hub, t) for t in transports]
+            for sub in subs:
+                hub.subscribe(sub, "Topic42")
+            body = BODIES["64B"]
+
+            def deliver() -> None:
+                streamer.on_message("Topic42", body, None)
+                hub.flush()
+
+            benchmark(deliver)
+            assert transports[-1].writes > 0
+            for sub in subs:
+                hub.close(sub)  # not streams of a client: nothing for close() to end
+        finally:
+            await streamer.close()
+
+    asyncio.run(run())

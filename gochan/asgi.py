@@ -237,7 +237,7 @@ class GochanASGI:
         self.router = Router(
             streamer,
             self.config,
-            self.metrics.render,
+            self.metrics.exposition,
             trust_loopback=False,
             check_publishers=publish_key_required,
             no_key_hint=", or pass GochanASGI(publish_key_required=False) "
@@ -306,6 +306,7 @@ class GochanASGI:
         metrics.connections_total += 1
         if metrics.connections >= self.config.max_connections:
             metrics.connections_refused += 1
+            metrics.refuse("max_connections")
             await self._respond(scope, send, Response(503, b"too many connections\n"), [])
             return
         metrics.connections += 1
@@ -323,7 +324,7 @@ class GochanASGI:
         if request is None:
             return
         if isinstance(request, Response):
-            self.metrics.bad_requests += 1
+            self.metrics.malformed(request.status)
             await self._respond(scope, send, request, [(b"connection", b"close")])
             return
         try:

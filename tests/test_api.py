@@ -201,10 +201,10 @@ async def test_health_ready_metrics() -> None:
         values = dict(
             line.split(" ", 1) for line in metrics.splitlines() if not line.startswith("#")
         )
-        assert values["gochan_streams"] == "1"
-        assert values["gochan_deliveries_total"] == "1"
-        assert values["gochan_messages_published_total"] == "1"
-        assert values["gochan_driver_ready"] == "1"
+        assert values["gochan_streams"] == "1.0"
+        assert values["gochan_deliveries_total"] == "1.0"
+        assert values["gochan_messages_published_total"] == "1.0"
+        assert values['gochan_driver_ready{driver="mem"}'] == "1.0"
         assert (await http.get(base + "/nope")).status_code == 404
         await stream.close()
         await server.streamer.driver.close()

@@ -319,7 +319,7 @@ async def test_unknown_client_and_bad_queries() -> None:
         assert (await http.get("/realtime/nope")).status_code == 404
         r = await http.get("/realtime/healthz")
         assert (r.status_code, r.text, r.headers["server"]) == (200, "ok\n", "gochan")
-        assert "gochan_streams 0" in (await http.get("/realtime/metrics")).text
+        assert "gochan_streams 0.0" in (await http.get("/realtime/metrics")).text
 
 
 async def test_authentication_in_front_of_gochan() -> None:
@@ -592,7 +592,7 @@ async def test_limits_and_an_unstarted_streamer() -> None:
         streams = [await open_stream(served, "/rt/events") for _ in range(2)]
         r = await http.get("/rt/healthz")
         assert (r.status_code, r.text) == (503, "too many connections\n")
-        assert "gochan_connections_refused_total 1" in realtime.metrics.render()
+        assert "gochan_connections_refused_total 1.0" in realtime.metrics.render()
         await streams.pop().close()
         await wait_for(lambda: realtime.metrics.connections == 1)
         assert (await http.get("/rt/healthz")).status_code == 200

@@ -270,3 +270,37 @@ def test_flush_waits_longer_under_load_and_not_at_light_load() -> None:
     hub.publish("x", b"4")
     loop.run()
     assert len(loop.delays) == 2
+
+
+def test_latency_is_observed_once_per_message_at_the_end_of_its_flush() -> None:
+    loop = FakeLoop()
+    hub = core.Hub(loop)
+    subs = [core.Subscriber(hub, FakeTransport()) for _ in range(3)]
+    for sub in subs:
+        hub.subscribe(sub, "x")
+    assert hub.publish("nobody", b"0") == 0  # reached no stream: not timed
+    old = time.monotonic() - 2.0
+    assert hub.publish("x", b"1", old) == 3
+    assert hub.publish("x", b"2") == 3  # since: 0, timed from the publish itself
+    assert hub.latency.count == 0  # nothing written yet
+    loop.run()
+    bounds, cumulative, total = hub.latency.snapshot()
+    assert hub.latency.count == cumulative[-1] == 2  # per message, not per delivery (6)
+    # The message that arrived 2 s before its publish lies above every bound < 2 s.
+    assert cumulative[bounds.index(1.0)] <= 1
+    assert total >= 2.0
+    loop.run()
+    assert hub.latency.count == 2  # no flush, nothing pending: nothing observed
+
+
+def test_stream_duration_is_observed_once_when_it_closes() -> None:
+    loop = FakeLoop()
+    hub = core.Hub(loop)
+    ended, open_ = core.Subscriber(hub, FakeTransport()), core.Subscriber(hub, FakeTransport())
+    assert hub.streams_opened == 2 and hub.durations.count == 0
+    hub.finish(ended, b"bye")  # finish closes it...
+    hub.close(ended)  # ...and detach closes it again: one observation
+    assert hub.durations.count == 1 and hub.durations.sum >= 0.0
+    assert open_.closed is False
+    hub.close(open_)
+    assert hub.durations.count == 2

@@ -9,3 +9,9 @@ cdef enum:
     QUEUE_KEEP_SLOTS = 16
     # Frames gathered into one writev(); a longer queue is joined first.
     MAX_IOV = 64
+    # Bucket bounds a Histogram can hold (+Inf comes on top).
+    MAX_BUCKETS = 32
+    # Messages timed between two flushes (publish-to-write latency); more in
+    # one loop iteration go untimed rather than growing the array further.
+    MAX_TIMED_MESSAGES = 65536
+    TIMED_INITIAL_SLOTS = 64

@@ -1,3 +1,4 @@
 include "consts.pxi"
 include "frames.pxd"
+include "histogram.pxd"
 include "hub.pxd"

@@ -7,12 +7,28 @@ from typing import Any
 HEARTBEAT: bytes
 DEFAULT_MAX_PENDING: int
 DEFAULT_MAX_FLUSH_DELAY: float
+LATENCY_BUCKETS_S: tuple[float, ...]
+STREAM_DURATION_BUCKETS_S: tuple[float, ...]
 
 def encode_event(topic: str, event_id: str | None, data: bytes) -> bytes:
     """``event:``/``id:``/``data:`` frame; data split on CRLF, LF and CR."""
 
 def encode_system(payload: bytes) -> bytes:
     """``event: message`` frame carrying ``payload``."""
+
+class Histogram:
+    """Counts of observations in fixed buckets (upper bounds, ``le``)."""
+
+    sum: float
+    count: int
+    def __init__(self, bounds: Sequence[float]) -> None: ...
+    def record(self, value: float) -> None:
+        """Count one observation of ``value``."""
+    @property
+    def bounds(self) -> tuple[float, ...]: ...
+    def snapshot(self) -> tuple[tuple[float, ...], list[int], float]:
+        """``(bounds, cumulative counts, sum)``: a count per bound, then
+        the +Inf bucket (every observation)."""
 
 class Topic:
     name: str
@@ -52,6 +68,12 @@ class Hub:
     max_delay: float
     next_delay: float
     cut_linger: float
+    streams_opened: int
+    latency: Histogram
+    """Per message: from its arrival at the streamer to the end of the
+    flush that wrote it to its streams (seconds)."""
+    durations: Histogram
+    """Per stream: its lifetime, observed when it closes (seconds)."""
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -60,8 +82,12 @@ class Hub:
         max_delay: float = ...,
         send_buffer: int = ...,
         cut_linger: float = ...,
+        latency_buckets: Sequence[float] = ...,
+        duration_buckets: Sequence[float] = ...,
     ) -> None: ...
-    def publish(self, topic: str, frame: bytes) -> int: ...
+    def publish(self, topic: str, frame: bytes, since: float = 0.0) -> int:
+        """Queue ``frame`` on every stream of ``topic``; how many. ``since``:
+        when the message reached the streamer (``time.monotonic()``; 0: now)."""
     def subscribe(self, sub: Subscriber, topic: str) -> bool: ...
     def subscribe_all(self, sub: Subscriber, topics: Sequence[str]) -> int: ...
     def unsubscribe(self, sub: Subscriber, topic: str) -> bool: ...

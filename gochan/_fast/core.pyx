@@ -3,4 +3,5 @@
 # asyncpg's protocol.pyx is. Declarations live in the matching .pxd files.
 
 include "frames.pyx"
+include "histogram.pyx"
 include "hub.pyx"

@@ -31,6 +31,9 @@ cdef class Subscriber:
     cdef Membership* members
     cdef Py_ssize_t members_len, members_cap
     cdef bint dirty, active
+    # When it joined the hub (CLOCK_MONOTONIC), for the stream duration
+    # histogram; 0 once observed (Hub.close may run more than once).
+    cdef double opened_at
     cdef readonly bint paused
     cdef readonly bint closed
     # Bytes handed to the socket or the transport, head included.
@@ -70,9 +73,17 @@ cdef class Hub:
     cdef readonly unsigned long long slow_disconnects
     cdef readonly unsigned long long direct_writes
     cdef readonly bint direct
+    cdef readonly unsigned long long streams_opened
+    # Publish-to-write latency, one observation per message that reached a
+    # stream: when each message since the last flush reached the streamer;
+    # the flush observes them all at its end.
+    cdef readonly Histogram latency
+    cdef readonly Histogram durations  # stream lifetimes, observed at Hub.close
+    cdef double* timed
+    cdef Py_ssize_t timed_len, timed_cap
     cdef readonly int send_buffer     # SO_SNDBUF for stream sockets; 0: the kernel's
 
-    cpdef Py_ssize_t publish(self, str topic, bytes frame) except -1
+    cpdef Py_ssize_t publish(self, str topic, bytes frame, double since=*) except -1
     cdef inline int _mark_dirty(self, Subscriber sub) except -1
     cdef int _detach(self, Subscriber sub, Py_ssize_t member) except -1
     cdef bint _subscribe(self, Subscriber sub, str topic) except -1

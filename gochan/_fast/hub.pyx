@@ -35,6 +35,11 @@
 # once instead of an orphaned socket sitting in FIN-WAIT-1, and the client
 # sees an error, reconnects and replays. A reset with bytes still in flight
 # loses them, which would end the peer's stream mid-frame: hence the wait.
+#
+# Two histograms are kept for /metrics, each observation a few C operations:
+# per message (never per delivery) the time from its arrival at the streamer
+# to the end of the flush that wrote it to its streams, and per stream its
+# lifetime when it closes.
 
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_DECREF
@@ -82,6 +87,11 @@ DEFAULT_CUT_LINGER = 5.0
 # A flush shorter than this (seconds) means light load: the next one runs at
 # once, with no added latency.
 cdef double BUSY_FLUSH_S = 0.002
+# Bucket bounds (seconds) of the two histograms (see gochan/server/metrics.py).
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STREAM_DURATION_BUCKETS_S = (1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+                             10800.0, 21600.0, 43200.0, 86400.0)
 
 
 cdef inline double _now() noexcept nogil:
@@ -191,6 +201,8 @@ cdef class Subscriber:
         self.members_len = self.members_cap = 0
         self.paused = self.dirty = self.active = self.closed = False
         self.bytes_out = 0
+        self.opened_at = _now()
+        hub.streams_opened += 1
         if self.fd >= 0:
             if hub.send_buffer > 0:
                 setsockopt(self.fd, SOL_SOCKET, SO_SNDBUF, &hub.send_buffer, sizeof(int))
@@ -388,7 +400,9 @@ cdef class Hub:
 
     def __cinit__(self, loop, Py_ssize_t max_pending=DEFAULT_MAX_PENDING, bint direct=True,
                   double max_delay=DEFAULT_MAX_FLUSH_DELAY, int send_buffer=DEFAULT_SEND_BUFFER,
-                  double cut_linger=DEFAULT_CUT_LINGER):
+                  double cut_linger=DEFAULT_CUT_LINGER,
+                  latency_buckets=LATENCY_BUCKETS_S,
+                  duration_buckets=STREAM_DURATION_BUCKETS_S):
         if max_pending <= 0:
             raise ValueError("max_pending must be positive")
         if cut_linger < 0:
@@ -417,6 +431,14 @@ cdef class Hub:
         self.max_pending = max_pending
         self.deliveries = self.messages = self.writes = 0
         self.bytes_written = self.slow_disconnects = 0
+        self.streams_opened = 0
+        self.latency = Histogram(latency_buckets)
+        self.durations = Histogram(duration_buckets)
+        self.timed = NULL
+        self.timed_len = self.timed_cap = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self.timed)
 
     cdef inline int _mark_dirty(self, Subscriber sub) except -1:
         if not sub.dirty:
@@ -430,8 +452,10 @@ cdef class Hub:
                     self._call_soon(self._flush_cb)
         return 0
 
-    cpdef Py_ssize_t publish(self, str topic, bytes frame) except -1:
-        """Queue ``frame`` on every subscriber of ``topic``; returns how many."""
+    cpdef Py_ssize_t publish(self, str topic, bytes frame, double since=0.0) except -1:
+        """Queue ``frame`` on every subscriber of ``topic``; returns how many.
+        ``since``: when the message reached the streamer (``time.monotonic()``;
+        0: now), for the publish-to-write histogram."""
         cdef PyObject* found = PyDict_GetItem(self.topics, topic)
         cdef Topic t
         cdef Subscriber sub
@@ -449,6 +473,14 @@ cdef class Hub:
             self._mark_dirty(sub)
             delivered += 1
         self.deliveries += delivered
+        if delivered and self.timed_len < MAX_TIMED_MESSAGES:
+            # Timed once per message; the flush this publish scheduled (or
+            # one already due) observes it.
+            if self.timed_len == self.timed_cap:
+                self.timed = <double*>_grow(self.timed, &self.timed_cap,
+                                            TIMED_INITIAL_SLOTS, sizeof(double))
+            self.timed[self.timed_len] = since if since > 0.0 else _now()
+            self.timed_len += 1
         return delivered
 
     def subscribe(self, Subscriber sub not None, str topic not None):
@@ -522,6 +554,9 @@ cdef class Hub:
 
     def close(self, Subscriber sub not None):
         """Take ``sub`` out of every topic and drop what it had queued."""
+        if sub.opened_at > 0.0:
+            self.durations.observe(_now() - sub.opened_at)
+            sub.opened_at = 0.0
         sub.closed = True
         sub._clear_queue()
         while sub.members_len:
@@ -564,7 +599,8 @@ cdef class Hub:
         or after the adaptive delay under load)."""
         cdef Subscriber sub
         cdef list dirty = self.dirty
-        cdef double started = _now(), took
+        cdef double started = _now(), ended, took
+        cdef Py_ssize_t i
         self.flush_scheduled = False
         self.dirty = []
         for sub in dirty:
@@ -584,7 +620,15 @@ cdef class Hub:
                 self.slow_disconnects += 1
                 self.close(sub)
                 self._cut(sub)
-        took = _now() - started
+        ended = _now()
+        for i in range(self.timed_len):
+            self.latency.observe(ended - self.timed[i])
+        self.timed_len = 0
+        if self.timed_cap > TIMED_INITIAL_SLOTS * 16:  # a burst is over: give it back
+            PyMem_Free(self.timed)
+            self.timed = NULL
+            self.timed_cap = 0
+        took = ended - started
         self.next_delay = 0.0 if took < BUSY_FLUSH_S else min(took, self.max_delay)
 
     cdef int _cut(self, Subscriber sub) except -1:
@@ -669,4 +713,5 @@ cdef class Hub:
             "direct_writes": self.direct_writes,
             "bytes_written": self.bytes_written,
             "slow_disconnects": self.slow_disconnects,
+            "streams_opened": self.streams_opened,
         }

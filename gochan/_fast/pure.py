@@ -7,6 +7,7 @@ It is never used by the server. Tests feed the same operations to this and to
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,28 @@ def encode_event(topic: str, event_id: str | None, data: bytes) -> bytes:
 
 def encode_system(payload: bytes) -> bytes:
     return encode_event("message", None, payload)
+
+
+class Histogram:
+    """Fixed buckets (``le`` bounds), +Inf last: a bisect on the bounds."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(float(b) for b in bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def record(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def snapshot(self) -> tuple[tuple[float, ...], list[int], float]:
+        cumulative, running = [], 0
+        for n in self.counts:
+            running += n
+            cumulative.append(running)
+        return self.bounds, cumulative, self.sum
 
 
 class Subscriber:

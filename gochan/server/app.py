@@ -57,7 +57,9 @@ class Server:
         self.streamer = streamer
         self.config = config
         self.metrics = Metrics(streamer)
-        self.router = Router(streamer, config, self.metrics.render, trust_loopback=loopback_only)
+        self.router = Router(
+            streamer, config, self.metrics.exposition, trust_loopback=loopback_only
+        )
         self.peers: dict[Peer, int] = {}  # open connections per peer address
         self.http: set[HttpProtocol] = set()  # connections not (yet) streaming
         self._listener: asyncio.Server | None = None
@@ -112,9 +114,11 @@ class Server:
         metrics.connections_total += 1
         if self._closing:
             metrics.connections_refused += 1
+            metrics.refuse("shutting_down")
             return (503, "shutting down", NO_HEADERS)
         if metrics.connections >= self.config.max_connections:
             metrics.connections_refused += 1
+            metrics.refuse("max_connections")
             return (503, "too many connections", NO_HEADERS)
         address = NO_PEER
         if isinstance(peername, tuple) and peername and isinstance(peername[0], str):
@@ -133,6 +137,7 @@ class Server:
             if count >= self.config.peer_connection_limit:
                 metrics.connections_refused += 1
                 metrics.peer_refusals += 1
+                metrics.refuse("max_connections_per_peer")
                 return (503, "too many connections from your address", NO_HEADERS)
             self.peers[address] = count + 1
         proto.peer = address

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import orjson
@@ -34,6 +34,8 @@ from .http import Request, simple_response
 from .protocol import BUSY, CLOSING, IN_REQUEST, HttpProtocol
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
     from .app import Server
     from .routes import OpenStream, Reply
 
@@ -210,19 +212,23 @@ class Handoff:
             return None
         return "unreachable"
 
-    def render_metrics(self) -> str:
-        """This worker's lines of ``GET /metrics`` (each worker has its own page)."""
-        return (
-            "# HELP gochan_worker This process's worker index under --workers\n"
-            "# TYPE gochan_worker gauge\n"
-            f'gochan_worker{{index="{self.index}"}} 1\n'
-            "# HELP gochan_handoffs_sent_total Connections passed to the worker "
-            "holding their client\n"
-            "# TYPE gochan_handoffs_sent_total counter\n"
-            f"gochan_handoffs_sent_total {self.sent}\n"
-            "# HELP gochan_handoffs_adopted_total Connections taken from other workers\n"
-            "# TYPE gochan_handoffs_adopted_total counter\n"
-            f"gochan_handoffs_adopted_total {self.adopted}\n"
+    def collect(self) -> Iterator[Metric]:
+        """This worker's families of ``GET /metrics`` (each worker has its own
+        page): registered in its front end's registry, read at scrape time."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        worker = GaugeMetricFamily(
+            "gochan_worker", "This process's worker index under --workers", labels=["index"]
+        )
+        worker.add_metric([str(self.index)], 1)
+        yield worker
+        yield CounterMetricFamily(
+            "gochan_handoffs_sent",
+            "Connections passed to the worker holding their client",
+            self.sent,
+        )
+        yield CounterMetricFamily(
+            "gochan_handoffs_adopted", "Connections taken from other workers", self.adopted
         )
 
     def close(self) -> None:

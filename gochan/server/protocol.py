@@ -484,7 +484,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _failed(self, status: int, message: str, headers: Headers) -> None:
         """A malformed request: answer it after the requests before it."""
-        self.server.metrics.bad_requests += 1
+        self.server.metrics.malformed(status)
         self._failure = (status, message, headers)
         self.state &= ~IN_REQUEST
 
@@ -498,7 +498,7 @@ class HttpProtocol(asyncio.Protocol):
         """Answer with an error and close the connection (bad input, or
         ``request``'s handler failed)."""
         if self._failure is None:
-            self.server.metrics.bad_requests += 1
+            self.server.metrics.malformed(status)
         self._failure = None
         if self.transport is None or (self.state & CLOSING):
             return

@@ -94,7 +94,7 @@ class Router:
         self,
         streamer: Streamer,
         config: Config,
-        metrics: Callable[[], str],
+        metrics: Callable[[str], tuple[bytes, str]],
         *,
         trust_loopback: bool = False,
         check_publishers: bool = True,
@@ -105,10 +105,11 @@ class Router:
         cannot be known). Then, without a publish_key, loopback peers may
         publish, if their request names a loopback Host (DNS rebinding) and
         comes from no foreign Origin. ``check_publishers=False``: the host
-        application authorizes publishers."""
+        application authorizes publishers. ``metrics``: the scraper's Accept
+        header in, the /metrics page and its Content-Type out."""
         self.streamer = streamer
         self.config = config
-        self.metrics_text = metrics
+        self.exposition = metrics
         self.trust_loopback = trust_loopback
         self.check_publishers = check_publishers
         self.no_key_hint = no_key_hint
@@ -474,8 +475,9 @@ class Router:
         return _text(503, "driver not ready")
 
     def metrics(self, request: Request) -> Response:
-        body = self.metrics_text().encode()
-        return Response(200, body, [], b"text/plain; version=0.0.4; charset=utf-8")
+        # OpenMetrics when the Accept header asks for it, Prometheus text otherwise.
+        body, content_type = self.exposition(request.headers.get("accept", ""))
+        return Response(200, body, [(b"Vary", b"Accept")], content_type.encode("latin-1"))
 
     def client_js(self, request: Request) -> Response:
         """The browser client (an ES module), so pages can import it from gochan."""

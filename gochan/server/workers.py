@@ -75,8 +75,7 @@ class WorkerSetup:
         handoff = Handoff(self.directory, self.index, config.workers, request_bytes, server.adopt)
         handoff.listen(asyncio.get_running_loop())
         server.handoff = handoff
-        metrics = server.metrics.render
-        server.router.metrics_text = lambda: metrics() + handoff.render_metrics()
+        server.metrics.registry.register(handoff)
         await server.listen(config.host, config.port, reuse_port=True)
         return server
 

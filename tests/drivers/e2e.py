@@ -187,7 +187,7 @@ async def check_broker_restart(broker: Broker) -> None:
         reconnects = next(
             line for line in metrics.splitlines() if line.startswith("gochan_broker_reconnects")
         )
-        assert int(reconnects.split()[1]) >= 1, metrics
+        assert float(reconnects.split()[1]) >= 1, metrics
         await stream.close()
 
 

@@ -117,7 +117,7 @@ async def handoffs(port: int) -> dict[int, tuple[int, int]]:
             # A fresh connection each time, so the kernel picks again.
             r = await http.get(f"http://127.0.0.1:{port}/metrics", headers={"Connection": "close"})
             worker = int(r.headers["x-gochan-worker"])
-            values = dict(re.findall(r"^(gochan_handoffs_\w+_total) (\d+)$", r.text, re.M))
+            values = dict(re.findall(r"^(gochan_handoffs_\w+_total) (\d+)(?:\.0)?$", r.text, re.M))
             seen[worker] = (
                 int(values["gochan_handoffs_sent_total"]),
                 int(values["gochan_handoffs_adopted_total"]),
