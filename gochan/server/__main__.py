@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import uvloop
 
+from ..auth import Authorize, JWTAuthorizer
 from ..config import (
     DEFAULT_MAX_CONNECTIONS,
     FD_RESERVE,
@@ -37,6 +38,17 @@ FLAG_HELP = {
     "log_level": "debug, info, warning or error (default info)",
     "publish_key": "bearer token POST /publish requires (needed off loopback)",
     "cors_origins": "comma-separated origins allowed by CORS, or *",
+    "jwt_key": "HMAC secret, or path of a PEM public key: turns authorization on (default off)",
+    "jwt_algorithms": "comma-separated JWT algorithms accepted (default HS256)",
+    "jwt_audience": "aud claim a token must carry (default: not checked)",
+    "jwt_issuer": "iss claim a token must carry (default: not checked)",
+    "jwt_jwks_file": "JWKS file of public keys picked by kid: turns authorization on (default off)",
+    "jwt_cookie": "cookie the token is read from (default gochan_token)",
+    "jwt_query_param": "also read the token from ?access_token= (default off: URLs reach logs)",
+    "max_streams_per_client": "open streams one client id may have (default 16)",
+    "max_streams_per_identity": "open streams one token identity may have (default 128)",
+    "publish_rate_per_identity": "publishes per second one token identity may make (default 100)",
+    "publish_burst": "publishes one token identity may make at once (default 200)",
 }
 
 
@@ -63,7 +75,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction)
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                help=FLAG_HELP.get(f.name),
+            )
         else:
             parser.add_argument(
                 flag, dest=f.name, metavar=f.name.upper(), help=FLAG_HELP.get(f.name)
@@ -87,8 +104,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
     return args, driver_flags
 
 
-async def run(config: Config, driver: Driver | None = None) -> None:
-    streamer = Streamer(config, driver=driver)
+async def run(
+    config: Config, driver: Driver | None = None, authorize: Authorize | None = None
+) -> None:
+    streamer = Streamer(config, driver=driver, authorize=authorize)
     await streamer.start()
     server = await streamer.serve()
     # What exists now (modules, config, driver) lives as long as the process:
@@ -145,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, sources = load(yaml_file=args.config, flags=flags, driver_flags=driver_flags)
         # Built now, so the driver's own checks are answered in one line too.
         driver = create_driver(config.driver, config.driver_options)
+        authorize = JWTAuthorizer.from_config(config)  # key files read now
     except ConfigurationError as exc:
         print(f"gochan: {exc}", file=sys.stderr)
         return 2
@@ -156,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        uvloop.run(run(config, driver))
+        uvloop.run(run(config, driver, authorize))
     except OSError as exc:
         print(f"gochan: {exc}", file=sys.stderr)
         return 1

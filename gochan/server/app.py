@@ -44,7 +44,14 @@ class Server:
         self.streamer = streamer
         self.config = config
         self.metrics = Metrics(streamer)
-        self.router = Router(streamer, config, self.metrics.render, trust_loopback=loopback_only)
+        self.router = Router(
+            streamer,
+            config,
+            self.metrics.render,
+            trust_loopback=loopback_only,
+            authorize=streamer.authorize,
+            refuse=self.metrics.refuse,
+        )
         self.peers: dict[Peer, int] = {}  # open connections per peer address
         self.http: set[HttpProtocol] = set()  # connections not (yet) streaming
         self._listener: asyncio.Server | None = None
