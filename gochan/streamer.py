@@ -255,18 +255,25 @@ class Streamer:
         who made it (a token's ``sub``); only that identity may use it."""
         return self._add_client(new_client_id(), peer, identity)
 
-    async def new_client(self, topics: Iterable[str] = ()) -> Client:
-        """A new client with a random unguessable id, subscribed to ``topics``."""
-        client = self.create_client()
+    async def new_client(
+        self, topics: Iterable[str] = (), *, identity: str | None = None
+    ) -> Client:
+        """A new client with a random unguessable id, subscribed to ``topics``.
+        ``identity``: the token ``sub`` that may use it over HTTP when
+        authorization is on (None: only requests without one)."""
+        client = self.create_client(identity=identity)
         await self._subscribe_new(client, topics)
         return client
 
-    async def new_custom_client(self, client_id: str, topics: Iterable[str] = ()) -> Client:
-        """A new client with the given id; an id in use raises ClientExistsError."""
+    async def new_custom_client(
+        self, client_id: str, topics: Iterable[str] = (), *, identity: str | None = None
+    ) -> Client:
+        """A new client with the given id; an id in use raises ClientExistsError.
+        ``identity`` as for :meth:`new_client`."""
         validate_client_id(client_id)
         if client_id in self._clients:
             raise ClientExistsError(f"client id {client_id!r} is in use")
-        client = self._add_client(client_id)
+        client = self._add_client(client_id, identity=identity)
         await self._subscribe_new(client, topics)
         return client
 
