@@ -102,3 +102,19 @@ async def test_a_hook_of_the_hosts_own_given_to_the_adapter() -> None:
         assert (await stream.event())["data"] == "mine"
         realtime.end_streams()
         await stream.close()
+
+
+async def test_a_token_expiring_mid_stream_ends_the_adapters_stream() -> None:
+    streamer = Streamer(Config(jwt_key=SECRET))
+    realtime = GochanASGI(streamer)
+    async with serving(realtime) as served:
+        stream = await open_stream(
+            served, "/events?topic=a", bearer(token(subscribe=["a"], exp_in=2))
+        )
+        await stream.config()
+        expired = await stream.event(timeout=6)
+        assert '"token-expired"' in expired["data"]
+        assert await stream.frame() == b"event: message\ndata: Client closed\n\n"
+        assert await stream.until_end() == b"" and stream.ended  # the response ends
+        await stream.close()
+        assert streamer.hub.connection_count == 0
