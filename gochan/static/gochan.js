@@ -57,12 +57,17 @@
 // - Cookies: pass { withCredentials: true } for a cross-origin gochan; the
 //   stream and the update calls then send cookies (the server must allow the
 //   origin with cors_origins).
-// - Tokens: `headers` (an object, or a function returning one or a promise of
-//   one, called before each request) is sent with the update calls, e.g.
-//   { Authorization: `Bearer ${token}` }. EventSource cannot send headers:
-//   authenticate the stream with a cookie, or with `query` (extra query
-//   parameters for /events, e.g. { access_token: token }), or pass an
-//   EventSource implementation that supports headers as `EventSource`.
+// - Tokens: `token` (a string, or a function returning one or a promise of
+//   one, called before each request: refresh tokens there) is sent as
+//   `Authorization: Bearer <token>` with the update calls and publish(). More
+//   headers: `headers` (an object or such a function). EventSource cannot send
+//   headers: authenticate the stream with a cookie (gochan's gochan_token,
+//   HttpOnly, set by your login), or with `query` (extra query parameters for
+//   /events, e.g. { access_token: token } when the server allows it), or pass
+//   an EventSource implementation that supports headers as `EventSource`.
+// - When the stream's token expires the server sends an "error" event with
+//   code "token-expired", then "closed"; the browser reconnects with the
+//   cookie it has then (refresh it before exp), as the same client.
 
 const RESERVED_TOPIC = "message";
 const MAX_TOPIC_BYTES = 256;
@@ -121,6 +126,8 @@ export class Gochan extends EventTarget {
     this._base = String(baseUrl).replace(/\/+$/, "");
     this._eventsPath = options.eventsPath || "/events";
     this._updatePath = options.updatePath || "/update_subscriptions";
+    this._publishPath = options.publishPath || "/publish";
+    this._token = options.token || null;
     this._withCredentials = Boolean(options.withCredentials);
     this._headers = options.headers || null;
     this._query = options.query || null;
@@ -230,6 +237,30 @@ export class Gochan extends EventTarget {
     this._clearTimer();
     this._sync();
     return done;
+  }
+
+  /**
+   * Publish `data` (a string, or any JSON value) on `topic` through gochan,
+   * with the token and headers of the update calls. Resolves to the event id
+   * (null when the broker gives none at publish time); rejects with an Error
+   * whose `status` is the HTTP status (403: the token may not publish there).
+   */
+  async publish(topic, data) {
+    checkTopic(topic);
+    const response = await this._fetch(this._url(this._publishPath, []), {
+      method: "POST",
+      headers: await this._resolveHeaders(),
+      credentials: this._withCredentials ? "include" : "same-origin",
+      body: JSON.stringify({ topic, data }),
+    });
+    const text = await response.text();
+    if (!response.ok) {
+      const error = new Error(`gochan: publish failed: ${text.trim() || response.status}`);
+      error.status = response.status;
+      throw error;
+    }
+    const answer = JSON.parse(text);
+    return answer && answer.id !== undefined ? answer.id : null;
   }
 
   /** Close the stream and stop reconnecting; connect() opens it again. */
@@ -504,8 +535,11 @@ export class Gochan extends EventTarget {
   }
 
   async _resolveHeaders() {
+    const headers = { "Content-Type": "application/json" };
+    const token = typeof this._token === "function" ? await this._token() : this._token;
+    if (token) headers.Authorization = `Bearer ${token}`;
     const given = typeof this._headers === "function" ? await this._headers() : this._headers;
-    return { "Content-Type": "application/json", ...(given || {}) };
+    return { ...headers, ...(given || {}) };
   }
 
   /** POST one update; true when it should be retried later. */
