@@ -25,9 +25,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
-
-import jwt
+from typing import TYPE_CHECKING, Any
 
 from .config import HMAC_ALGORITHMS, Config
 from .errors import AuthError, ConfigurationError
@@ -44,6 +42,9 @@ __all__ = [
     "same_secret",
 ]
 
+if TYPE_CHECKING:
+    import jwt
+
 log = logging.getLogger("gochan.auth")
 
 ACCESS_TOKEN_PARAM = "access_token"
@@ -51,6 +52,14 @@ CLAIMS_KEY = "gochan"  # {"subscribe": [patterns], "publish": [patterns]}
 WILDCARD = "*"
 # HMAC secrets shorter than the hash are refused (RFC 7518 section 3.2).
 MIN_HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+
+def _jwt() -> Any:
+    """PyJWT, imported when authorization is first configured: with it off,
+    gochan does not pay for loading it and the cryptography package."""
+    import jwt
+
+    return jwt
 
 
 def same_secret(given: str, expected: str) -> bool:
@@ -244,7 +253,8 @@ class JWTAuthorizer:
         if self.issuer:
             required.append("iss")
         self._options: Any = {"require": required}
-        self._decoder = jwt.PyJWT()
+        self._jwt = _jwt()
+        self._decoder: jwt.PyJWT = self._jwt.PyJWT()
 
     @classmethod
     def from_config(cls, config: Config) -> JWTAuthorizer | None:
@@ -304,6 +314,7 @@ class JWTAuthorizer:
 
     def verify(self, token: str) -> dict[str, Any]:
         """The token's claims, verified; AuthError(401) otherwise."""
+        jwt = self._jwt
         try:
             key, algorithms = self._key_for(token)
             claims: dict[str, Any] = self._decoder.decode(
@@ -322,6 +333,7 @@ class JWTAuthorizer:
         return claims
 
     def _key_for(self, token: str) -> tuple[Any, list[str]]:
+        jwt = self._jwt
         if self.jwks:
             kid = jwt.get_unverified_header(token).get("kid")
             if kid is not None:
@@ -374,6 +386,7 @@ def _load_pem(path: str) -> Any:
 def _load_jwks(path: str, algorithms: list[str]) -> dict[str, tuple[Any, str]]:
     """``{kid: (key, algorithm)}`` of a JWKS file, for keys whose algorithm
     is among ``algorithms`` (others are skipped, with a warning)."""
+    jwt = _jwt()
     try:
         text = Path(path).read_text(encoding="utf-8")
         document = json.loads(text)

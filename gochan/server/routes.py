@@ -380,9 +380,12 @@ class Router:
             # The stream's headers, less its Connection: the head's own says
             # keep-alive or close, as the request asked.
             return Response(200, b"", [h for h in SSE_HEADERS if h[0] != b"Connection"], None)
-        refusal = self._stream_refusal(client, identity)
-        if refusal is not None:
-            return refusal
+        if identity is not None or (
+            client is not None and len(client.streams) >= self.config.max_streams_per_client
+        ):
+            refusal = self._stream_refusal(client, identity)
+            if refusal is not None:
+                return refusal
         created = client is None
         if client is None:
             try:
@@ -395,7 +398,7 @@ class Router:
         last_id = request.headers.get("last-event-id") or (query.get("last_event_id") or [""])[0]
         # Topics the client holds that this token does not allow go first,
         # so neither replay nor live delivery carries them.
-        drop = grant.subscribe.refused(client.topics) if grant is not None and not created else []
+        drop = grant.subscribe.refused(client.topics) if grant is not None and not created else ()
         if topics or drop:
             try:
                 subscribed = not drop and self.streamer.add_held_topics(client, topics)
@@ -411,7 +414,7 @@ class Router:
         self,
         client: Client,
         topics: list[str],
-        drop: list[str],
+        drop: list[str] | tuple[()],
         last_id: str,
         created: bool,
         grant: Grant | None,
