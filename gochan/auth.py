@@ -23,6 +23,7 @@ import bisect
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,10 @@ log = logging.getLogger("gochan.auth")
 ACCESS_TOKEN_PARAM = "access_token"
 CLAIMS_KEY = "gochan"  # {"subscribe": [patterns], "publish": [patterns]}
 WILDCARD = "*"
+# How often a JWKS file is read again (a few KB): keys added by a
+# rotation are used, and keys removed are no longer trusted, within this.
+JWKS_RECHECK_S = 1.0
+REASON_CHARS = 200  # a verification error, as the 401 answer says it
 # HMAC secrets shorter than the hash are refused (RFC 7518 section 3.2).
 MIN_HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 
@@ -224,8 +229,9 @@ Authorize = Callable[[AuthRequest], "Grant | Awaitable[Grant]"]
 class JWTAuthorizer:
     """The ``authorize`` hook for JWTs. ``key``: an HMAC secret (HS*), or a
     public key in PEM (RS*, ES*, PS*, EdDSA); ``jwks``: keys by ``kid``
-    (``{kid: key}``), for tokens whose header names one. Raises
-    :class:`AuthError` (401) for a missing or invalid token."""
+    (``{kid: (key, algorithm)}``), for tokens whose header names one;
+    ``jwks_file``: where they were read from, read again when it changes.
+    Raises :class:`AuthError` (401) for a missing or invalid token."""
 
     def __init__(
         self,
@@ -233,6 +239,7 @@ class JWTAuthorizer:
         *,
         algorithms: Iterable[str] = ("HS256",),
         jwks: Mapping[str, tuple[Any, str]] | None = None,
+        jwks_file: str = "",
         audience: str = "",
         issuer: str = "",
         cookie: str = "gochan_token",
@@ -241,6 +248,10 @@ class JWTAuthorizer:
         self.key = key
         self.algorithms = list(algorithms)
         self.jwks = dict(jwks or {})  # kid -> (key, algorithm)
+        self.jwks_file = jwks_file
+        self.jwks_recheck_s = JWKS_RECHECK_S
+        self._jwks_seen = _contents(jwks_file) if jwks_file else None
+        self._jwks_checked = time.monotonic()
         if key is None and not self.jwks:
             raise ConfigurationError("a JWT authorizer needs a key or a JWKS")
         self.audience = audience or None
@@ -282,6 +293,7 @@ class JWTAuthorizer:
             key,
             algorithms=algorithms,
             jwks=jwks,
+            jwks_file=config.jwt_jwks_file,
             audience=config.jwt_audience,
             issuer=config.jwt_issuer,
             cookie=config.jwt_cookie,
@@ -329,11 +341,13 @@ class JWTAuthorizer:
             raise AuthError(401, "invalid token: it has expired") from None
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             # PyJWT's messages name the check that failed, never the token.
-            raise AuthError(401, f"invalid token: {exc}") from None
+            raise AuthError(401, f"invalid token: {str(exc)[:REASON_CHARS]}") from None
         return claims
 
     def _key_for(self, token: str) -> tuple[Any, list[str]]:
         jwt = self._jwt
+        if self.jwks_file and time.monotonic() >= self._jwks_checked + self.jwks_recheck_s:
+            self._reload_jwks()
         if self.jwks:
             kid = jwt.get_unverified_header(token).get("kid")
             if kid is not None:
@@ -344,6 +358,29 @@ class JWTAuthorizer:
         if self.key is None:
             raise jwt.InvalidKeyError("the token's header names no kid")
         return self.key, self.algorithms
+
+    def _reload_jwks(self) -> None:
+        """Read the JWKS file again if it changed. A file that became
+        unreadable or invalid is logged and the keys read before are kept."""
+        self._jwks_checked = time.monotonic()
+        # Its bytes, not its mtime: two writes within a clock tick share one.
+        seen = _contents(self.jwks_file)
+        if seen is None or seen == self._jwks_seen:
+            return
+        self._jwks_seen = seen
+        try:
+            self.jwks = _load_jwks(self.jwks_file, self.algorithms)
+        except ConfigurationError as exc:
+            log.warning("%s; the keys read before are kept", exc)
+            return
+        log.info("jwt_jwks_file: read again, %d keys", len(self.jwks))
+
+
+def _contents(path: str) -> bytes | None:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
 
 
 def grant_from_claims(claims: Mapping[str, Any]) -> Grant:

@@ -13,6 +13,7 @@ import httpx
 import orjson
 import pytest
 
+from gochan import JWTAuthorizer
 from gochan.server import Server
 from tests.auth.tokens import (
     OTHER_SECRET,
@@ -341,3 +342,35 @@ async def test_a_jwks_file_with_two_keys_picked_by_kid(tmp_path: Path) -> None:
         for tok in (wrong_kid, unknown_kid, no_kid):
             status, _ = await refused_stream(server.port, "/events?topic=a", bearer(tok))
             assert status == 401
+
+
+async def test_a_rotated_jwks_file_is_read_again(tmp_path: Path) -> None:
+    old, new = rsa_key(), rsa_key()
+    path = tmp_path / "jwks.json"
+    write_jwks({"old": (old, "RS256")}, path)
+    options = {"jwt_key": "", "jwt_jwks_file": str(path), "jwt_algorithms": ["RS256"]}
+    async with authorized(**options) as (server, _http):
+        hook = server.streamer.authorize
+        assert isinstance(hook, JWTAuthorizer)
+        hook.jwks_recheck_s = 0.0  # look at the file on every token (default: once a second)
+        by_old = token("hana", subscribe=["a"], key=old, algorithm="RS256", kid="old")
+        by_new = token("hana", subscribe=["a"], key=new, algorithm="RS256", kid="new")
+        assert (await refused_stream(server.port, "/events", bearer(by_new)))[0] == 401
+        write_jwks({"new": (new, "RS256")}, path)  # the rotation: old out, new in
+        stream, _ = await open_ok(server.port, "/events", bearer(by_new))
+        await stream.close()
+        assert (await refused_stream(server.port, "/events", bearer(by_old)))[0] == 401
+        path.write_text("{ broken")  # a bad write keeps the keys read before
+        stream, _ = await open_ok(server.port, "/events", bearer(by_new))
+        await stream.close()
+
+
+async def test_with_authorization_on_loopback_needs_a_token_to_publish() -> None:
+    async with running(jwt_key=SECRET) as server:
+        base = f"http://127.0.0.1:{server.port}"
+        async with httpx.AsyncClient(base_url=base) as http:
+            assert server.router.trust_loopback  # keyless loopback would publish without it
+            answer = await http.post("/publish?topic=a", content="x")
+            assert answer.status_code == 401
+            answer = await publish(http, token(publish=["a"]), "a", "x")
+            assert answer.status_code == 200
