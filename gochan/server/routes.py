@@ -77,12 +77,17 @@ PREFLIGHT_MAX_AGE_S = 600
 # (a form or text/plain fetch needs no preflight).
 STATE_CHANGING = frozenset(("POST", "PUT", "PATCH", "DELETE"))
 LOOPBACK_NAMES = frozenset(("localhost", "localhost.", "ip6-localhost"))
-BEARER_CHALLENGE = [(b"WWW-Authenticate", b'Bearer realm="gochan"')]
+BEARER_CHALLENGE = ((b"WWW-Authenticate", b'Bearer realm="gochan"'),)
 FORBIDDEN_TOPIC = "not allowed to subscribe to this topic"
 
 
 def _text(status: int, message: object, headers: Headers | None = None) -> Response:
     return Response(status, f"{message}\n".encode(), headers or [])
+
+
+def _challenge(status: int) -> Headers | None:
+    """The ``WWW-Authenticate`` a 401 carries (a fresh list: answers own theirs)."""
+    return list(BEARER_CHALLENGE) if status == 401 else None
 
 
 def _uncounted(reason: str) -> None:
@@ -309,7 +314,7 @@ class Router:
 
     def _auth_refusal(self, exc: AuthError) -> Response:
         self.refuse("unauthorized" if exc.status == 401 else "forbidden")
-        return _text(exc.status, exc.reason, BEARER_CHALLENGE if exc.status == 401 else None)
+        return _text(exc.status, exc.reason, _challenge(exc.status))
 
     def has_publish_key(self, headers: dict[str, str]) -> bool:
         """The request carries the publish_key (``Authorization: Bearer``)."""
@@ -532,7 +537,7 @@ class Router:
             refused = self.may_publish(request)
             if refused is not None:
                 status = 403 if not self.config.publish_key else 401
-                return _text(status, refused, BEARER_CHALLENGE if status == 401 else None)
+                return _text(status, refused, _challenge(status))
         try:
             topic, data = self._read_publish(request)
         except ValueError as exc:
