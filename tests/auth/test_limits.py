@@ -13,7 +13,7 @@ from tests.auth.test_jwt_server import (
     refused_stream,
 )
 from tests.auth.tokens import PUBLISH_KEY, bearer, token
-from tests.support import SSEStream, running
+from tests.support import SSEStream, running, wait_for
 
 
 async def test_max_streams_per_client_with_authorization_off() -> None:
@@ -52,17 +52,10 @@ async def test_max_streams_per_identity_counts_every_client_of_the_identity() ->
         assert refusals((await http.get("/metrics")).text, "streams_per_identity") == 1
         await streams[0].close()
         await streams[0].reader.read()
-        await _until_freed(server, "alice", 1)
+        await wait_for(lambda: server.streamer.identity_streams("alice") == 1)
         streams.append((await open_ok(server.port, "/events?topic=c", bearer(alice)))[0])
         for stream in streams[1:]:
             await stream.close()
-
-
-async def _until_freed(server: object, identity: str, count: int) -> None:
-    from tests.support import wait_for
-
-    streamer = server.streamer  # type: ignore[attr-defined]
-    await wait_for(lambda: streamer.identity_streams(identity) == count)
 
 
 async def test_publish_rate_per_identity_answers_429_with_retry_after() -> None:
@@ -83,3 +76,19 @@ async def test_publish_rate_per_identity_answers_429_with_retry_after() -> None:
         metrics = (await http.get("/metrics")).text
         assert refusals(metrics, "publish_rate") == 1
         assert server.streamer.counters["published"] == 3 + 1 + 5  # the refused one was not
+
+
+async def test_streams_that_end_before_their_token_leave_nothing_behind() -> None:
+    async with authorized() as (server, _http):
+        streamer = server.streamer
+        tok = token("ivan", subscribe=["a"], exp_in=3600)
+        kept, _ = await open_ok(server.port, "/events?topic=a", bearer(tok))
+        for _ in range(400):
+            stream, _ = await open_ok(server.port, "/events?topic=a", bearer(tok))
+            await stream.close()
+        await wait_for(lambda: streamer.identity_streams("ivan") == 1)
+        # Ended streams' expiry entries are dropped, not kept for an hour.
+        assert len(streamer._token_expiry) <= 2 * 1 + 256
+        assert len(streamer._token_streams) == 1
+        await kept.close()
+        await wait_for(lambda: streamer.identity_streams("ivan") == 0)
