@@ -253,11 +253,14 @@ class Router:
         if "*" in self._origins:
             return [(b"Access-Control-Allow-Origin", b"*")]
         if origin in self._origins:
-            return [
+            headers = [
                 (b"Access-Control-Allow-Origin", origin.encode("latin-1")),
                 (b"Access-Control-Allow-Credentials", b"true"),
                 (b"Vary", b"Origin"),
             ]
+            if self.authorize is not None:  # gochan.js tells a refused token by it
+                headers.append((b"Access-Control-Expose-Headers", b"WWW-Authenticate"))
+            return headers
         return []
 
     def preflight(self, request: Request, allow: bytes) -> Response:

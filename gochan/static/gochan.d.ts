@@ -70,7 +70,8 @@ export interface ErrorDetail {
   /**
    * "subscription-failure", "update-failed", "forbidden" (a topic the token
    * does not allow), "token-expired" (then "closed", and the browser
-   * reconnects), or another code from the server.
+   * reconnects), "unauthorized" (the stream's token was refused; retried with
+   * backoff), or another code from the server.
    */
   code: string;
   message: string;

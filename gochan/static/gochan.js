@@ -67,7 +67,9 @@
 //   an EventSource implementation that supports headers as `EventSource`.
 // - When the stream's token expires the server sends an "error" event with
 //   code "token-expired", then "closed"; the browser reconnects with the
-//   cookie it has then (refresh it before exp), as the same client.
+//   cookie it has then (refresh it before exp), as the same client. A stream
+//   whose credentials are refused is reported as an "error" with code
+//   "unauthorized" (status 401) and retried with backoff, as the same client.
 
 const RESERVED_TOPIC = "message";
 const MAX_TOPIC_BYTES = 256;
@@ -353,8 +355,11 @@ export class Gochan extends EventTarget {
     if (this._closed) return;
     const clientId = this._clientId;
     if (clientId) {
-      // 401 means the server no longer knows the client: start a new one.
+      // 401 means the server no longer knows the client: start a new one;
+      // unless it challenges for credentials (WWW-Authenticate): then the
+      // stream's token (cookie) was refused, and the client is still there.
       let status = 0;
+      let challenged = false;
       this._probing = true;
       try {
         const response = await this._fetch(this._url(this._eventsPath, [["id", clientId]]), {
@@ -363,13 +368,20 @@ export class Gochan extends EventTarget {
           cache: "no-store",
         });
         status = response.status;
+        challenged = response.headers.has("WWW-Authenticate");
       } catch (_) {
         status = 0; // unreachable: the next stream will retry by itself
       } finally {
         this._probing = false;
       }
       if (this._closed || this._es) return;
-      if (status === 401) {
+      if (status === 401 && challenged) {
+        this._error(
+          "unauthorized",
+          "the stream's credentials were refused: renew the token (cookie); retrying",
+          401,
+        );
+      } else if (status === 401) {
         this._previousClientId = clientId;
         this._clientId = null;
         this._confirmed.clear();

@@ -374,3 +374,14 @@ async def test_with_authorization_on_loopback_needs_a_token_to_publish() -> None
             assert answer.status_code == 401
             answer = await publish(http, token(publish=["a"]), "a", "x")
             assert answer.status_code == 200
+
+
+async def test_a_cross_origin_page_can_tell_a_refused_token() -> None:
+    async with authorized(cors_origins=["http://app.test"]) as (server, _http):
+        origin = {"Origin": "http://app.test"}
+        stream = await SSEStream.open(server.port, "/events", origin)
+        assert stream.status == 401
+        assert stream.headers["access-control-allow-origin"] == "http://app.test"
+        assert stream.headers["access-control-expose-headers"] == "WWW-Authenticate"
+        await stream.body()
+        await stream.close()
