@@ -356,6 +356,8 @@ async def test_a_rotated_jwks_file_is_read_again(tmp_path: Path) -> None:
         by_old = token("hana", subscribe=["a"], key=old, algorithm="RS256", kid="old")
         by_new = token("hana", subscribe=["a"], key=new, algorithm="RS256", kid="new")
         assert (await refused_stream(server.port, "/events", bearer(by_new)))[0] == 401
+        stream, _ = await open_ok(server.port, "/events", bearer(by_old))  # verified, kept
+        await stream.close()
         write_jwks({"new": (new, "RS256")}, path)  # the rotation: old out, new in
         stream, _ = await open_ok(server.port, "/events", bearer(by_new))
         await stream.close()

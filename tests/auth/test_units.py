@@ -191,3 +191,24 @@ def test_a_jwks_key_outside_the_algorithms_is_skipped(tmp_path: Path) -> None:
     assert hook is not None and set(hook.jwks) == {"e"}
     pem = write_public_pem(rsa_key(), tmp_path / "p.pem")
     assert JWTAuthorizer.from_config(Config(jwt_key=pem, jwt_algorithms=["RS256"])) is not None
+
+
+def test_verified_tokens_are_kept_until_their_exp(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import gochan.auth
+
+    monkeypatch.setattr(gochan.auth, "VERIFIED_TOKENS_KEPT", 2)
+    hook = JWTAuthorizer(SECRET.encode())
+    first = _view(bearer(token("a", ["x"])))
+    grant = hook(first)
+    assert hook(first) is grant  # not verified again
+    grant.exp = time.time() - 1  # as if its exp had passed: verified again, not trusted
+    assert hook(first) is not grant
+    for sub in ("b", "c"):
+        hook(_view(bearer(token(sub))))
+    assert len(hook._verified) == 2  # bounded: the oldest went
+    forged = token("a", ["x"], key="x" * 40)
+    with pytest.raises(AuthError):
+        hook(_view(bearer(forged)))
+    assert forged not in hook._verified
