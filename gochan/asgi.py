@@ -55,6 +55,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from types import FrameType
 from typing import Any
 
+from .auth import Authorize
 from .log import server_logger
 from .server.http import Request
 from .server.metrics import Metrics
@@ -198,6 +199,14 @@ async def _until_disconnect(receive: Receive) -> None:
         pass
 
 
+def _peer(scope: Scope) -> str:
+    """The client's address as the ASGI server saw it ("" if unknown)."""
+    client = scope.get("client")
+    if client and isinstance(client[0], str):
+        return str(client[0])
+    return ""
+
+
 def _route_path(scope: Scope) -> str:
     """The path below the mount point, as Starlette's Mount computes it:
     ``path`` holds the full path and ``root_path`` the mount prefix (older
@@ -216,10 +225,12 @@ class GochanASGI:
     ``publish_key_required=False`` leaves the decision of who may publish to
     the host app's middleware. ``handle_signals=False`` leaves SIGINT and
     SIGTERM alone: then call :meth:`end_streams` when the server stops, or it
-    waits for the streams. Limits (``max_body_bytes``, ``max_connections`` for
-    requests in flight, ``write_buffer_high_bytes``, ``max_pending_bytes``,
-    ``shutdown_grace`` to flush a closing stream) and paths come from the
-    streamer's config. ``metrics`` holds the request counters /metrics reports.
+    waits for the streams. ``authorize``: the authorization hook (see
+    :mod:`gochan.auth`), by default the streamer's. Limits
+    (``max_body_bytes``, ``max_connections`` for requests in flight,
+    ``write_buffer_high_bytes``, ``max_pending_bytes``, ``shutdown_grace`` to
+    flush a closing stream) and paths come from the streamer's config.
+    ``metrics`` holds the request counters /metrics reports.
     """
 
     def __init__(
@@ -228,6 +239,7 @@ class GochanASGI:
         *,
         publish_key_required: bool = True,
         handle_signals: bool = True,
+        authorize: Authorize | None = None,
     ) -> None:
         self.streamer = streamer
         self.config = streamer.config
@@ -242,6 +254,8 @@ class GochanASGI:
             check_publishers=publish_key_required,
             no_key_hint=", or pass GochanASGI(publish_key_required=False) "
             "when the app authorizes publishers",
+            authorize=authorize if authorize is not None else streamer.authorize,
+            refuse=self.metrics.refuse,
         )
         self.handle_signals = handle_signals
         self._exiting = False
@@ -378,6 +392,7 @@ class GochanASGI:
             headers,
             b"".join(chunks),
             True,
+            _peer(scope),
         )
 
     def _headers(
@@ -435,7 +450,7 @@ class GochanASGI:
         transport = _StreamTransport(loop, config.write_buffer_high_bytes, config.shutdown_grace)
         # Only the SSE preamble: the ASGI server writes the HTTP head.
         sub = self.streamer.open_stream(
-            reply.client, transport, reply.preamble, reply.last_event_id, self
+            reply.client, transport, reply.preamble, reply.last_event_id, self, reply.token_exp
         )
         transport.attach(sub)
         start = {

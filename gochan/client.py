@@ -88,10 +88,22 @@ class TopicError(NamedTuple):
 class Client:
     """A client: its id, its topics in subscription order and its live streams."""
 
-    __slots__ = ("_topics", "closed", "expires_at", "id", "peer", "streams", "updating")
+    __slots__ = (
+        "_topics",
+        "closed",
+        "expires_at",
+        "id",
+        "identity",
+        "peer",
+        "streams",
+        "updating",
+    )
 
-    def __init__(self, client_id: str, peer: str = "") -> None:
+    def __init__(self, client_id: str, peer: str = "", identity: str | None = None) -> None:
         self.id = client_id
+        # The identity (a token's sub) that made it, None without authorization:
+        # the client answers to that identity only.
+        self.identity = identity
         # The address that made it by connecting without an id ("" for the
         # embedding API): its per-peer share is counted against that address.
         self.peer = peer

@@ -79,6 +79,18 @@ DEFAULT_HISTORY_SIZE = 10_000  # messages kept for Last-Event-ID replay
 DEFAULT_HISTORY_BYTES = 16 * 1024 * 1024
 DEFAULT_HISTORY_AGE_S = 300.0
 
+# Authorization (JWT) and the limits on one identity
+DEFAULT_JWT_ALGORITHMS = ("HS256",)
+DEFAULT_JWT_COOKIE = "gochan_token"
+DEFAULT_MAX_STREAMS_PER_CLIENT = 16  # open streams of one client id
+DEFAULT_MAX_STREAMS_PER_IDENTITY = 128  # open streams of one token identity (sub)
+DEFAULT_PUBLISH_RATE_PER_IDENTITY = 100.0  # publishes per second per identity
+DEFAULT_PUBLISH_BURST = 200  # publishes one identity may make at once
+HMAC_ALGORITHMS = frozenset(("HS256", "HS384", "HS512"))
+JWT_ALGORITHMS = HMAC_ALGORITHMS | {
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+}  # fmt: skip
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Range of each numeric field: (lowest, highest, whether lowest is excluded).
@@ -103,6 +115,10 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
             "header_timeout",
             "keepalive_timeout",
             "connection_burst_per_peer",
+            "max_streams_per_client",
+            "max_streams_per_identity",
+            "publish_rate_per_identity",
+            "publish_burst",
         ),
         _ABOVE_ZERO,
     ),
@@ -165,6 +181,12 @@ class Config:
     max_connections_per_peer: int = 0
     max_clients_per_peer: int = 0
     max_topics_per_client: int = DEFAULT_MAX_TOPICS_PER_CLIENT
+    max_streams_per_client: int = DEFAULT_MAX_STREAMS_PER_CLIENT
+    # With authorization on: open streams of one identity, and its publishes
+    # (a token bucket: rate per second, burst at once).
+    max_streams_per_identity: int = DEFAULT_MAX_STREAMS_PER_IDENTITY
+    publish_rate_per_identity: float = DEFAULT_PUBLISH_RATE_PER_IDENTITY
+    publish_burst: int = DEFAULT_PUBLISH_BURST
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
     write_buffer_high_bytes: int = DEFAULT_WRITE_BUFFER_HIGH_BYTES
     # Kernel send buffer of a stream socket (0: the kernel's autotuning). It
@@ -208,6 +230,15 @@ class Config:
     # Host names a keyless loopback server answers state-changing requests
     # for, besides loopback names (DNS rebinding protection).
     allowed_hosts: list[str] = field(default_factory=list)
+    # Authorization: on when jwt_key or jwt_jwks_file is set (see docs/authorization.md).
+    # jwt_key: the HMAC secret, or the path of a PEM public key (RS*/ES*).
+    jwt_key: str = ""
+    jwt_algorithms: list[str] = field(default_factory=lambda: list(DEFAULT_JWT_ALGORITHMS))
+    jwt_audience: str = ""  # "": the aud claim is not checked
+    jwt_issuer: str = ""  # "": the iss claim is not checked
+    jwt_jwks_file: str = ""  # a JWKS document on disk, keys picked by kid
+    jwt_cookie: str = DEFAULT_JWT_COOKIE
+    jwt_query_param: bool = False  # also read ?access_token= (tokens in URLs reach logs)
 
     # Paths
     events_path: str = "/events"
@@ -248,11 +279,36 @@ class Config:
             raise ConfigurationError(
                 f"driver_options: expected a mapping, got {self.driver_options!r}"
             )
+        self._check_jwt()
         params = driver_parameters(self.driver)  # MissingExtraError without its library
         self.driver_options = {
             name: _convert_option(self.driver, name, value, params)
             for name, value in self.driver_options.items()
         }
+
+    def _check_jwt(self) -> None:
+        algorithms = self.jwt_algorithms
+        if not algorithms:
+            raise ConfigurationError("jwt_algorithms: name at least one algorithm")
+        unknown = [a for a in algorithms if a not in JWT_ALGORITHMS]
+        if unknown:
+            raise ConfigurationError(
+                f"jwt_algorithms: unknown algorithm {unknown[0]!r} "
+                f"(one of {', '.join(sorted(JWT_ALGORITHMS))})"
+            )
+        hmac = set(algorithms) & HMAC_ALGORITHMS
+        if hmac and len(hmac) != len(set(algorithms)):
+            # One key for both would let a public key be used as an HMAC secret.
+            raise ConfigurationError(
+                "jwt_algorithms: HMAC (HS*) and public-key algorithms cannot be mixed"
+            )
+        if not self.jwt_cookie or any(c in self.jwt_cookie for c in ";=, \t"):
+            raise ConfigurationError(f"jwt_cookie: not a cookie name: {self.jwt_cookie!r}")
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Authorization is on: a JWT key or JWKS file is set."""
+        return bool(self.jwt_key or self.jwt_jwks_file)
 
     @property
     def peer_connection_limit(self) -> int:
@@ -343,6 +399,24 @@ FLAG_HELP: dict[str, str] = {
     # Security
     "publish_key": "bearer token POST /publish requires (default none: only loopback "
     "peers of a loopback-only server may publish)",
+    "jwt_key": "HMAC secret, or the path of a PEM public key; set, it turns authorization "
+    "on (default none: off)",
+    "jwt_algorithms": "JWT algorithms accepted, comma-separated; RS256/ES256 need a PEM key "
+    "(default HS256)",
+    "jwt_audience": "aud claim every token must carry (default none: not checked)",
+    "jwt_issuer": "iss claim every token must carry (default none: not checked)",
+    "jwt_jwks_file": "JWKS file of public keys picked by kid; set, it turns authorization on "
+    "(default none)",
+    "jwt_cookie": "cookie the token is read from after Authorization: Bearer "
+    "(default gochan_token)",
+    "jwt_query_param": "also read the token from ?access_token= (default false: URLs end up "
+    "in logs)",
+    "max_streams_per_client": "open streams one client id may have; more is a 429 (default 16)",
+    "max_streams_per_identity": "open streams one token identity may have, authorization on; "
+    "more is a 429 (default 128)",
+    "publish_rate_per_identity": "publishes per second one token identity may make; past it "
+    "429 with Retry-After (default 100)",
+    "publish_burst": "publishes one token identity may make at once above that rate (default 200)",
     "cors_origins": "origins allowed by CORS and to send state-changing requests, "
     "comma-separated, or * (default none)",
     "allowed_hosts": "Host names a keyless loopback server accepts on state-changing "
@@ -460,7 +534,7 @@ def _convert(name: str, value: Any) -> Any:
 def _got(name: str, value: Any) -> str:
     """``value`` as an error shows it: a secret's type, never the value."""
     option = name.rpartition(".")[2] if "." in name else ""
-    if name == "publish_key" or any(s in option for s in _SECRET_OPTIONS):
+    if name in ("publish_key", "jwt_key") or any(s in option for s in _SECRET_OPTIONS):
         return f"a value of type {type(value).__name__}"
     return repr(value)
 

@@ -7,6 +7,7 @@ who do not know gochan's own classes.
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
     "BrokerConnectionError",
     "BrokerError",
     "ClientExistsError",
@@ -70,6 +71,19 @@ class LimitExceededError(InterfaceError, ValueError):
 
 class PeerLimitError(LimitExceededError):
     """One address (or identity) has used up its share of a limit."""
+
+
+class AuthError(GochanError):
+    """A request is refused by authorization: ``status`` (401 without valid
+    credentials, 403 when they do not allow it) and ``reason``, the plain
+    text answer. What an ``authorize`` hook raises to refuse."""
+
+    def __init__(self, status: int = 401, reason: str = "unauthorized") -> None:
+        if not 400 <= status < 600:
+            raise ValueError(f"an authorization refusal needs an HTTP error status, got {status}")
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
 class BrokerError(GochanError):

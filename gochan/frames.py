@@ -10,6 +10,7 @@ from ._fast import encode_system
 
 __all__ = [
     "CLIENT_CLOSED_FRAME",
+    "TOKEN_EXPIRED_FRAME",
     "closing_frame",
     "first_frame",
     "replay_frame",
@@ -17,6 +18,11 @@ __all__ = [
 ]
 
 CLIENT_CLOSED_FRAME = encode_system(b"Client closed")
+# A stream whose token expired ends with this, then Client closed.
+TOKEN_EXPIRED_MESSAGE = "the token expired: reconnect with a new one"
+TOKEN_EXPIRED_FRAME = encode_system(
+    orjson.dumps({"error": {"code": "token-expired", "message": TOKEN_EXPIRED_MESSAGE}})
+)
 REPLAY_ID_CHARS = 256  # a Last-Event-ID echoed back is cut to this
 
 

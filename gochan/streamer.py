@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._fast import HEARTBEAT, Hub, Subscriber
+from .auth import Authorize, JWTAuthorizer
 from .client import (
     Client,
     TopicError,
@@ -36,8 +37,14 @@ from .errors import (
     PeerLimitError,
     UnknownClientError,
 )
-from .frames import CLIENT_CLOSED_FRAME, closing_frame, subscription_failure_frame
+from .frames import (
+    CLIENT_CLOSED_FRAME,
+    TOKEN_EXPIRED_FRAME,
+    closing_frame,
+    subscription_failure_frame,
+)
 from .log import logger
+from .ratelimit import RateLimit
 from .replay import Replayer
 from .stream import Stream
 from .subscriptions import Subscriptions
@@ -50,6 +57,9 @@ __all__ = ["Streamer"]
 _monotonic = time.monotonic  # one global lookup per message, not two
 
 VALID_TOPICS_CACHED = 65_536  # topic names remembered as valid (then forgotten at once)
+# Entries of streams ended before their token expired are dropped from the
+# expiry heap once they outnumber the live ones by this many.
+STALE_TOKEN_ENTRIES = 256
 
 TickHook = Callable[[float], None]
 
@@ -61,11 +71,32 @@ class Streamer:
     :meth:`start` and :meth:`close` yourself.
     """
 
-    def __init__(self, config: Config | None = None, *, driver: Driver | None = None) -> None:
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        driver: Driver | None = None,
+        authorize: Authorize | None = None,
+    ) -> None:
+        """``authorize``: the hook every front end runs before ``/events``,
+        ``/update_subscriptions`` and ``/publish`` (see :mod:`gochan.auth`);
+        by default the JWT authorizer the config's ``jwt_*`` settings ask
+        for, or none (authorization off)."""
         self.config = config or Config()
         self.driver: Driver = driver or create_driver(
             self.config.driver, self.config.driver_options
         )
+        self.authorize: Authorize | None = (
+            authorize if authorize is not None else JWTAuthorizer.from_config(self.config)
+        )
+        self.publish_buckets = RateLimit(
+            self.config.publish_rate_per_identity, self.config.publish_burst
+        )
+        self._identity_streams: dict[str, int] = {}  # identity -> its open streams
+        # Streams whose token expires: a heap of (exp, n, stream), and the
+        # ones still open (a stream that ended first leaves a stale entry).
+        self._token_expiry: list[tuple[float, int, Stream]] = []
+        self._token_streams: set[Stream] = set()
         self._hub: Hub | None = None
         self._clients: dict[str, Client] = {}
         self._peer_clients: dict[str, int] = {}  # peer address -> clients it made
@@ -134,6 +165,8 @@ class Streamer:
         await asyncio.gather(*self._background, return_exceptions=True)
         self._clients.clear()
         self._peer_clients.clear()
+        self._token_expiry.clear()
+        self._token_streams.clear()
         await self.driver.close()
 
     async def __aenter__(self) -> Streamer:
@@ -188,6 +221,9 @@ class Streamer:
                 del self._clients[client_id]
                 self.counters["clients_expired"] += 1
                 self._spawn(self.remove_client(client))
+        if self._token_expiry and self._token_expiry[0][0] <= time.time():
+            self._end_expired_tokens(time.time())
+        self.publish_buckets.forget_idle(now)
         self.history.expire(now)
         self.hub.sweep(now)  # slow consumers being cut
         for hook in self._tick_hooks:
@@ -204,7 +240,7 @@ class Streamer:
         if not self._started or self._closed:
             raise ClosedError("streamer is not running")
 
-    def _add_client(self, client_id: str, peer: str = "") -> Client:
+    def _add_client(self, client_id: str, peer: str = "", identity: str | None = None) -> Client:
         self._check_open()
         if len(self._clients) >= self.config.max_clients:
             raise LimitExceededError(f"too many clients (max_clients={self.config.max_clients})")
@@ -216,7 +252,7 @@ class Streamer:
                     f"(max_clients_per_peer={self.config.peer_client_limit})"
                 )
             self._peer_clients[peer] = made + 1
-        client = Client(client_id, peer)
+        client = Client(client_id, peer, identity)
         self._clients[client_id] = client
         self.counters["clients_created"] += 1
         self._arm_expiry(client)
@@ -226,24 +262,32 @@ class Streamer:
         client.expires_at = time.monotonic() + self.config.client_ttl
         heapq.heappush(self._expiry, (client.expires_at, next(self._expiry_n), client.id))
 
-    def create_client(self, peer: str = "") -> Client:
+    def create_client(self, peer: str = "", identity: str | None = None) -> Client:
         """A new client with a random id and no topics (no broker I/O).
         ``peer``: the address it is made for, counted against
-        ``max_clients_per_peer`` until the client is removed."""
-        return self._add_client(self.client_id_prefix + new_client_id(), peer)
+        ``max_clients_per_peer`` until the client is removed. ``identity``:
+        who made it (a token's ``sub``); only that identity may use it."""
+        return self._add_client(self.client_id_prefix + new_client_id(), peer, identity)
 
-    async def new_client(self, topics: Iterable[str] = ()) -> Client:
-        """A new client with a random unguessable id, subscribed to ``topics``."""
-        client = self.create_client()
+    async def new_client(
+        self, topics: Iterable[str] = (), *, identity: str | None = None
+    ) -> Client:
+        """A new client with a random unguessable id, subscribed to ``topics``.
+        ``identity``: the token ``sub`` that may use it over HTTP when
+        authorization is on (None: only requests without one)."""
+        client = self.create_client(identity=identity)
         await self._subscribe_new(client, topics)
         return client
 
-    async def new_custom_client(self, client_id: str, topics: Iterable[str] = ()) -> Client:
-        """A new client with the given id; an id in use raises ClientExistsError."""
+    async def new_custom_client(
+        self, client_id: str, topics: Iterable[str] = (), *, identity: str | None = None
+    ) -> Client:
+        """A new client with the given id; an id in use raises ClientExistsError.
+        ``identity`` as for :meth:`new_client`."""
         validate_client_id(client_id)
         if client_id in self._clients:
             raise ClientExistsError(f"client id {client_id!r} is in use")
-        client = self._add_client(client_id)
+        client = self._add_client(client_id, identity=identity)
         await self._subscribe_new(client, topics)
         return client
 
@@ -445,16 +489,25 @@ class Streamer:
         head: bytes,
         last_event_id: str = "",
         front_end: object = None,
+        token_exp: float | None = None,
     ) -> Stream:
         """A new stream of ``client`` on ``transport``: ``head`` (the HTTP head
         and first frames) first in its queue, then what it missed after
         ``last_event_id`` (see :mod:`gochan.replay`), then live frames.
         ``front_end``: who opened it, so that :meth:`end_streams` ends only
-        its streams when it stops."""
+        its streams when it stops. ``token_exp``: when the token it was
+        opened with expires (seconds since the epoch): then it ends with
+        ``token-expired`` and ``Client closed``."""
         stream = Stream(self.hub, transport, client, front_end)
         stream.send_first(head)
         client.streams.append(stream)
         client.expires_at = None
+        identity = client.identity
+        if identity is not None:
+            self._identity_streams[identity] = self._identity_streams.get(identity, 0) + 1
+        if token_exp is not None:
+            heapq.heappush(self._token_expiry, (token_exp, next(self._expiry_n), stream))
+            self._token_streams.add(stream)
         if last_event_id:
             self.replayer.start(stream, last_event_id)
         else:
@@ -472,8 +525,36 @@ class Streamer:
         client = stream.owner
         if isinstance(client, Client) and stream in client.streams:
             client.streams.remove(stream)
+            identity = client.identity
+            if identity is not None:
+                left = self._identity_streams.get(identity, 0) - 1
+                if left > 0:
+                    self._identity_streams[identity] = left
+                else:
+                    self._identity_streams.pop(identity, None)
             if not client.streams and not client.closed and not self._closed:
                 self._arm_expiry(client)
+        if self._token_streams and stream in self._token_streams:
+            self._token_streams.discard(stream)
+            heap = self._token_expiry
+            if len(heap) > 2 * len(self._token_streams) + STALE_TOKEN_ENTRIES:
+                live = self._token_streams
+                self._token_expiry = [entry for entry in heap if entry[2] in live]
+                heapq.heapify(self._token_expiry)
+
+    def identity_streams(self, identity: str) -> int:
+        """Open streams of clients made by ``identity``."""
+        return self._identity_streams.get(identity, 0)
+
+    def _end_expired_tokens(self, wall: float) -> None:
+        """End the streams whose token has expired by ``wall`` (epoch seconds):
+        ``token-expired``, then ``Client closed``, then the connection closes."""
+        heap = self._token_expiry
+        while heap and heap[0][0] <= wall:
+            stream = heapq.heappop(heap)[2]
+            if stream in self._token_streams:
+                self.hub.finish(stream, TOKEN_EXPIRED_FRAME + CLIENT_CLOSED_FRAME)
+                self.detach(stream)
 
     def end_streams(self, front_end: object = None) -> list[asyncio.WriteTransport]:
         """End the streams ``front_end`` opened (every stream when None) at

@@ -37,28 +37,6 @@ CONFIGURATION = DOCS / "configuration.md"
 DRIVERS_MD = DOCS / "drivers.md"
 PRODUCTION = DOCS / "production.md"
 
-# Settings the other branches of issue 12 add (authorization, limits,
-# shutdown, access log, workers): documented here, not yet fields of Config
-# on this branch. DELETE THIS SET WHEN THE BRANCHES ARE MERGED (and run
-# `python -m gochan.server.reference` to regenerate the docs' tables).
-PLANNED = {
-    "jwt_key",
-    "jwt_algorithms",
-    "jwt_audience",
-    "jwt_issuer",
-    "jwt_jwks_file",
-    "jwt_cookie",
-    "jwt_query_param",
-    "max_streams_per_client",
-    "max_streams_per_identity",
-    "publish_rate_per_identity",
-    "publish_burst",
-}
-PLANNED_FLAGS = {"--" + name.replace("_", "-") for name in PLANNED}
-PLANNED_FLAGS |= {"--no-" + flag[2:] for flag in PLANNED_FLAGS}
-# The other branches' pages, linked from these. DELETE AT MERGE too.
-PLANNED_DOCS = {"authorization.md", "metrics.md"}
-
 FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "driver_options"}
 
 
@@ -94,8 +72,6 @@ def test_links_between_the_docs_resolve() -> None:
                 continue  # https://..., mailto:...
             file, _, anchor = target.partition("#")
             linked = (path.parent / file).resolve() if file else path
-            if linked.name in PLANNED_DOCS and linked.parent == DOCS:
-                continue
             assert linked.is_file(), f"{path.name}: link to missing {target}"
             if anchor:
                 headings = re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), re.M)
@@ -142,7 +118,7 @@ def test_help_lines_name_only_settings() -> None:
 
 def test_every_setting_has_a_section_and_a_unit() -> None:
     named = {name for _, names in reference.SECTIONS for name in names}
-    assert named <= set(FIELDS) | PLANNED, named - set(FIELDS) - PLANNED
+    assert named <= set(FIELDS), named - set(FIELDS)
     assert set(FIELDS) <= named, f"not in reference.SECTIONS: {set(FIELDS) - named}"
     for name in FIELDS:
         assert reference.unit(name), f"{name}: no unit (reference.UNITS)"
@@ -189,27 +165,24 @@ def table_rows(markdown: str) -> list[list[str]]:
 def test_configuration_reference_has_every_key_with_flag_and_variable() -> None:
     block = generated(CONFIGURATION, "settings")
     rows = {row[0].strip("`"): row for row in table_rows(block)}
-    for name in [*FIELDS, *PLANNED]:
+    for name in FIELDS:
         assert name in rows, f"docs/configuration.md does not document {name}"
         flag = "--" + name.replace("_", "-")
         assert f"`{flag}`" in rows[name][1], name
         assert rows[name][2] == f"`GOCHAN_{name.upper()}`", name
         assert all(rows[name][3:]), f"{name}: default, unit and meaning must be given"
-    assert set(rows) <= set(FIELDS) | PLANNED, set(rows) - set(FIELDS) - PLANNED
+    assert set(rows) <= set(FIELDS), set(rows) - set(FIELDS)
 
 
 def test_configuration_reference_is_generated_from_the_code() -> None:
     block = generated(CONFIGURATION, "settings")
-    ours = [
-        line for line in block.splitlines() if line.split("`")[1:2] not in ([p] for p in PLANNED)
-    ]
-    assert "\n".join(ours) + "\n" == reference.config_table(), (
+    assert block == reference.config_table(), (
         "docs/configuration.md is stale: run `python -m gochan.server.reference`"
     )
 
 
 def known_flags() -> set[str]:
-    flags = {"--config", "--check-config", "--help"} | PLANNED_FLAGS
+    flags = {"--config", "--check-config", "--help"}
     for name in FIELDS:
         flags.update(reference.flag_of(name).split(", "))
     for driver in DRIVERS:
@@ -233,7 +206,7 @@ def test_docs_name_no_flag_or_key_that_does_not_exist() -> None:
     # Every backquoted setting-like name of the reference is a key or an option.
     text = CONFIGURATION.read_text(encoding="utf-8")
     for name in re.findall(r"`([a-z]+(?:_[a-z0-9]+)+)`", text):
-        assert name in FIELDS or name in PLANNED or name in options, (
+        assert name in FIELDS or name in options, (
             f"docs/configuration.md names {name!r}, which is no setting"
         )
 
@@ -366,8 +339,6 @@ def test_every_command_in_the_docs_is_accepted_by_check_config(tmp_path: Path) -
     env = {k: v for k, v in env.items() if not k.startswith("GOCHAN_")}
     checked = 0
     for file, command, exports in doc_commands():
-        if PLANNED_FLAGS & set(shlex.split(command)):
-            continue  # uses a setting of another branch (see PLANNED)
         for doc_path, real in files.items():
             command = command.replace(doc_path, str(real))
         script = "; ".join([*exports, f"{command} --check-config"])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import uvloop
 
+from ..auth import Authorize, JWTAuthorizer
 from ..config import (
     DEFAULT_MAX_CONNECTIONS,
     FD_RESERVE,
@@ -100,11 +101,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
 
 
 async def run(
-    config: Config, driver: Driver | None = None, worker: WorkerSetup | None = None
+    config: Config,
+    driver: Driver | None = None,
+    worker: WorkerSetup | None = None,
+    authorize: Authorize | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT. ``worker``: as one of the processes of
     ``--workers`` (see workers.py), which the supervisor told it."""
-    streamer = Streamer(config, driver=driver)
+    streamer = Streamer(config, driver=driver, authorize=authorize)
     if worker is None:
         await streamer.start()
         server = await streamer.serve()
@@ -185,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, sources = load(yaml_file=args.config, flags=flags, driver_flags=driver_flags)
         # Built now, so the driver's own checks are answered in one line too.
         driver = create_driver(config.driver, config.driver_options)
+        authorize = JWTAuthorizer.from_config(config)  # key files read now
     except ConfigurationError as exc:
         print(f"gochan: {exc}", file=sys.stderr)
         return 2
@@ -206,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"gochan: {exc}", file=sys.stderr)
             return 1
     try:
-        uvloop.run(run(config, driver))
+        uvloop.run(run(config, driver, authorize=authorize))
     except OSError as exc:
         print(f"gochan: {exc}", file=sys.stderr)
         return 1

@@ -13,11 +13,11 @@ import time
 from typing import TYPE_CHECKING
 
 from ..log import server_logger
+from ..ratelimit import RateLimit
 from .access import AccessLog
 from .http import NO_PEER, Peer, is_loopback_host, refresh_date
 from .metrics import Metrics
 from .protocol import ADMITTED, HttpProtocol, Refusal
-from .ratelimit import PeerRate
 from .routes import Headers, Router
 
 if TYPE_CHECKING:
@@ -58,7 +58,12 @@ class Server:
         self.config = config
         self.metrics = Metrics(streamer)
         self.router = Router(
-            streamer, config, self.metrics.exposition, trust_loopback=loopback_only
+            streamer,
+            config,
+            self.metrics.exposition,
+            trust_loopback=loopback_only,
+            authorize=streamer.authorize,
+            refuse=self.metrics.refuse,
         )
         self.peers: dict[Peer, int] = {}  # open connections per peer address
         self.http: set[HttpProtocol] = set()  # connections not (yet) streaming
@@ -72,7 +77,7 @@ class Server:
         # One JSON line per request (off: None, one attribute check per request).
         self.access_log = AccessLog() if config.access_log else None
         rate = config.connection_rate_per_peer
-        self.connection_rate = PeerRate(rate, config.connection_burst_per_peer) if rate else None
+        self.connection_rate = RateLimit(rate, config.connection_burst_per_peer) if rate else None
         if sweep:
             streamer.add_tick_hook(self._tick)
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
+
+if TYPE_CHECKING:
+    from ..auth import Grant
 
 __all__ = [
     "NO_PEER",
@@ -50,6 +54,7 @@ class Request:
 
     __slots__ = (
         "body",
+        "grant",
         "headers",
         "keep_alive",
         "method",
@@ -79,6 +84,8 @@ class Request:
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
+        # What authorization granted (set by the router when it is on).
+        self.grant: Grant | None = None
 
     def query(self) -> dict[str, list[str]]:
         """The query string's fields (``+`` and ``%XX`` decoded, UTF-8).

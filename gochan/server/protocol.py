@@ -523,7 +523,7 @@ class HttpProtocol(asyncio.Protocol):
         fall between the first frame and live delivery."""
         assert self.transport is not None
         self.stream = self.server.streamer.open_stream(
-            reply.client, self.transport, head, reply.last_event_id, self.server
+            reply.client, self.transport, head, reply.last_event_id, self.server, reply.token_exp
         )
         # Nothing more is parsed on this connection: free the parser state.
         self.parser = None

@@ -7,7 +7,7 @@ must wait on the broker. The raw protocol and the ASGI adapter render them.
 
 from __future__ import annotations
 
-import hmac
+import inspect
 import ipaddress
 from collections.abc import Awaitable, Callable
 from functools import cache
@@ -19,9 +19,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 
-from ..client import Client, validate_client_id
+from ..auth import Authorize, AuthRequest, Grant, bearer_token, same_secret
+from ..client import Client, TopicError, validate_client_id
 from ..config import Config
 from ..errors import (
+    AuthError,
     BrokerError,
     ClosedError,
     InterfaceError,
@@ -58,6 +60,7 @@ class OpenStream(NamedTuple):
     headers: Headers
     preamble: bytes
     last_event_id: str
+    token_exp: float | None = None  # the stream ends when its token expires
 
 
 Reply = Response | OpenStream
@@ -74,10 +77,21 @@ PREFLIGHT_MAX_AGE_S = 600
 # (a form or text/plain fetch needs no preflight).
 STATE_CHANGING = frozenset(("POST", "PUT", "PATCH", "DELETE"))
 LOOPBACK_NAMES = frozenset(("localhost", "localhost.", "ip6-localhost"))
+BEARER_CHALLENGE = ((b"WWW-Authenticate", b'Bearer realm="gochan"'),)
+FORBIDDEN_TOPIC = "not allowed to subscribe to this topic"
 
 
 def _text(status: int, message: object, headers: Headers | None = None) -> Response:
     return Response(status, f"{message}\n".encode(), headers or [])
+
+
+def _challenge(status: int) -> Headers | None:
+    """The ``WWW-Authenticate`` a 401 carries (a fresh list: answers own theirs)."""
+    return list(BEARER_CHALLENGE) if status == 401 else None
+
+
+def _uncounted(reason: str) -> None:
+    pass
 
 
 def _json(status: int, data: Any) -> Response:
@@ -99,6 +113,8 @@ class Router:
         trust_loopback: bool = False,
         check_publishers: bool = True,
         no_key_hint: str = "",
+        authorize: Authorize | None = None,
+        refuse: Callable[[str], None] = _uncounted,
     ) -> None:
         """``trust_loopback``: the server listens on loopback addresses only
         (the Server sets it from the addresses it bound; behind ASGI it
@@ -106,7 +122,10 @@ class Router:
         publish, if their request names a loopback Host (DNS rebinding) and
         comes from no foreign Origin. ``check_publishers=False``: the host
         application authorizes publishers. ``metrics``: the scraper's Accept
-        header in, the /metrics page and its Content-Type out."""
+        header in, the /metrics page and its Content-Type out. ``authorize``:
+        the hook run before /events, /update_subscriptions and /publish (see
+        :mod:`gochan.auth`); None: authorization off. ``refuse(reason)``
+        counts a refusal (:meth:`Metrics.refuse`)."""
         self.streamer = streamer
         self.config = config
         self.exposition = metrics
@@ -123,6 +142,15 @@ class Router:
             config.metrics_path: {"GET": self.metrics, "HEAD": self.metrics},
             config.client_js_path: {"GET": self.client_js, "HEAD": self.client_js},
         }
+        self.authorize = authorize
+        self.refuse = refuse
+        if authorize is not None:
+            # Only the guarded routes change: with authorization off the
+            # request path is exactly what it was.
+            for path in (config.events_path, config.update_path, config.publish_path):
+                methods = self.routes[path]
+                for method, handler in methods.items():
+                    methods[method] = self._guard(handler, authorize)
         self._origins = set(config.cors_origins)
         self._hosts = {h.lower() for h in config.allowed_hosts}
         self._static = Path(config.static_dir).resolve() if config.static_dir else None
@@ -166,7 +194,7 @@ class Router:
             refused = self.cross_site(headers)
             if refused is not None:
                 return (403, refused, [])
-        if handler == self.publish:
+        if path == self.config.publish_path and self.authorize is None:
             why = self.may_publish(Request(method, path, "", headers, b"", False, peer))
             if why is not None:
                 if self.config.publish_key:
@@ -226,11 +254,14 @@ class Router:
         if "*" in self._origins:
             return [(b"Access-Control-Allow-Origin", b"*")]
         if origin in self._origins:
-            return [
+            headers = [
                 (b"Access-Control-Allow-Origin", origin.encode("latin-1")),
                 (b"Access-Control-Allow-Credentials", b"true"),
                 (b"Vary", b"Origin"),
             ]
+            if self.authorize is not None:  # gochan.js tells a refused token by it
+                headers.append((b"Access-Control-Expose-Headers", b"WWW-Authenticate"))
+            return headers
         return []
 
     def preflight(self, request: Request, allow: bytes) -> Response:
@@ -242,6 +273,79 @@ class Router:
                 (b"Access-Control-Max-Age", b"%d" % PREFLIGHT_MAX_AGE_S),
             ]
         return Response(204, b"", headers)
+
+    # -- authorization -----------------------------------------------------
+
+    def _guard(self, handler: Handler, authorize: Authorize) -> Handler:
+        """``handler`` run once ``authorize`` has granted the request (its
+        grant in ``request.grant``), or the refusal. A publish with the
+        publish_key is a server-side publisher's: it needs no token."""
+        publishing = handler == self.publish
+
+        def guarded(request: Request) -> Reply | Awaitable[Reply]:
+            if publishing and self.has_publish_key(request.headers):
+                return handler(request)
+            view = AuthRequest(
+                request.method, request.path, request.query_string, request.headers, request.peer
+            )
+            try:
+                granted = authorize(view)
+            except AuthError as exc:
+                return self._auth_refusal(exc)
+            if isinstance(granted, Grant):
+                request.grant = granted
+                return handler(request)
+            return self._granted_later(granted, handler, request)
+
+        return guarded
+
+    async def _granted_later(
+        self, pending: Awaitable[Grant] | object, handler: Handler, request: Request
+    ) -> Reply:
+        if not inspect.isawaitable(pending):
+            raise TypeError(f"authorize must return a Grant, not {type(pending).__name__}")
+        try:
+            granted = await pending
+        except AuthError as exc:
+            return self._auth_refusal(exc)
+        if not isinstance(granted, Grant):
+            raise TypeError(f"authorize must return a Grant, not {type(granted).__name__}")
+        request.grant = granted
+        reply = handler(request)
+        if not isinstance(reply, (Response, OpenStream)):
+            reply = await reply
+        return reply
+
+    def _auth_refusal(self, exc: AuthError) -> Response:
+        self.refuse("unauthorized" if exc.status == 401 else "forbidden")
+        return _text(exc.status, exc.reason, _challenge(exc.status))
+
+    def has_publish_key(self, headers: dict[str, str]) -> bool:
+        """The request carries the publish_key (``Authorization: Bearer``)."""
+        key = self.config.publish_key
+        return bool(key) and same_secret(bearer_token(headers), key)
+
+    def _stream_refusal(self, client: Client | None, identity: str | None) -> Response | None:
+        """429 when one more stream would pass the client's or the
+        identity's share, else None."""
+        config = self.config
+        if client is not None and len(client.streams) >= config.max_streams_per_client:
+            self.refuse("streams_per_client")
+            return _text(
+                429,
+                f"too many streams for this client "
+                f"(max_streams_per_client={config.max_streams_per_client})",
+            )
+        if identity is not None and (
+            self.streamer.identity_streams(identity) >= config.max_streams_per_identity
+        ):
+            self.refuse("streams_per_identity")
+            return _text(
+                429,
+                f"too many streams for this identity "
+                f"(max_streams_per_identity={config.max_streams_per_identity})",
+            )
+        return None
 
     # -- GET /events -------------------------------------------------------
 
@@ -258,6 +362,14 @@ class Router:
             topics = self.streamer.check_topics(named)
         except InvalidTopicError as exc:
             return _text(400, exc)
+        grant = request.grant
+        identity = None
+        if grant is not None:
+            refused = grant.subscribe.refused(topics)
+            if refused:
+                self.refuse("forbidden")
+                return _text(403, f"not allowed to subscribe to {refused[0]!r}")
+            identity = grant.sub
         client: Client | None
         if client_id:
             try:
@@ -265,7 +377,9 @@ class Router:
             except InvalidClientIdError as exc:
                 return _text(400, exc)
             client = self.streamer.get_client(client_id)
-            if client is None:
+            # Another identity's client is answered as an unknown one: ids
+            # can neither be taken over nor probed.
+            if client is None or client.identity != identity:
                 return _text(401, "Invalid client ID")
         elif not self.config.auto_create_clients:
             return _text(401, "Invalid client ID")
@@ -275,47 +389,71 @@ class Router:
             # The stream's headers, less its Connection: the head's own says
             # keep-alive or close, as the request asked.
             return Response(200, b"", [h for h in SSE_HEADERS if h[0] != b"Connection"], None)
+        if identity is not None or (
+            client is not None and len(client.streams) >= self.config.max_streams_per_client
+        ):
+            refusal = self._stream_refusal(client, identity)
+            if refusal is not None:
+                return refusal
         created = client is None
         if client is None:
             try:
-                client = self.streamer.create_client(request.peer)
+                client = self.streamer.create_client(request.peer, identity)
             except PeerLimitError as exc:
                 retry = b"%d" % max(1, int(self.config.client_ttl))
                 return _text(429, exc, [(b"Retry-After", retry)])
             except LimitExceededError as exc:
                 return _text(503, exc)
         last_id = request.headers.get("last-event-id") or (query.get("last_event_id") or [""])[0]
-        if topics:
+        # Topics the client holds that this token does not allow go first,
+        # so neither replay nor live delivery carries them.
+        drop = grant.subscribe.refused(client.topics) if grant is not None and not created else ()
+        if topics or drop:
             try:
-                subscribed = self.streamer.add_held_topics(client, topics)
+                subscribed = not drop and self.streamer.add_held_topics(client, topics)
             except LimitExceededError as exc:
                 if created:  # a refused connect leaves nothing behind
                     self.streamer.discard_client(client)
                 return _text(400, exc)
             if not subscribed:  # a topic the broker must subscribe to first
-                return self._subscribe_then_stream(client, topics, last_id, created)
-        return self._open_stream(client, [], last_id)
+                return self._subscribe_then_stream(client, topics, drop, last_id, created, grant)
+        return self._open_stream(client, [], last_id, grant)
 
     async def _subscribe_then_stream(
-        self, client: Client, topics: list[str], last_id: str, created: bool
+        self,
+        client: Client,
+        topics: list[str],
+        drop: list[str] | tuple[()],
+        last_id: str,
+        created: bool,
+        grant: Grant | None,
     ) -> Reply:
         try:
-            errors = await self.streamer.update_subscriptions(client, add=topics)
+            errors = await self.streamer.update_subscriptions(client, add=topics, remove=drop)
         except LimitExceededError as exc:
             if created and not client.topic_count and not client.streams:
                 self.streamer.discard_client(client)
             return _text(400, exc)
         except (UnknownClientError, ClosedError):
             return _text(401, "Invalid client ID")
+        # Other streams may have opened while the broker answered.
+        refusal = self._stream_refusal(client, client.identity)
+        if refusal is not None:
+            if created:
+                await self.streamer.remove_client(client)
+            return refusal
         failures = [subscription_failure_frame(e.topic, e.message) for e in errors]
-        return self._open_stream(client, failures, last_id)
+        return self._open_stream(client, failures, last_id, grant)
 
-    def _open_stream(self, client: Client, extra_frames: list[bytes], last_id: str) -> OpenStream:
+    def _open_stream(
+        self, client: Client, extra_frames: list[bytes], last_id: str, grant: Grant | None
+    ) -> OpenStream:
         config = self.config
         parts = [b"retry: %d\n" % config.retry_ms] if config.retry_ms else []
         parts.append(first_frame(client.id, config.client_ttl, client.topics))
         parts.extend(extra_frames)
-        return OpenStream(client, list(SSE_HEADERS), b"".join(parts), last_id)
+        token_exp = grant.exp if grant is not None else None
+        return OpenStream(client, list(SSE_HEADERS), b"".join(parts), last_id, token_exp)
 
     # -- POST /update_subscriptions ----------------------------------------
 
@@ -342,18 +480,30 @@ class Router:
             if not all(isinstance(t, str) for t in value):
                 return _text(400, f"{key} must be a list of strings")
             lists.append(value)
+        grant = request.grant
         client = self.streamer.get_client(client_id)
-        if client is None:
+        # Another identity's client is answered as an unknown one.
+        if client is None or client.identity != (grant.sub if grant is not None else None):
             return _text(400, "Invalid Client ID")
         try:
             self.streamer.check_topics(lists[0] + lists[1])
         except InvalidTopicError as exc:
             return _text(400, exc)
-        return self._update(client, lists[0], lists[1])
+        add, forbidden = lists[0], []
+        if grant is not None:
+            refused = grant.subscribe.refused(add)
+            if refused:  # refused in errors; the rest applies
+                self.refuse("forbidden")
+                denied = dict.fromkeys(refused)
+                add = [t for t in add if t not in denied]
+                forbidden = [TopicError(t, "forbidden", FORBIDDEN_TOPIC) for t in denied]
+        return self._update(client, add, lists[1], forbidden)
 
-    async def _update(self, client: Client, add: list[str], remove: list[str]) -> Reply:
+    async def _update(
+        self, client: Client, add: list[str], remove: list[str], forbidden: list[TopicError]
+    ) -> Reply:
         try:
-            errors = await self.streamer.update_subscriptions(client, add, remove)
+            errors = forbidden + await self.streamer.update_subscriptions(client, add, remove)
         except LimitExceededError as exc:
             return _text(400, exc)
         except UnknownClientError:
@@ -381,22 +531,17 @@ class Router:
             if self.trust_loopback and is_loopback_host(request.peer):
                 return None
             return "publishing needs a key: set publish_key (GOCHAN_PUBLISH_KEY)" + self.no_key_hint
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        # Header values are read as Latin-1, which keeps their bytes: the key
-        # is compared as the UTF-8 bytes a client sends.
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode("latin-1"), key.encode("utf-8")
-        ):
+        if self.has_publish_key(request.headers):
             return None
         return "missing or wrong publish key (Authorization: Bearer <key>)"
 
     def publish(self, request: Request) -> Reply | Awaitable[Reply]:
-        refused = self.may_publish(request)
-        if refused is not None:
-            status = 403 if not self.config.publish_key else 401
-            headers = [(b"WWW-Authenticate", b'Bearer realm="gochan"')] if status == 401 else []
-            return _text(status, refused, headers)
+        grant = request.grant
+        if grant is None:
+            refused = self.may_publish(request)
+            if refused is not None:
+                status = 403 if not self.config.publish_key else 401
+                return _text(status, refused, _challenge(status))
         try:
             topic, data = self._read_publish(request)
         except ValueError as exc:
@@ -405,6 +550,20 @@ class Router:
             self.streamer.check_topics((topic,))
         except InvalidTopicError as exc:
             return _text(400, exc)
+        if grant is not None:
+            if not grant.publish.allows(topic):
+                self.refuse("forbidden")
+                return _text(403, f"not allowed to publish to {topic!r}")
+            wait = self.streamer.publish_buckets.take(grant.sub)
+            if wait:
+                self.refuse("publish_rate")
+                retry = b"%d" % self.streamer.publish_buckets.retry_after(wait)
+                return _text(
+                    429,
+                    f"too many publishes for this identity "
+                    f"(publish_rate_per_identity={self.config.publish_rate_per_identity:g}/s)",
+                    [(b"Retry-After", retry)],
+                )
         if self.streamer.can_publish_nowait:
             try:
                 event_id = self.streamer.publish_nowait(topic, data)

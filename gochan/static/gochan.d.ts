@@ -21,6 +21,15 @@ export interface GochanOptions {
   eventsPath?: string;
   /** Path of the subscription update endpoint. Default "/update_subscriptions". */
   updatePath?: string;
+  /** Path of the publish endpoint (publish()). Default "/publish". */
+  publishPath?: string;
+  /**
+   * A JWT sent as `Authorization: Bearer <token>` with the update calls and
+   * publish(); a function is called before each call (refresh tokens there).
+   * The stream itself authenticates with the gochan_token cookie (EventSource
+   * cannot send headers).
+   */
+  token?: string | (() => string | null | Promise<string | null>) | null;
   /** Send cookies to a cross-origin gochan (EventSource withCredentials, fetch credentials "include"). */
   withCredentials?: boolean;
   /**
@@ -58,7 +67,12 @@ export interface ReconnectDetail {
 }
 
 export interface ErrorDetail {
-  /** "subscription-failure", "update-failed", or a code from the server. */
+  /**
+   * "subscription-failure", "update-failed", "forbidden" (a topic the token
+   * does not allow), "token-expired" (then "closed", and the browser
+   * reconnects), "unauthorized" (the stream's token was refused; retried with
+   * backoff), or another code from the server.
+   */
   code: string;
   message: string;
   topic?: string;
@@ -114,6 +128,12 @@ export class Gochan extends EventTarget {
   connect(): this;
   /** Send pending changes now; resolves when the server's subscriptions match. */
   flush(): Promise<void>;
+  /**
+   * Publish `data` on `topic` with the token and headers of the update calls;
+   * resolves to the event id (null when the broker gives none), rejects with
+   * an Error carrying the HTTP `status` (403: not allowed to publish there).
+   */
+  publish(topic: string, data: unknown): Promise<string | null>;
   /** Close the stream and stop reconnecting (connect() opens it again). */
   close(): void;
 

@@ -57,12 +57,19 @@
 // - Cookies: pass { withCredentials: true } for a cross-origin gochan; the
 //   stream and the update calls then send cookies (the server must allow the
 //   origin with cors_origins).
-// - Tokens: `headers` (an object, or a function returning one or a promise of
-//   one, called before each request) is sent with the update calls, e.g.
-//   { Authorization: `Bearer ${token}` }. EventSource cannot send headers:
-//   authenticate the stream with a cookie, or with `query` (extra query
-//   parameters for /events, e.g. { access_token: token }), or pass an
-//   EventSource implementation that supports headers as `EventSource`.
+// - Tokens: `token` (a string, or a function returning one or a promise of
+//   one, called before each request: refresh tokens there) is sent as
+//   `Authorization: Bearer <token>` with the update calls and publish(). More
+//   headers: `headers` (an object or such a function). EventSource cannot send
+//   headers: authenticate the stream with a cookie (gochan's gochan_token,
+//   HttpOnly, set by your login), or with `query` (extra query parameters for
+//   /events, e.g. { access_token: token } when the server allows it), or pass
+//   an EventSource implementation that supports headers as `EventSource`.
+// - When the stream's token expires the server sends an "error" event with
+//   code "token-expired", then "closed"; the browser reconnects with the
+//   cookie it has then (refresh it before exp), as the same client. A stream
+//   whose credentials are refused is reported as an "error" with code
+//   "unauthorized" (status 401) and retried with backoff, as the same client.
 
 const RESERVED_TOPIC = "message";
 const MAX_TOPIC_BYTES = 256;
@@ -121,6 +128,8 @@ export class Gochan extends EventTarget {
     this._base = String(baseUrl).replace(/\/+$/, "");
     this._eventsPath = options.eventsPath || "/events";
     this._updatePath = options.updatePath || "/update_subscriptions";
+    this._publishPath = options.publishPath || "/publish";
+    this._token = options.token || null;
     this._withCredentials = Boolean(options.withCredentials);
     this._headers = options.headers || null;
     this._query = options.query || null;
@@ -232,6 +241,30 @@ export class Gochan extends EventTarget {
     return done;
   }
 
+  /**
+   * Publish `data` (a string, or any JSON value) on `topic` through gochan,
+   * with the token and headers of the update calls. Resolves to the event id
+   * (null when the broker gives none at publish time); rejects with an Error
+   * whose `status` is the HTTP status (403: the token may not publish there).
+   */
+  async publish(topic, data) {
+    checkTopic(topic);
+    const response = await this._fetch(this._url(this._publishPath, []), {
+      method: "POST",
+      headers: await this._resolveHeaders(),
+      credentials: this._withCredentials ? "include" : "same-origin",
+      body: JSON.stringify({ topic, data }),
+    });
+    const text = await response.text();
+    if (!response.ok) {
+      const error = new Error(`gochan: publish failed: ${text.trim() || response.status}`);
+      error.status = response.status;
+      throw error;
+    }
+    const answer = JSON.parse(text);
+    return answer && answer.id !== undefined ? answer.id : null;
+  }
+
   /** Close the stream and stop reconnecting; connect() opens it again. */
   close() {
     this._closed = true;
@@ -322,8 +355,11 @@ export class Gochan extends EventTarget {
     if (this._closed) return;
     const clientId = this._clientId;
     if (clientId) {
-      // 401 means the server no longer knows the client: start a new one.
+      // 401 means the server no longer knows the client: start a new one;
+      // unless it challenges for credentials (WWW-Authenticate): then the
+      // stream's token (cookie) was refused, and the client is still there.
       let status = 0;
+      let challenged = false;
       this._probing = true;
       try {
         const response = await this._fetch(this._url(this._eventsPath, [["id", clientId]]), {
@@ -332,13 +368,20 @@ export class Gochan extends EventTarget {
           cache: "no-store",
         });
         status = response.status;
+        challenged = response.headers.has("WWW-Authenticate");
       } catch (_) {
         status = 0; // unreachable: the next stream will retry by itself
       } finally {
         this._probing = false;
       }
       if (this._closed || this._es) return;
-      if (status === 401) {
+      if (status === 401 && challenged) {
+        this._error(
+          "unauthorized",
+          "the stream's credentials were refused: renew the token (cookie); retrying",
+          401,
+        );
+      } else if (status === 401) {
         this._previousClientId = clientId;
         this._clientId = null;
         this._confirmed.clear();
@@ -504,8 +547,11 @@ export class Gochan extends EventTarget {
   }
 
   async _resolveHeaders() {
+    const headers = { "Content-Type": "application/json" };
+    const token = typeof this._token === "function" ? await this._token() : this._token;
+    if (token) headers.Authorization = `Bearer ${token}`;
     const given = typeof this._headers === "function" ? await this._headers() : this._headers;
-    return { "Content-Type": "application/json", ...(given || {}) };
+    return { ...headers, ...(given || {}) };
   }
 
   /** POST one update; true when it should be retried later. */

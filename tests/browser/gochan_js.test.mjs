@@ -69,6 +69,7 @@ function fakeServer() {
     calls: [],
     topics: new Set(),
     headStatus: 200,
+    headHeaders: {},
     respond: null, // (call) => Response, to script failures
     async fetch(url, init) {
       const call = { url: String(url), init, body: init.body ? JSON.parse(init.body) : null };
@@ -78,7 +79,9 @@ function fakeServer() {
         const scripted = server.respond(call);
         if (scripted) return scripted;
       }
-      if (init.method === "HEAD") return new Response(null, { status: server.headStatus });
+      if (init.method === "HEAD") {
+        return new Response(null, { status: server.headStatus, headers: server.headHeaders });
+      }
       for (const t of call.body.add) server.topics.add(t);
       for (const t of call.body.remove) server.topics.delete(t);
       const answer = {
@@ -255,6 +258,52 @@ test("another error status backs off, then reopens as the same client", async ()
   await tick(600); // first backoff: 250..500 ms
   assert.equal(streams().length, count + 1);
   assert.equal(last().query.get("id"), "c1");
+});
+
+test("a refused token (401 with a challenge) keeps the client and backs off", async () => {
+  const gc = client();
+  gc.subscribe("a", () => {});
+  await tick();
+  last().config("c1", ["a"]);
+  last().drop(0);
+  server.headStatus = 401;
+  server.headHeaders = { "WWW-Authenticate": 'Bearer realm="gochan"' };
+  last().drop(2);
+  await tick(5);
+  const errors = events.filter(([type]) => type === "error").map(([, detail]) => detail);
+  assert.deepEqual(
+    errors.map((e) => [e.code, e.status]),
+    [["unauthorized", 401]],
+  );
+  const count = streams().length;
+  await tick(600); // first backoff: 250..500 ms
+  assert.equal(streams().length, count + 1);
+  assert.equal(last().query.get("id"), "c1"); // the same client, not a new one
+  assert.equal(gc.clientId, "c1");
+});
+
+test("a token goes as a bearer with updates and publish()", async () => {
+  let calls = 0;
+  const gc = client({ token: async () => `t${++calls}` });
+  gc.subscribe("a", () => {});
+  await tick();
+  last().config("c1", ["a"]);
+  gc.subscribe("b", () => {});
+  await gc.flush();
+  const post = server.calls.find((c) => c.init.method === "POST");
+  assert.equal(post.init.headers.Authorization, "Bearer t1");
+  server.respond = (call) =>
+    call.url.endsWith("/publish")
+      ? new Response(JSON.stringify({ id: "e-9" }), { status: call.body.topic === "a" ? 200 : 403 })
+      : null;
+  assert.equal(await gc.publish("a", { n: 1 }), "e-9");
+  const sent = server.calls[server.calls.length - 1];
+  assert.equal(sent.url, "http://gochan.test/publish");
+  assert.deepEqual(sent.body, { topic: "a", data: { n: 1 } });
+  assert.equal(sent.init.headers.Authorization, `Bearer t${calls}`); // asked again
+  assert.ok(calls >= 2);
+  await assert.rejects(gc.publish("b", "x"), (error) => error.status === 403);
+  await assert.rejects(gc.publish("message", "x"), TypeError);
 });
 
 test("refused topics are reported once, not retried in a loop", async () => {

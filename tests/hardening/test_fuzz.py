@@ -290,7 +290,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with stderr.open("wb") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "gochan.server", "--port", "0", "--heartbeat", "1",
-             "--client-ttl", "3600", "--static-dir", str(static)],
+             "--client-ttl", "3600", "--static-dir", str(static),
+             # One address sends every case, thousands a second: the connection
+             # rate limit (tests/ops/test_connection_rate.py) would answer most.
+             "--connection-rate-per-peer", "0"],
             stdout=subprocess.PIPE,
             stderr=err,
         )  # fmt: skip

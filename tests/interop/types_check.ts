@@ -64,10 +64,18 @@ gc.connect().close();
 const topic: string = checkTopic("news");
 console.log(topic);
 
+// Authorization: a bearer token (or a function giving one) for updates and publish().
+new Gochan("", { token: "eyJ...", publishPath: "/publish" });
+const withToken = new Gochan("", { token: async () => "eyJ...", withCredentials: true });
+const published: Promise<string | null> = withToken.publish("news", { text: "hi" });
+console.log(published);
+
 // @ts-expect-error: data is a string
 gc.subscribe("news", (data: number) => console.log(data));
 // @ts-expect-error: no such option
 new Gochan("", { batchDelay: 5 });
+// @ts-expect-error: a token is a string
+new Gochan("", { token: 42 });
 // @ts-expect-error: read-only
 gc.clientId = "forged";
 // @ts-expect-error: a config event's detail has no "code"

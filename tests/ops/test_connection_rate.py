@@ -8,10 +8,9 @@ import asyncio
 
 import pytest
 
-from gochan import Config
+from gochan import Config, ratelimit
 from gochan.errors import ConfigurationError
-from gochan.server import ratelimit
-from gochan.server.ratelimit import PeerRate
+from gochan.ratelimit import RateLimit
 from tests.support import raw_request, running
 
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -75,7 +74,7 @@ class Clock:
 
 def test_bucket_burst_rate_and_refill() -> None:
     clock = Clock()
-    rate = PeerRate(10, 5, clock)
+    rate = RateLimit(10, 5, clock)
     assert [rate.take("a") for _ in range(5)] == [0.0] * 5
     assert rate.take("a") == pytest.approx(0.1)  # one more in 1/10 s
     assert rate.take("b") == 0.0  # another address has its own bucket
@@ -91,7 +90,7 @@ def test_idle_peers_are_forgotten_and_the_table_is_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = Clock()
-    rate = PeerRate(100, 200, clock)
+    rate = RateLimit(100, 200, clock)
     for i in range(1000):
         assert rate.take(f"10.0.{i // 256}.{i % 256}") == 0.0
     assert len(rate) == 1000
@@ -99,8 +98,8 @@ def test_idle_peers_are_forgotten_and_the_table_is_bounded(
     assert rate.forget_idle() == 0 and len(rate) == 1000
     clock.now += 0.01  # every bucket is full again: same as never seen
     assert rate.forget_idle() == 1000 and len(rate) == 0
-    # However many addresses come at once, the table stays within MAX_PEERS.
-    monkeypatch.setattr(ratelimit, "MAX_PEERS", 50)
+    # However many addresses come at once, the table stays within MAX_KEYS.
+    monkeypatch.setattr(ratelimit, "MAX_KEYS", 50)
     for i in range(500):
         assert rate.take(f"10.1.{i // 256}.{i % 256}") == 0.0
         assert len(rate) <= 50
