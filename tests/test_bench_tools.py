@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def need(binary: str) -> None:
@@ -86,6 +87,8 @@ def test_compare_runs_gochan_over_http_and_nats(tmp_path: Path) -> None:
     assert report["servers"]["gochan"]["steps"][0]["pub_non2xx"] == 0
     assert "broker_cpu_share" in report["servers"]["gochan-nats"]["steps"][0]
     assert "gochan-nats" in run.stdout and "max sustained deliveries/s" in run.stdout
+    if importlib.util.find_spec("matplotlib") is not None:  # the chart, next to its JSON
+        assert (tmp_path / "result.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def synthetic_report() -> dict[str, Any]:
@@ -183,7 +186,7 @@ def test_chart_draws_a_png_from_a_result(tmp_path: Path) -> None:
     png = tmp_path / "compare-x.png"  # next to its JSON
     assert run.stdout.strip() == str(png)
     data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[:8] == PNG_SIGNATURE
     assert len(data) > 20_000  # three panels of lines, bars and text, not an empty canvas
     pixels = imread(png)[:, :, :3]
     assert pixels.shape[0] > 400 and pixels.shape[1] > 1000
