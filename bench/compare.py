@@ -10,7 +10,8 @@ the run on the load generator's core, and gochan relays them with --driver nats)
 Each server runs pinned to one core (``taskset -c 0``); the C load generator
 (``bench/loadgen``: subscribers and pipelined publisher in one epoll loop) runs on the
 other (``taskset -c 1``). Everything stays on 127.0.0.1; every wait is bounded and
-every process started here is killed on exit, Ctrl-C included.
+every process started here is killed on exit, Ctrl-C included. The result is a JSON
+file (``--out``) and its chart beside it as PNG (bench/chart.py, if matplotlib is installed).
 
 Usage:
     python bench/compare.py            # full run: 10,000 connections, rates up to 100k/s
