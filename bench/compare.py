@@ -10,7 +10,8 @@ the run on the load generator's core, and gochan relays them with --driver nats)
 Each server runs pinned to one core (``taskset -c 0``); the C load generator
 (``bench/loadgen``: subscribers and pipelined publisher in one epoll loop) runs on the
 other (``taskset -c 1``). Everything stays on 127.0.0.1; every wait is bounded and
-every process started here is killed on exit, Ctrl-C included.
+every process started here is killed on exit, Ctrl-C included. The result is a JSON
+file (``--out``) and its chart beside it as PNG (bench/chart.py, if matplotlib is installed).
 
 Usage:
     python bench/compare.py            # full run: 10,000 connections, rates up to 100k/s
@@ -27,6 +28,7 @@ import os
 import platform
 import resource
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -738,8 +740,73 @@ def raise_fd_limit(needed: int) -> None:
         raise SystemExit(f"ulimit -n is below {needed}: raise it or lower --connections")
 
 
+def git_commit() -> str | None:
+    """The working tree's commit (short), with "+dirty" if it has changes; None outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def proc_meminfo(key: str) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def write_chart(report: Json, png: Path) -> Path | None:
+    """The report's chart (bench/chart.py) next to its JSON; None if matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log("no chart: matplotlib is not installed (pip install -e '.[bench]')")
+        return None
+    sys.path.insert(0, str(BENCH))
+    try:
+        import chart
+    finally:
+        sys.path.remove(str(BENCH))
+    try:
+        path: Path = chart.draw(report, png)
+    except (KeyError, TypeError, ValueError, OSError) as exc:
+        log(f"no chart: {exc!r}")
+        return None
+    return path
+
+
+def shown(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = parse_args(given)
     raise_fd_limit(args.connections + 200)
     # SIGTERM unwinds like Ctrl-C, so the context managers kill what we started.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -751,6 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / f"compare-{stamp}{'-quick' if args.quick else ''}.json"
 
     loadavg_start = Path("/proc/loadavg").read_text().split()[:3]
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
     results: list[ServerResult] = []
     try:
         for name in args.servers:
@@ -764,6 +832,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     report: Json = {
+        "started_at": started_at,
+        "command": shlex.join(["python", "bench/compare.py", *given]),
+        "commit": git_commit(),
         "workload": {
             "name": "1000topics",
             "connections": args.connections,
@@ -784,6 +855,8 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "kernel": platform.release(),
+            "cpu_model": cpu_model(),
+            "mem_total_kib": proc_meminfo("MemTotal"),
             "loadavg_at_start": loadavg_start,
         },
         "criteria": {
@@ -807,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
+    chart = write_chart(report, out.with_suffix(".png"))
     print()
     print(
         f"1000topics: {args.connections} connections x {args.per_conn_topics} topics of "
@@ -831,7 +905,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"NOTE: {r.name}: other processes used > {NOISY_OTHER_CORES} cores during "
                 f"steps at {', '.join(f'{x:g}' for x in noisy)} msgs/s (noisy figures)"
             )
-    print(f"\nJSON: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    print(f"\nJSON: {shown(out)}")
+    if chart is not None:
+        print(f"chart: {shown(chart)}")
     return 0 if all(r.ok for r in results) else 1
 
 
