@@ -174,12 +174,7 @@ class Supervisor:
                 self._start(worker)
             return self._watch(wake_r)
         finally:
-            for worker in self.workers:
-                if worker.pid:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(worker.pid, signal.SIGKILL)
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(worker.pid, 0)
+            self._kill_all()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             signal.set_wakeup_fd(previous)
