@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,3 +115,18 @@ def test_driver_flags_are_collected() -> None:
     assert driver_flags == {"nats-url": "x", "nats-jetstream": None, "nats-prefix": "p."}
     with pytest.raises(ConfigurationError, match="no option"):
         Config.from_sources(env={}, flags={"driver": "mem"}, driver_flags={"mem-url": "x"})
+
+
+def test_the_gochan_console_script_is_the_cli() -> None:
+    """``pip install`` puts ``gochan`` beside the interpreter (the README says
+    so): it takes the same flags as ``python -m gochan.server``."""
+    script = Path(sys.executable).parent / "gochan"
+    assert script.is_file(), f"{script} is not installed (pip install -e .)"
+    done = subprocess.run(
+        [str(script), "--check-config", "--port", "4321"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^port +=? *4321 +\(flag --port\)$", done.stdout, re.M), done.stdout
