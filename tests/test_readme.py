@@ -1,4 +1,4 @@
-"""The README's embedding example runs as written."""
+"""The README's code blocks run as written, or say they are illustrative."""
 
 from __future__ import annotations
 
@@ -142,3 +142,75 @@ def test_curl_walkthrough_runs_as_written(tmp_path: Path) -> None:
             stream.wait()
             if stream.stdout is not None:
                 stream.stdout.close()
+
+
+def readme_blocks() -> list[tuple[str, str, str]]:
+    """(marker of the comment just before it or '', language, text) of every
+    fenced block of the README."""
+    pattern = r"(?:<!-- ([\w-]+)[^>]*-->\n)?^```(\w*)\n(.*?)^```"
+    return [(m[1] or "", m[2], m[3]) for m in re.finditer(pattern, README.read_text(), re.S | re.M)]
+
+
+def test_every_readme_block_runs_in_a_test_or_is_marked_illustrative() -> None:
+    """A block runs in a test when it is marked so, sits in the curl
+    walkthrough, or is a ``python -m gochan.server`` command line (each is
+    run with --check-config by tests/test_docs.py); the two quick-start
+    commands are what CI runs. Anything else says it is illustrative."""
+    text = README.read_text()
+    curl = text.split("<!-- readme-curl", 1)[1].split("\n## ", 1)[0]
+    tested_markers = {
+        "readme-js",
+        "embed-example",
+        "readme-asgi",
+        "readme-security",
+        "readme-production",
+        "readme-errors",
+        "readme-yaml",
+    }
+    quick_start = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    untested = []
+    for marker, lang, body in readme_blocks():
+        if marker in tested_markers or marker == "illustrative":
+            continue
+        if f"```{lang}\n{body}```" in curl or f"```{lang}\n{body}```" in quick_start:
+            continue
+        if lang == "sh" and re.search(r"python3? -m gochan\.server", body):
+            continue
+        untested.append(body[:80])
+    assert not untested, untested
+
+
+def test_the_configuration_errors_are_the_clis(tmp_path: Path) -> None:
+    """Each line of the README's error block, from the CLI: a bad port, a bad
+    log level, and a driver whose extra is missing (its package hidden)."""
+    (block,) = [body for marker, _, body in readme_blocks() if marker == "readme-errors"]
+    expected = block.splitlines()
+    hide_nats = (
+        "import sys; sys.modules['nats'] = None; "  # as if gochan[nats] were not installed
+        "from gochan.server.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    )
+    runs = [
+        [sys.executable, "-m", "gochan.server", "--port", "abc"],
+        [sys.executable, "-m", "gochan.server", "--log-level", "verbose"],
+        [sys.executable, "-c", hide_nats, "--driver", "nats"],
+    ]
+    assert len(runs) == len(expected)
+    for argv, line in zip(runs, expected, strict=True):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 2, (argv, done.stderr)
+        assert done.stderr.strip() == line, argv
+
+
+def test_the_yaml_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    (block,) = [body for marker, _, body in readme_blocks() if marker == "readme-yaml"]
+    path = tmp_path / "gochan.yaml"
+    path.write_text(block)
+    done = subprocess.run(
+        [sys.executable, "-m", "gochan.server", "--config", str(path), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^driver +=? *nats +\(yaml\)$", done.stdout, re.M), done.stdout
+    assert "nats://10.0.0.5:4222" in done.stdout
