@@ -39,9 +39,7 @@ Run it from the repository root (``pip install fastapi 'uvicorn[standard]'``)::
 
 or open http://127.0.0.1:8000/ and log in with a token. Without
 ``EXAMPLE_TOKENS`` the two demo users above exist: fine on your machine only.
-gochan's settings come from ``GOCHAN_*`` variables (``GOCHAN_DRIVER=nats`` ...);
-with ``GOCHAN_PUBLISH_KEY`` set, a back end holding that key publishes to any
-topic without a login.
+gochan's settings come from ``GOCHAN_*`` variables (``GOCHAN_DRIVER=nats`` ...).
 """
 
 from __future__ import annotations
@@ -75,8 +73,9 @@ SESSION_COOKIE = "session"
 PUBLISH = "publish"  # the permission (Starlette "scope") needed to publish
 DEMO_TOKENS = "alice-token=alice:publish,bob-token=bob"
 PUBLIC_TOPICS = ("news", "announcements", "public.*")  # every user may read these
-# A user's private topics are user.<name>.*: a name is letters, digits, - and _,
-# so no name's prefix ("user.bob.") covers another's ("user.bob.x." for "bob.x").
+# A user's private topics are user.<name>.*. A name is letters, digits, - and _
+# (no dot), so one user's prefix, user.bob., never covers another user's topics
+# (it would cover all of user.bob.x.* for a user named "bob.x").
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -132,7 +131,7 @@ class TokenAuth(AuthenticationBackend):
 
     def __init__(self, users: Mapping[str, User]) -> None:
         self.users = dict(users)
-        self.grants = {user.name: grant_for(user) for user in self.users.values()}
+        self.grants = {user: grant_for(user) for user in self.users.values()}
 
     def find(self, token: str) -> User | None:
         found = None
@@ -159,7 +158,7 @@ class TokenAuth(AuthenticationBackend):
         user = self.find(token) if token else None
         if user is None:
             raise AuthError(401, "login required")
-        return self.grants[user.name]
+        return self.grants[user]
 
 
 def auth_failed(conn: HTTPConnection, exc: AuthenticationError) -> PlainTextResponse:
