@@ -1,16 +1,29 @@
 """A FastAPI app that serves gochan under /realtime behind its own login.
 
 gochan's endpoints (/realtime/events, /realtime/update_subscriptions,
-/realtime/publish, ...) speak gochan's protocol unchanged; the app in front
-decides who gets in:
+/realtime/publish, ...) speak gochan's protocol unchanged. The app's login
+decides who gets in, and gochan's ``authorize`` hook (:mod:`gochan.auth`)
+turns that login into an identity and the topics it may use:
 
-- every /realtime request needs a user: ``Authorization: Bearer <token>``, or
-  the ``session`` cookie that ``POST /login`` sets (an ``EventSource`` cannot
-  send headers, but it sends cookies);
-- /realtime/publish also needs the ``publish`` permission, so gochan's own
-  publish key is off (``publish_key_required=False``);
-- the app's own routes use the same users through a FastAPI dependency, and
-  publish with the embedding API (``POST /api/announce``).
+- a user is ``Authorization: Bearer <token>``, or the ``session`` cookie that
+  ``POST /login`` sets (an ``EventSource`` cannot send headers, but it sends
+  cookies); /realtime/events, /update_subscriptions and /publish without one
+  are refused with 401;
+- every user may subscribe to the public topics (``news``,
+  ``announcements``, anything under ``public.``) and to their own private
+  ones, ``user.<name>.*`` (bob's inbox is ``user.bob.inbox``); any other
+  topic is refused: 403 at connect, ``forbidden`` in an update's errors;
+- only users with the ``publish`` permission publish over HTTP, to those
+  same topics; the others get 403;
+- a client id belongs to the user whose stream created it: another user
+  presenting it gets the answer an unknown id gets;
+- the app's own routes use the same users through a FastAPI dependency and
+  publish with the embedding API, which no grant limits: ``POST
+  /api/announce`` (publishers, to ``announcements``) and ``POST
+  /api/messages`` (any user, to the recipient's ``user.<to>.inbox``).
+
+/realtime/healthz, /readyz, /metrics and /gochan.js stay open, as on gochan's
+own server (the metrics hold counts, never topics, ids or users).
 
 Run it from the repository root (``pip install fastapi 'uvicorn[standard]'``)::
 
@@ -18,9 +31,11 @@ Run it from the repository root (``pip install fastapi 'uvicorn[standard]'``)::
         uvicorn examples.fastapi_app:app --no-server-header
 
     curl -N -H 'Authorization: Bearer bob-token' \\
-        'http://127.0.0.1:8000/realtime/events?topic=news'
+        'http://127.0.0.1:8000/realtime/events?topic=news&topic=user.bob.inbox'
     curl -H 'Authorization: Bearer alice-token' \\
         'http://127.0.0.1:8000/realtime/publish?topic=news' -d 'hello'
+    curl -H 'Authorization: Bearer alice-token' -H 'Content-Type: application/json' \\
+        http://127.0.0.1:8000/api/messages -d '{"to": "bob", "text": "hi bob"}'
 
 or open http://127.0.0.1:8000/ and log in with a token. Without
 ``EXAMPLE_TOKENS`` the two demo users above exist: fine on your machine only.
@@ -30,6 +45,7 @@ gochan's settings come from ``GOCHAN_*`` variables (``GOCHAN_DRIVER=nats`` ...).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,12 +65,27 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 from starlette.responses import PlainTextResponse
 
-from gochan import Config, Streamer
-from gochan.asgi import GochanASGI, Receive, Scope, Send
+from gochan import AuthError, AuthRequest, Config, Grant, Streamer
+from gochan.asgi import GochanASGI
+from gochan.auth import bearer_token
 
 SESSION_COOKIE = "session"
 PUBLISH = "publish"  # the permission (Starlette "scope") needed to publish
 DEMO_TOKENS = "alice-token=alice:publish,bob-token=bob"
+PUBLIC_TOPICS = ("news", "announcements", "public.*")  # every user may read these
+# A user's private topics are user.<name>.*. A name is letters, digits, - and _
+# (no dot), so one user's prefix, user.bob., never covers another user's topics
+# (it would cover all of user.bob.x.* for a user named "bob.x").
+NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def private_topics(name: str) -> str:
+    """The pattern of ``name``'s own topics."""
+    return f"user.{name}.*"
+
+
+def inbox(name: str) -> str:
+    return f"user.{name}.inbox"
 
 
 @dataclass(frozen=True)
@@ -77,18 +108,30 @@ def parse_tokens(spec: str) -> dict[str, User]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         token, _, rest = item.partition("=")
         name, *perms = rest.split(":")
-        if not token or not name:
-            raise ValueError(f"bad token entry {item!r}: want token=name[:perm]")
+        if not token or not NAME.fullmatch(name):
+            raise ValueError(
+                f"bad token entry {item!r}: want token=name[:perm], "
+                "a name of letters, digits, - and _"
+            )
         users[token] = User(name, frozenset(perms))
     return users
 
 
+def grant_for(user: User) -> Grant:
+    """What ``user`` may do in gochan: read the public topics and their own,
+    publish to the same ones if they hold the ``publish`` permission."""
+    topics = [*PUBLIC_TOPICS, private_topics(user.name)]
+    return Grant(user.name, subscribe=topics, publish=topics if PUBLISH in user.permissions else [])
+
+
 class TokenAuth(AuthenticationBackend):
     """A bearer token, else the session cookie (which holds a token here; a
-    real app would keep a signed session id)."""
+    real app would keep a signed session id). The same lookup serves the
+    app's routes (Starlette's ``authenticate``) and gochan's (``authorize``)."""
 
     def __init__(self, users: Mapping[str, User]) -> None:
         self.users = dict(users)
+        self.grants = {user: grant_for(user) for user in self.users.values()}
 
     def find(self, token: str) -> User | None:
         found = None
@@ -108,40 +151,18 @@ class TokenAuth(AuthenticationBackend):
             raise AuthenticationError("unknown token")
         return AuthCredentials(["authenticated", *sorted(user.permissions)]), user
 
+    def authorize(self, request: AuthRequest) -> Grant:
+        """gochan's hook: the logged-in user's grant, or 401. It runs before
+        every /realtime/events, /update_subscriptions and /publish."""
+        token = bearer_token(request.headers) or request.cookies.get(SESSION_COOKIE, "")
+        user = self.find(token) if token else None
+        if user is None:
+            raise AuthError(401, "login required")
+        return self.grants[user]
+
 
 def auth_failed(conn: HTTPConnection, exc: AuthenticationError) -> PlainTextResponse:
     return PlainTextResponse(str(exc), 401, {"WWW-Authenticate": 'Bearer realm="example"'})
-
-
-class LoginRequired:
-    """ASGI guard in front of a mounted app: 401 for anonymous requests, 403
-    for publishing without the permission. FastAPI dependencies do not run
-    for mounted apps, so the check is plain ASGI on what the middleware found.
-    CORS preflights (OPTIONS) carry no credentials and pass."""
-
-    def __init__(self, app: GochanASGI) -> None:
-        self.app = app
-        self.publish_path = app.config.publish_path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] != "OPTIONS":
-            conn = HTTPConnection(scope)
-            refusal: Response | None = None
-            if not conn.user.is_authenticated:
-                refusal = PlainTextResponse(
-                    "login required\n", 401, {"WWW-Authenticate": 'Bearer realm="example"'}
-                )
-            elif self._route(scope) == self.publish_path and PUBLISH not in conn.auth.scopes:
-                refusal = PlainTextResponse("not allowed to publish\n", 403)
-            if refusal is not None:
-                await refusal(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    @staticmethod
-    def _route(scope: Scope) -> str:
-        path: str = scope["path"]
-        return path.removeprefix(scope.get("root_path", "")) or "/"
 
 
 class Login(BaseModel):
@@ -149,6 +170,11 @@ class Login(BaseModel):
 
 
 class Announcement(BaseModel):
+    text: str
+
+
+class Message(BaseModel):
+    to: str
     text: str
 
 
@@ -177,10 +203,12 @@ document.getElementById("login").onsubmit = async (event) => {
   const r = await fetch("/login", {method: "POST", headers: {"Content-Type": "application/json"},
                                    body: JSON.stringify({token})});
   if (!r.ok) return log("login failed");
-  const events = new EventSource("/realtime/events?topic=announcements&topic=news");
+  const me = await (await fetch("/api/me")).json();
+  const topics = ["announcements", "news", `user.${me.name}.inbox`];
+  const query = topics.map((t) => "topic=" + encodeURIComponent(t)).join("&");
+  const events = new EventSource("/realtime/events?" + query);
   events.addEventListener("message", (e) => log("system: " + e.data));
-  for (const topic of ["announcements", "news"])
-    events.addEventListener(topic, (e) => log(topic + ": " + e.data));
+  for (const topic of topics) events.addEventListener(topic, (e) => log(topic + ": " + e.data));
 };
 </script>
 """
@@ -195,18 +223,19 @@ def create_app(
         users = parse_tokens(os.environ.get("EXAMPLE_TOKENS", DEMO_TOKENS))
     if streamer is None:
         streamer = Streamer(Config.from_sources())
-    # The app's middleware decides who publishes: gochan's key check is off.
-    realtime = GochanASGI(streamer, publish_key_required=False)
+    auth = TokenAuth(users)
+    names = {user.name for user in auth.users.values()}
+    # The hook decides who may subscribe and publish to what, and binds each
+    # client id to its user.
+    realtime = GochanASGI(streamer, authorize=auth.authorize)
     app = FastAPI(
         title="gochan under FastAPI",
         lifespan=realtime.lifespan,  # starts the Streamer, ends streams, closes it
-        middleware=[
-            Middleware(AuthenticationMiddleware, backend=TokenAuth(users), on_error=auth_failed)
-        ],
+        middleware=[Middleware(AuthenticationMiddleware, backend=auth, on_error=auth_failed)],
     )
     app.state.streamer = streamer
     app.state.realtime = realtime
-    app.mount("/realtime", LoginRequired(realtime))
+    app.mount("/realtime", realtime)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -214,7 +243,7 @@ def create_app(
 
     @app.post("/login", status_code=204)
     async def login(body: Login, response: Response) -> None:
-        if TokenAuth(users).find(body.token) is None:
+        if auth.find(body.token) is None:
             raise HTTPException(401, "unknown token")
         response.set_cookie(SESSION_COOKIE, body.token, httponly=True, samesite="strict")
 
@@ -227,6 +256,15 @@ def create_app(
         body: Announcement, user: Annotated[User, Depends(publisher)]
     ) -> dict[str, str | None]:
         event_id = await streamer.publish("announcements", f"{user.name}: {body.text}")
+        return {"id": event_id}
+
+    @app.post("/api/messages")
+    async def message(
+        body: Message, user: Annotated[User, Depends(current_user)]
+    ) -> dict[str, str | None]:
+        if body.to not in names:
+            raise HTTPException(404, "no such user")
+        event_id = await streamer.publish(inbox(body.to), f"{user.name}: {body.text}")
         return {"id": event_id}
 
     return app

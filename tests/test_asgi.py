@@ -1,6 +1,7 @@
-"""The ASGI adapter under a real uvicorn server: the FastAPI example (auth in
-front of gochan under /realtime), a plain Starlette Mount, GochanASGI as the
-whole app, and answers compared with gochan's own server request by request."""
+"""The ASGI adapter under a real uvicorn server: the FastAPI example (its login
+turned into per-topic grants by an authorize hook, gochan under /realtime), a
+plain Starlette Mount, GochanASGI as the whole app, and answers compared with
+gochan's own server request by request."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -165,8 +167,8 @@ def drop_id(frame: bytes) -> bytes:
 
 async def test_stream_head_and_first_frame_as_gochan_sends_them() -> None:
     async with fastapi_example() as served, running() as raw:
-        ours = await open_stream(served, "/realtime/events?topic=a&topic=b", BOB)
-        theirs = await SSEStream.open(raw.port, "/events?topic=a&topic=b")
+        ours = await open_stream(served, "/realtime/events?topic=news&topic=public.b", BOB)
+        theirs = await SSEStream.open(raw.port, "/events?topic=news&topic=public.b")
         for name in ("content-type", "cache-control", "connection", "x-accel-buffering", "server"):
             assert ours.headers[name] == theirs.headers[name], name
         assert ours.headers["server"] == "gochan"
@@ -175,7 +177,7 @@ async def test_stream_head_and_first_frame_as_gochan_sends_them() -> None:
         (client_id,) = served.app.state.streamer._clients
         assert first == (
             b'event: message\ndata: {"config":{"client_id":"%s","client_ttl_millis":60000},'
-            b'"subscriptions":["a","b"]}\n\n' % client_id.encode()
+            b'"subscriptions":["news","public.b"]}\n\n' % client_id.encode()
         )
         (raw_id,) = raw.streamer._clients
         assert await theirs.frame() == first.replace(client_id.encode(), raw_id.encode())
@@ -185,18 +187,25 @@ async def test_stream_head_and_first_frame_as_gochan_sends_them() -> None:
 
 async def test_publish_multiline_form_and_json() -> None:
     async with fastapi_example() as served, httpx.AsyncClient(base_url=served.base) as http:
-        stream = await open_stream(served, "/realtime/events?topic=a", BOB)
+        stream = await open_stream(served, "/realtime/events?topic=public.a", BOB)
         await stream.config()
         r = await http.post(
-            "/realtime/publish", params={"topic": "a"}, content=b"l1\r\nl2\nl3", headers=ALICE
+            "/realtime/publish",
+            params={"topic": "public.a"},
+            content=b"l1\r\nl2\nl3",
+            headers=ALICE,
         )
         assert r.status_code == 200
         event_id = r.json()["id"]
         assert await stream.frame() == (
-            b"event: a\nid: %s\ndata: l1\ndata: l2\ndata: l3\n\n" % event_id.encode()
+            b"event: public.a\nid: %s\ndata: l1\ndata: l2\ndata: l3\n\n" % event_id.encode()
         )
-        await http.post("/realtime/publish", data={"topic": "a", "data": "form"}, headers=ALICE)
-        await http.post("/realtime/publish", json={"topic": "a", "data": {"n": 1}}, headers=ALICE)
+        await http.post(
+            "/realtime/publish", data={"topic": "public.a", "data": "form"}, headers=ALICE
+        )
+        await http.post(
+            "/realtime/publish", json={"topic": "public.a", "data": {"n": 1}}, headers=ALICE
+        )
         assert (await stream.event())["data"] == "form"
         assert (await stream.event())["data"] == '{"n":1}'
         # The app's own route publishes through the embedding API.
@@ -214,25 +223,37 @@ async def test_update_subscriptions_add_remove_and_refusals() -> None:
         stream = await open_stream(served, "/realtime/events", BOB)
         client_id = (await stream.config())["config"]["client_id"]
         url = "/realtime/update_subscriptions"
-        r = await http.post(url, json={"client_id": client_id, "add": ["x", "y", "x"]})
+        r = await http.post(
+            url, json={"client_id": client_id, "add": ["public.x", "public.y", "public.x"]}
+        )
         assert r.status_code == 200
-        assert r.json() == {"client_id": client_id, "subscriptions": ["x", "y"], "errors": []}
+        assert r.json() == {
+            "client_id": client_id,
+            "subscriptions": ["public.x", "public.y"],
+            "errors": [],
+        }
         streamer = served.app.state.streamer
-        await streamer.publish("x", b"to x")
+        await streamer.publish("public.x", b"to x")
         assert (await stream.event())["data"] == "to x"
-        r = await http.post(url, json={"client_id": client_id, "add": ["z"], "remove": ["x"]})
-        assert r.json()["subscriptions"] == ["y", "z"]
+        r = await http.post(
+            url, json={"client_id": client_id, "add": ["public.z"], "remove": ["public.x"]}
+        )
+        assert r.json()["subscriptions"] == ["public.y", "public.z"]
         # No message for a removed topic after the response.
-        await streamer.publish("x", b"gone")
-        await streamer.publish("z", b"to z")
+        await streamer.publish("public.x", b"gone")
+        await streamer.publish("public.z", b"to z")
         assert (await stream.event())["data"] == "to z"
 
         refusals = [
             (b"not json", 400, "malformed JSON body"),
             (b"[]", 400, "the body must be a JSON object"),
             (b"{}", 400, "missing client_id"),
-            (b'{"client_id":"%s","add":"x"}' % client_id.encode(), 400, "add must be a list"),
-            (b'{"client_id":"nobody","add":["x"]}', 400, "Invalid Client ID"),
+            (
+                b'{"client_id":"%s","add":"public.x"}' % client_id.encode(),
+                400,
+                "add must be a list",
+            ),
+            (b'{"client_id":"nobody","add":["public.x"]}', 400, "Invalid Client ID"),
             (b'{"client_id":"%s","add":["a\\nb"]}' % client_id.encode(), 400, "topic"),
             (b'{"client_id":"%s","add":["message"]}' % client_id.encode(), 400, "reserved"),
             (b"{" + b" " * 5000 + b"}", 413, "request body too large"),
@@ -248,10 +269,10 @@ async def test_update_subscriptions_add_remove_and_refusals() -> None:
 
 
 class FlakyDriver(MemDriver):
-    """The broker refuses topics whose name starts with 'down'."""
+    """The broker refuses topics whose name starts with 'public.down'."""
 
     async def subscribe(self, topic: str) -> None:
-        if topic.startswith("down"):
+        if topic.startswith("public.down"):
             raise BrokerError(f"broker refused {topic}")
         await super().subscribe(topic)
 
@@ -262,21 +283,27 @@ async def test_broker_failures_are_reported_per_topic() -> None:
         serving(example.create_app(USERS, streamer)) as served,
         httpx.AsyncClient(base_url=served.base, headers=BOB) as http,
     ):
-        stream = await open_stream(served, "/realtime/events?topic=down0&topic=ok", BOB)
+        stream = await open_stream(
+            served, "/realtime/events?topic=public.down0&topic=public.ok", BOB
+        )
         config = await stream.config()
-        assert config["subscriptions"] == ["ok"]
-        assert b'"topic":"down0"' in await stream.frame()
+        assert config["subscriptions"] == ["public.ok"]
+        assert b'"topic":"public.down0"' in await stream.frame()
         r = await http.post(
             "/realtime/update_subscriptions",
-            json={"client_id": config["config"]["client_id"], "add": ["up", "down1"]},
+            json={"client_id": config["config"]["client_id"], "add": ["public.up", "public.down1"]},
         )
         assert r.status_code == 200
         assert r.json()["errors"] == [
-            {"topic": "down1", "code": "subscription-failure", "message": "broker refused down1"}
+            {
+                "topic": "public.down1",
+                "code": "subscription-failure",
+                "message": "broker refused public.down1",
+            }
         ]
         assert await stream.frame() == (
             b'event: message\ndata: {"error":{"code":"subscription-failure",'
-            b'"message":"broker refused down1","topic":"down1"}}\n\n'
+            b'"message":"broker refused public.down1","topic":"public.down1"}}\n\n'
         )
         await stream.close()
 
@@ -284,14 +311,14 @@ async def test_broker_failures_are_reported_per_topic() -> None:
 async def test_several_connections_of_one_client_each_get_everything() -> None:
     async with fastapi_example() as served:
         streamer = served.app.state.streamer
-        client = await streamer.new_client(["t"])
+        client = await streamer.new_client(["public.t"], identity="bob")
         streams = [await open_stream(served, f"/realtime/events?id={client.id}", BOB)]
         streams.append(await open_stream(served, f"/realtime/events?id={client.id}", BOB))
         for stream in streams:
             assert (await stream.config())["config"]["client_id"] == client.id
         await wait_for(lambda: len(client.streams) == 2)
         for n in range(3):
-            await streamer.publish("t", f"m{n}")
+            await streamer.publish("public.t", f"m{n}")
         for stream in streams:
             assert [(await stream.event())["data"] for _ in range(3)] == ["m0", "m1", "m2"]
         # Removing the client ends every stream with "Client closed" and the response.
@@ -324,28 +351,29 @@ async def test_unknown_client_and_bad_queries() -> None:
 
 async def test_authentication_in_front_of_gochan() -> None:
     async with fastapi_example() as served, httpx.AsyncClient(base_url=served.base) as http:
-        for method, path in [
-            ("GET", "/realtime/events"),
+        guarded = [
+            ("GET", "/realtime/events?topic=news"),
+            ("HEAD", "/realtime/events"),
             ("POST", "/realtime/update_subscriptions"),
-            ("POST", "/realtime/publish?topic=a"),
-            ("GET", "/realtime/metrics"),
-        ]:
+            ("POST", "/realtime/publish?topic=news"),
+        ]
+        for method, path in guarded:
+            # No login: the authorize hook refuses, as gochan refuses a missing token.
             r = await http.request(method, path, content=b"{}")
             assert r.status_code == 401, path
-            assert r.headers["www-authenticate"].startswith("Bearer")
-            r = await http.request(method, path, headers={"Authorization": "Bearer forged"})
-            assert r.status_code == 401, path
-        # Bob may listen but not publish; Alice may publish.
-        r = await http.post("/realtime/publish?topic=a", content=b"x", headers=BOB)
-        assert (r.status_code, r.text) == (403, "not allowed to publish\n")
-        assert (
-            await http.post("/api/announce", json={"text": "x"}, headers=BOB)
-        ).status_code == 403
-        r = await http.post("/realtime/publish?topic=a", content=b"x", headers=ALICE)
-        assert r.status_code == 200
+            assert r.headers["www-authenticate"].startswith("Bearer"), path
+            if method != "HEAD":
+                assert r.text == "login required\n", path
+            # A session cookie nobody issued, or a forged token: the app's middleware.
+            for forged in ({"Authorization": "Bearer forged"}, {"Cookie": "session=forged"}):
+                r = await http.request(method, path, content=b"{}", headers=forged)
+                assert r.status_code == 401, (path, forged)
+        metrics = (await http.get("/realtime/metrics")).text
+        assert 'gochan_refusals_total{reason="unauthorized"} 4.0' in metrics, metrics
         # CORS preflights carry no credentials: they reach gochan.
         assert (await http.options("/realtime/publish")).status_code == 204
         assert served.app.state.streamer.count_clients() == 0
+        assert served.app.state.streamer.counters["published"] == 0
 
         # A browser logs in once; EventSource then sends the cookie.
         assert (await http.post("/login", json={"token": "nope"})).status_code == 401
@@ -369,23 +397,165 @@ async def test_authentication_in_front_of_gochan() -> None:
         await stream.close()
 
 
+async def test_only_publishers_publish() -> None:
+    async with fastapi_example() as served, httpx.AsyncClient(base_url=served.base) as http:
+        stream = await open_stream(served, "/realtime/events?topic=news&topic=user.bob.inbox", BOB)
+        await stream.config()
+        # Bob may listen, but publishes nowhere over HTTP, not even to his own topics.
+        for topic in ("news", "user.bob.inbox"):
+            r = await http.post(
+                "/realtime/publish", params={"topic": topic}, content=b"x", headers=BOB
+            )
+            assert (r.status_code, r.text) == (403, f"not allowed to publish to {topic!r}\n")
+        r = await http.post("/api/announce", json={"text": "x"}, headers=BOB)
+        assert r.status_code == 403
+        assert served.app.state.streamer.counters["published"] == 0
+        # Alice publishes to the public topics and her own, not into Bob's.
+        r = await http.post("/realtime/publish?topic=user.bob.inbox", content=b"x", headers=ALICE)
+        assert (r.status_code, r.text) == (403, "not allowed to publish to 'user.bob.inbox'\n")
+        r = await http.post("/realtime/publish?topic=news", content=b"from alice", headers=ALICE)
+        assert r.status_code == 200
+        r = await http.post("/realtime/publish?topic=user.alice.notes", content=b"x", headers=ALICE)
+        assert r.status_code == 200
+        # The only frame Bob's stream gets is the one publish allowed to his topics.
+        event = await stream.event()
+        assert (event["event"], event["data"]) == ("news", "from alice")
+        await stream.no_frame()
+        await stream.close()
+
+
+async def test_private_topics_reach_only_their_owner() -> None:
+    """The issue's report: logged-in Bob subscribed to Alice's private topic
+    and received its message. Now the hook grants each user only their own."""
+    async with fastapi_example() as served, httpx.AsyncClient(base_url=served.base) as http:
+        streamer = served.app.state.streamer
+        # At connect: 403, and nothing is created.
+        for query in (
+            "topic=user.alice.inbox",
+            "topic=news&topic=user.alice.inbox",
+            "topic=user.*",
+        ):
+            r = await http.get(f"/realtime/events?{query}", headers=BOB)
+            assert r.status_code == 403, query
+            assert r.text.startswith("not allowed to subscribe to"), r.text
+        assert streamer.count_clients() == 0
+
+        # Alice logs in with the cookie, as her browser would, and reads her inbox.
+        r = await http.post("/login", json={"token": "alice-token"})
+        alice_cookie = {"Cookie": f"session={r.cookies['session']}"}
+        http.cookies.clear()
+        alice = await open_stream(served, "/realtime/events?topic=user.alice.inbox", alice_cookie)
+        assert (await alice.config())["subscriptions"] == ["user.alice.inbox"]
+
+        bob = await open_stream(served, "/realtime/events?topic=user.bob.inbox", BOB)
+        bob_id = (await bob.config())["config"]["client_id"]
+        # By update: Alice's topics are refused as forbidden, the rest applies.
+        r = await http.post(
+            "/realtime/update_subscriptions",
+            json={"client_id": bob_id, "add": ["user.alice.inbox", "news", "user.alice.x"]},
+            headers=BOB,
+        )
+        assert r.status_code == 200
+        body = r.json()
+        assert body["subscriptions"] == ["user.bob.inbox", "news"]
+        assert [(e["topic"], e["code"]) for e in body["errors"]] == [
+            ("user.alice.inbox", "forbidden"),
+            ("user.alice.x", "forbidden"),
+        ]
+        assert served.app.state.streamer.hub.subscriber_count("user.alice.inbox") == 1
+
+        # Bob writes to Alice through the app; the app writes to Bob.
+        r = await http.post("/api/messages", json={"to": "alice", "text": "psst"}, headers=BOB)
+        assert r.status_code == 200
+        sent = r.json()["id"]
+        r = await http.post("/api/messages", json={"to": "nobody", "text": "?"}, headers=BOB)
+        assert r.status_code == 404
+        to_bob = await streamer.publish("user.bob.inbox", "for bob")
+        event = await alice.event()
+        assert (event["event"], event["data"], event["id"]) == (
+            "user.alice.inbox",
+            "bob: psst",
+            sent,
+        )
+        # Bob's first frame after the update is his own message: Alice's never came.
+        event = await bob.event()
+        assert (event["event"], event["data"], event["id"]) == ("user.bob.inbox", "for bob", to_bob)
+        await bob.no_frame()
+        await alice.no_frame()
+        await alice.close()
+        await bob.close()
+
+
+async def test_a_client_id_belongs_to_its_user() -> None:
+    async with fastapi_example() as served, httpx.AsyncClient(base_url=served.base) as http:
+        streamer = served.app.state.streamer
+        alice = await open_stream(served, "/realtime/events?topic=user.alice.inbox", ALICE)
+        alice_id = (await alice.config())["config"]["client_id"]
+        gone = await streamer.new_client(identity="alice")  # a valid id nobody holds now
+        assert await streamer.remove_client(gone)
+
+        def answer(r: httpx.Response) -> tuple[int, str, list[tuple[str, str]]]:
+            return r.status_code, r.text, sorted(h for h in r.headers.items() if h[0] != "date")
+
+        # Bob presenting Alice's id gets exactly what an unknown id gets.
+        theirs = await http.get("/realtime/events", params={"id": alice_id}, headers=BOB)
+        unknown = await http.get("/realtime/events", params={"id": gone.id}, headers=BOB)
+        assert answer(theirs) == answer(unknown)
+        assert (theirs.status_code, theirs.text) == (401, "Invalid client ID\n")
+        url = "/realtime/update_subscriptions"
+        theirs = await http.post(url, json={"client_id": alice_id, "add": ["news"]}, headers=BOB)
+        unknown = await http.post(url, json={"client_id": gone.id, "add": ["news"]}, headers=BOB)
+        assert answer(theirs) == answer(unknown)
+        assert (theirs.status_code, theirs.text) == (400, "Invalid Client ID\n")
+        theirs = await http.post(
+            url, json={"client_id": alice_id, "remove": ["user.alice.inbox"]}, headers=BOB
+        )
+        assert answer(theirs) == answer(unknown)
+        # Without a login the id is worth nothing either.
+        r = await http.get("/realtime/events", params={"id": alice_id})
+        assert r.status_code == 401
+        # Alice's client is untouched: her topics, one stream, and it still delivers.
+        client = streamer.get_client(alice_id)
+        assert client.topics == ["user.alice.inbox"] and len(client.streams) == 1
+        await streamer.publish("user.alice.inbox", "still mine")
+        assert (await alice.event())["data"] == "still mine"
+        # Alice herself reconnects with her id.
+        again = await open_stream(served, f"/realtime/events?id={alice_id}", ALICE)
+        assert (await again.config())["config"]["client_id"] == alice_id
+        await again.close()
+        await alice.close()
+
+
+def test_user_names_cannot_reach_into_other_users_topics() -> None:
+    # "bob.x" would own user.bob.x.*, which bob's user.bob.* already covers.
+    for spec in ("t=bob.x", "t=a*", "t=", "=bob", "t=bob b"):
+        with pytest.raises(ValueError, match="bad token entry"):
+            example.parse_tokens(spec)
+    users = example.parse_tokens("t1=bob, t2=carol:publish")
+    assert sorted(u.name for u in users.values()) == ["bob", "carol"]
+    grant = example.grant_for(users["t1"])
+    assert grant.subscribe.allows("user.bob.inbox") and grant.subscribe.allows("public.x")
+    assert not grant.subscribe.allows("user.bobby.inbox") and not grant.publish
+    assert example.grant_for(users["t2"]).publish.allows("user.carol.inbox")
+
+
 async def test_disconnect_detaches_the_stream_and_starts_the_ttl() -> None:
     async with fastapi_example() as served:
         hub = hub_of(served)
         realtime: GochanASGI = served.app.state.realtime
-        stream = await open_stream(served, "/realtime/events?topic=t", BOB)
+        stream = await open_stream(served, "/realtime/events?topic=public.t", BOB)
         client_id = (await stream.config())["config"]["client_id"]
         client: Client = served.app.state.streamer.get_client(client_id)
-        assert hub.connection_count == 1 and hub.subscriber_count("t") == 1
+        assert hub.connection_count == 1 and hub.subscriber_count("public.t") == 1
         assert client.expires_at is None and realtime.metrics.connections == 1
         await stream.close()
         await wait_for(lambda: hub.connection_count == 0)
-        assert hub.subscriber_count("t") == 0 and not client.streams
+        assert hub.subscriber_count("public.t") == 0 and not client.streams
         assert client.expires_at is not None  # the client lives on for its TTL
         await wait_for(lambda: realtime.metrics.connections == 0)
         # It reconnects within the TTL and keeps its topics.
         again = await open_stream(served, f"/realtime/events?id={client_id}", BOB)
-        assert (await again.config())["subscriptions"] == ["t"]
+        assert (await again.config())["subscriptions"] == ["public.t"]
         await again.close()
 
 
@@ -425,9 +595,9 @@ async def test_slow_consumer_is_dropped_and_others_get_everything() -> None:
         hub = hub_of(served)
         streamer = served.app.state.streamer
         realtime: GochanASGI = served.app.state.realtime
-        slow = await open_stream(served, "/realtime/events?topic=flood", BOB)
+        slow = await open_stream(served, "/realtime/events?topic=public.flood", BOB)
         await slow.config()
-        fast = await open_stream(served, "/realtime/events?topic=flood", BOB)
+        fast = await open_stream(served, "/realtime/events?topic=public.flood", BOB)
         await fast.config()
         body = b"x" * 10_000
         received = bytearray(fast.buffer)
@@ -448,11 +618,11 @@ async def test_slow_consumer_is_dropped_and_others_get_everything() -> None:
 
         reader = asyncio.create_task(drain())
         for n in range(2000):  # 20 MB: far more than the socket buffers hold
-            await streamer.publish("flood", body)
+            await streamer.publish("public.flood", body)
             await asyncio.sleep(0.001 if n % 10 == 0 else 0)
         await asyncio.wait_for(reader, 20)
         await wait_for(lambda: hub.slow_disconnects == 1)
-        assert hub.subscriber_count("flood") == 1 and len(own_streams(realtime)) == 1
+        assert hub.subscriber_count("public.flood") == 1 and len(own_streams(realtime)) == 1
         assert most_pending <= options["max_pending_bytes"]
         assert received.count(b"data: " + body) == 2000
         await fast.close()
@@ -463,11 +633,11 @@ async def test_slow_consumer_is_dropped_and_others_get_everything() -> None:
 async def test_reader_that_stalls_then_catches_up_gets_every_frame_in_order() -> None:
     async with fastapi_example(max_pending_bytes=64 << 20) as served:
         streamer = served.app.state.streamer
-        stream = await open_stream(served, "/realtime/events?topic=big", BOB)
+        stream = await open_stream(served, "/realtime/events?topic=public.big", BOB)
         await stream.config()
         body = b"y" * 20_000
         for i in range(1000):  # 20 MB while nobody reads
-            await streamer.publish("big", b"%06d" % i + body)
+            await streamer.publish("public.big", b"%06d" % i + body)
             if i % 50 == 0:
                 await asyncio.sleep(0.001)
         (sub,) = hub_of(served).open_subscribers()
@@ -496,7 +666,7 @@ async def test_shutdown_on_sigterm_sends_client_closed() -> None:
         for _ in range(200):
             with contextlib.suppress(OSError):
                 stream = await open_stream(
-                    served, "/realtime/events?topic=x", {"Authorization": "Bearer t1"}
+                    served, "/realtime/events?topic=user.carol.x", {"Authorization": "Bearer t1"}
                 )
                 break
             await asyncio.sleep(0.05)
@@ -608,11 +778,11 @@ async def test_limits_and_an_unstarted_streamer() -> None:
 
 async def test_a_body_cut_short_is_not_published() -> None:
     async with fastapi_example() as served:
-        stream = await open_stream(served, "/realtime/events?topic=cut", BOB)
+        stream = await open_stream(served, "/realtime/events?topic=public.cut", BOB)
         await stream.config()
         _, writer = await asyncio.open_connection("127.0.0.1", served.port)
         writer.write(
-            b"POST /realtime/publish?topic=cut HTTP/1.1\r\nHost: x\r\n"
+            b"POST /realtime/publish?topic=public.cut HTTP/1.1\r\nHost: x\r\n"
             b"Authorization: Bearer alice-token\r\nContent-Length: 100\r\n\r\nonly part"
         )
         await writer.drain()
@@ -687,8 +857,8 @@ PARITY_CASES: list[tuple[str, str, dict[str, str], bytes]] = [
     ("POST", "/update_subscriptions", JSON_CT, b"not json"),
     ("POST", "/update_subscriptions", JSON_CT, b"[]"),
     ("POST", "/update_subscriptions", JSON_CT, b'{"client_id":""}'),
-    ("POST", "/update_subscriptions", JSON_CT, b'{"client_id":"parity-client","add":"x"}'),
-    ("POST", "/update_subscriptions", JSON_CT, b'{"client_id":"nobody","add":["x"]}'),
+    ("POST", "/update_subscriptions", JSON_CT, b'{"client_id":"parity-client","add":"public.x"}'),
+    ("POST", "/update_subscriptions", JSON_CT, b'{"client_id":"nobody","add":["public.x"]}'),
     ("POST", "/update_subscriptions", JSON_CT, b'{"client_id":"parity-client","add":["a\\n"]}'),
     ("POST", "/update_subscriptions", JSON_CT, b'{"client_id":"parity-client","add":["b","c"]}'),
     ("POST", "/update_subscriptions", JSON_CT, b'{"client_id":"parity-client","remove":["b"]}'),

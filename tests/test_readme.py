@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +63,74 @@ async def test_asgi_mounting_example_serves_gochan() -> None:
         realtime.end_streams()  # type: ignore[attr-defined]
         server.should_exit = True
         await task
+
+
+def fastapi_example_command() -> list[str]:
+    """The README's command that runs examples/fastapi_app.py, as argv."""
+    text = README.read_text()
+    match = re.search(r"<!-- readme-fastapi-example[^>]*-->\s*```sh\n(.*?)```", text, re.S)
+    assert match, "the command running the FastAPI example is missing from the README"
+    (line,) = [ln for ln in match.group(1).splitlines() if ln.startswith("uvicorn ")]
+    return shlex.split(line)
+
+
+async def test_fastapi_example_command_starts_it_safe() -> None:
+    """The README's command serves the example, and the example refuses what
+    the issue found open: bob reading alice's topic, anonymous streams."""
+    argv = fastapi_example_command()
+    assert argv[:2] == ["uvicorn", "examples.fastapi_app:app"], argv
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "EXAMPLE_TOKENS"}  # the demo users
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", *argv, "--port", str(port),
+        cwd=README.parent, env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    bob = {"Authorization": "Bearer bob-token"}
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=5) as http:
+            for _ in range(300):
+                with contextlib.suppress(httpx.TransportError):
+                    health = await http.get("/realtime/healthz")
+                    break
+                assert proc.returncode is None, "uvicorn exited"
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the example did not start")
+            assert (health.status_code, health.text) == (200, "ok\n")
+            assert (await http.get("/api/me", headers=bob)).json()["name"] == "bob"
+            assert (await http.get("/realtime/events?topic=news")).status_code == 401
+            r = await http.get("/realtime/events?topic=user.alice.inbox", headers=bob)
+            assert r.status_code == 403
+            url = "/realtime/events?topic=user.bob.inbox"
+            async with http.stream("GET", url, headers=bob) as stream:
+                assert stream.status_code == 200
+                assert stream.headers["server"] == "gochan"  # --no-server-header
+                lines = stream.aiter_lines()
+                while (await anext(lines)) != "":  # the first frame: the client's config
+                    pass
+                r = await http.post(
+                    "/api/messages",
+                    json={"to": "bob", "text": "hi"},
+                    headers={"Authorization": "Bearer alice-token"},
+                )
+                assert r.status_code == 200
+                frame = [await anext(lines) for _ in range(3)]
+                assert frame == [
+                    "event: user.bob.inbox",
+                    f"id: {r.json()['id']}",
+                    "data: alice: hi",
+                ]
+                proc.send_signal(signal.SIGTERM)
+                # uvicorn exits by raising the signal again once it has shut down.
+                assert await asyncio.wait_for(proc.wait(), 15) in (0, -signal.SIGTERM)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.stderr is not None
+    log = (await proc.stderr.read()).decode()
+    assert "Application startup complete" in log and "ERROR" not in log, log
 
 
 def walkthrough() -> list[tuple[str, str]]:
@@ -166,6 +238,7 @@ def test_every_readme_block_runs_in_a_test_or_is_marked_illustrative() -> None:
         "readme-production",
         "readme-errors",
         "readme-yaml",
+        "readme-fastapi-example",
     }
     quick_start = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     untested = []
