@@ -1,5 +1,6 @@
 """The system frames gochan sends on its own account (``event: message``):
-the first frame, replay results, subscription failures and ``Client closed``.
+the first frame, replay results, subscription failures, the shutdown notice
+and ``Client closed``.
 Messages' frames are encoded by the Cython core (``_fast.encode_event``)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ __all__ = [
     "closing_frame",
     "first_frame",
     "replay_frame",
+    "shutdown_frame",
     "subscription_failure_frame",
 ]
 
@@ -45,7 +47,16 @@ def subscription_failure_frame(topic: str, message: str) -> bytes:
     return encode_system(orjson.dumps(payload))
 
 
+def shutdown_frame(retry_ms: int) -> bytes:
+    """``{"shutdown":{"retry_ms":N}}``: the reconnection delay in a frame that
+    JavaScript can read (an ``EventSource`` keeps ``retry:`` to itself)."""
+    return encode_system(orjson.dumps({"shutdown": {"retry_ms": retry_ms}}))
+
+
 def closing_frame(retry_ms: int) -> bytes:
-    """``Client closed`` carrying a ``retry:`` field (shutdown): one frame, so
-    the reconnection delay is set by the same event that ends the stream."""
-    return b"retry: %d\n" % retry_ms + CLIENT_CLOSED_FRAME
+    """How a stream ends at shutdown: the :func:`shutdown_frame`, then
+    ``Client closed`` carrying a ``retry:`` field with the same delay. The
+    ``Client closed`` frame is the one old clients know, byte for byte; the
+    ``retry:`` is in it, so the reconnection delay is set by the same event
+    that ends the stream."""
+    return shutdown_frame(retry_ms) + b"retry: %d\n" % retry_ms + CLIENT_CLOSED_FRAME

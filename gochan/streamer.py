@@ -583,9 +583,12 @@ class Streamer:
         self.detach(stream)
 
     def closing_frame(self) -> bytes:
-        """``Client closed`` with a ``retry:`` drawn uniformly from
-        [shutdown_retry_min, shutdown_retry_max], one draw per stream, so a
-        fleet of browsers does not reconnect in the same second."""
+        """The shutdown's last frames (:func:`gochan.frames.closing_frame`):
+        ``{"shutdown":{"retry_ms":N}}``, then ``Client closed`` with
+        ``retry: N``, N drawn uniformly from [shutdown_retry_min,
+        shutdown_retry_max], one draw per stream, so a fleet of browsers
+        (gochan.js reads N, EventSource the ``retry:``) does not reconnect in
+        the same second."""
         config = self.config
         delay = self._jitter.uniform(config.shutdown_retry_min, config.shutdown_retry_max)
         return closing_frame(round(delay * 1000))

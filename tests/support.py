@@ -78,6 +78,12 @@ class SSEStream:
         frame, _, self.buffer = self.buffer.partition(b"\n\n")
         return frame + b"\n\n"
 
+    async def closing(self, timeout: float = 5.0) -> bytes:
+        """The next two frames, raw: at shutdown, the ``shutdown`` frame and
+        ``Client closed`` (see :func:`closing_retry`)."""
+        first = await self.frame(timeout)
+        return first + await self.frame(timeout)
+
     async def event(self, timeout: float = 5.0, skip_heartbeats: bool = True) -> dict[str, str]:
         """The next frame parsed into fields (data lines joined with \\n)."""
         while True:
@@ -103,15 +109,21 @@ class SSEStream:
             await self.writer.wait_closed()
 
 
-SHUTDOWN_FRAME = re.compile(rb"retry: (\d+)\nevent: message\ndata: Client closed\n\n")
+SHUTDOWN_FRAMES = re.compile(
+    rb'event: message\ndata: \{"shutdown":\{"retry_ms":(\d+)\}\}\n\n'
+    rb"retry: (\d+)\nevent: message\ndata: Client closed\n\n"
+)
 
 
-def closing_retry(frame: bytes, low_ms: int = 1000, high_ms: int = 30_000) -> int:
-    """The ``retry:`` of a shutdown's last frame (``Client closed`` with a
-    ``retry:`` field), checked to lie in [low_ms, high_ms] (the default window)."""
-    found = SHUTDOWN_FRAME.fullmatch(frame)
-    assert found is not None, frame
-    retry = int(found.group(1))
+def closing_retry(frames: bytes, low_ms: int = 1000, high_ms: int = 30_000) -> int:
+    """The delay of a shutdown's last two frames (``{"shutdown":{"retry_ms":N}}``,
+    then ``Client closed`` with ``retry: N``, the same N), checked to lie in
+    [low_ms, high_ms] (the default window). ``frames``: both, as
+    :meth:`SSEStream.closing` reads them (or ``Streamer.closing_frame()``)."""
+    found = SHUTDOWN_FRAMES.fullmatch(frames)
+    assert found is not None, frames
+    retry = int(found.group(2))
+    assert int(found.group(1)) == retry, frames
     assert low_ms <= retry <= high_ms, retry
     return retry
 

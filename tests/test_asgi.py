@@ -674,7 +674,7 @@ async def test_shutdown_on_sigterm_sends_client_closed() -> None:
             raise AssertionError("uvicorn did not start")
         await stream.config()
         proc.send_signal(signal.SIGTERM)
-        closing_retry(await stream.frame())
+        closing_retry(await stream.closing())
         assert await stream.until_end() == b"" and stream.ended
         # uvicorn exits by raising the signal again once it has shut down.
         assert await asyncio.wait_for(proc.wait(), 10) in (0, -signal.SIGTERM)
@@ -735,7 +735,7 @@ async def test_gochan_asgi_as_the_whole_app_runs_its_own_lifespan() -> None:
         # Stopping uvicorn from code (not by a signal): end the streams first,
         # or uvicorn waits for them until timeout_graceful_shutdown.
         realtime.end_streams()
-        closing_retry(await stream.frame())
+        closing_retry(await stream.closing())
         assert await stream.until_end() == b"" and stream.ended
         await stream.close()
     # The lifespan's end closed the streamer.
@@ -768,7 +768,7 @@ async def test_limits_and_an_unstarted_streamer() -> None:
         assert (await http.get("/rt/healthz")).status_code == 200
         await streams[0].config()
         realtime.end_streams()
-        closing_retry(await streams[0].frame())
+        closing_retry(await streams[0].closing())
         assert await streams[0].until_end() == b"" and streams[0].ended
         r = await http.get("/rt/events")
         assert (r.status_code, r.text) == (503, "shutting down\n")

@@ -42,7 +42,7 @@ async def test_run_stream_publish_and_sigterm() -> None:
             assert r.status_code == 200
         assert await stream.frame() == b"event: a\nid: %s\ndata: hi\n\n" % r.json()["id"].encode()
         proc.send_signal(signal.SIGTERM)
-        closing_retry(await stream.frame())
+        closing_retry(await stream.closing())
         assert await asyncio.wait_for(proc.wait(), 10) == 0
         await stream.close()
     finally:
@@ -58,7 +58,7 @@ async def test_sigint_stops_cleanly_and_env_sets_options() -> None:
         stream = await SSEStream.open(port, "/events")
         assert (await stream.config())["config"]["client_ttl_millis"] == 5000
         proc.send_signal(signal.SIGINT)
-        closing_retry(await stream.frame())
+        closing_retry(await stream.closing())
         assert await asyncio.wait_for(proc.wait(), 10) == 0
         await stream.close()
     finally:

@@ -13,6 +13,7 @@ import pytest
 from gochan._fast import HEARTBEAT
 from gochan.frames import (
     CLIENT_CLOSED_FRAME,
+    closing_frame,
     first_frame,
     replay_frame,
     subscription_failure_frame,
@@ -43,6 +44,7 @@ def test_every_marked_block_is_checked() -> None:
         "heartbeat",
         "subscription-failure",
         "client-closed",
+        "shutdown",
         "replay",
     }
 
@@ -92,11 +94,28 @@ async def test_a_message_frame_is_the_servers() -> None:
     assert frame == doc.replace(event_id.encode(), real_id.encode())
 
 
+async def test_the_shutdown_frames_are_the_servers() -> None:
+    doc = blocks()["shutdown"]
+    retry_ms = int(re.search(rb"retry: (\d+)", doc)[1])  # type: ignore[index]
+    delay = retry_ms / 1000
+    async with running(shutdown_retry_min=delay, shutdown_retry_max=delay) as server:
+        stream = await SSEStream.open(server.port, "/events?topic=news")
+        try:
+            await stream.frame()
+            await server.shutdown()
+            ending = await stream.closing()
+            assert await stream.reader.read() == b""  # then the server closes
+        finally:
+            await stream.close()
+    assert ending == doc
+
+
 @pytest.mark.parametrize(
     ("name", "frame"),
     [
         ("heartbeat", HEARTBEAT),
         ("client-closed", CLIENT_CLOSED_FRAME),
+        ("shutdown", closing_frame(17342)),
         ("replay", replay_frame("5f3a9c1e-42", True)),
         ("subscription-failure", subscription_failure_frame("news", "permission denied")),
     ],

@@ -27,6 +27,7 @@ from typing import TypeVar
 import uvloop
 
 from gochan import Config, Streamer
+from gochan.config import DEFAULT_SHUTDOWN_RETRY_MAX_S, DEFAULT_SHUTDOWN_RETRY_MIN_S
 
 T = TypeVar("T", int, float)
 HERE = Path(__file__).resolve().parent
@@ -67,7 +68,14 @@ async def publish_forever(streamer: Streamer, topics: list[str], interval: float
 
 
 async def main(args: argparse.Namespace) -> None:
-    config = Config(host=args.host, port=args.port, heartbeat=args.heartbeat, static_dir=str(HERE))
+    config = Config(
+        host=args.host,
+        port=args.port,
+        heartbeat=args.heartbeat,
+        static_dir=str(HERE),
+        shutdown_retry_min=min(DEFAULT_SHUTDOWN_RETRY_MIN_S, args.shutdown_retry_max),
+        shutdown_retry_max=args.shutdown_retry_max,
+    )
     topics = [f"Topic{i}" for i in range(args.topics)]
     async with Streamer(config) as streamer:
         server = await streamer.serve()
@@ -112,6 +120,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"seconds between two messages on one topic (default {DEFAULT_INTERVAL_S})",
     )  # fmt: skip
     parser.add_argument("--heartbeat", type=float, default=15.0, help="seconds (default 15)")
+    parser.add_argument(
+        "--shutdown-retry-max", type=positive(float), default=DEFAULT_SHUTDOWN_RETRY_MAX_S,
+        help="when the server stops, the longest a page waits before it reconnects, "
+        f"in seconds (default {DEFAULT_SHUTDOWN_RETRY_MAX_S:g})",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 

@@ -204,7 +204,8 @@ class Server:
 
     async def shutdown(self) -> None:
         """Stop accepting, end every stream with ``Client closed`` (each with
-        its own jittered ``retry:``, see :meth:`Streamer.closing_frame`) after
+        its own jittered delay, as a ``shutdown`` frame and as ``retry:``, see
+        :meth:`Streamer.closing_frame`) after
         what it has queued, let in-flight requests finish, and wait up to the
         grace period for every connection to close; abort what is left.
 

@@ -86,6 +86,16 @@ export interface ReplayDetail {
   [key: string]: unknown;
 }
 
+export interface ClosedDetail {
+  /**
+   * Set when the server is shutting down (its "shutdown" frame): the stream
+   * reopens, as the same client, this many ms after it drops. The server
+   * draws it per stream, so that pages do not all come back at once. Absent
+   * when the client was removed or its token expired.
+   */
+  retryMs?: number;
+}
+
 export interface GochanEventMap {
   open: CustomEvent<{ url: string }>;
   config: CustomEvent<ConfigDetail>;
@@ -93,7 +103,7 @@ export interface GochanEventMap {
   disconnect: CustomEvent<{ clientId: string | null }>;
   error: CustomEvent<ErrorDetail>;
   replay: CustomEvent<ReplayDetail>;
-  closed: CustomEvent<Record<string, never>>;
+  closed: CustomEvent<ClosedDetail>;
   message: CustomEvent<{ data: string }>;
 }
 

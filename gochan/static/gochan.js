@@ -28,7 +28,11 @@
 //   Last-Event-ID. The first stream's URL has no client id, so when it drops
 //   gochan.js opens the next one itself as /events?id=<id>&last_event_id=<last>
 //   (so the server keeps the client, its topics, and can replay); later drops
-//   are left to the browser. If the server no longer knows the client (401,
+//   are left to the browser. At a shutdown the server says how long to wait
+//   (a "shutdown" frame, {"shutdown":{"retry_ms":N}}, before "Client closed";
+//   N is drawn per stream, so a fleet of pages comes back spread out): then
+//   gochan.js reopens the stream itself after N ms, whichever stream it was,
+//   as the same client. If the server no longer knows the client (401,
 //   e.g. after a restart or once client_ttl passed), a new stream opens without
 //   id, with the wanted topics. After every config frame, the wanted topics are
 //   diffed against its "subscriptions" and the difference is sent.
@@ -50,7 +54,9 @@
 //                 recovered: the messages missed since come next (then live, no
 //                 gap, no duplicate); false: they are lost, refetch your state
 //   "closed"      the server ended the stream ("Client closed"); the client
-//                 reconnects unless close() is called: {}
+//                 reconnects unless close() is called: {retryMs} when the
+//                 server is shutting down (the stream reopens that many ms
+//                 after it drops), else {}
 //   "message"     any other system frame: {data}
 //
 // Authentication
@@ -151,6 +157,7 @@ export class Gochan extends EventTarget {
     this._closed = false;
     this._timer = null;
     this._reopenTimer = null;
+    this._shutdownRetryMs = null; // the delay the current stream's shutdown frame gave
     this._probing = false;
     this._inflight = false;
     this._attempts = 0;
@@ -310,6 +317,7 @@ export class Gochan extends EventTarget {
     this._es = es;
     this._esClientId = clientId;
     this._configured = false;
+    this._shutdownRetryMs = null;
     es.addEventListener("open", (event) => {
       if (es !== this._es || event instanceof MessageEvent) return; // a topic named "open"
       this.dispatchEvent(makeEvent("open", { url }));
@@ -339,7 +347,14 @@ export class Gochan extends EventTarget {
     if (wasConfigured) {
       this.dispatchEvent(makeEvent("disconnect", { clientId: this._clientId }));
     }
-    if (es.readyState !== 2 && this._clientId && this._esClientId !== this._clientId) {
+    if (this._shutdownRetryMs !== null) {
+      // The server is shutting down and said when to come back (its delay is
+      // drawn per stream): reopen then, as this client, not at once nor when
+      // the browser would (it does not for a first stream).
+      const delay = this._shutdownRetryMs;
+      this._dropStream();
+      this._reopenAfter(delay);
+    } else if (es.readyState !== 2 && this._clientId && this._esClientId !== this._clientId) {
       // The browser would reconnect to a URL without the client id (a new
       // client each time): reconnect as this client instead, resending the
       // last event id, and let the browser handle later drops.
@@ -391,20 +406,23 @@ export class Gochan extends EventTarget {
     }
     const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** this._attempts);
     this._attempts = Math.min(this._attempts + 1, 16);
+    this._reopenAfter(delay * (0.5 + Math.random() / 2));
+  }
+
+  /** Open the stream again, as the current client, in `delay` ms. */
+  _reopenAfter(delay) {
     clearTimeout(this._reopenTimer);
-    this._reopenTimer = setTimeout(
-      () => {
-        this._reopenTimer = null;
-        if (!this._closed && !this._es) this._open(this._clientId);
-      },
-      delay * (0.5 + Math.random() / 2),
-    );
+    this._reopenTimer = setTimeout(() => {
+      this._reopenTimer = null;
+      if (!this._closed && !this._es) this._open(this._clientId);
+    }, delay);
   }
 
   _onSystem(event) {
     const raw = event.data;
     if (raw === "Client closed") {
-      this.dispatchEvent(makeEvent("closed", {}));
+      const retryMs = this._shutdownRetryMs;
+      this.dispatchEvent(makeEvent("closed", retryMs === null ? {} : { retryMs }));
       return;
     }
     let frame;
@@ -415,6 +433,10 @@ export class Gochan extends EventTarget {
     }
     if (frame && typeof frame === "object" && frame.config) {
       this._onConfig(frame);
+    } else if (frame && typeof frame === "object" && frame.shutdown) {
+      // Just before "Client closed" at a shutdown: when to reconnect.
+      const retryMs = Number(frame.shutdown.retry_ms);
+      if (Number.isFinite(retryMs) && retryMs >= 0) this._shutdownRetryMs = retryMs;
     } else if (frame && typeof frame === "object" && frame.error) {
       const error = frame.error;
       if (error.topic !== undefined) this._failed.add(error.topic); // not retried until changed

@@ -43,10 +43,14 @@ CHROMIUM_FLAGS = [
 ]
 EXAMPLE_TOPICS = 50  # topics the example server publishes on
 EXAMPLE_INTERVAL_S = 0.1  # each topic once per 0.1 s: 10/s per topic, 500/s in all
+# A restart's pages come back within 1..2 s (gochan.js waits the server's
+# shutdown delay; the default window is 1..30 s).
+EXAMPLE_SHUTDOWN_RETRY_MAX_S = 2.0
 START_TIMEOUT_S = 15.0
 
-# Records every EventSource the page opens, so a test can listen on the wire
-# itself (what the server sends), not only through gochan.js.
+# Records every EventSource the page opens (and when: createdAt, from
+# performance.now()), so a test can listen on the wire itself (what the
+# server sends), not only through gochan.js.
 WIRE_RECORDER = """
 (() => {
   const Native = window.EventSource;
@@ -54,6 +58,7 @@ WIRE_RECORDER = """
   window.EventSource = class extends Native {
     constructor(url, init) {
       super(url, init);
+      this.createdAt = performance.now();
       window.__sources.push(this);
     }
   };
@@ -198,6 +203,7 @@ class ExampleServer(Process):
         argv = [sys.executable, str(EXAMPLE / "server.py"), "--port", str(port)]
         if not defaults:
             argv += ["--topics", str(topics), "--interval", str(interval)]
+            argv += ["--shutdown-retry-max", str(EXAMPLE_SHUTDOWN_RETRY_MAX_S)]
         super().__init__(argv, log)
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -233,13 +239,14 @@ def example_defaults(tmp_path: Path) -> Iterator[ExampleServer]:
 
 @pytest.fixture
 def gochan_server(tmp_path: Path) -> Iterator[Any]:
-    """A factory: plain ``python -m gochan.server`` with the given flags."""
+    """A factory: plain ``python -m gochan.server`` with the given flags, on
+    a free port or on ``port`` (to restart a server where it was)."""
     started: list[Process] = []
 
-    def start(*flags: str) -> tuple[str, Process]:
-        port = free_port()
+    def start(*flags: str, port: int | None = None) -> tuple[str, Process]:
+        port = port or free_port()
         argv = [sys.executable, "-m", "gochan.server", "--port", str(port), *flags]
-        proc = Process(argv, tmp_path / f"gochan-{port}.log")
+        proc = Process(argv, tmp_path / f"gochan-{port}-{len(started)}.log")
         proc.start()
         started.append(proc)
         return f"http://127.0.0.1:{port}", proc

@@ -10,7 +10,7 @@
 // Node before 22 loads only with that flag; test_gochan_js_node.py passes a
 // ".mjs" copy in GOCHAN_JS instead, which works on any Node >= 20.)
 import assert from "node:assert/strict";
-import { afterEach, beforeEach, test } from "node:test";
+import { afterEach, beforeEach, mock, test } from "node:test";
 import { pathToFileURL } from "node:url";
 
 const source = process.env.GOCHAN_JS
@@ -54,6 +54,12 @@ class FakeEventSource extends EventTarget {
     this.open();
     const config = { client_id: clientId, client_ttl_millis: 60000 };
     this.frame("message", JSON.stringify({ config, subscriptions }));
+  }
+
+  /** The end of a stream at a server shutdown: the delay, then Client closed. */
+  shutdown(retryMs) {
+    this.frame("message", JSON.stringify({ shutdown: { retry_ms: retryMs } }));
+    this.frame("message", "Client closed");
   }
 
   /** Connection lost; readyState 0: the browser retries, 2: it gave up. */
@@ -134,6 +140,7 @@ beforeEach(() => {
 
 afterEach(() => {
   delete globalThis.reportError;
+  mock.timers.reset();
 });
 
 test("the first stream carries the topics; later changes of one task make one update", async () => {
@@ -502,4 +509,95 @@ test("close() stops everything; connect() resumes as the same client", async () 
   last().config("c1", ["a"]);
   await gc.flush();
   assert.deepEqual(server.updates, [{ client_id: "c1", add: ["b"], remove: [] }]);
+});
+
+test("at a shutdown the first stream reopens as the same client after the server's delay", async () => {
+  const gc = client();
+  gc.subscribe("a", () => {});
+  await tick();
+  const first = last();
+  first.config("c1", ["a"]);
+  first.frame("a", "x", "e-7");
+  await gc.flush();
+  mock.timers.enable({ apis: ["setTimeout"] }); // the delay on a clock of the test's own
+  first.shutdown(2500);
+  assert.deepEqual(events.slice(-1), [["closed", { retryMs: 2500 }]]);
+  assert.equal(kinds().includes("message"), false); // the shutdown frame is not a "message"
+  first.drop(0);
+  assert.ok(first.closed, "the browser does not reconnect it either");
+  assert.equal(gc.connected, false);
+  assert.deepEqual(events.slice(-1), [["disconnect", { clientId: "c1" }]]);
+  gc.subscribe("b", () => {}); // a change while it waits does not open it early
+  mock.timers.tick(0);
+  mock.timers.tick(2499);
+  assert.equal(streams().length, 1);
+  mock.timers.tick(1);
+  assert.equal(streams().length, 2);
+  const second = last();
+  assert.equal(second.query.get("id"), "c1");
+  assert.equal(second.query.get("last_event_id"), "e-7");
+  assert.equal(second.query.get("topic"), null);
+  mock.timers.reset();
+  server.topics = new Set(["a"]);
+  second.config("c1", ["a"]);
+  await gc.flush();
+  assert.deepEqual(server.updates, [{ client_id: "c1", add: ["b"], remove: [] }]);
+  const reconnect = events.find(([type]) => type === "reconnect")[1];
+  assert.deepEqual(reconnect, { clientId: "c1", previousClientId: "c1", sameClient: true });
+});
+
+test("at a shutdown a stream that names the client also waits the server's delay", async () => {
+  const gc = client();
+  gc.subscribe("a", () => {});
+  await tick();
+  last().config("c1", ["a"]);
+  last().drop(0); // the first stream dropped: the next one names the client
+  const named = last();
+  named.config("c1", ["a"]);
+  named.frame("a", "y", "e-9");
+  mock.timers.enable({ apis: ["setTimeout"] });
+  named.shutdown(700);
+  named.drop(0);
+  assert.ok(named.closed);
+  mock.timers.tick(699);
+  assert.equal(streams().length, 2);
+  mock.timers.tick(1);
+  assert.equal(streams().length, 3);
+  assert.equal(last().query.get("id"), "c1");
+  assert.equal(last().query.get("last_event_id"), "e-9");
+});
+
+test("close() while waiting out a shutdown delay cancels the reopening", async () => {
+  const gc = client();
+  gc.subscribe("a", () => {});
+  await tick();
+  last().config("c1", ["a"]);
+  mock.timers.enable({ apis: ["setTimeout"] });
+  last().shutdown(1000);
+  last().drop(0);
+  gc.close();
+  mock.timers.tick(5000);
+  assert.equal(streams().length, 1);
+  gc.connect(); // a new start does not wait for the old delay
+  mock.timers.tick(0);
+  assert.equal(streams().length, 2);
+  assert.equal(last().query.get("id"), "c1");
+});
+
+test("Client closed without a shutdown frame: the first stream reopens at once, as before", async () => {
+  const gc = client();
+  gc.subscribe("a", () => {});
+  await tick();
+  const first = last();
+  first.config("c1", ["a"]);
+  first.frame("message", "Client closed"); // the client was removed, or its token expired
+  assert.deepEqual(events.slice(-1), [["closed", {}]]);
+  first.drop(0);
+  assert.equal(streams().length, 2);
+  assert.equal(last().query.get("id"), "c1");
+  // A shutdown frame of an earlier stream does not carry over to this one.
+  const second = last();
+  second.config("c1", ["a"]);
+  second.frame("message", "Client closed");
+  assert.deepEqual(events.slice(-1), [["closed", {}]]);
 });

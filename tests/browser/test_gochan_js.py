@@ -161,3 +161,70 @@ def test_reconnects_as_the_same_client_after_a_drop(
     assert updates == []  # the server kept the topics: nothing to re-apply
     assert proxy.accepted >= 3
     browser.assert_no_errors()
+
+
+# Every event of the page's gochan.js, with when it came (performance.now()).
+TIMED_SETUP = """async ({ topic }) => {
+    const { Gochan } = await import("/gochan.js");
+    const gc = new Gochan();
+    window.gc = gc;
+    window.got = [];
+    window.sys = [];
+    const types = ["open", "config", "reconnect", "disconnect", "error", "replay", "closed"];
+    for (const type of types) {
+        gc.addEventListener(type, (e) => sys.push([type, e.detail, performance.now()]));
+    }
+    gc.subscribe(topic, (data, { id }) => got.push({ data, id }));
+    await gc.flush();
+    return gc.clientId;
+}"""
+SHUTDOWN_RETRY_S = 2.0
+EARLIEST_S = 1.5  # lenient: the delay is 2 s, timers and start-up vary
+
+
+def test_a_server_shutdown_delays_the_reconnect_by_the_servers_retry(
+    browser: BrowserSession, gochan_server: Any
+) -> None:
+    """SIGTERM ends the page's first stream (opened without a client id) with
+    a shutdown delay of 2 s; a new server is up on the same port well before
+    that. gochan.js opens no stream before the delay has passed (it used to
+    reopen at once), then opens one and comes back as a new client of the new
+    server, with its topic."""
+    window = str(SHUTDOWN_RETRY_S)
+    flags = ("--shutdown-retry-min", window, "--shutdown-retry-max", window)
+    base, old = gochan_server(*flags)
+    browser.page.goto(f"{base}/healthz")  # a page of gochan's origin: no CORS
+    client_id = browser.js(TIMED_SETUP, {"topic": "news"})
+    first = publish(base, "news", "before")
+    assert received(browser, 1)[0]["id"] == first
+    assert browser.js("() => window.__sources.length") == 1
+
+    old.stop()  # SIGTERM: the stream ends with the shutdown frame, Client closed
+    gochan_server(*flags, port=int(base.rsplit(":", 1)[1]))  # up again, same port
+    browser.wait_js(
+        "() => sys.filter(([t]) => t === 'reconnect').length === 1", timeout=SHUTDOWN_RETRY_S + 20
+    )
+    second = publish(base, "news", "after")
+    got = received(browser, 2)
+    assert [g["data"] for g in got] == ["before", "after"] and got[1]["id"] == second
+
+    events = browser.js("() => sys.map(([t, d, at]) => [t, d, at])")
+    sources = browser.js("() => window.__sources.map((es) => [es.url, es.createdAt])")
+    closed = [(detail, at) for kind, detail, at in events if kind == "closed"]
+    assert len(closed) == 1, events
+    closed_at = closed[0][1]
+    # The streams gochan.js opened after the end: none before the delay.
+    after = sources[1:]
+    assert after, sources
+    waited = [(at - closed_at) / 1000 for _, at in after]
+    assert min(waited) >= EARLIEST_S, waited
+    assert closed[0][0] == {"retryMs": int(SHUTDOWN_RETRY_S * 1000)}
+    # The first of them came back as the old client; the new server did not
+    # know it (401), so the next was a new client with the page's topic.
+    assert httpx.URL(after[0][0]).params.get("id") == client_id
+    fresh = httpx.URL(after[-1][0]).params
+    assert fresh.get("id") is None and fresh.get_list("topic") == ["news"]
+    reconnect = next(detail for kind, detail, _ in events if kind == "reconnect")
+    assert reconnect["previousClientId"] == client_id and reconnect["sameClient"] is False
+    print(f"streams opened {', '.join(f'{w:.2f}' for w in waited)} s after Client closed")
+    browser.assert_no_errors(allow="401|ERR_CONNECTION_REFUSED|favicon.ico")

@@ -1,6 +1,7 @@
 // Compiled (not run) by tsc against gochan/static/gochan.d.ts: the documented
 // usage type-checks, and misuse does not.
 import Gochan, {
+  type ClosedDetail,
   type ConfigDetail,
   type ErrorDetail,
   type GochanOptions,
@@ -49,6 +50,11 @@ gc.addEventListener("reconnect", (e) =>
 );
 gc.addEventListener("disconnect", (e) => console.log(e.detail.clientId));
 gc.addEventListener("open", (e) => console.log(e.detail.url));
+gc.addEventListener("closed", (e) => {
+  const detail: ClosedDetail = e.detail;
+  const wait: number | undefined = detail.retryMs;
+  console.log(wait === undefined ? "removed" : `back in ${wait} ms`);
+});
 gc.addEventListener("closed", () => gc.close());
 gc.addEventListener("message", (e) => console.log(e.detail.data));
 gc.addEventListener("custom-thing", (e: Event) => console.log(e.type));
@@ -78,5 +84,7 @@ new Gochan("", { batchDelay: 5 });
 new Gochan("", { token: 42 });
 // @ts-expect-error: read-only
 gc.clientId = "forged";
+// @ts-expect-error: retryMs may be absent (no shutdown frame)
+gc.addEventListener("closed", (e) => console.log(e.detail.retryMs.toFixed()));
 // @ts-expect-error: a config event's detail has no "code"
 gc.addEventListener("config", (e) => console.log(e.detail.code));

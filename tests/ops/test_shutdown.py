@@ -1,5 +1,6 @@
 """SIGTERM on a real ``python -m gochan.server`` under load: every stream
-gets ``Client closed`` with its own ``retry:`` from the configured window,
+gets a ``shutdown`` frame with its own delay from the configured window, then
+``Client closed`` with that delay as ``retry:``,
 the endings are spread over the grace period, the process exits within it
 even when some clients never read, and a second signal exits at once."""
 
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from gochan import Config
@@ -20,7 +22,7 @@ from gochan.errors import ConfigurationError
 from gochan.server.__main__ import FLAG_HELP
 from gochan.server.app import SHUTDOWN_SPREAD_FRACTION
 from tests.hardening._proc import ServerProcess, open_stuck_stream, server_process
-from tests.support import SSEStream, closing_retry, running, wait_for
+from tests.support import SSEStream, closing_retry, parse_frame, running, wait_for
 
 STREAMS = 200
 STUCK = 10
@@ -62,10 +64,18 @@ async def test_sigterm_under_load_spreads_retries_and_endings(tmp_path: Path) ->
         loop = asyncio.get_running_loop()
 
         async def last_frame(stream: SSEStream) -> tuple[int, float]:
-            frame = await stream.frame(timeout=GRACE_S + EXIT_MARGIN_S)
+            notice = await stream.frame(timeout=GRACE_S + EXIT_MARGIN_S)
+            closed = await stream.frame(timeout=GRACE_S + EXIT_MARGIN_S)
             ended = loop.time()
+            # The frame JavaScript can read comes just before Client closed,
+            # which is unchanged but for its retry: (the same delay).
+            shutdown = parse_frame(notice)
+            assert shutdown["event"] == "message", notice
+            retry_ms = orjson.loads(shutdown["data"])["shutdown"]["retry_ms"]
+            assert closed == b"retry: %d\nevent: message\ndata: Client closed\n\n" % retry_ms
             low, high = int(RETRY_MIN_S * 1000), int(RETRY_MAX_S * 1000)
-            retry = closing_retry(frame, low, high)
+            retry = closing_retry(notice + closed, low, high)
+            assert retry == retry_ms
             assert await stream.reader.read() == b""  # then the server closes
             return retry, ended
 

@@ -391,7 +391,7 @@ async def test_sigterm_stops_every_worker(gochan: ServerProcess) -> None:
             await client_id(stream)
         gochan.proc.send_signal(signal.SIGTERM)
         for stream in streams.values():
-            closing_retry(await stream.frame(SHUTDOWN_GRACE_S + SUPERVISOR_MARGIN_S))
+            closing_retry(await stream.closing(SHUTDOWN_GRACE_S + SUPERVISOR_MARGIN_S))
         code = await asyncio.to_thread(gochan.proc.wait, SHUTDOWN_GRACE_S + SUPERVISOR_MARGIN_S)
         assert code == 0, gochan.stderr()
         for pid in pids.values():  # reaped by the supervisor before it exited
