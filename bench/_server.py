@@ -81,6 +81,21 @@ def server_command(port: int, flags: Sequence[str] = ()) -> list[str]:
     ]
 
 
+def accepts_flags(tree: Path, flags: Sequence[str]) -> bool:
+    """Whether the gochan in ``tree`` knows ``flags`` (``--check-config`` with
+    them exits 0): a flag newer than an old revision under test is left out."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(
+        [sys.executable, "-m", "gochan.server", "--check-config", *flags],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode == 0
+
+
 def start_server(
     cmd: Sequence[str],
     tree: Path,

@@ -98,8 +98,15 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- the server process
 
 
-def server_command(args: argparse.Namespace, port: int) -> list[str]:
+# One address opens every connection, as fast as it can: the connection rate
+# limit (builds that have it) would answer most of them 429.
+NO_RATE_LIMIT = ["--connection-rate-per-peer", "0"]
+
+
+def server_command(args: argparse.Namespace, port: int, tree: Path | None = None) -> list[str]:
     flags = ["--log-level", "warning", "--client-ttl", str(args.client_ttl)]
+    if tree is not None and _server.accepts_flags(tree, NO_RATE_LIMIT):
+        flags += NO_RATE_LIMIT
     return _server.server_command(
         port, [*flags, "--history-age", str(args.history_age), *args.server_arg]
     )
@@ -547,7 +554,7 @@ async def soak(args: argparse.Namespace, proc: subprocess.Popen[Any], port: int)
     return {
         "args": vars(args),
         "port": port,
-        "server_command": server_command(args, port),
+        "server_command": proc.args,
         "elapsed_s": elapsed,
         "cycles_per_s": st.cycles / elapsed if elapsed else 0.0,
         "server_cpu_s": cpu,
@@ -676,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     tree = _server.source_tree(args.rev, log)
     log_path = RESULTS / f"soak-server-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    cmd = server_command(args, port)
+    cmd = server_command(args, port, tree)
     log(f"server: {' '.join(cmd)} in {tree} (output to {log_path})")
     with open(log_path, "w") as server_log:
         try:
