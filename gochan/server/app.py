@@ -129,7 +129,7 @@ class Server:
         if isinstance(peername, tuple) and peername and isinstance(peername[0], str):
             # One shared instance per address, for the connection and its clients.
             address = sys.intern(peername[0])
-            if self.connection_rate is not None:
+            if self.connection_rate is not None and proto.new_connection:
                 wait = self.connection_rate.take(address)
                 if wait:
                     metrics.connections_refused += 1

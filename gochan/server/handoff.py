@@ -251,11 +251,12 @@ class HandoffProtocol(HttpProtocol):
     bytes read since it was last idle, and passes the connection on when a
     request names a client another worker holds."""
 
-    __slots__ = ("_drop_rest", "_first_input", "_fresh", "_owner", "_raw")
+    __slots__ = ("_drop_rest", "_first_input", "_fresh", "_owner", "_raw", "new_connection")
 
     def __init__(self, server: Server, first_input: bytes = b"") -> None:
         super().__init__(server)
         self._first_input = first_input  # read by the worker that passed it here
+        self.new_connection = not first_input  # passed on: counted where it was accepted
         self._raw: bytes | None = b""  # since idle; None: past the bound, not passable
         self._fresh = False  # the next complete request starts at _raw[0]
         self._owner = -1  # the worker it is being passed to

@@ -71,6 +71,10 @@ class _Rejected(Exception):
 
 
 class HttpProtocol(asyncio.Protocol):
+    # A connection accepted here takes a token of its address's connection
+    # rate; one another worker accepted and passed on has taken it there.
+    new_connection = True
+
     __slots__ = (
         "_body",
         "_body_len",

@@ -114,3 +114,23 @@ async def test_message_without_one_socket_is_dropped() -> None:
             sock, data = await asyncio.wait_for(ends.adopted.get(), 5)
             sock.close()
             assert data == b"after"
+
+
+def test_a_passed_connection_takes_no_second_token_of_the_connection_rate() -> None:
+    """The worker that accepted a connection counted it against its
+    address's connection rate; the owner it is passed to does not count it
+    again (a browser's reconnects would otherwise use up twice their rate)."""
+    from gochan import Config, Streamer
+    from gochan.server.app import Server
+    from gochan.server.handoff import HandoffProtocol
+    from gochan.server.protocol import HttpProtocol
+
+    config = Config(connection_rate_per_peer=1, connection_burst_per_peer=1)
+    server = Server(Streamer(config), config, sweep=False)
+    peer = ("10.0.0.7", 40000)
+    assert server.admit(HttpProtocol(server), peer) is None  # the one token of the burst
+    refused = server.admit(HttpProtocol(server), peer)
+    assert refused is not None and refused[0] == 429
+    assert server.admit(HandoffProtocol(server), peer) is not None  # accepted here: counted
+    passed = HandoffProtocol(server, b"GET /events?id=w1.x HTTP/1.1\r\n\r\n")
+    assert server.admit(passed, peer) is None
