@@ -73,6 +73,9 @@ SSE_HEADERS = (
     (b"X-Accel-Buffering", b"no"),
 )
 PREFLIGHT_MAX_AGE_S = 600
+# Distinct Host values whose loopback check is remembered (a bounded table:
+# past it, it is emptied).
+HOST_ANSWERS_KEPT = 1024
 # Methods that change state: a cross-site page must not be able to send them
 # (a form or text/plain fetch needs no preflight).
 STATE_CHANGING = frozenset(("POST", "PUT", "PATCH", "DELETE"))
@@ -153,6 +156,7 @@ class Router:
                     methods[method] = self._guard(handler, authorize)
         self._origins = set(config.cors_origins)
         self._hosts = {h.lower() for h in config.allowed_hosts}
+        self._host_answers: dict[str, bool] = {}  # Host value -> _judge_host's answer
         self._static = Path(config.static_dir).resolve() if config.static_dir else None
 
     # -- dispatch ----------------------------------------------------------
@@ -233,6 +237,19 @@ class Router:
         return self.trust_loopback and self.check_publishers and not self.config.publish_key
 
     def _local_host(self, host: str) -> bool:
+        """Whether ``host`` (a Host header) names this machine's loopback, or
+        a name in allowed_hosts. Remembered per distinct value: parsing an IP
+        literal with ``ipaddress`` cost 11 of the 59 us of server CPU per
+        published message (bench/profiles/notifications.md), and publishers
+        send the same Host every time."""
+        known = self._host_answers.get(host)
+        if known is None:
+            if len(self._host_answers) >= HOST_ANSWERS_KEPT:
+                self._host_answers.clear()  # a stranger's many Host values: start over
+            known = self._host_answers[host] = self._judge_host(host)
+        return known
+
+    def _judge_host(self, host: str) -> bool:
         name = host.lower()
         if name.startswith("["):  # [v6]:port
             name = name[1 : name.find("]")] if "]" in name else name

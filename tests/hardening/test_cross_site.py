@@ -65,3 +65,25 @@ async def test_allowed_hosts_and_a_publish_key_lift_the_host_check() -> None:
         url = f"http://127.0.0.1:{server.port}/publish?topic=t"
         headers = {"Host": "gochan.example", "Authorization": "Bearer k"}
         assert (await http.post(url, content=b"x", headers=headers)).status_code == 200
+
+
+def test_the_host_check_is_remembered_per_value_and_bounded() -> None:
+    """The loopback Host check is kept per distinct Host (publishers send the
+    same one every time), answers as the check itself does, and a stranger's
+    stream of distinct values cannot grow the table past its bound."""
+    from gochan import Config, Streamer
+    from gochan.server import routes
+
+    config = Config(allowed_hosts=["app.internal"])
+    router = routes.Router(Streamer(config), config, lambda accept: (b"", ""))
+    hosts = [
+        "127.0.0.1:3000", "localhost", "LOCALHOST:80", "a.localhost", "[::1]:3000",
+        "127.0.0.1.nip.io", "attacker.example", "app.internal:8080", "10.0.0.1", "[::2]",
+    ]  # fmt: skip
+    want = [True, True, True, True, True, False, False, True, False, False]
+    assert [router._judge_host(h) for h in hosts] == want
+    for _ in range(2):  # the first answer computed, the second remembered
+        assert [router._local_host(h) for h in hosts] == want
+    for i in range(3 * routes.HOST_ANSWERS_KEPT):
+        assert router._local_host(f"host{i}.example") is False
+        assert len(router._host_answers) <= routes.HOST_ANSWERS_KEPT
