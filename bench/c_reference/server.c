@@ -445,6 +445,10 @@ static size_t handle_requests(conn_t *c, const char *in, size_t len) {
             break;
         }
         size_t head_len = (size_t)(end - p) + 4;
+        if (head_len > MAX_HEAD) {
+            respond_text(c, "431 Request Header Fields Too Large", "", 1);
+            break;
+        }
         size_t vlen, body_len = 0;
         const char *v;
         if (header(p, end + 2, "transfer-encoding:", &vlen)) {
