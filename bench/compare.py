@@ -1,4 +1,6 @@
-"""Side-by-side SSE fan-out benchmark: gochan against sse-starlette and aiohttp-sse.
+"""Side-by-side SSE fan-out benchmark: gochan against sse-starlette and aiohttp-sse,
+and against c-epoll, a minimal C epoll server (bench/c_reference/server.c) that
+shows this machine's limit in the same run.
 
 The "1000topics" workload: C connections, each subscribed at connect to K of T topics
 (every topic gets about C*K/T subscribers), and a publisher sending round-robin over
@@ -44,9 +46,11 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 LOADGEN_SRC = BENCH / "loadgen" / "sse_loadgen.c"
 LOADGEN_BIN = BENCH / "loadgen" / "build" / "sse_loadgen"
+C_REFERENCE_SRC = BENCH / "c_reference" / "server.c"
+C_REFERENCE_BIN = BENCH / "out" / "c-epoll"
 RESULTS = BENCH / "results"
 
-SERVERS = ("gochan", "gochan-nats", "sse-starlette", "aiohttp-sse")
+SERVERS = ("gochan", "gochan-nats", "sse-starlette", "aiohttp-sse", "c-epoll")
 DEFAULT_RATES = (100, 300, 1000, 3000, 5000, 7000, 10000, 15000, 20000, 30000, 50000, 100000)
 QUICK_RATES = (100, 1000, 10000)
 
@@ -77,16 +81,25 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- processes
 
 
-def build_loadgen() -> Path:
-    """Compile the load generator if the binary is missing or older than its source."""
-    if LOADGEN_BIN.exists() and LOADGEN_BIN.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
-        return LOADGEN_BIN
-    LOADGEN_BIN.parent.mkdir(parents=True, exist_ok=True)
+def build_c(src: Path, binary: Path, std: str, what: str) -> Path:
+    """Compile src with ``cc -O2`` if the binary is missing or older than its source."""
+    if binary.exists() and binary.stat().st_mtime >= src.stat().st_mtime:
+        return binary
+    binary.parent.mkdir(parents=True, exist_ok=True)
     cc = os.environ.get("CC", "cc")
-    cmd = [cc, "-O2", "-g", "-Wall", "-Wextra", "-std=gnu11", "-o", str(LOADGEN_BIN)]
-    log(f"building load generator: {' '.join([*cmd, str(LOADGEN_SRC)])}")
-    subprocess.run([*cmd, str(LOADGEN_SRC)], check=True, timeout=120)
-    return LOADGEN_BIN
+    cmd = [cc, "-O2", "-g", "-Wall", "-Wextra", f"-std={std}", "-o", str(binary), str(src)]
+    log(f"building {what}: {' '.join(cmd)}")
+    subprocess.run(cmd, check=True, timeout=120)
+    return binary
+
+
+def build_loadgen() -> Path:
+    return build_c(LOADGEN_SRC, LOADGEN_BIN, "gnu11", "load generator")
+
+
+def build_c_reference() -> Path:
+    """The C reference server (bench/c_reference/server.c) into bench/out/ (gitignored)."""
+    return build_c(C_REFERENCE_SRC, C_REFERENCE_BIN, "c11", "C reference server")
 
 
 def free_port() -> int:
@@ -130,6 +143,8 @@ def server_command(
         ]
     if name == "sse-starlette":
         return [py, str(BENCH / "peers" / "starlette_peer.py"), *common]
+    if name == "c-epoll":
+        return [str(C_REFERENCE_BIN), *common]
     if name == "aiohttp-sse":
         return [py, str(BENCH / "peers" / "aiohttp_peer.py"), *common]
     raise ValueError(f"unknown server {name!r}")
@@ -361,9 +376,20 @@ def judge(step: Json) -> bool:
     )
 
 
+def cc_version() -> str:
+    cc = os.environ.get("CC", "cc")
+    try:
+        done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return f"{cc} ?"
+    return done.stdout.split("\n", 1)[0].strip() or f"{cc} ?"
+
+
 def server_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
+    if name == "c-epoll":
+        return f"bench/c_reference/server.c, {cc_version()} -O2"
     packages = {
         "gochan": ["gochan", "uvloop", "httptools"],
         "gochan-nats": ["gochan", "uvloop", "httptools", "nats-py"],
@@ -476,6 +502,8 @@ def run_server(
     name: str, args: argparse.Namespace, loadgen_bin: Path, logdir: Path
 ) -> ServerResult:
     result = ServerResult(name=name, version=server_version(name))
+    if name == "c-epoll":
+        build_c_reference()
     port = free_port()
     nats_port: int | None = None
     lg_extra: list[str] = []

@@ -1,17 +1,24 @@
 """The benchmark's own tools work: the C load generator counts every delivery
-(its self-test), and bench/compare.py drives real gochan processes over HTTP
-and through a real NATS server end to end, and bench/chart.py draws a result's
-chart. Nothing here is timed: the runs are tiny and only their counts are checked."""
+(its self-test), bench/compare.py drives real gochan processes over HTTP
+and through a real NATS server end to end, the C reference server
+(bench/c_reference/server.c) answers and frames like gochan, and bench/chart.py
+draws a result's chart. Nothing here is timed: the runs are tiny and only their
+counts and bytes are checked."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -91,9 +98,7 @@ def test_compare_runs_gochan_over_http_and_nats(tmp_path: Path) -> None:
         assert (tmp_path / "result.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-def synthetic_report() -> dict[str, Any]:
-    """A small compare.py report of the real schema (compare.ServerResult's summaries),
-    made-up figures: 1,000 connections x 10 of 100 topics, 100 subscribers per topic."""
+def load_compare() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_compare", BENCH / "compare.py")
     assert spec is not None and spec.loader is not None
     compare = importlib.util.module_from_spec(spec)
@@ -102,6 +107,222 @@ def synthetic_report() -> dict[str, Any]:
         spec.loader.exec_module(compare)
     finally:
         del sys.modules[spec.name]
+    return compare
+
+
+# ---------------------------------------------------------------- the C reference server
+
+IO_TIMEOUT_S = 10.0  # a bound on every wait below, not a measure
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    compare = load_compare()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        compare.wait_listening(port, proc, 30.0)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def c_epoll(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The C reference server, built the way compare.py builds it."""
+    need(os.environ.get("CC", "cc"))
+    compare = load_compare()
+    binary = tmp_path_factory.mktemp("c-epoll") / "c-epoll"
+    built: Path = compare.build_c(compare.C_REFERENCE_SRC, binary, "c11", "C reference server")
+    return built
+
+
+def read_until(sock: socket.socket, buf: bytes, done: Callable[[bytes], bool]) -> bytes:
+    """Read from sock until done(buf) holds (each recv bounded by IO_TIMEOUT_S)."""
+    sock.settimeout(IO_TIMEOUT_S)
+    while not done(buf):
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed early; got {buf!r}"
+        buf += chunk
+    return buf
+
+
+def http_responses(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Split pipelined responses (Content-Length bodies) into (head, body) pairs;
+    a trailing incomplete one is left out."""
+    out = []
+    while b"\r\n\r\n" in data:
+        head, rest = data.split(b"\r\n\r\n", 1)
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        assert length is not None, head
+        size = int(length.group(1))
+        if len(rest) < size:
+            break
+        out.append((head, rest[:size]))
+        data = rest[size:]
+    return out
+
+
+def normal_head(head: bytes) -> list[bytes]:
+    """A response head without what differs by server and time (Server, Date)."""
+    return [
+        line for line in head.split(b"\r\n") if not line.lower().startswith((b"server:", b"date:"))
+    ]
+
+
+# Bodies with every kind of line break, trailing ones and none at all.
+PUBLISHES = [
+    ("news", b"line one\r\nline two\nline three\rline four"),
+    ("sport", b'{"payload":"sport 1"}'),
+    ("news", b"cr at the end\r\r\n\n"),
+    ("sport", b""),
+]
+
+
+def exchange(port: int) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    """Against a server on port: a stream on two topics, then the publishes in
+    pipelined pairs (one request to each topic, both in one write) and one to a
+    topic nobody holds. Returns the stream's head with its first frame, the
+    publish answers, and the message frames the stream got."""
+    host = f"Host: 127.0.0.1:{port}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT_S) as stream:
+        stream.sendall(b"GET /events?topic=news&topic=sport HTTP/1.1\r\n" + host + b"\r\n")
+        first = read_until(
+            stream, b"", lambda b: b"\r\n\r\n" in b and b"\n\n" in b.split(b"\r\n\r\n", 1)[1]
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT_S) as pub:
+            requests = [
+                b"POST /publish?topic=%s HTTP/1.1\r\n%sContent-Type: text/plain\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (topic.encode(), host, len(body), body)
+                for topic, body in [*PUBLISHES, ("nobody", b"x")]
+            ]
+            answers = b""
+            for pair in (requests[0:2], requests[2:4], requests[4:]):
+                pub.sendall(b"".join(pair))
+                want = len(http_responses(answers)) + len(pair)
+                answers = read_until(pub, answers, lambda b, n=want: len(http_responses(b)) >= n)
+        head, frames = first.split(b"\r\n\r\n", 1)
+        frames = read_until(stream, frames, lambda b: b.count(b"\n\n") >= 1 + len(PUBLISHES))
+    return head + b"\r\n\r\n", http_responses(answers), frames
+
+
+EXPECTED_FRAMES = (
+    b'event: message\ndata: {"config":{"client_id":"<client>","client_ttl_millis":60000},'
+    b'"subscriptions":["news","sport"]}\n\n'
+    b"event: news\nid: <id>\ndata: line one\ndata: line two\ndata: line three\n"
+    b"data: line four\n\n"
+    b'event: sport\nid: <id>\ndata: {"payload":"sport 1"}\n\n'
+    b"event: news\nid: <id>\ndata: cr at the end\ndata: \ndata: \ndata: \n\n"
+    b"event: sport\nid: <id>\ndata: \n\n"
+)
+EVENT_ID = rb"[0-9a-f]{8}-[0-9]+"
+
+
+def normal_frames(frames: bytes) -> bytes:
+    frames = re.sub(rb'"client_id":"[A-Za-z0-9_-]{24}"', b'"client_id":"<client>"', frames)
+    return re.sub(rb"(?m)^id: " + EVENT_ID + rb"$", b"id: <id>", frames)
+
+
+def test_c_reference_answers_and_frames_like_gochan(c_epoll: Path) -> None:
+    compare = load_compare()
+    seen = {}
+    for name, cmd in (
+        ("c-epoll", [str(c_epoll)]),
+        ("gochan", [sys.executable, "-m", "gochan.server", "--log-level", "warning"]),
+    ):
+        port = compare.free_port()
+        with serving([*cmd, "--host", "127.0.0.1", "--port", str(port)], port):
+            seen[name] = exchange(port)
+    head, answers, frames = seen["c-epoll"]
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert normal_head(head) == normal_head(seen["gochan"][0])
+    # Every publish answered in order: 200 and its id, null for the topic nobody holds.
+    assert [normal_head(h) for h, _ in answers] == [normal_head(h) for h, _ in seen["gochan"][1]]
+    ids = [json.loads(body)["id"] for _, body in answers]
+    assert ids[-1] is None and all(re.fullmatch(EVENT_ID.decode(), i) for i in ids[:-1])
+    epochs, seqs = zip(*(i.split("-") for i in ids[:-1]), strict=True)
+    assert len(set(epochs)) == 1 and [int(n) for n in seqs] == [1, 2, 3, 4]
+    # The frames, ids in the order of the answers; gochan sends the same bytes.
+    assert re.findall(rb"(?m)^id: (.*)$", frames) == [i.encode() for i in ids[:-1]]
+    assert normal_frames(frames) == EXPECTED_FRAMES
+    assert normal_frames(seen["gochan"][2]) == EXPECTED_FRAMES
+
+
+def test_c_reference_drops_a_stream_that_does_not_read(c_epoll: Path) -> None:
+    """Past --max-pending unsent bytes the stream is closed; the server keeps serving."""
+    compare = load_compare()
+    port = compare.free_port()
+    cmd = [str(c_epoll), "--port", str(port), "--max-pending", "65536", "--sndbuf", "4096"]
+    body = b"x" * 1000
+    publishes = 2000  # 2 MB for a stream that reads nothing
+    with serving(cmd, port), socket.socket() as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.settimeout(IO_TIMEOUT_S)
+        stuck.connect(("127.0.0.1", port))
+        stuck.sendall(b"GET /events?topic=t HTTP/1.1\r\n\r\n")
+        read_until(stuck, b"", lambda b: b"subscriptions" in b)
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT_S) as pub:
+            request = b"POST /publish?topic=t HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" + body
+            answers = b""
+            for _ in range(publishes // 10):  # 10 KB at a time, well under the bound
+                pub.sendall(request * 10)
+                want = len(http_responses(answers)) + 10
+                answers = read_until(pub, answers, lambda b, n=want: len(http_responses(b)) >= n)
+            pub.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+            answers = read_until(pub, answers, lambda b: len(http_responses(b)) > publishes)
+        assert http_responses(answers)[-1][1] == b"ok\n"
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := stuck.recv(65536):
+                received += chunk
+    frames = received.count(b"\nid: ")
+    assert 0 < frames < publishes // 2, frames  # cut off, not 2 MB kept for it
+
+
+def test_compare_runs_the_c_reference(tmp_path: Path) -> None:
+    need("cc")
+    out = tmp_path / "result.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "compare.py"),
+            "--servers",
+            "c-epoll",
+            "--connections",
+            "200",
+            "--rates",
+            "50,200",
+            "--warmup",
+            "0.3",
+            "--duration",
+            "1",
+            "--refine",
+            "0",
+            "--quiet-wait",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    server = json.loads(out.read_text())["servers"]["c-epoll"]
+    assert server["ok"] and server["connect"]["ready"] == 200
+    for step in server["steps"]:
+        assert step["received"] == step["expected"] == 2 * step["published"] > 0, step
+        assert step["disconnects"] == 0 and step["pub_non2xx"] == 0
+
+
+def synthetic_report() -> dict[str, Any]:
+    """A small compare.py report of the real schema (compare.ServerResult's summaries),
+    made-up figures: 1,000 connections x 10 of 100 topics, 100 subscribers per topic."""
+    compare = load_compare()
 
     def step(rate: float, deliveries: float, p99_ms: float, sustained: bool) -> dict[str, Any]:
         return {
