@@ -210,3 +210,20 @@ async def test_query_strings_decode_like_browsers_send_them() -> None:
             server.port, f"GET /events?{many} HTTP/1.1\r\nConnection: close\r\n\r\n".encode()
         )
         assert answer.startswith(b"HTTP/1.1 400") and b"query parameters" in answer
+
+
+def test_the_prebuilt_json_answer_is_the_general_one() -> None:
+    """json_ok (the publish answer's path) writes byte for byte what
+    simple_response writes for a 200 JSON answer on a keep-alive connection,
+    and follows the Date as it is refreshed."""
+    from gochan.server import http
+
+    for body in (b'{"id":"5f3a9c1e-42"}', b'{"id":null}', b""):
+        assert http.json_ok(body) == http.simple_response(200, body, content_type=http.JSON)
+    http._date = b"Date: Thu, 01 Jan 1970 00:00:00 GMT\r\n"  # as if the clock had moved
+    try:
+        http.refresh_date()
+        assert http.json_ok(b"{}") == http.simple_response(200, b"{}", content_type=http.JSON)
+        assert b"1970" not in http.json_ok(b"{}")
+    finally:
+        http.refresh_date()

@@ -23,7 +23,7 @@ import httptools
 
 from ..log import server_logger
 from ..stream import Stream
-from .http import NO_PEER, Peer, Request, response_head, simple_response
+from .http import JSON, NO_PEER, Peer, Request, json_ok, response_head, simple_response
 from .routes import Headers, OpenStream, Reply, Response
 
 if TYPE_CHECKING:
@@ -450,6 +450,15 @@ class HttpProtocol(asyncio.Protocol):
             return
         if reply.content_type is None:  # a bare head (HEAD of the event stream)
             data = response_head(reply.status, reply.headers + cors, keep_alive=request.keep_alive)
+        elif (
+            reply.status == 200
+            and reply.content_type is JSON
+            and not reply.headers
+            and not cors
+            and request.keep_alive
+            and request.method != "HEAD"
+        ):  # a publish's answer, the common case
+            data = json_ok(reply.body)
         else:
             data = simple_response(
                 reply.status,
