@@ -5,6 +5,7 @@ The lifecycle they share is :mod:`gochan.drivers._lifecycle`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import unicodedata
@@ -87,17 +88,12 @@ async def bounded(aw: Awaitable[_T], timeout_s: float, broker: str) -> _T:
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     """Cancel ``task`` and wait until it has ended (nothing for None or the
-    calling task itself). A cancellation of the CALLER still propagates:
-    ``asyncio.wait`` does not raise the task's own CancelledError, so there is
-    none to suppress (suppressing it around ``await task`` also swallowed the
-    caller's, and a test cancelled at its timeout went on as if nothing had
-    happened)."""
+    calling task itself)."""
     if task is None or task is asyncio.current_task():
         return
     task.cancel()
-    await asyncio.wait((task,))
-    if not task.cancelled():
-        task.result()  # its own failure, raised as awaiting it would
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def redact_url(url: str) -> str:

@@ -122,34 +122,3 @@ async def test_delivery_is_guarded_and_counted() -> None:
     assert (stats["received"], stats["stray"]) == (1, 2)
     await driver.close()
     await asyncio.sleep(0)
-
-
-async def test_cancel_and_wait_lets_the_callers_own_cancellation_through() -> None:
-    """A caller cancelled while it waits for a task to end is cancelled: the
-    task's CancelledError is not raised to it, the caller's is (a suppress
-    around ``await task`` swallowed both)."""
-    from gochan.drivers._common import cancel_and_wait
-
-    release = asyncio.Event()
-
-    async def slow_to_stop() -> None:
-        try:
-            await asyncio.sleep(3600)
-        finally:
-            await release.wait()  # cleanup that takes a while
-
-    target = asyncio.create_task(slow_to_stop())
-    await asyncio.sleep(0)
-    caller = asyncio.create_task(cancel_and_wait(target))
-    await asyncio.sleep(0.01)
-    caller.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await caller
-    release.set()
-    await asyncio.wait((target,))
-    assert target.cancelled()
-    # And an ordinary wait: returns once the task is cancelled, raising nothing.
-    done = asyncio.create_task(asyncio.sleep(3600))
-    await asyncio.sleep(0)
-    await cancel_and_wait(done)
-    assert done.cancelled()
