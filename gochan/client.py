@@ -95,6 +95,7 @@ class Client:
         "id",
         "identity",
         "peer",
+        "shared",
         "streams",
         "updating",
     )
@@ -113,6 +114,9 @@ class Client:
         # has a live stream.
         self.expires_at: float | None = None
         self.closed = False
+        # In a cluster: its record is in the cluster store, which has the
+        # last word on its topics.
+        self.shared = False
         self.updating: object = None  # the streamer's per-client update lock
 
     @property

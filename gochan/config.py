@@ -26,6 +26,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ DEFAULT_WRITE_BUFFER_HIGH_BYTES = 64 * 1024
 DEFAULT_STREAM_SEND_BUFFER_BYTES = 256 * 1024
 DEFAULT_MAX_FLUSH_DELAY_S = 0.0  # off: see max_flush_delay
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
+DEFAULT_CLUSTER_NAME = "gochan"
+DEFAULT_CLUSTER_TIMEOUT_S = 5.0  # an update waits this long for the other nodes
 DEFAULT_WORKERS = 1  # processes serving the port (SO_REUSEPORT); 1: this process alone
 # At shutdown each stream gets a "retry:" drawn uniformly from this window
 # (seconds), so browsers do not all reconnect in the same second.
@@ -119,6 +122,7 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
             "max_streams_per_identity",
             "publish_rate_per_identity",
             "publish_burst",
+            "cluster_timeout",
         ),
         _ABOVE_ZERO,
     ),
@@ -224,6 +228,14 @@ class Config:
     # One JSON line per request on the gochan.access logger (stderr).
     access_log: bool = False
 
+    # Cluster (docs/cluster.md): client state on the broker's store, so any
+    # node serves any client.
+    cluster: bool = False
+    cluster_store: str = ""  # nats:// or redis:// URL; "": the driver's own broker
+    cluster_name: str = DEFAULT_CLUSTER_NAME  # keys and channels of one cluster
+    node_id: str = ""  # "": host name, process id and random characters
+    cluster_timeout: float = DEFAULT_CLUSTER_TIMEOUT_S
+
     # Security
     publish_key: str = ""
     cors_origins: list[str] = field(default_factory=list)
@@ -270,6 +282,8 @@ class Config:
                 f"workers: {self.workers} processes cannot share the mem driver's state "
                 "(it lives in one process); use a broker driver such as nats or redis"
             )
+        if self.cluster:
+            self._check_cluster()
         if self.shutdown_retry_max < self.shutdown_retry_min:
             raise ConfigurationError(
                 f"shutdown_retry_max: expected a number >= shutdown_retry_min "
@@ -285,6 +299,29 @@ class Config:
             name: _convert_option(self.driver, name, value, params)
             for name, value in self.driver_options.items()
         }
+
+    def _check_cluster(self) -> None:
+        if self.workers > 1:
+            raise ConfigurationError(
+                "cluster: run one node per process (workers: 1); each node serves any client"
+            )
+        if self.driver == "mem":
+            raise ConfigurationError(
+                "cluster: the mem driver's messages stay in one process; use a broker driver"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", self.cluster_name):
+            raise ConfigurationError(
+                f"cluster_name: 1..32 characters of A-Z a-z 0-9 _ -, got {self.cluster_name!r}"
+            )
+        if self.node_id and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.node_id):
+            raise ConfigurationError(
+                f"node_id: 1..64 characters of A-Z a-z 0-9 _ -, got {self.node_id!r}"
+            )
+        if self.driver not in ("nats", "redis") and not self.cluster_store:
+            raise ConfigurationError(
+                f"cluster: the {self.driver} driver has no store of its own; "
+                "set cluster_store to a nats:// or redis:// URL"
+            )
 
     def _check_jwt(self) -> None:
         algorithms = self.jwt_algorithms
@@ -394,6 +431,16 @@ FLAG_HELP: dict[str, str] = {
     "connection_burst_per_peer": "new connections one peer address may open at once above "
     "that rate, the token bucket's size (default 200)",
     "access_log": "one JSON line per request on stderr, logger gochan.access (default false)",
+    "cluster": "keep client state on the cluster store so any node serves any client; "
+    "needs the nats or redis driver, or cluster_store (default false)",
+    "cluster_store": "the cluster store, a nats:// (JetStream on) or redis:// URL "
+    "(default none: the driver's own server)",
+    "cluster_name": "names the keys and channels of one cluster on its store, "
+    "1..32 of A-Z a-z 0-9 _ - (default gochan)",
+    "node_id": "this node's name in the cluster, 1..64 of A-Z a-z 0-9 _ - "
+    "(default none: host name, process id and 4 random hex digits)",
+    "cluster_timeout": "seconds an update waits for the nodes holding the client's streams "
+    "before it is answered 504 (default 5 s)",
     "workers": "processes serving one port (SO_REUSEPORT), each a full node on the broker, "
     "restarted when one dies; refused for driver mem (default 1)",
     # Security

@@ -12,6 +12,8 @@ __all__ = [
     "BrokerError",
     "ClientExistsError",
     "ClosedError",
+    "ClusterError",
+    "ClusterTimeoutError",
     "ConfigurationError",
     "GochanError",
     "InterfaceError",
@@ -96,6 +98,14 @@ class ReplayGapError(BrokerError):
 
 class BrokerConnectionError(BrokerError, ConnectionError):
     """The broker cannot be reached."""
+
+
+class ClusterError(BrokerError):
+    """The cluster store refused or failed an operation."""
+
+
+class ClusterTimeoutError(ClusterError):
+    """A node holding a client's stream did not acknowledge an update in time."""
 
 
 class ClosedError(GochanError):

@@ -25,6 +25,7 @@ from .client import (
     validate_client_id,
     validate_topic,
 )
+from .cluster import ClusterNode
 from .config import DEFAULT_TICK_S, Config
 from .drivers import Driver, MemDriver, create_driver
 from .errors import (
@@ -77,11 +78,14 @@ class Streamer:
         *,
         driver: Driver | None = None,
         authorize: Authorize | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
         """``authorize``: the hook every front end runs before ``/events``,
         ``/update_subscriptions`` and ``/publish`` (see :mod:`gochan.auth`);
         by default the JWT authorizer the config's ``jwt_*`` settings ask
-        for, or none (authorization off)."""
+        for, or none (authorization off). ``cluster``: this node's part of a
+        cluster (see :mod:`gochan.cluster`); by default the one the config's
+        ``cluster`` setting asks for, or none."""
         self.config = config or Config()
         self.driver: Driver = driver or create_driver(
             self.config.driver, self.config.driver_options
@@ -89,6 +93,9 @@ class Streamer:
         self.authorize: Authorize | None = (
             authorize if authorize is not None else JWTAuthorizer.from_config(self.config)
         )
+        self.cluster: ClusterNode | None = cluster
+        if cluster is None and self.config.cluster:
+            self.cluster = ClusterNode(self.config)
         self.publish_buckets = RateLimit(
             self.config.publish_rate_per_identity, self.config.publish_burst
         )
@@ -145,6 +152,12 @@ class Streamer:
             send_buffer=self.config.stream_send_buffer_bytes,
         )
         await self.driver.connect(self)
+        if self.cluster is not None:
+            try:
+                await self.cluster.start(self)
+            except BaseException:
+                await self.driver.close()
+                raise
         self._started = True
         self._next_heartbeat = time.monotonic() + self.config.heartbeat
         self._tick_task = loop.create_task(self._tick_loop(), name="gochan-tick")
@@ -167,6 +180,8 @@ class Streamer:
         self._peer_clients.clear()
         self._token_expiry.clear()
         self._token_streams.clear()
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.driver.close()
 
     async def __aenter__(self) -> Streamer:
@@ -188,7 +203,7 @@ class Streamer:
 
     @property
     def ready(self) -> bool:
-        return self.started and self.driver.ready
+        return self.started and self.driver.ready and (self.cluster is None or self.cluster.ready)
 
     def add_tick_hook(self, hook: TickHook) -> None:
         """Call ``hook(now)`` on every tick (``time.monotonic()`` clock)."""
@@ -220,7 +235,7 @@ class Streamer:
                 # again, and nobody can attach to it in between.
                 del self._clients[client_id]
                 self.counters["clients_expired"] += 1
-                self._spawn(self.remove_client(client))
+                self._spawn(self._expire(client))
         if self._token_expiry and self._token_expiry[0][0] <= time.time():
             self._end_expired_tokens(time.time())
         self.publish_buckets.forget_idle(now)
@@ -228,6 +243,11 @@ class Streamer:
         self.hub.sweep(now)  # slow consumers being cut
         for hook in self._tick_hooks:
             hook(now)
+
+    async def _expire(self, client: Client) -> None:
+        await self._end_client(client)
+        if self.cluster is not None and client.shared:
+            await self.cluster.expire(client.id)  # and cluster-wide, if no node holds it
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -277,6 +297,7 @@ class Streamer:
         authorization is on (None: only requests without one)."""
         client = self.create_client(identity=identity)
         await self._subscribe_new(client, topics)
+        await self._share(client)
         return client
 
     async def new_custom_client(
@@ -289,7 +310,59 @@ class Streamer:
             raise ClientExistsError(f"client id {client_id!r} is in use")
         client = self._add_client(client_id, identity=identity)
         await self._subscribe_new(client, topics)
+        await self._share(client)
         return client
+
+    async def _share(self, client: Client) -> None:
+        if self.cluster is None:
+            return
+        try:
+            await self.cluster.register(client, holding=False)
+        except BaseException:
+            await self._end_client(client)
+            raise
+
+    async def register_client(self, client: Client) -> None:
+        """In a cluster, put a client made here for a stream about to open
+        here in the cluster store (nothing without a cluster)."""
+        if self.cluster is not None:
+            await self.cluster.register(client, holding=True)
+
+    async def attach_client(self, client_id: str, identity: str | None) -> Client | None:
+        """The client a stream about to open is for, if ``identity`` owns
+        it; in a cluster, wherever it was made (it is taken from the store,
+        with its topics)."""
+        if self.cluster is not None:
+            return await self.cluster.attach(client_id, identity)
+        client = self._clients.get(client_id)
+        return client if client is not None and client.identity == identity else None
+
+    def adopt_client(self, client_id: str, identity: str | None) -> Client:
+        """A local client for one the cluster store has (no topics yet)."""
+        client = self._add_client(client_id, identity=identity)
+        client.shared = True
+        return client
+
+    async def apply_topics(self, client: Client, topics: list[str]) -> list[TopicError]:
+        """Make ``client``'s topics here exactly ``topics`` (the cluster
+        store's word), subscribing and unsubscribing as needed."""
+        wanted = self.check_topics(topics)
+        lock = client.updating
+        if not isinstance(lock, asyncio.Lock):
+            lock = client.updating = asyncio.Lock()
+        async with lock:
+            keep = set(wanted)
+            add = client.new_topics(wanted)
+            remove = [t for t in client.topics if t not in keep]
+            if not add and not remove:
+                return []
+            return await self._apply(client, add, remove)
+
+    async def forget_client(self, client_id: str) -> None:
+        """End a client here only (another node removed it cluster-wide)."""
+        found = self._clients.get(client_id)
+        if found is not None:
+            await self._end_client(found)
 
     async def _subscribe_new(self, client: Client, topics: Iterable[str]) -> None:
         try:
@@ -328,11 +401,22 @@ class Streamer:
 
     async def remove_client(self, client: Client | str) -> bool:
         """End the client's streams with ``Client closed`` and drop its topics
-        (the original gochan's ``Client.Close``)."""
+        (the original gochan's ``Client.Close``); in a cluster, on every node."""
         try:
             found = self._client(client)
         except UnknownClientError:
+            if self.cluster is not None and isinstance(client, str):
+                return await self.cluster.remove(client)
             return False
+        shared = found.shared and self.cluster is not None
+        await self._end_client(found)
+        if shared and self.cluster is not None:
+            await self.cluster.remove(found.id)
+        return True
+
+    async def _end_client(self, found: Client) -> None:
+        if found.closed and not found.topic_count and not found.streams:
+            return
         self._forget_client(found)
         for sub in list(found.streams):
             self.hub.finish(sub, CLIENT_CLOSED_FRAME)
@@ -340,7 +424,6 @@ class Streamer:
         for topic in found.topics:
             found._remove_topic(topic)
             await self.subscriptions.release(topic)
-        return True
 
     def discard_client(self, client: Client) -> None:
         """Remove a client that holds no topic and no stream, without
@@ -413,6 +496,8 @@ class Streamer:
         found = self._client(client)
         add_list = self.check_topics(add)
         remove_list = self.check_topics(remove)
+        if found.shared and self.cluster is not None:
+            return (await self.cluster.update(found.id, found.identity, add_list, remove_list))[1]
         final = (set(found.topics) | set(add_list)) - set(remove_list)
         if len(final) > self.config.max_topics_per_client:
             raise LimitExceededError(
@@ -534,6 +619,8 @@ class Streamer:
                     self._identity_streams.pop(identity, None)
             if not client.streams and not client.closed and not self._closed:
                 self._arm_expiry(client)
+                if self.cluster is not None and client.shared:
+                    self.cluster.release_soon(client)
         if self._token_streams and stream in self._token_streams:
             self._token_streams.discard(stream)
             heap = self._token_expiry
@@ -695,4 +782,5 @@ class Streamer:
             "history_messages": len(self.history),
             "history_bytes": self.history.bytes,
             "driver": self.driver.stats(),
+            "cluster": self.cluster.stats() if self.cluster is not None else None,
         }

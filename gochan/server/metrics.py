@@ -199,6 +199,9 @@ class MetricsCollector:
             family = CounterMetricFamily(name, help_text, labels=("driver",))
             family.add_metric((driver_name,), int(driver.get(key, 0)))
             yield family
+        cluster: dict[str, Any] | None = stats.get("cluster")
+        if cluster is not None:
+            yield from _cluster_families(cluster)
         try:
             latency, durations = streamer.hub.latency, streamer.hub.durations
         except InterfaceError:  # not started yet: the same buckets, empty
@@ -214,6 +217,40 @@ class MetricsCollector:
             "How long event streams lasted, observed when each one ends",
             durations,
         )
+
+
+def _cluster_families(cluster: dict[str, Any]) -> Iterator[Metric]:
+    """This node's view of its cluster (docs/cluster.md)."""
+    yield InfoMetricFamily(
+        "gochan_cluster_node",
+        "This node's name in its cluster and the cluster store it uses",
+        {"node_id": str(cluster["node_id"]), "store": str(cluster["store"])},
+    )
+    for name, help_text, key in (
+        ("gochan_cluster_store_up", "1 while the cluster store is reachable", "store_up"),
+        ("gochan_cluster_nodes", "Nodes heard on the cluster store in the last 3 s, "
+         "this one included", "nodes"),
+        ("gochan_cluster_held_clients", "Clients with a stream on this node, as the "
+         "cluster store lists them", "held_clients"),
+    ):  # fmt: skip
+        yield GaugeMetricFamily(name, help_text, int(cluster[key]))
+    for name, help_text, key in (
+        ("gochan_cluster_updates_total", "Subscription updates this node wrote to the "
+         "cluster store", "updates"),
+        ("gochan_cluster_remote_applies_total", "Updates other nodes asked this node to apply",
+         "remote_applies"),
+        ("gochan_cluster_ack_timeouts_total", "Updates answered 504: a holder did not "
+         "acknowledge within cluster_timeout", "ack_timeouts"),
+        ("gochan_cluster_conflicts_total", "Compare-and-set writes that lost a race and "
+         "were retried", "conflicts"),
+        ("gochan_cluster_attaches_total", "Streams opened here for a client read from the "
+         "cluster store", "attaches"),
+        ("gochan_cluster_expired_total", "Clients this node deleted from the store when "
+         "their TTL ran out", "expired"),
+        ("gochan_cluster_store_errors_total", "Background cluster store operations that "
+         "failed", "store_errors"),
+    ):  # fmt: skip
+        yield CounterMetricFamily(name, help_text, int(cluster[key]))
 
 
 def _histogram(name: str, help_text: str, source: Histogram) -> HistogramMetricFamily:

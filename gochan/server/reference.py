@@ -99,6 +99,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("Shutdown", ("shutdown_grace", "shutdown_retry_min", "shutdown_retry_max")),
+    ("Cluster", ("cluster", "cluster_store", "cluster_name", "node_id", "cluster_timeout")),
     (
         "Paths",
         (
@@ -119,6 +120,10 @@ UNITS: dict[str, str] = {
     "host": "address",
     "port": "TCP port",
     "workers": "processes",
+    "cluster_store": "URL",
+    "cluster_name": "name",
+    "node_id": "name",
+    "cluster_timeout": "seconds",
     "driver": "driver name",
     "log_level": "level",
     "client_ttl": "seconds",

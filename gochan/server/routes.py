@@ -26,6 +26,7 @@ from ..errors import (
     AuthError,
     BrokerError,
     ClosedError,
+    ClusterTimeoutError,
     InterfaceError,
     InvalidClientIdError,
     InvalidTopicError,
@@ -393,6 +394,8 @@ class Router:
                 validate_client_id(client_id)
             except InvalidClientIdError as exc:
                 return _text(400, exc)
+            if self.streamer.cluster is not None:
+                return self._events_in_cluster(request, client_id, topics, grant, query)
             client = self.streamer.get_client(client_id)
             # Another identity's client is answered as an unknown one: ids
             # can neither be taken over nor probed.
@@ -434,7 +437,43 @@ class Router:
                 return _text(400, exc)
             if not subscribed:  # a topic the broker must subscribe to first
                 return self._subscribe_then_stream(client, topics, drop, last_id, created, grant)
+        if created and self.streamer.cluster is not None:
+            return self._subscribe_then_stream(client, [], (), last_id, created, grant)
         return self._open_stream(client, [], last_id, grant)
+
+    async def _events_in_cluster(
+        self,
+        request: Request,
+        client_id: str,
+        topics: list[str],
+        grant: Grant | None,
+        query: dict[str, list[str]],
+    ) -> Reply:
+        """GET /events?id= on a cluster node: the client may have been made
+        on any node; its record in the cluster store says whose it is and
+        what it holds."""
+        identity = grant.sub if grant is not None else None
+        cluster = self.streamer.cluster
+        assert cluster is not None
+        try:
+            if request.method == "HEAD":
+                found = await cluster.lookup(client_id, identity)
+                if found is None:
+                    return _text(401, "Invalid client ID")
+                return Response(200, b"", [h for h in SSE_HEADERS if h[0] != b"Connection"], None)
+            client = await self.streamer.attach_client(client_id, identity)
+        except LimitExceededError as exc:
+            return _text(503, exc)
+        except (BrokerError, ClosedError) as exc:
+            return _text(503, f"cluster store: {exc}")
+        if client is None:
+            return _text(401, "Invalid client ID")
+        refusal = self._stream_refusal(client, identity)
+        if refusal is not None:
+            return refusal
+        last_id = request.headers.get("last-event-id") or (query.get("last_event_id") or [""])[0]
+        drop = grant.subscribe.refused(client.topics) if grant is not None else ()
+        return await self._subscribe_then_stream(client, topics, drop, last_id, False, grant)
 
     async def _subscribe_then_stream(
         self,
@@ -445,14 +484,24 @@ class Router:
         created: bool,
         grant: Grant | None,
     ) -> Reply:
+        errors: list[TopicError] = []
         try:
-            errors = await self.streamer.update_subscriptions(client, add=topics, remove=drop)
+            if topics or drop:
+                errors = await self.streamer.update_subscriptions(client, add=topics, remove=drop)
+            if created:
+                await self.streamer.register_client(client)
         except LimitExceededError as exc:
             if created and not client.topic_count and not client.streams:
                 self.streamer.discard_client(client)
             return _text(400, exc)
         except (UnknownClientError, ClosedError):
             return _text(401, "Invalid client ID")
+        except ClusterTimeoutError as exc:
+            return _text(504, exc)
+        except BrokerError as exc:  # the cluster store's: the broker's are in errors
+            if created:
+                await self.streamer.remove_client(client)
+            return _text(503, f"cluster store: {exc}")
         # Other streams may have opened while the broker answered.
         refusal = self._stream_refusal(client, client.identity)
         if refusal is not None:
@@ -498,9 +547,11 @@ class Router:
                 return _text(400, f"{key} must be a list of strings")
             lists.append(value)
         grant = request.grant
+        identity = grant.sub if grant is not None else None
         client = self.streamer.get_client(client_id)
         # Another identity's client is answered as an unknown one.
-        if client is None or client.identity != (grant.sub if grant is not None else None):
+        cluster = self.streamer.cluster is not None
+        if not cluster and (client is None or client.identity != identity):
             return _text(400, "Invalid Client ID")
         try:
             self.streamer.check_topics(lists[0] + lists[1])
@@ -514,7 +565,44 @@ class Router:
                 denied = dict.fromkeys(refused)
                 add = [t for t in add if t not in denied]
                 forbidden = [TopicError(t, "forbidden", FORBIDDEN_TOPIC) for t in denied]
+        if cluster:
+            return self._update_in_cluster(client_id, identity, add, lists[1], forbidden)
+        assert client is not None
         return self._update(client, add, lists[1], forbidden)
+
+    async def _update_in_cluster(
+        self,
+        client_id: str,
+        identity: str | None,
+        add: list[str],
+        remove: list[str],
+        forbidden: list[TopicError],
+    ) -> Reply:
+        """An update answered by any node: written to the client's record,
+        applied on the streams of every node holding one, then answered."""
+        cluster = self.streamer.cluster
+        assert cluster is not None
+        try:
+            topics, errors = await cluster.update(
+                client_id, identity, self.streamer.check_topics(add),
+                self.streamer.check_topics(remove),
+            )  # fmt: skip
+        except LimitExceededError as exc:
+            return _text(400, exc)
+        except UnknownClientError:
+            return _text(400, "Invalid Client ID")
+        except ClusterTimeoutError as exc:
+            return _text(504, exc)
+        except (BrokerError, ClosedError) as exc:
+            return _text(503, f"cluster store: {exc}")
+        return _json(
+            200,
+            {
+                "client_id": client_id,
+                "subscriptions": topics,
+                "errors": [e.as_dict() for e in forbidden + errors],
+            },
+        )
 
     async def _update(
         self, client: Client, add: list[str], remove: list[str], forbidden: list[TopicError]
@@ -646,9 +734,20 @@ class Router:
         return _text(200, "ok")
 
     def readyz(self, request: Request) -> Response:
+        cluster = self.streamer.cluster
+        if cluster is None:
+            if self.streamer.ready:
+                return _text(200, "ready")
+            return _text(503, "driver not ready")
+        # A cluster node names itself and says what it sees of the store.
+        view = (
+            f"node {cluster.node_id}; cluster store {cluster.store.url} "
+            f"{'up' if cluster.store.ready else 'DOWN'}; nodes {' '.join(cluster.live_nodes())}"
+        )
         if self.streamer.ready:
-            return _text(200, "ready")
-        return _text(503, "driver not ready")
+            return _text(200, f"ready\n{view}")
+        why = "driver not ready" if not self.streamer.driver.ready else "cluster store not ready"
+        return _text(503, f"{why}\n{view}")
 
     def metrics(self, request: Request) -> Response:
         # OpenMetrics when the Accept header asks for it, Prometheus text otherwise.
