@@ -39,6 +39,7 @@ from ..errors import (
     ClusterError,
     ClusterTimeoutError,
     ConfigurationError,
+    GochanError,
     LimitExceededError,
     UnknownClientError,
 )
@@ -56,6 +57,8 @@ NODE_LEASE_S = 3.0  # and is taken for dead after this long unheard
 LIVENESS_CHECK_S = 0.25  # an update waiting on acks looks for dead holders this often
 CAS_ATTEMPTS = 32  # compare-and-set retries before a record is called contended
 REFRESH_MIN_S, REFRESH_MAX_S = 1.0, 10.0
+CLOSE_WAIT_S = 2.0  # closing, a node lets go of its clients for this long at most
+FORGET_NODE_S = 60.0  # a node unheard this long is dropped from last_seen
 
 
 class Record(NamedTuple):
@@ -163,13 +166,19 @@ class ClusterNode:
         ]
 
     async def close(self) -> None:
-        for task in self._tasks + list(self._background):
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        # Releases under way (the streams just ended) finish; the rest stop.
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=CLOSE_WAIT_S)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         # What this node held is let go, so the records expire on time.
         with contextlib.suppress(BrokerError, asyncio.TimeoutError):
-            async with asyncio.timeout(2.0):
+            async with asyncio.timeout(CLOSE_WAIT_S):
                 for client_id in list(self.holding):
                     await self._let_go(client_id)
         await self.store.close()
@@ -218,6 +227,10 @@ class ClusterNode:
 
     async def _heartbeat(self) -> None:
         await self.store.send(ALL_NODES, orjson.dumps({"op": "hb", "node": self.node_id}))
+        now = asyncio.get_running_loop().time()
+        for node, seen in list(self.last_seen.items()):
+            if now - seen > FORGET_NODE_S:  # restarted nodes take new ids: forget old ones
+                del self.last_seen[node]
 
     async def _refresh(self) -> None:
         if self.holding:
@@ -487,6 +500,8 @@ class ClusterNode:
                 if local is not None and applied is not None and revision > applied:
                     errors = await self.streamer.apply_topics(local, list(message["topics"]))
                     self.holding[client_id] = revision
+        except GochanError as exc:  # e.g. a topic this node's driver refuses
+            errors = [TopicError(t, "cluster-apply-failure", str(exc)) for t in message["topics"]]
         finally:
             ack = {"op": "ack", "seq": message["seq"], "node": self.node_id,
                    "errors": [list(e) for e in errors]}  # fmt: skip
@@ -497,4 +512,7 @@ class ClusterNode:
 
     async def _close_here(self, client_id: str) -> None:
         self.holding.pop(client_id, None)
-        await self.streamer.forget_client(client_id)
+        try:
+            await self.streamer.forget_client(client_id)
+        except GochanError as exc:
+            broker_logger.warning("cluster: could not end a removed client here: %s", exc)
