@@ -33,6 +33,7 @@ __all__ = ["NatsStore"]
 CONNECT_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 5.0
 RECONNECT_WAIT_S = 0.5
+TOUCH_BATCH = 256  # records rewritten at once (each a read and a write)
 
 
 class NatsStore:
@@ -167,10 +168,12 @@ class NatsStore:
             if entry is not None:
                 await self.update(key, entry.value, entry.revision)
 
-        results = await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        for start in range(0, len(keys), TOUCH_BATCH):
+            batch = keys[start : start + TOUCH_BATCH]
+            results = await asyncio.gather(*(one(k) for k in batch), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
 
     async def send(self, node_id: str, payload: bytes) -> None:
         nc = self._nc

@@ -1,14 +1,15 @@
 """What the NATS driver needs to know of nats-py: its connection errors,
-subject rules, a true round trip, stopping a JetStream subscription's tasks
-(the two places that use nats-py internals, which the ``<3`` bound of the
-``nats`` extra and tests/drivers/test_nats.py pin), and JetStream replay."""
+subject rules, a true round trip, stopping a JetStream subscription's tasks,
+core messages handed over without a task (the three places that use nats-py
+internals, which the ``<3`` bound of the ``nats`` extra and
+tests/drivers/test_nats.py pin), and JetStream replay."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import cast
 
 import nats.errors
@@ -23,6 +24,7 @@ from ..log import broker_logger
 __all__ = [
     "CONNECTION_ERRORS",
     "PERMISSION_RE",
+    "DirectClient",
     "ensure_stream",
     "flush",
     "replay_stream",
@@ -89,6 +91,38 @@ async def flush(nc: Client, timeout_s: float) -> None:
         await asyncio.sleep(0)
     # nats-py annotates the timeout as int; asyncio takes float seconds.
     await nc.rtt(timeout=cast(int, timeout_s))
+
+
+class DirectClient(Client):
+    """nats-py's client, with core subscriptions that hand each message
+    straight to a function.
+
+    nats-py queues every message on its subscription's asyncio.Queue for a
+    task of that subscription to await and pass to the callback: a queue
+    put, a get and a task switch per message, about half of the server CPU
+    a message from NATS cost (bench/profiles/notifications.md), and one
+    task per topic held. A subscription registered in ``direct`` (by its
+    sid, made without a callback so it has no task) skips all that: its
+    messages reach ``direct[sid](data)`` from the parser, in the order they
+    arrived. JetStream subscriptions keep nats-py's path (their ordering
+    and flow control live there).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.direct: dict[int, Callable[[bytes], None]] = {}
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        deliver = self.direct.get(sid)
+        if deliver is None:
+            await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
+            return
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        deliver(data)  # headers, if a publisher sent any, carry nothing gochan relays
 
 
 def stop_consumer_tasks(sub: Subscription) -> None:

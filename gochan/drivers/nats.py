@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
@@ -94,6 +95,7 @@ from ._lifecycle import Lifecycle
 from ._nats_client import (
     CONNECTION_ERRORS,
     PERMISSION_RE,
+    DirectClient,
     ensure_stream,
     flush,
     replay_stream,
@@ -361,7 +363,7 @@ class NatsDriver(Lifecycle[Client]):
 
     async def _open(self) -> Client:
         """A new connection (stream ensured with JetStream), or BrokerError."""
-        nc = Client()
+        nc = DirectClient()
         connect_errors: list[Exception] = []
 
         async def on_error(exc: Exception) -> None:
@@ -574,9 +576,12 @@ class NatsDriver(Lifecycle[Client]):
     async def _open_sub(
         self, nc: Client, topic: str, subject: str, last_seq: int | None
     ) -> Subscription:
-        callback = self._callback(topic)
         if not self._jetstream:
-            return await nc.subscribe(subject, cb=callback)
+            sub = await nc.subscribe(subject)  # no callback, no task: see DirectClient
+            if isinstance(nc, DirectClient):
+                nc.direct[sub._id] = functools.partial(self._deliver, topic)
+            return sub
+        callback = self._callback(topic)
         assert last_seq is not None
         start = self._positions.setdefault(topic, last_seq)
         js = nc.jetstream(timeout=self._request_timeout_s)
@@ -609,6 +614,9 @@ class NatsDriver(Lifecycle[Client]):
         """UNSUB, ignoring a dead connection. ``settle``: also wait until the
         server has processed it, so that the caller returns with the broker in
         the state it reports (nats-py only queues the UNSUB)."""
+        owner = sub._conn
+        if isinstance(owner, DirectClient):
+            owner.direct.pop(sub._id, None)
         try:
             await sub.unsubscribe()
             nc = self._nc

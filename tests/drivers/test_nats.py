@@ -315,6 +315,30 @@ async def test_subscriptions_seen_from_the_broker(own_nats: NatsServer) -> None:
         assert await poll(subjects, lambda s: s == []) == []
 
 
+async def test_core_messages_come_in_order_with_no_task_per_topic(own_nats: NatsServer) -> None:
+    topics = [unique("direct") for _ in range(20)]
+    async with connected(own_nats.url) as (driver, rec):
+        tasks = len(asyncio.all_tasks())
+        for topic in topics:
+            await driver.subscribe(topic)
+        # nats-py would run one task per subscription; DirectClient none.
+        assert len(asyncio.all_tasks()) <= tasks + 1
+        async with raw_client(own_nats.url) as nc:
+            for n in range(400):
+                await nc.publish(topics[n % 20], b"%d" % n)
+            await nc.flush()
+        await rec.wait_messages(400)
+        for i, topic in enumerate(topics):
+            assert rec.bodies(topic) == [b"%d" % n for n in range(i, 400, 20)]
+        await driver.unsubscribe(topics[0])
+        async with raw_client(own_nats.url) as nc:
+            await nc.publish(topics[0], b"after")
+            await nc.publish(topics[1], b"after")
+            await nc.flush()
+        await rec.wait_body(topics[1], b"after")
+        assert b"after" not in rec.bodies(topics[0])
+
+
 async def test_two_processes_hold_one_subscription_each(own_nats: NatsServer) -> None:
     topic = unique("one-each")
 
@@ -462,10 +486,12 @@ async def test_a_publish_unanswered_by_a_frozen_broker_replaces_the_connection(
 
 
 def test_the_nats_py_internals_the_driver_uses_are_there() -> None:
-    """The driver reaches into nats-py in two places (each with a fallback
-    that is correct but weaker): ``Client._flush_pending(force_flush=True)``
-    to order a PING after queued commands, and a JetStream subscription's
-    ``_sub._jsi._hbtask``/``_fctask`` to stop its heartbeat tasks. When nats-py
+    """The driver reaches into nats-py in three places (each with a fallback
+    that is correct but weaker, or slower): ``Client._flush_pending(force_flush=True)``
+    to order a PING after queued commands, a JetStream subscription's
+    ``_sub._jsi._hbtask``/``_fctask`` to stop its heartbeat tasks, and
+    ``Client._process_msg`` (with a subscription's ``_id`` and ``_conn``) to
+    hand core messages over without a task (DirectClient). When nats-py
     moves them this fails, and pyproject.toml's upper bound keeps users on a
     version where they are."""
     import inspect
@@ -474,6 +500,16 @@ def test_the_nats_py_internals_the_driver_uses_are_there() -> None:
     from nats.js.client import JetStreamContext
 
     assert "force_flush" in inspect.signature(Client._flush_pending).parameters
+    # DirectClient: the parser hands each MSG to Client._process_msg, by sid.
+    from nats.aio.subscription import Subscription
+    from nats.protocol import parser
+
+    assert "nc._process_msg(sid, subject, reply, payload, hdr)" in inspect.getsource(parser)
+    assert list(inspect.signature(Client._process_msg).parameters) == [
+        "self", "sid", "subject", "reply", "data", "headers",
+    ]  # fmt: skip
+    init = inspect.getsource(Subscription.__init__)
+    assert "self._conn = conn" in init and "self._id = id" in init
     jsi = inspect.getsource(JetStreamContext._JSI)
     assert "self._hbtask" in jsi and "self._fctask" in jsi
     assert "self._sub._jsi" in inspect.getsource(JetStreamContext)
