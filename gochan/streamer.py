@@ -32,6 +32,7 @@ from .errors import (
     BrokerError,
     ClientExistsError,
     ClosedError,
+    GochanError,
     InterfaceError,
     InvalidTopicError,
     LimitExceededError,
@@ -662,6 +663,8 @@ class Streamer:
         except BatchPublishError as exc:
             self._published(batch, len(exc.ids))
             raise
+        except GochanError as exc:  # refused before anything was sent (not connected)
+            raise BatchPublishError([], len(batch), exc) from exc
         self._published(batch, len(ids))
         return ids
 
@@ -678,6 +681,8 @@ class Streamer:
         except BatchPublishError as exc:
             self._published(batch, len(exc.ids))
             raise
+        except GochanError as exc:
+            raise BatchPublishError([], len(batch), exc) from exc
         self._published(batch, len(ids))
         return ids
 
