@@ -328,6 +328,14 @@ class NatsDriver(Lifecycle[Client]):
         self._check_open()
         nc = self._connected()
         prefix = self._prefix
+        limit = nc.max_payload
+        for i, (_, data) in enumerate(messages):
+            if len(data) > limit:  # refused before any is sent, not after some
+                too_large = BrokerError(
+                    f"message {i} of {len(data)} bytes exceeds the NATS server's"
+                    f" max_payload ({limit})"
+                )
+                raise BatchPublishError([], len(messages), too_large)
         if self._jetstream:
             return await self._publish_many_js(nc, messages)
         sent = 0
