@@ -7,6 +7,7 @@ from .config import Config
 from .drivers import Driver, MemDriver
 from .errors import (
     AuthError,
+    BatchPublishError,
     BrokerConnectionError,
     BrokerError,
     ClientExistsError,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthError",
     "AuthRequest",
+    "BatchPublishError",
     "BrokerConnectionError",
     "BrokerError",
     "Client",

@@ -56,6 +56,7 @@ DEFAULT_MAX_URL_BYTES = 8 * 1024
 DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 DEFAULT_MAX_HEADERS = 100
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+DEFAULT_MAX_BATCH_MESSAGES = 1000  # messages in one batch publish
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_KEEPALIVE_TIMEOUT_S = 75.0
 DEFAULT_MAX_PENDING_BYTES = 1024 * 1024
@@ -115,6 +116,7 @@ _RANGES: dict[str, tuple[float, float | None, bool]] = {
             "max_header_bytes",
             "max_headers",
             "max_body_bytes",
+            "max_batch_messages",
             "header_timeout",
             "keepalive_timeout",
             "connection_burst_per_peer",
@@ -211,6 +213,9 @@ class Config:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_headers: int = DEFAULT_MAX_HEADERS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Messages one POST /publish may carry (NDJSON or a JSON array); the body
+    # stays bounded by max_body_bytes too.
+    max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_S
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S
@@ -419,6 +424,8 @@ FLAG_HELP: dict[str, str] = {
     "max_header_bytes": "largest request head, in bytes; larger is a 431 (default 16384 = 16 KiB)",
     "max_headers": "most header fields in a request; more is a 431 (default 100)",
     "max_body_bytes": "largest request body, in bytes; larger is a 413 (default 1048576 = 1 MiB)",
+    "max_batch_messages": "most messages one batch publish (NDJSON or a JSON array) may carry; "
+    "more is a 413 and nothing is published (default 1000)",
     "header_timeout": "seconds a request has to arrive whole; slower gets 408 (default 10 s)",
     "keepalive_timeout": "seconds an idle keep-alive connection is kept open (default 75 s)",
     "shutdown_grace": "seconds requests and streams get to finish on SIGTERM/SIGINT (default 5 s)",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthError",
+    "BatchPublishError",
     "BrokerConnectionError",
     "BrokerError",
     "ClientExistsError",
@@ -90,6 +91,22 @@ class AuthError(GochanError):
 
 class BrokerError(GochanError):
     """The broker refused or failed an operation."""
+
+
+class BatchPublishError(BrokerError):
+    """A batch publish stopped partway. ``ids`` are the event ids of the
+    messages known to be published, the batch's first ``len(ids)`` in order
+    (``None`` where the broker numbers later); the rest were not acknowledged
+    (some of them may still have reached the broker). ``error`` is what
+    stopped it, and says who is at fault: a :class:`BrokerError` or
+    :class:`ClosedError`, or an :class:`InterfaceError` for a message the
+    broker cannot carry."""
+
+    def __init__(self, ids: list[str | None], total: int, error: GochanError) -> None:
+        super().__init__(f"{error} (after {len(ids)} of {total} messages)")
+        self.ids = ids
+        self.total = total
+        self.error = error
 
 
 class ReplayGapError(BrokerError):

@@ -27,35 +27,46 @@ _ROUNDING_S = 1e-9
 class RateLimit:
     """``rate`` tokens per second per key, ``burst`` at once."""
 
-    __slots__ = ("_clock", "_due", "_interval", "_tolerance")
+    __slots__ = ("_burst", "_clock", "_due", "_interval", "_tolerance")
 
     def __init__(
         self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be above 0 and burst at least 1")
+        self._burst = burst
         self._interval = 1.0 / rate
         self._tolerance = (burst - 1) * self._interval
         self._clock = clock
         self._due: dict[str, float] = {}  # key -> when its bucket is full again
 
-    def take(self, key: str) -> float:
-        """Take one token of ``key``: 0.0 when there was one, else the seconds
-        until there will be (and nothing is taken)."""
+    def take(self, key: str, n: int = 1) -> float:
+        """Take ``n`` tokens of ``key`` (all or none): 0.0 when there were
+        that many, else the seconds until there will be (and nothing is
+        taken); ``math.inf`` when ``n`` is more than the burst, which no
+        wait gives."""
+        if n > self._burst:
+            return math.inf
         now = self._clock()
         due = self._due.get(key, now)
         if due < now:
             due = now
-        wait = due - self._tolerance - now
+        # The last of the n tokens is the one that must fit in the bucket.
+        wait = due + (n - 1) * self._interval - self._tolerance - now
         if wait > _ROUNDING_S:  # sums of 1/rate are not exact
             return wait
-        due += self._interval
+        due += n * self._interval
         if len(self._due) >= MAX_KEYS and key not in self._due:
             self.forget_idle(now)
             if len(self._due) >= MAX_KEYS:
                 self._due.clear()
         self._due[key] = due
         return 0.0
+
+    @property
+    def burst(self) -> int:
+        """The most tokens one key may take at once."""
+        return self._burst
 
     @staticmethod
     def retry_after(wait: float) -> int:

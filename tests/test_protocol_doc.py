@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from gochan._fast import HEARTBEAT
@@ -46,6 +47,8 @@ def test_every_marked_block_is_checked() -> None:
         "client-closed",
         "shutdown",
         "replay",
+        "batch-request",
+        "batch-answer",
     }
 
 
@@ -92,6 +95,40 @@ async def test_a_message_frame_is_the_servers() -> None:
     # The id's form (<epoch>-<sequence>) is the doc's; its value is the node's.
     assert re.fullmatch(r"[0-9a-f]{8}-\d+", event_id) and re.fullmatch(r"[0-9a-f]{8}-\d+", real_id)
     assert frame == doc.replace(event_id.encode(), real_id.encode())
+
+
+async def test_a_batch_and_its_answer_are_the_servers() -> None:
+    doc = blocks()
+    lines = [orjson.loads(line) for line in doc["batch-request"].splitlines()]
+    doc_ids = orjson.loads(doc["batch-answer"])["ids"]
+    topics = list(dict.fromkeys(line["topic"] for line in lines))
+    async with running() as server:
+        query = "&".join(f"topic={t}" for t in topics)
+        stream = await SSEStream.open(server.port, f"/events?{query}")
+        try:
+            await stream.frame()
+            async with httpx.AsyncClient() as http:
+                answer = await http.post(
+                    f"http://127.0.0.1:{server.port}/publish",
+                    content=doc["batch-request"],
+                    headers={"Content-Type": "application/x-ndjson"},
+                )
+            assert answer.status_code == 200, answer.text
+            frames = [await stream.event() for _ in lines]
+        finally:
+            await stream.close()
+    real_ids = answer.json()["ids"]
+    assert len(real_ids) == len(doc_ids) == len(lines)
+    body = doc["batch-answer"].strip()
+    for doc_id, real_id in zip(doc_ids, real_ids, strict=True):
+        body = body.replace(doc_id.encode(), real_id.encode())
+    assert answer.content == body
+    # The doc's ids follow each other, as the node's do.
+    assert [int(i.split("-")[1]) for i in doc_ids] == list(range(43, 43 + len(lines)))
+    for line, frame, real_id in zip(lines, frames, real_ids, strict=True):
+        data = line["data"]
+        sent = data if isinstance(data, str) else orjson.dumps(data).decode()
+        assert (frame["event"], frame["id"], frame["data"]) == (line["topic"], real_id, sent)
 
 
 async def test_the_shutdown_frames_are_the_servers() -> None:

@@ -167,7 +167,7 @@ def test_curl_walkthrough_runs_as_written(tmp_path: Path) -> None:
 
         pytest.skip("curl is not installed (apt-get install curl)")
     steps = walkthrough()
-    assert [bool(c) for c, _ in steps] == [True, True, False, True, True], steps
+    assert [bool(c) for c, _ in steps] == [True, True, False, True, True, True], steps
     doc_id = re.search(r'"client_id":"([^"]+)"', steps[0][1])
     doc_epoch = re.search(r'"id":"([0-9a-f]{8})-1"', steps[1][1])
     assert doc_id and doc_epoch
@@ -207,8 +207,11 @@ def test_curl_walkthrough_runs_as_written(tmp_path: Path) -> None:
             assert run(steps[3][0]) == expected(steps[3][1])
             shown = b"".join(stream.stdout.readline() for _ in range(4)).decode()
             assert shown == expected('event: a\nid: 3f9c1a2b-2\ndata: {"n":1}\n\n')
-            update = steps[4][0].replace(doc_id[1], client_id)
-            assert run(update) == expected(steps[4][1])
+            assert run(steps[4][0]) == expected(steps[4][1])  # a batch: a and b
+            shown = b"".join(stream.stdout.readline() for _ in range(4)).decode()
+            assert shown == expected("event: a\nid: 3f9c1a2b-3\ndata: one\n\n")
+            update = steps[5][0].replace(doc_id[1], client_id)
+            assert run(update) == expected(steps[5][1])
         finally:
             stream.kill()
             stream.wait()

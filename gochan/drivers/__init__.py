@@ -6,17 +6,19 @@ import importlib
 from typing import Any
 
 from ..errors import ConfigurationError, MissingExtraError
-from .base import Driver, DurableDriver, Receiver
+from .base import BatchDriver, Driver, DurableDriver, Receiver, publish_each
 from .mem import MemDriver
 
 __all__ = [
     "DRIVERS",
+    "BatchDriver",
     "Driver",
     "DurableDriver",
     "MemDriver",
     "Receiver",
     "create_driver",
     "driver_class",
+    "publish_each",
 ]
 
 # name -> (module, class, pip extra that brings its client library)

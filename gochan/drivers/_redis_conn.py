@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import redis.asyncio
@@ -46,6 +46,19 @@ SESSION_ERRORS: tuple[type[BaseException], ...] = (BrokerError, *CONNECTION_ERRO
 # redis-py leaves these unannotated; keep the type: ignore in one place.
 async def execute(client: redis.asyncio.Redis, *args: Any) -> Any:
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+async def execute_multi(
+    client: redis.asyncio.Redis, commands: Sequence[tuple[Any, ...]]
+) -> list[Any]:
+    """``commands`` in one MULTI/EXEC, sent as one pipeline; their replies in
+    order. Redis runs all of them or, when it refuses one, none; a
+    connection lost once EXEC is sent leaves it unknown which."""
+    async with client.pipeline(transaction=True) as pipe:
+        for command in commands:
+            pipe.execute_command(*command)  # queued: the pipeline sends them at execute
+        replies: list[Any] = await pipe.execute()
+    return replies
 
 
 def _new_connection(pool: ConnectionPool) -> AbstractConnection:

@@ -8,6 +8,12 @@ receives every message of it (never competing consumers).
 Drivers call back into a :class:`Receiver` (the streamer) from the event loop's
 thread. ``on_message`` must not be awaited and must not block: it encodes the
 frame once and queues it on every subscribed connection.
+
+Two methods are optional. ``publish_nowait(topic, data)``: a driver that
+needs no round trip (the in-memory one) publishes without awaiting.
+``publish_many(messages)`` (:class:`BatchDriver`): a batch in one go, where
+the broker batches natively (one flush, one pipeline); drivers without it
+get :func:`publish_each`, a loop over ``publish``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["Driver", "DurableDriver", "Receiver"]
+from ..errors import BatchPublishError, GochanError
+
+__all__ = ["BatchDriver", "Driver", "DurableDriver", "Receiver", "publish_each"]
 
 
 class Receiver(Protocol):
@@ -73,6 +81,35 @@ class Driver(Protocol):
 
     async def close(self) -> None:
         """Close every subscription and the connection; idempotent."""
+
+
+@runtime_checkable
+class BatchDriver(Driver, Protocol):
+    """A driver that publishes a batch natively (pipelined, one flush)."""
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[str | None]:
+        """Publish ``messages`` (topic, data) in order: the same as
+        :meth:`Driver.publish` on each, with the broker's own batching.
+
+        Returns one event id per message, in order (``None`` where the
+        broker numbers later). The topics are already checked. On a failure
+        raises :class:`gochan.errors.BatchPublishError` carrying the ids of
+        the messages known to be published, a prefix of the batch: never
+        return while some message was not taken.
+        """
+
+
+async def publish_each(driver: Driver, messages: Sequence[tuple[str, bytes]]) -> list[str | None]:
+    """The batch of a driver without ``publish_many``: ``publish`` each
+    message in turn, stopping at the first failure
+    (:class:`~gochan.errors.BatchPublishError` with the ids published)."""
+    ids: list[str | None] = []
+    for topic, data in messages:
+        try:
+            ids.append(await driver.publish(topic, data))
+        except GochanError as exc:
+            raise BatchPublishError(ids, len(messages), exc) from exc
+    return ids
 
 
 @runtime_checkable

@@ -9,9 +9,10 @@ topic, so nothing was sent).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from ..errors import ClosedError
+from ..errors import BatchPublishError, ClosedError
 from .base import Receiver
 
 __all__ = ["MemDriver"]
@@ -77,6 +78,17 @@ class MemDriver:
 
     async def publish(self, topic: str, data: bytes) -> str | None:
         return self.publish_nowait(topic, data)
+
+    def publish_many_nowait(self, messages: Sequence[tuple[str, bytes]]) -> list[str | None]:
+        """Publish a batch in one pass of the loop: no other task runs between
+        its messages."""
+        if self._closed or self._receiver is None:
+            raise BatchPublishError([], len(messages), ClosedError("driver is not connected"))
+        publish = self.publish_nowait
+        return [publish(topic, data) for topic, data in messages]
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[str | None]:
+        return self.publish_many_nowait(messages)
 
     async def close(self) -> None:
         self._closed = True

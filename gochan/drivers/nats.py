@@ -83,9 +83,11 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 
 from ..errors import (
+    BatchPublishError,
     BrokerConnectionError,
     BrokerError,
     ConfigurationError,
+    GochanError,
     InvalidTopicError,
     ReplayGapError,
 )
@@ -105,6 +107,22 @@ from ._nats_client import (
 )
 
 __all__ = ["NatsDriver"]
+
+
+# What a publish may raise from nats-py: the connection's errors and its own.
+PUBLISH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, nats.errors.Error)
+
+
+def _publish_error(exc: BaseException, subject: str, data: bytes) -> GochanError:
+    """What a failed publish of ``data`` on ``subject`` is, in gochan's terms."""
+    if isinstance(exc, GochanError):
+        return exc
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return BrokerError(f"message of {len(data)} bytes exceeds the NATS server's max_payload")
+    if isinstance(exc, CONNECTION_ERRORS):
+        return BrokerConnectionError(f"publish to NATS failed: {exc!r}")
+    return BrokerError(f"publish to NATS subject {subject!r} failed: {exc}")
+
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 DEFAULT_PREFIX = ""
@@ -299,19 +317,79 @@ class NatsDriver(Lifecycle[Client]):
                 return str(ack.seq)
             await nc.publish(subject, data)
             if self._publish_flush:
-                await self._round_trip(nc)
-                if nc is not self._nc:  # replaced meanwhile: the message may be with it
-                    raise BrokerConnectionError("connection to NATS lost while publishing")
-        except nats.errors.MaxPayloadError as exc:
-            raise BrokerError(
-                f"message of {len(data)} bytes exceeds the NATS server's max_payload"
-            ) from exc
-        except CONNECTION_ERRORS as exc:
-            raise BrokerConnectionError(f"publish to NATS failed: {exc!r}") from exc
-        except nats.errors.Error as exc:
-            raise BrokerError(f"publish to NATS subject {subject!r} failed: {exc}") from exc
+                await self._confirm(nc)
+        except PUBLISH_ERRORS as exc:
+            raise _publish_error(exc, subject, data) from exc
         self._published += 1
         return None
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[str | None]:
+        """Core NATS: every PUB into nats-py's buffer, then ONE round trip
+        confirms them all. JetStream: every publish sent at once, then their
+        acks gathered (one round trip's wait, not one per message)."""
+        self._check_open()
+        nc = self._connected()
+        prefix = self._prefix
+        limit = nc.max_payload
+        for i, (_, data) in enumerate(messages):
+            if len(data) > limit:  # refused before any is sent, not after some
+                too_large = BrokerError(
+                    f"message {i} of {len(data)} bytes exceeds the NATS server's"
+                    f" max_payload ({limit})"
+                )
+                raise BatchPublishError([], len(messages), too_large)
+        if self._jetstream:
+            return await self._publish_many_js(nc, messages)
+        sent = 0
+        failure: BaseException | None = None
+        try:
+            for topic, data in messages:
+                await nc.publish(prefix + topic, data)
+                sent += 1
+        except PUBLISH_ERRORS as exc:
+            failure = exc  # the ones before it are in the buffer: confirm them
+        if self._publish_flush and sent:
+            try:
+                await self._confirm(nc)
+            except PUBLISH_ERRORS as exc:
+                raise BatchPublishError(
+                    [], len(messages), _publish_error(exc, prefix + messages[0][0], b"")
+                ) from exc
+        self._published += sent
+        ids: list[str | None] = [None] * sent
+        if failure is not None:
+            topic, data = messages[sent]
+            error = _publish_error(failure, prefix + topic, data)
+            raise BatchPublishError(ids, len(messages), error) from failure
+        return ids
+
+    async def _publish_many_js(
+        self, nc: Client, messages: Sequence[tuple[str, bytes]]
+    ) -> list[str | None]:
+        js = nc.jetstream(timeout=self._request_timeout_s)
+        prefix, stream = self._prefix, self._stream
+        # The tasks start in batch order and nats-py queues each PUB before
+        # its first await, so the stream numbers the messages in that order.
+        acks = await asyncio.gather(
+            *(js.publish(prefix + topic, data, stream=stream) for topic, data in messages),
+            return_exceptions=True,
+        )
+        ids: list[str | None] = []
+        for (topic, data), ack in zip(messages, acks, strict=True):
+            if isinstance(ack, BaseException):
+                if not isinstance(ack, PUBLISH_ERRORS):
+                    raise ack
+                error = _publish_error(ack, prefix + topic, data)
+                raise BatchPublishError(ids, len(messages), error) from ack
+            ids.append(str(ack.seq))
+            self._published += 1
+        return ids
+
+    async def _confirm(self, nc: Client) -> None:
+        """One round trip: the server has every PUB sent on ``nc`` before."""
+        await self._round_trip(nc)
+        if nc is not self._nc:  # replaced meanwhile: the messages may be with it
+            raise BrokerConnectionError("connection to NATS lost while publishing")
 
     async def _close(self) -> None:
         nc, self._nc = self._nc, None

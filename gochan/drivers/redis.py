@@ -46,7 +46,7 @@ from typing import Any
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
-from ..errors import BrokerConnectionError, BrokerError, ConfigurationError
+from ..errors import BatchPublishError, BrokerConnectionError, BrokerError, ConfigurationError
 from ..log import broker_logger
 from ._redis_conn import (
     CONNECTION_ERRORS,
@@ -54,6 +54,7 @@ from ._redis_conn import (
     RedisBase,
     as_bytes,
     execute,
+    execute_multi,
     options_signature,
 )
 from .base import Driver
@@ -138,6 +139,37 @@ class RedisPubSubDriver(RedisBase):
             raise BrokerError(f"Redis refused to publish on {key!r}: {exc}") from exc
         except CONNECTION_ERRORS as exc:
             raise BrokerConnectionError(f"publish to {self._where()} failed: {exc!r}") from exc
+        self._check_delivered(topic, key, receivers)
+        self._published += 1
+        return None
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[str | None]:
+        """Every PUBLISH in one MULTI/EXEC: Redis takes the whole batch or none of it."""
+        client = self._client()
+        self._check_ready()
+        keys = [self._key(topic) for topic, _ in messages]
+        commands = [("PUBLISH", key, data) for key, (_, data) in zip(keys, messages, strict=True)]
+        try:
+            replies = await asyncio.wait_for(
+                execute_multi(client, commands), self._command_timeout_s
+            )
+        except ResponseError as exc:
+            error = BrokerError(f"Redis refused the batch: {exc}")
+            raise BatchPublishError([], len(messages), error) from exc
+        except CONNECTION_ERRORS as exc:
+            error = BrokerConnectionError(f"publish to {self._where()} failed: {exc!r}")
+            raise BatchPublishError([], len(messages), error) from exc
+        ids: list[str | None] = []
+        for (topic, _), key, receivers in zip(messages, keys, replies, strict=True):
+            try:
+                self._check_delivered(topic, key, receivers)
+            except BrokerConnectionError as exc:
+                raise BatchPublishError(ids, len(messages), exc) from None
+            ids.append(None)
+            self._published += 1
+        return ids
+
+    def _check_delivered(self, topic: str, key: bytes, receivers: Any) -> None:
         if topic in self._topics and (not self.ready or int(receivers) < 1):
             # PUBLISH answers how many subscribers got it, and this node is
             # one: none means the server has not got our SUBSCRIBE (it was
@@ -146,8 +178,6 @@ class RedisPubSubDriver(RedisBase):
                 f"Redis delivered the message on {key!r} to no subscriber of this node"
                 " (subscriber connection lost)"
             )
-        self._published += 1
-        return None
 
     # -- the lifecycle hooks ---------------------------------------------------
 

@@ -65,7 +65,13 @@ import redis.asyncio
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
-from ..errors import BrokerConnectionError, BrokerError, ConfigurationError, ReplayGapError
+from ..errors import (
+    BatchPublishError,
+    BrokerConnectionError,
+    BrokerError,
+    ConfigurationError,
+    ReplayGapError,
+)
 from ..log import broker_logger
 from ._common import require_positive
 from ._redis_conn import (
@@ -74,6 +80,7 @@ from ._redis_conn import (
     RedisBase,
     as_bytes,
     execute,
+    execute_multi,
     options_signature,
 )
 
@@ -216,6 +223,29 @@ class RedisStreamsDriver(RedisBase):
             raise BrokerConnectionError(f"publish to {self._where()} failed: {exc!r}") from exc
         self._published += 1
         return as_bytes(entry_id).decode()
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> list[str | None]:
+        """Every XADD in one MULTI/EXEC: the entries are consecutive in the
+        stream, and Redis takes all of them or none."""
+        client = self._client()
+        trim: list[Any] = ["MAXLEN", "~", self._stream_maxlen] if self._stream_maxlen else []
+        commands = [
+            ("XADD", self._stream, *trim, "*", STREAM_TOPIC_FIELD, topic.encode(),
+             STREAM_DATA_FIELD, data)
+            for topic, data in messages
+        ]  # fmt: skip
+        try:
+            entry_ids = await asyncio.wait_for(
+                execute_multi(client, commands), self._command_timeout_s
+            )
+        except ResponseError as exc:
+            error = BrokerError(f"Redis refused the batch on {self._stream!r}: {exc}")
+            raise BatchPublishError([], len(messages), error) from exc
+        except CONNECTION_ERRORS as exc:
+            error = BrokerConnectionError(f"publish to {self._where()} failed: {exc!r}")
+            raise BatchPublishError([], len(messages), error) from exc
+        self._published += len(entry_ids)
+        return [as_bytes(entry_id).decode() for entry_id in entry_ids]
 
     async def _close(self) -> None:
         await super()._close()

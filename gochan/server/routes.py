@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import ipaddress
+import re
 from collections.abc import Awaitable, Callable
 from functools import cache
 from importlib import resources
@@ -24,6 +25,7 @@ from ..client import Client, TopicError, validate_client_id
 from ..config import Config
 from ..errors import (
     AuthError,
+    BatchPublishError,
     BrokerError,
     ClosedError,
     ClusterTimeoutError,
@@ -83,6 +85,9 @@ STATE_CHANGING = frozenset(("POST", "PUT", "PATCH", "DELETE"))
 LOOPBACK_NAMES = frozenset(("localhost", "localhost.", "ip6-localhost"))
 BEARER_CHALLENGE = ((b"WWW-Authenticate", b'Bearer realm="gochan"'),)
 FORBIDDEN_TOPIC = "not allowed to subscribe to this topic"
+NDJSON = "application/x-ndjson"
+# A JSON body that is an array: a batch publish (JSON's own whitespace first).
+JSON_ARRAY_START = re.compile(rb"[ \t\r\n]*\[")
 
 
 def _text(status: int, message: object, headers: Headers | None = None) -> Response:
@@ -100,6 +105,11 @@ def _uncounted(reason: str) -> None:
 
 def _json(status: int, data: Any) -> Response:
     return Response(status, orjson.dumps(data), [], JSON)
+
+
+def _content_type(request: Request) -> str:
+    """The media type of the body, lower-case, without its parameters."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 @cache
@@ -647,6 +657,8 @@ class Router:
             if refused is not None:
                 status = 403 if not self.config.publish_key else 401
                 return _text(status, refused, _challenge(status))
+        if not request.query_string.startswith("topic=") and self._is_batch(request):
+            return self.publish_batch(request)
         try:
             topic, data = self._read_publish(request)
         except ValueError as exc:
@@ -690,6 +702,117 @@ class Router:
         status = 200 if event_id is not None else 202
         return _json(status, {"id": event_id})
 
+    # -- POST /publish, a batch ---------------------------------------------
+
+    def _is_batch(self, request: Request) -> bool:
+        """Whether ``request`` is a batch publish: NDJSON, or a JSON body that
+        is an array, and no ``?topic=`` (then the body is one raw message)."""
+        ctype = _content_type(request)
+        if ctype != NDJSON and (
+            ctype not in ("application/json", "") or not JSON_ARRAY_START.match(request.body)
+        ):
+            return False
+        try:
+            return "topic" not in request.query()
+        except ValueError:
+            return False  # _read_publish says what is wrong with the query
+
+    def publish_batch(self, request: Request) -> Reply | Awaitable[Reply]:
+        """Many messages in one request, each ``{"topic", "data"}``: all
+        checked (format, topics, grant, rate) before any is published."""
+        batch = self._read_batch(request)
+        if isinstance(batch, Response):
+            return batch
+        grant = request.grant
+        if grant is not None and batch:
+            for i, (topic, _) in enumerate(batch):
+                if not grant.publish.allows(topic):
+                    self.refuse("forbidden")
+                    return _text(403, f"message {i}: not allowed to publish to {topic!r}")
+            buckets = self.streamer.publish_buckets
+            if len(batch) > buckets.burst:
+                self.refuse("publish_rate")
+                return _text(
+                    413,
+                    f"a batch of {len(batch)} messages is more than one identity may publish "
+                    f"at once (publish_burst={buckets.burst})",
+                )
+            wait = buckets.take(grant.sub, len(batch))
+            if wait:
+                self.refuse("publish_rate")
+                return _text(
+                    429,
+                    f"too many publishes for this identity: {len(batch)} messages "
+                    f"(publish_rate_per_identity={self.config.publish_rate_per_identity:g}/s)",
+                    [(b"Retry-After", b"%d" % buckets.retry_after(wait))],
+                )
+        if self.streamer.can_publish_many_nowait:
+            try:
+                ids = self.streamer.publish_many_nowait(batch)
+            except (BatchPublishError, ClosedError) as exc:
+                return self._batch_failure(exc)
+            return _json(200, {"ids": ids})
+        return self._publish_many(batch)
+
+    async def _publish_many(self, batch: list[tuple[str, bytes]]) -> Reply:
+        try:
+            ids = await self.streamer.publish_many(batch)
+        except (BatchPublishError, ClosedError) as exc:
+            return self._batch_failure(exc)
+        return _json(200 if None not in ids else 202, {"ids": ids})
+
+    def _batch_failure(self, exc: BatchPublishError | ClosedError) -> Response:
+        """503 with the ids of what was published before the driver failed:
+        a batch is never acknowledged with some of it lost."""
+        ids = exc.ids if isinstance(exc, BatchPublishError) else []
+        error = exc.error if isinstance(exc, BatchPublishError) else exc
+        server_logger.warning("batch publish failed after %d messages: %s", len(ids), error)
+        return _json(503, {"ids": ids, "error": f"publish failed at message {len(ids)}: {error}"})
+
+    def _read_batch(self, request: Request) -> list[tuple[str, bytes]] | Response:
+        """The (topic, data) of each message of a batch, or the refusal
+        naming the first bad one (indices count from 0, as in the answer)."""
+        limit = self.config.max_batch_messages
+        too_many = f"a batch carries at most {limit} messages (max_batch_messages)"
+        items: list[tuple[str, Any]] = []  # (where, the parsed message)
+        if _content_type(request) == NDJSON:
+            for number, line in enumerate(request.body.split(b"\n"), 1):
+                if not line or line.isspace():
+                    continue  # blank lines (a final newline) carry nothing
+                where = f"message {len(items)} (line {number})"
+                if len(items) == limit:
+                    return _text(413, too_many)
+                try:
+                    items.append((where, orjson.loads(line)))
+                except orjson.JSONDecodeError:
+                    return _text(400, f"{where}: not JSON")
+        else:
+            try:
+                array = orjson.loads(request.body)
+            except orjson.JSONDecodeError:
+                return _text(400, "malformed JSON array")
+            if len(array) > limit:
+                return _text(413, too_many)
+            items = [(f"message {i}", item) for i, item in enumerate(array)]
+        batch: list[tuple[str, bytes]] = []
+        for where, item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("topic"), str):
+                return _text(400, f'{where}: must be {{"topic": "...", "data": ...}}')
+            data = item.get("data", "")
+            batch.append(
+                (item["topic"], data.encode() if isinstance(data, str) else orjson.dumps(data))
+            )
+        try:
+            self.streamer.check_topics([topic for topic, _ in batch])
+        except InvalidTopicError:
+            for (where, _), (topic, _) in zip(items, batch, strict=True):
+                try:
+                    self.streamer.check_topics((topic,))
+                except InvalidTopicError as exc:
+                    return _text(400, f"{where}: {exc}")
+            raise  # not one of them alone: cannot happen
+        return batch
+
     def _read_publish(self, request: Request) -> tuple[str, bytes]:
         qs = request.query_string
         if qs.startswith("topic=") and not any(c in qs for c in "&%+"):
@@ -699,7 +822,7 @@ class Router:
             if len(query["topic"]) > 1:
                 raise ValueError("one topic per publish (the query names several)")
             return query["topic"][0], request.body
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        ctype = _content_type(request)
         if ctype == "application/x-www-form-urlencoded":
             try:
                 form = parse_qs(

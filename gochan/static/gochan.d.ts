@@ -144,6 +144,13 @@ export class Gochan extends EventTarget {
    * an Error carrying the HTTP `status` (403: not allowed to publish there).
    */
   publish(topic: string, data: unknown): Promise<string | null>;
+  /**
+   * Publish many messages in one request (the server publishes all or, if
+   * it refuses one, none); resolves to their event ids in order. Rejects as
+   * publish() does; after a failure partway (503) the Error's `ids` are
+   * those of the messages published.
+   */
+  publishMany(messages: Iterable<{ topic: string; data: unknown }>): Promise<(string | null)[]>;
   /** Close the stream and stop reconnecting (connect() opens it again). */
   close(): void;
 

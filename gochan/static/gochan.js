@@ -256,20 +256,46 @@ export class Gochan extends EventTarget {
    */
   async publish(topic, data) {
     checkTopic(topic);
+    const answer = await this._publish({ topic, data });
+    return answer && answer.id !== undefined ? answer.id : null;
+  }
+
+  /**
+   * Publish many messages, `[{ topic, data }, ...]`, in one request (a batch:
+   * if the server refuses one, it publishes none). Resolves to their event
+   * ids in order; rejects as publish() does, and when the server failed
+   * partway (503) the Error's `ids` are those of the messages published.
+   */
+  async publishMany(messages) {
+    const batch = Array.from(messages, ({ topic, data }) => ({ topic: checkTopic(topic), data }));
+    const answer = await this._publish(batch);
+    return answer.ids;
+  }
+
+  /** POST `body` (as JSON) to the publish path; the answer, or an Error. */
+  async _publish(body) {
     const response = await this._fetch(this._url(this._publishPath, []), {
       method: "POST",
       headers: await this._resolveHeaders(),
       credentials: this._withCredentials ? "include" : "same-origin",
-      body: JSON.stringify({ topic, data }),
+      body: JSON.stringify(body),
     });
     const text = await response.text();
     if (!response.ok) {
-      const error = new Error(`gochan: publish failed: ${text.trim() || response.status}`);
+      let reason = text.trim();
+      let ids;
+      try {
+        const answer = JSON.parse(text); // a batch's failure: {"ids", "error"}
+        if (answer && Array.isArray(answer.ids)) ({ ids, error: reason } = answer);
+      } catch {
+        // a plain-text reason
+      }
+      const error = new Error(`gochan: publish failed: ${reason || response.status}`);
       error.status = response.status;
+      if (ids !== undefined) error.ids = ids;
       throw error;
     }
-    const answer = JSON.parse(text);
-    return answer && answer.id !== undefined ? answer.id : null;
+    return JSON.parse(text);
   }
 
   /** Close the stream and stop reconnecting; connect() opens it again. */

@@ -313,6 +313,46 @@ test("a token goes as a bearer with updates and publish()", async () => {
   await assert.rejects(gc.publish("message", "x"), TypeError);
 });
 
+test("publishMany() posts one JSON array and resolves to the ids", async () => {
+  const gc = client({ token: "tok" });
+  server.respond = (call) => {
+    if (!call.url.endsWith("/publish")) return null;
+    if (call.body.length === 3) {
+      const failed = { ids: ["e-1"], error: "publish failed at message 1: broker down" };
+      return new Response(JSON.stringify(failed), { status: 503 });
+    }
+    if (call.body.some((m) => m.topic === "forbidden")) {
+      return new Response("message 1: not allowed to publish to 'forbidden'\n", { status: 403 });
+    }
+    const ids = call.body.map((_, n) => `e-${n + 1}`);
+    return new Response(JSON.stringify({ ids }), { status: 200 });
+  };
+  const ids = await gc.publishMany([
+    { topic: "a", data: "one" },
+    { topic: "b", data: { n: 2 } },
+  ]);
+  assert.deepEqual(ids, ["e-1", "e-2"]);
+  const sent = server.calls[server.calls.length - 1];
+  assert.equal(sent.url, "http://gochan.test/publish");
+  assert.equal(sent.init.headers["Content-Type"], "application/json");
+  assert.equal(sent.init.headers.Authorization, "Bearer tok");
+  assert.deepEqual(sent.body, [
+    { topic: "a", data: "one" },
+    { topic: "b", data: { n: 2 } },
+  ]);
+  await assert.rejects(
+    gc.publishMany([{ topic: "a" }, { topic: "forbidden" }]),
+    (error) => error.status === 403 && error.ids === undefined && /forbidden/.test(error.message),
+  );
+  await assert.rejects(
+    gc.publishMany([{ topic: "a" }, { topic: "b" }, { topic: "c" }]),
+    (error) => error.status === 503 && error.ids.length === 1 && /broker down/.test(error.message),
+  );
+  const before = server.calls.length;
+  await assert.rejects(gc.publishMany([{ topic: "a" }, { topic: "message" }]), TypeError);
+  assert.equal(server.calls.length, before); // refused before anything is sent
+});
+
 test("refused topics are reported once, not retried in a loop", async () => {
   const gc = client();
   gc.subscribe("a", () => {});

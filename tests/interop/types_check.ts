@@ -75,6 +75,13 @@ new Gochan("", { token: "eyJ...", publishPath: "/publish" });
 const withToken = new Gochan("", { token: async () => "eyJ...", withCredentials: true });
 const published: Promise<string | null> = withToken.publish("news", { text: "hi" });
 console.log(published);
+const batch: Promise<(string | null)[]> = withToken.publishMany([
+  { topic: "news", data: "one" },
+  { topic: "sport", data: { score: 2 } },
+]);
+console.log(batch);
+// @ts-expect-error: a message names its topic
+withToken.publishMany([{ data: "x" }]);
 
 // @ts-expect-error: data is a string
 gc.subscribe("news", (data: number) => console.log(data));
