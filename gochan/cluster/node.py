@@ -215,15 +215,23 @@ class ClusterNode:
         }
 
     async def _every(self, period: float, job: Any) -> None:
+        failing = False  # logged once per outage, not once per period
         while True:
             await asyncio.sleep(period)
             try:
                 await job()
             except BrokerError as exc:
                 self.counters["store_errors"] += 1
-                broker_logger.warning("cluster: %s", exc)
+                if not failing:
+                    broker_logger.warning("cluster: %s", exc)
+                failing = True
+                continue
             except Exception:
                 broker_logger.exception("cluster: %s failed", getattr(job, "__name__", job))
+                continue
+            if failing:
+                broker_logger.info("cluster: the store answers again")
+            failing = False
 
     async def _heartbeat(self) -> None:
         await self.store.send(ALL_NODES, orjson.dumps({"op": "hb", "node": self.node_id}))
@@ -325,13 +333,15 @@ class ClusterNode:
             else:
                 raise ClusterError(f"cluster store: client {client_id!r} is contended")
             self.counters["attaches"] += 1
-            if local is None or local.closed:
-                local = streamer.adopt_client(client_id, identity)
             self.holding[client_id] = written
             try:
+                if local is None or local.closed:
+                    local = streamer.adopt_client(client_id, identity)  # max_clients
                 await streamer.apply_topics(local, record.topics)
             except BaseException:
-                self.holding.pop(client_id, None)
+                # No stream will open here: this node is no holder after all.
+                with contextlib.suppress(BrokerError):
+                    await self._let_go(client_id)
                 raise
             return local
 

@@ -592,7 +592,14 @@ def judge_routes(srv: Server, sent: Sent, finals: list[Answer]) -> None:
             raise Failure(f"{status} without Allow: {answer!r}")
         if path == "/events" and method == "GET":
             judge_events(srv, query, answer)
-        if path == "/publish" and status == 200 and b'"id"' not in answer.body:
+        if (
+            path == "/publish"
+            and status == 200
+            and not re.fullmatch(
+                rb'\{"id":(null|"[^"]+")\}|\{"ids":\[((null|"[^"]+")(,(null|"[^"]+"))*)?\]\}',
+                answer.body,
+            )
+        ):  # one message's id, or a batch's ids (an empty batch: none)
             raise Failure(f"publish answered {answer!r}")
 
 
