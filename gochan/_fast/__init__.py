@@ -1,4 +1,5 @@
-"""gochan's compiled core: SSE frame encoding, the topic table and the fan-out.
+"""gochan's compiled core: SSE frame encoding, the topic table and the fan-out,
+and the publish fast path's request parser.
 
 There is deliberately no silent fallback: if the extension is not built,
 importing gochan fails with a message saying how to build it.
@@ -10,9 +11,12 @@ try:
         DEFAULT_MAX_PENDING,
         HEARTBEAT,
         LATENCY_BUCKETS_S,
+        PUBLISH_DECLINED,
+        PUBLISH_INCOMPLETE,
         STREAM_DURATION_BUCKETS_S,
         Histogram,
         Hub,
+        PublishParser,
         Subscriber,
         Topic,
         encode_event,
@@ -29,9 +33,12 @@ __all__ = [
     "DEFAULT_MAX_PENDING",
     "HEARTBEAT",
     "LATENCY_BUCKETS_S",
+    "PUBLISH_DECLINED",
+    "PUBLISH_INCOMPLETE",
     "STREAM_DURATION_BUCKETS_S",
     "Histogram",
     "Hub",
+    "PublishParser",
     "Subscriber",
     "Topic",
     "encode_event",

@@ -15,3 +15,10 @@ cdef enum:
     # one loop iteration go untimed rather than growing the array further.
     MAX_TIMED_MESSAGES = 65536
     TIMED_INITIAL_SLOTS = 64
+    # What PublishParser.parse answers when it gives no request: the bytes
+    # so far may still become one (wait for more), or they never will (the
+    # general parser must read them).
+    PUBLISH_INCOMPLETE_ = -1
+    PUBLISH_DECLINED_ = -2
+    # Content-Length digits the fast path reads (more: declined, llhttp decides).
+    PUBLISH_MAX_LENGTH_DIGITS = 15

@@ -106,3 +106,34 @@ class Hub:
     def connection_count(self) -> int: ...
     def open_subscribers(self) -> list[Subscriber]: ...
     def stats(self) -> dict[str, int]: ...
+
+PUBLISH_INCOMPLETE: int
+PUBLISH_DECLINED: int
+
+class PublishParser:
+    """Reads a single publish, ``POST <publish_path>?topic=<T>`` with a raw
+    body, from an input buffer, for the protocol's fast path. It accepts
+    only a strict subset of HTTP/1.1 (see gochan/_fast/publish.pyx) whose
+    meaning is certain, and declines the rest for httptools to read."""
+
+    max_url_bytes: int
+    max_header_bytes: int
+    max_headers: int
+    max_body_bytes: int
+    def __init__(
+        self,
+        publish_path: str,
+        max_url_bytes: int,
+        max_header_bytes: int,
+        max_headers: int,
+        max_body_bytes: int,
+    ) -> None: ...
+    def parse(
+        self, data: bytes, pos: int = 0
+    ) -> tuple[int, str, bytes, str, str | None, str | None] | int:
+        """The request starting at ``data[pos]``: ``(end, topic, body, host,
+        origin, authorization)`` (``end``: the index just past its body;
+        ``host`` is "" and the others None when absent), or
+        ``PUBLISH_INCOMPLETE`` (the bytes so far may still become one: none
+        is wrong yet, but it is not all there) or ``PUBLISH_DECLINED`` (not
+        one the fast path takes: the general parser must read it)."""

@@ -5,3 +5,4 @@
 include "frames.pyx"
 include "histogram.pyx"
 include "hub.pyx"
+include "publish.pyx"

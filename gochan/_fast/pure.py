@@ -202,3 +202,120 @@ class Hub:
 
     def subscriber_count(self, topic: str) -> int:
         return len(self.topics.get(topic, ()))
+
+
+PUBLISH_INCOMPLETE = -1
+PUBLISH_DECLINED = -2
+_PUBLISH_NAMES = frozenset((
+    "host", "content-length", "content-type", "authorization", "origin",
+    "connection", "user-agent", "accept", "accept-encoding",
+))  # fmt: skip
+_NAME_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-")
+_TOPIC_BYTES = frozenset(range(0x21, 0x7F)) - frozenset(b"&%+#")
+_VALUE_BYTES = frozenset(range(0x20, 0x7F))
+
+
+class PublishParser:
+    """The fast path's parser, written out plainly (see publish.pyx for the
+    subset it accepts)."""
+
+    def __init__(
+        self,
+        publish_path: str,
+        max_url_bytes: int,
+        max_header_bytes: int,
+        max_headers: int,
+        max_body_bytes: int,
+    ) -> None:
+        self.path = publish_path.encode("latin-1")
+        self.max_url_bytes = max_url_bytes
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.max_body_bytes = max_body_bytes
+
+    def parse(self, data: bytes, pos: int = 0) -> tuple[Any, ...] | int:
+        if not 0 <= pos < len(data):
+            return PUBLISH_INCOMPLETE
+        rest = data[pos:]
+        prefix = b"POST " + self.path + b"?topic="
+        if not rest.startswith(prefix):
+            return PUBLISH_INCOMPLETE if prefix.startswith(rest) else PUBLISH_DECLINED
+        i = len(prefix)
+        while i < len(rest) and rest[i] in _TOPIC_BYTES:
+            i += 1
+        topic = rest[len(prefix) : i]
+        if len(self.path) + 7 + len(topic) > self.max_url_bytes:
+            return PUBLISH_DECLINED
+        if i == len(rest):
+            return PUBLISH_INCOMPLETE
+        if not topic:
+            return PUBLISH_DECLINED
+        version = b" HTTP/1.1\r\n"
+        if not rest[i:].startswith(version):
+            return PUBLISH_INCOMPLETE if version.startswith(rest[i:]) else PUBLISH_DECLINED
+        i += len(version)
+        fields: dict[str, str] = {}
+        header_bytes = 0
+        while True:
+            line_end = rest.find(b"\r\n", i)
+            line = rest[i:] if line_end < 0 else rest[i:line_end]
+            if line_end < 0:  # the last line is not all there: is it wrong yet?
+                return self._partial_line(line, fields)
+            i = line_end + 2
+            if not line:
+                break
+            name_bytes, colon, raw = line.partition(b":")
+            if not colon or not name_bytes or not all(c in _NAME_BYTES for c in name_bytes):
+                return PUBLISH_DECLINED
+            name = name_bytes.decode("ascii").lower()
+            if name not in _PUBLISH_NAMES or name in fields:
+                return PUBLISH_DECLINED
+            value = raw.lstrip(b" \t")
+            if not value or value.endswith(b" ") or not all(c in _VALUE_BYTES for c in value):
+                return PUBLISH_DECLINED
+            header_bytes += len(name_bytes) + len(value) + 4
+            if header_bytes > self.max_header_bytes or len(fields) + 1 > self.max_headers:
+                return PUBLISH_DECLINED
+            text = value.decode("latin-1")
+            if name == "content-length":
+                if not text.isdigit() or len(text) > 15 or int(text) > self.max_body_bytes:
+                    return PUBLISH_DECLINED
+            elif name == "connection" and text.lower() != "keep-alive":
+                return PUBLISH_DECLINED
+            fields[name] = text
+        if "content-length" not in fields:
+            return PUBLISH_DECLINED
+        length = int(fields["content-length"])
+        if len(rest) - i < length:
+            return PUBLISH_INCOMPLETE
+        return (
+            pos + i + length,
+            topic.decode("latin-1"),
+            rest[i : i + length],
+            fields.get("host", ""),
+            fields.get("origin"),
+            fields.get("authorization"),
+        )
+
+    @staticmethod
+    def _partial_line(line: bytes, fields: dict[str, str]) -> int:
+        if not line:
+            return PUBLISH_INCOMPLETE
+        if line[0] == 13:  # CR: the end of the head, unless a byte but LF follows
+            return PUBLISH_INCOMPLETE if len(line) == 1 else PUBLISH_DECLINED
+        j = 0
+        while j < len(line) and line[j] in _NAME_BYTES:
+            j += 1
+        if j == len(line):
+            return PUBLISH_INCOMPLETE
+        name = line[:j].decode("ascii").lower()
+        if line[j] != 58 or name not in _PUBLISH_NAMES or name in fields:  # ":"
+            return PUBLISH_DECLINED
+        k = j + 1
+        while k < len(line) and line[k] in b" \t":
+            k += 1
+        while k < len(line) and line[k] in _VALUE_BYTES:
+            k += 1
+        if k == len(line) or (line[k] == 13 and k + 1 == len(line)):
+            return PUBLISH_INCOMPLETE
+        return PUBLISH_DECLINED
