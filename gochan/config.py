@@ -218,6 +218,10 @@ class Config:
     max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES
     header_timeout: float = DEFAULT_HEADER_TIMEOUT_S
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_S
+    # A plain POST <publish_path>?topic=T is read and answered straight from
+    # the input buffer by the compiled core (a strict subset of HTTP/1.1;
+    # anything else goes to httptools). Off only to rule it out.
+    fast_publish: bool = True
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S
     # Processes serving the port, each a full node on the broker (see
     # docs/workers.md); above 1 it needs a broker driver, not mem.
@@ -428,6 +432,8 @@ FLAG_HELP: dict[str, str] = {
     "more is a 413 and nothing is published (default 1000)",
     "header_timeout": "seconds a request has to arrive whole; slower gets 408 (default 10 s)",
     "keepalive_timeout": "seconds an idle keep-alive connection is kept open (default 75 s)",
+    "fast_publish": "read plain POST ?topic= publishes on the compiled fast path, off with "
+    "authorization or the access log (default true)",
     "shutdown_grace": "seconds requests and streams get to finish on SIGTERM/SIGINT (default 5 s)",
     "shutdown_retry_min": "at shutdown, the shortest retry: a stream is given, in seconds "
     "(default 1 s)",

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from .._fast import PublishParser
 from ..log import server_logger
 from ..ratelimit import RateLimit
 from .access import AccessLog
@@ -76,6 +77,24 @@ class Server:
         self._adopting: set[asyncio.Task[None]] = set()
         # One JSON line per request (off: None, one attribute check per request).
         self.access_log = AccessLog() if config.access_log else None
+        # The publish fast path (protocol.py): on unless the switch is off,
+        # the access log is on (it logs each request), a hook authorizes
+        # (its grant is the slow path's) or the driver must be awaited.
+        router = self.router
+        self.publish_parser: PublishParser | None = None
+        if (
+            config.fast_publish
+            and self.access_log is None
+            and router.publishes_fast
+            and router.routes.get(config.publish_path, {}).get("POST") == router.publish
+        ):
+            self.publish_parser = PublishParser(
+                config.publish_path,
+                config.max_url_bytes,
+                config.max_header_bytes,
+                config.max_headers,
+                config.max_body_bytes,
+            )
         rate = config.connection_rate_per_peer
         self.connection_rate = RateLimit(rate, config.connection_burst_per_peer) if rate else None
         if sweep:

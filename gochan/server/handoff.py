@@ -261,6 +261,9 @@ class HandoffProtocol(HttpProtocol):
         self._fresh = False  # the next complete request starts at _raw[0]
         self._owner = -1  # the worker it is being passed to
         self._drop_rest = False  # a request was refused: nothing after it runs
+        # A worker's answers carry its header, and a publish read on the fast
+        # path would not go through on_message_complete: the fast path is off.
+        self._fast = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from .._fast import PUBLISH_DECLINED, PUBLISH_INCOMPLETE, PublishParser
 from ..log import server_logger
 from ..stream import Stream
 from .http import JSON, NO_PEER, Peer, Request, json_ok, response_head, simple_response
@@ -39,6 +40,11 @@ FEED_SLICE_BYTES = 4096
 # A connection closed gracefully gets this long to take its last answer.
 CLOSE_LINGER_S = 5.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# The end of a read that begins a fast-path publish is kept for the next
+# read if it is at most this long, for at most this many reads; past that,
+# httptools reads it (the fast path rescans what it keeps on every read).
+HOLD_MAX_BYTES = FEED_SLICE_BYTES
+HOLD_MAX_READS = 8
 
 
 # Shared, never written: see start_stream.
@@ -80,6 +86,10 @@ class HttpProtocol(asyncio.Protocol):
         "_body_len",
         "_continue",
         "_failure",
+        "_fast",
+        "_held",
+        "_hold_deadline",
+        "_hold_reads",
         "_header_bytes",
         "_headers",
         "_out",
@@ -130,6 +140,13 @@ class HttpProtocol(asyncio.Protocol):
         self._continue = False
         # A malformed request's error, answered once the requests before it are.
         self._failure: Refusal | None = None
+        # The publish fast path's parser (None: off), the start of a request
+        # it waits to have whole, how many reads it has waited, and the
+        # header deadline that request has had since its first byte.
+        self._fast: PublishParser | None = server.publish_parser
+        self._held = b""
+        self._hold_reads = 0
+        self._hold_deadline = 0.0
 
     @property
     def busy(self) -> bool:
@@ -178,6 +195,7 @@ class HttpProtocol(asyncio.Protocol):
             self.task = None
         self.pipeline = _NO_REQUESTS
         self._unparsed = b""
+        self._held = b""
         self._out = _NO_ANSWERS
         self.server.forget(self)
 
@@ -187,7 +205,10 @@ class HttpProtocol(asyncio.Protocol):
         if self._unparsed:  # a read that raced pause_reading: keep it in order
             self._unparsed += data
             return
-        self._feed(data)
+        if self._held:  # the start of a fast-path publish: this read goes on from it
+            data = self._held + data
+            self._held = b""
+        self._input(data)
 
     def eof_received(self) -> bool:
         # A half-closed client gets its pending answers, then the close.
@@ -209,6 +230,96 @@ class HttpProtocol(asyncio.Protocol):
         self._continue_input()
 
     # -- reading -----------------------------------------------------------
+
+    def _input(self, data: bytes) -> None:
+        """Read ``data``: single publishes on the fast path while the
+        connection is idle (nothing before them waits for an answer), the
+        rest with httptools."""
+        if (
+            self._fast is not None
+            and not (self.state & (BUSY | WRITE_PAUSED | CLOSING))
+            and (not (self.state & IN_REQUEST) or self._hold_reads)
+            and not self.pipeline
+            and self._failure is None
+        ):
+            self._feed_fast(data)
+            return
+        self._hold_reads = 0  # httptools reads any kept start from here on
+        self._feed(data)
+
+    def _feed_fast(self, data: bytes) -> None:
+        """Answer the fast-path publishes at the start of ``data`` in order,
+        in one write; hand what follows the last of them to httptools, or
+        keep it when it is the start of another one."""
+        parser = self._fast
+        assert parser is not None
+        if not data:
+            return
+        parse = parser.parse
+        publish = self.server.router.publish_fast
+        peer = self.peer
+        out = self._out
+        high = self.config.write_buffer_high_bytes
+        size = len(data)
+        pos = 0
+        got: object = PUBLISH_INCOMPLETE
+        while pos < size:
+            got = parse(data, pos)
+            if type(got) is int:
+                break
+            end, topic, body, host, origin, authorization = got  # type: ignore[misc]
+            try:
+                answer = publish(peer, topic, body, host, origin, authorization)
+            except Exception:
+                server_logger.exception("handler failed: POST %s", self.config.publish_path)
+                self.fail(500, "internal server error")
+                return
+            if answer is None:  # not a plain success: the slow path answers it
+                got = PUBLISH_DECLINED
+                break
+            # What deliver() writes for these: no CORS header (publish_fast
+            # declines those), keep-alive, not HEAD.
+            if type(answer) is bytes:
+                data_out = json_ok(answer)
+            else:
+                data_out = simple_response(answer.status, answer.body)  # type: ignore[union-attr]
+            out.append(data_out)
+            self._out_bytes += len(data_out)
+            pos = end
+            if self._out_bytes >= high:
+                self._flush_out()  # may pause writing: the peer must read first
+                if self.state & (WRITE_PAUSED | CLOSING):
+                    break
+        if pos:
+            self._hold_reads = 0
+            self._hold_deadline = 0.0
+        if pos == size or (self.state & (WRITE_PAUSED | CLOSING)):
+            self._flush_out()
+            if self.state & CLOSING:
+                return
+            self.state &= ~IN_REQUEST
+            self.deadline = time.monotonic() + self.config.keepalive_timeout
+            if pos < size:  # the peer does not read: the rest waits, as in _feed
+                self._unparsed = data[pos:]
+                self._pause_reading()
+            return
+        rest = data[pos:] if pos else data
+        if (
+            got == PUBLISH_INCOMPLETE
+            and len(rest) <= HOLD_MAX_BYTES
+            and self._hold_reads < HOLD_MAX_READS
+        ):
+            self._flush_out()
+            self._held = rest
+            self._hold_reads += 1
+            if not self._hold_deadline:  # as on_message_begin: from its first byte
+                self._hold_deadline = time.monotonic() + self.config.header_timeout
+            self.deadline = self._hold_deadline
+            self.state |= IN_REQUEST
+            return
+        # httptools is between two requests: it reads on from this one.
+        self._hold_reads = 0
+        self._feed(rest)
 
     def _blocked(self) -> bool:
         """No more input is parsed now: too many requests wait, the peer does
@@ -249,7 +360,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self._unparsed:
             data, self._unparsed = self._unparsed, b""
-            self._feed(data)
+            self._input(data)
         if not self._unparsed and (self.state & READ_PAUSED) and not self._blocked():
             self._resume_reading()
 
@@ -276,7 +387,11 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.state |= IN_REQUEST
         self._continue = False
-        self.deadline = time.monotonic() + self.config.header_timeout
+        if self._hold_deadline:  # the fast path kept its start: timed from then
+            self.deadline = self._hold_deadline
+            self._hold_deadline = 0.0
+        else:
+            self.deadline = time.monotonic() + self.config.header_timeout
         self._url = []
         self._url_len = 0
         self._headers = {}
@@ -491,6 +606,7 @@ class HttpProtocol(asyncio.Protocol):
         self.state |= CLOSING
         self.pipeline = _NO_REQUESTS
         self._unparsed = b""
+        self._held = b""
         self.deadline = time.monotonic() + CLOSE_LINGER_S
         if self.transport is not None:
             self.transport.close()
@@ -543,6 +659,8 @@ class HttpProtocol(asyncio.Protocol):
         self.pipeline = _NO_REQUESTS
         self._out = _NO_ANSWERS
         self._unparsed = b""
+        self._held = b""
+        self._fast = None
         self.state &= ~WRITE_PAUSED
         # Parse state is replaced whole by on_message_begin before any use, so
         # a stream can point at shared empties rather than own three containers.

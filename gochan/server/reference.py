@@ -97,6 +97,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "max_batch_messages",
             "header_timeout",
             "keepalive_timeout",
+            "fast_publish",
         ),
     ),
     ("Shutdown", ("shutdown_grace", "shutdown_retry_min", "shutdown_retry_max")),

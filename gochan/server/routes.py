@@ -228,10 +228,11 @@ class Router:
         curl) pass. A keyless loopback server also wants a loopback
         ``Host`` (or one in ``allowed_hosts``), so a rebound DNS name
         cannot reach it."""
-        host = headers.get("host", "")
+        return self._cross_site(headers.get("host", ""), headers.get("origin"))
+
+    def _cross_site(self, host: str, origin: str | None) -> str | None:
         if self.keyless_loopback and not self._local_host(host):
             return f"Host {host[:64]!r} is not a loopback name (see allowed_hosts)"
-        origin = headers.get("origin")
         if origin is None or origin in self._origins or "*" in self._origins:
             return None
         if origin != "null":
@@ -688,6 +689,54 @@ class Router:
                 return _text(503, exc)
             return _json(200, {"id": event_id})
         return self._publish(topic, data)
+
+    @property
+    def publishes_fast(self) -> bool:
+        """Whether a plain ``?topic=`` publish can be answered by
+        :meth:`publish_fast`: no authorization hook (the JWT's grant is the
+        slow path's) and a driver that publishes without awaiting."""
+        return self.authorize is None and self.streamer.can_publish_nowait
+
+    def publish_fast(
+        self,
+        peer: Peer,
+        topic: str,
+        body: bytes,
+        host: str,
+        origin: str | None,
+        authorization: str | None,
+    ) -> bytes | Response | None:
+        """The publish the protocol's fast path read (``POST <publish_path>
+        ?topic=<topic>``, keep-alive, with only these headers of interest),
+        exactly as :meth:`dispatch` and :meth:`publish` would take it: the
+        JSON body of its 200 answer, another answer once the message was
+        handed to the streamer (503: closed), or None when it is anything
+        but a plain success up to there (a refusal, a bad topic, an answer
+        with CORS headers). None means nothing has been done: the slow path
+        reads the same request and answers it."""
+        if self._cross_site(host, origin) is not None:
+            return None
+        if origin and self._origins and ("*" in self._origins or origin in self._origins):
+            return None  # cors() gives this answer headers: not the prebuilt one
+        if self.check_publishers:
+            key = self.config.publish_key
+            if not key:
+                if not (self.trust_loopback and is_loopback_host(peer)):
+                    return None
+            elif authorization is None or not self.has_publish_key(
+                {"authorization": authorization}
+            ):
+                return None
+        streamer = self.streamer
+        try:
+            streamer.check_topics((topic,))
+        except InvalidTopicError:
+            return None
+        try:
+            event_id = streamer.publish_nowait(topic, body)
+        except ClosedError as exc:
+            return _text(503, exc)
+        return orjson.dumps({"id": event_id})
 
     async def _publish(self, topic: str, data: bytes) -> Reply:
         try:
