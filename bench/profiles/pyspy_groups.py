@@ -23,11 +23,24 @@ from pathlib import Path
 GROUPS: list[tuple[str, tuple[str, ...]]] = [
     (
         "Host check (routes.py: cross_site, _local_host, ipaddress)",
-        ("Router.cross_site (", "Router._local_host (", "Router.keyless_loopback ("),
+        (
+            "Router.cross_site (",
+            "Router._cross_site (",
+            "Router._local_host (",
+            "Router.keyless_loopback (",
+        ),
     ),
     (
         "publish authorization (routes.py: may_publish, http.py: is_loopback_host)",
         ("Router.may_publish (", "is_loopback_host ("),
+    ),
+    (
+        "fast path: read loop and parser (protocol.py: _input, _feed_fast; publish.pyx)",
+        ("HttpProtocol._input (", "HttpProtocol._feed_fast (", "PublishParser"),
+    ),
+    (
+        "fast path: publish checks and answer body (routes.py: publish_fast, orjson)",
+        ("Router.publish_fast (",),
     ),
     (
         "HTTP parse (protocol.py: data_received, _feed, on_* callbacks, llhttp)",
@@ -69,6 +82,7 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
         "publish response build (_json, simple_response, response_head, deliver, cors)",
         (
             "_json (gochan/",
+            "json_ok (",
             "simple_response (",
             "response_head (",
             "HttpProtocol.deliver (",
