@@ -580,8 +580,13 @@ async def test_a_request_the_fast_path_keeps_times_out_as_the_slow_path() -> Non
 
 @pytest.mark.parametrize(
     "options",
-    [{"fast_publish": False}, {"access_log": True}, {"jwt_key": "k" * 32}],
-    ids=["switched-off", "access-log", "authorization"],
+    [
+        {"fast_publish": False},
+        {"access_log": True},
+        {"jwt_key": "k" * 32},
+        {"publish_path": "/p#x"},
+    ],
+    ids=["switched-off", "access-log", "authorization", "path-with-a-fragment"],
 )
 async def test_fast_path_off(options: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     counting = Counting(monkeypatch)
@@ -591,4 +596,19 @@ async def test_fast_path_off(options: dict[str, Any], monkeypatch: pytest.Monkey
         writer.write(PUBLISH % (5, b"hello"))
         await asyncio.wait_for(reader.read(65536), 5)
         assert counting.begun == 1  # httptools read it
+        writer.close()
+
+
+async def test_another_publish_path_is_fast_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    counting = Counting(monkeypatch)
+    async with running(publish_path="/api/v1/pub") as server:
+        assert server.publish_parser is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        request = (PUBLISH % (5, b"hello")).replace(b"/publish", b"/api/v1/pub")
+        writer.write(request + PUBLISH % (5, b"hello"))  # the second: 404, from httptools
+        answers = b""
+        while not answers.endswith(b"not found\n"):
+            answers += await asyncio.wait_for(reader.read(65536), 5)
+        assert re.findall(rb"HTTP/1.1 (\d+)", answers) == [b"200", b"404"]
+        assert counting.begun == 1
         writer.close()

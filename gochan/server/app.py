@@ -39,6 +39,13 @@ SHUTDOWN_SPREAD_FRACTION = 0.5
 SHUTDOWN_EXIT_RESERVE_S = 0.5  # at most, and at most a tenth of the grace
 
 
+def _plain_path(path: str) -> bool:
+    """Whether ``path`` reaches the router as these very bytes: printable
+    ASCII with no "?" or "#" (which httptools would read as the query or a
+    fragment), so the fast path's byte match means the route's match."""
+    return path.isascii() and path.isprintable() and " " not in path and not set(path) & set("?#")
+
+
 class Server:
     """The HTTP side of one :class:`gochan.Streamer`."""
 
@@ -87,6 +94,7 @@ class Server:
             and self.access_log is None
             and router.publishes_fast
             and router.routes.get(config.publish_path, {}).get("POST") == router.publish
+            and _plain_path(config.publish_path)
         ):
             self.publish_parser = PublishParser(
                 config.publish_path,
