@@ -252,6 +252,9 @@ class HandoffProtocol(HttpProtocol):
     request names a client another worker holds."""
 
     __slots__ = ("_drop_rest", "_first_input", "_fresh", "_owner", "_raw", "new_connection")
+    # A worker's answers carry its header, and a publish read on the fast
+    # path would not go through on_message_complete: the fast path is off.
+    fast_publish = False
 
     def __init__(self, server: Server, first_input: bytes = b"") -> None:
         super().__init__(server)
@@ -261,9 +264,6 @@ class HandoffProtocol(HttpProtocol):
         self._fresh = False  # the next complete request starts at _raw[0]
         self._owner = -1  # the worker it is being passed to
         self._drop_rest = False  # a request was refused: nothing after it runs
-        # A worker's answers carry its header, and a publish read on the fast
-        # path would not go through on_message_complete: the fast path is off.
-        self._fast = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

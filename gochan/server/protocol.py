@@ -70,6 +70,9 @@ READ_PAUSED = 8  # the transport is not reading (pipeline full, peer not reading
 WRITE_PAUSED = 16  # the transport holds more than its high-water mark: the peer
 # is not reading its answers, so no more requests are run until it does
 CLOSING = 32  # closing or closed: nothing more is run or written
+FAST_BEGUN = 64  # the request in progress was begun on the publish fast path
+# (kept in _held, or handed on to httptools since): its deadline is set,
+# from its first byte, and on_message_begin keeps it
 
 
 class _Rejected(Exception):
@@ -80,18 +83,17 @@ class HttpProtocol(asyncio.Protocol):
     # A connection accepted here takes a token of its address's connection
     # rate; one another worker accepted and passed on has taken it there.
     new_connection = True
+    # Single publishes may be read on the server's fast path (when it has one).
+    fast_publish = True
 
     __slots__ = (
         "_body",
         "_body_len",
         "_continue",
         "_failure",
-        "_fast",
         "_header_bytes",
         "_headers",
         "_held",
-        "_hold_deadline",
-        "_hold_reads",
         "_out",
         "_out_bytes",
         "_reject",
@@ -140,13 +142,9 @@ class HttpProtocol(asyncio.Protocol):
         self._continue = False
         # A malformed request's error, answered once the requests before it are.
         self._failure: Refusal | None = None
-        # The publish fast path's parser (None: off), the start of a request
-        # it waits to have whole, how many reads it has waited, and the
-        # header deadline that request has had since its first byte.
-        self._fast: PublishParser | None = server.publish_parser
-        self._held = b""
-        self._hold_reads = 0
-        self._hold_deadline = 0.0
+        # The start of a request the publish fast path waits to have whole,
+        # and how many reads it has waited (an empty tuple: none).
+        self._held: tuple[bytes, int] | tuple[()] = ()
 
     @property
     def busy(self) -> bool:
@@ -195,7 +193,7 @@ class HttpProtocol(asyncio.Protocol):
             self.task = None
         self.pipeline = _NO_REQUESTS
         self._unparsed = b""
-        self._held = b""
+        self._held = ()
         self._out = _NO_ANSWERS
         self.server.forget(self)
 
@@ -206,8 +204,10 @@ class HttpProtocol(asyncio.Protocol):
             self._unparsed += data
             return
         if self._held:  # the start of a fast-path publish: this read goes on from it
-            data = self._held + data
-            self._held = b""
+            start, reads = self._held
+            self._held = ()
+            self._input(start + data, reads)
+            return
         self._input(data)
 
     def eof_received(self) -> bool:
@@ -231,28 +231,28 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- reading -----------------------------------------------------------
 
-    def _input(self, data: bytes) -> None:
+    def _input(self, data: bytes, held_reads: int = 0) -> None:
         """Read ``data``: single publishes on the fast path while the
         connection is idle (nothing before them waits for an answer), the
-        rest with httptools."""
+        rest with httptools. ``held_reads``: ``data`` begins with a request
+        the fast path kept over that many reads."""
+        parser = self.server.publish_parser
         if (
-            self._fast is not None
+            parser is not None
+            and self.fast_publish
             and not (self.state & (BUSY | WRITE_PAUSED | CLOSING))
-            and (not (self.state & IN_REQUEST) or self._hold_reads)
+            and (not (self.state & IN_REQUEST) or held_reads)
             and not self.pipeline
             and self._failure is None
         ):
-            self._feed_fast(data)
+            self._feed_fast(parser, data, held_reads)
             return
-        self._hold_reads = 0  # httptools reads any kept start from here on
-        self._feed(data)
+        self._feed(data)  # a kept start too: httptools reads it from here on
 
-    def _feed_fast(self, data: bytes) -> None:
+    def _feed_fast(self, parser: PublishParser, data: bytes, held_reads: int) -> None:
         """Answer the fast-path publishes at the start of ``data`` in order,
         in one write; hand what follows the last of them to httptools, or
         keep it when it is the start of another one."""
-        parser = self._fast
-        assert parser is not None
         if not data:
             return
         parse = parser.parse
@@ -290,14 +290,13 @@ class HttpProtocol(asyncio.Protocol):
                 self._flush_out()  # may pause writing: the peer must read first
                 if self.state & (WRITE_PAUSED | CLOSING):
                     break
-        if pos:
-            self._hold_reads = 0
-            self._hold_deadline = 0.0
+        if pos:  # what was begun, or kept, before is answered
+            held_reads = 0
+            self.state &= ~(IN_REQUEST | FAST_BEGUN)
         if pos == size or (self.state & (WRITE_PAUSED | CLOSING)):
             self._flush_out()
             if self.state & CLOSING:
                 return
-            self.state &= ~IN_REQUEST
             self.deadline = time.monotonic() + self.config.keepalive_timeout
             if pos < size:  # the peer does not read: the rest waits, as in _feed
                 self._unparsed = data[pos:]
@@ -307,18 +306,15 @@ class HttpProtocol(asyncio.Protocol):
         if (
             got == PUBLISH_INCOMPLETE
             and len(rest) <= HOLD_MAX_BYTES
-            and self._hold_reads < HOLD_MAX_READS
+            and held_reads < HOLD_MAX_READS
         ):
             self._flush_out()
-            self._held = rest
-            self._hold_reads += 1
-            if not self._hold_deadline:  # as on_message_begin: from its first byte
-                self._hold_deadline = time.monotonic() + self.config.header_timeout
-            self.deadline = self._hold_deadline
-            self.state |= IN_REQUEST
+            self._held = (rest, held_reads + 1)
+            if not (self.state & IN_REQUEST):  # as on_message_begin: from its first byte
+                self.deadline = time.monotonic() + self.config.header_timeout
+                self.state |= IN_REQUEST | FAST_BEGUN
             return
         # httptools is between two requests: it reads on from this one.
-        self._hold_reads = 0
         self._feed(rest)
 
     def _blocked(self) -> bool:
@@ -387,9 +383,8 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.state |= IN_REQUEST
         self._continue = False
-        if self._hold_deadline:  # the fast path kept its start: timed from then
-            self.deadline = self._hold_deadline
-            self._hold_deadline = 0.0
+        if self.state & FAST_BEGUN:  # the fast path kept its start: timed from then
+            self.state &= ~FAST_BEGUN
         else:
             self.deadline = time.monotonic() + self.config.header_timeout
         self._url = []
@@ -606,7 +601,7 @@ class HttpProtocol(asyncio.Protocol):
         self.state |= CLOSING
         self.pipeline = _NO_REQUESTS
         self._unparsed = b""
-        self._held = b""
+        self._held = ()
         self.deadline = time.monotonic() + CLOSE_LINGER_S
         if self.transport is not None:
             self.transport.close()
@@ -659,8 +654,7 @@ class HttpProtocol(asyncio.Protocol):
         self.pipeline = _NO_REQUESTS
         self._out = _NO_ANSWERS
         self._unparsed = b""
-        self._held = b""
-        self._fast = None
+        self._held = ()
         self.state &= ~WRITE_PAUSED
         # Parse state is replaced whole by on_message_begin before any use, so
         # a stream can point at shared empties rather than own three containers.

@@ -96,12 +96,12 @@ async def test_a_kept_start_is_answered_with_the_next_read(
         proto, t = connect(server)
         request = publish(b"hello")
         proto.data_received(request + request[:30])
-        assert statuses(t.wire) == [b"200"] and proto._held == request[:30]
+        assert statuses(t.wire) == [b"200"] and proto._held == (request[:30], 1)
         assert proto.state & IN_REQUEST
         assert proto.deadline == clock.now + HEADER_TIMEOUT_S
         clock.now += 1
         proto.data_received(request[30:])
-        assert statuses(t.wire) == [b"200", b"200"] and proto._held == b""
+        assert statuses(t.wire) == [b"200", b"200"] and proto._held == ()
         assert not proto.state & IN_REQUEST
         assert proto.deadline == clock.now + KEEPALIVE_S
         assert begun[0] == 0
@@ -130,7 +130,7 @@ async def test_a_start_kept_too_long_goes_to_httptools_with_its_deadline(
         for i in range(HOLD_MAX_READS + 1):  # one byte per read
             clock.now += 0.5
             proto.data_received(request[i : i + 1])
-        assert proto._held == b"" and begun[0] == 1  # httptools has it now
+        assert proto._held == () and begun[0] == 1  # httptools has it now
         assert proto.deadline == start + HEADER_TIMEOUT_S  # timed from its first byte
         proto.data_received(request[HOLD_MAX_READS + 1 :])
         assert statuses(t.wire) == [b"200"]
