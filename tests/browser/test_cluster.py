@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +111,29 @@ def readme_command() -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
+def test_every_block_of_the_readme_is_run_here_or_illustrative() -> None:
+    pattern = r"(?:<!-- ([\w-]+)[^>]*-->\s*)?^```(\w*)\n(.*?)^```"
+    blocks = re.findall(pattern, README.read_text(), re.S | re.M)
+    assert blocks
+    for marker, _, body in blocks:
+        assert marker in ("cluster-run", "illustrative"), body[:80]
+    for target in re.findall(r"\]\(([^)\s#]+)\)", README.read_text()):
+        assert (README.parent / target).exists(), target
+
+
+def programs() -> None:
+    """nats-server and nginx (Debian's packages), or a skip; CI must have them."""
+    missing = [
+        name
+        for name, where in (("nats-server", "/usr/sbin/nats-server"), ("nginx", "/usr/sbin/nginx"))
+        if not (shutil.which(name) or os.access(where, os.X_OK))
+    ]
+    if missing:
+        if os.environ.get("GOCHAN_REQUIRE_BROKERS") == "1":
+            pytest.fail(f"{' and '.join(missing)} required here (GOCHAN_REQUIRE_BROKERS=1)")
+        pytest.skip(f"{' and '.join(missing)} not installed (apt-get install {' '.join(missing)})")
+
+
 class ClusterExample:
     """examples/cluster/run.py, in a session of its own (its children share
     its process group: a signal to the group is a Ctrl-C in a terminal)."""
@@ -187,6 +211,7 @@ class ClusterExample:
 
 @pytest.fixture
 def cluster_example(tmp_path: Path) -> Iterator[ClusterExample]:
+    programs()
     example = ClusterExample(tmp_path)
     try:
         yield example
