@@ -5,12 +5,12 @@ serving the 1000-topics page (examples/1000topics) and its publisher.
     python examples/cluster/run.py
     python examples/cluster/run.py --port 8080 --topics 1000 --interval 1
 
-Open the URL it prints; Ctrl-C stops everything. Every program runs in the
-foreground of this script, unprivileged where it can be, on its own ports and
-in a temporary directory (removed at the end, or kept with --keep): Debian's
+Open the URL it prints; Ctrl-C stops everything. Every program runs as a
+child of this script, as the user running it, on its own ports and in a
+temporary directory (removed at the end, or kept with --keep): Debian's
 nats-server on a free port (never the machine's 4222), ``python -m
-gochan.server --cluster`` three times, and Debian's nginx with a
-configuration written there (no system file is read or changed).
+gochan.server --cluster`` three times, and Debian's nginx in the foreground
+with a configuration written there (no system file is read or changed).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import uvloop
 
@@ -62,7 +63,7 @@ NATS_CANDIDATES = ("/usr/sbin/nats-server", "/usr/bin/nats-server")
 # cut while quiet, HTTP/1.1 and kept-alive connections to the nodes.
 NGINX_CONF = """\
 daemon off;
-worker_processes 1;
+master_process off;  # one process, which dies with run.py (no worker left holding the port)
 pid {run}/nginx.pid;
 error_log {run}/nginx-error.log notice;
 events {{ worker_connections 1024; }}
@@ -143,8 +144,11 @@ def port_open(host: str, port: int) -> bool:
 
 
 class Child:
-    """One program of the cluster: started in this script's process group
-    (so Ctrl-C in a terminal reaches it too), its output in a log file."""
+    """One program of the cluster, its output in a log file. It runs in a
+    session of its own: Ctrl-C reaches this script only, which stops the
+    programs in order (the publisher and the nodes before NATS: a NATS
+    client closed while its server goes away can take half a minute). With
+    util-linux's setpriv it is also killed if this script is."""
 
     def __init__(self, name: str, argv: list[str], log: Path) -> None:
         self.name = name
@@ -153,12 +157,15 @@ class Child:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, stdout_pipe: bool = False) -> None:
+        setpriv = shutil.which("setpriv")
+        argv = [setpriv, "--pdeathsig", "KILL", "--", *self.argv] if setpriv else self.argv
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if stdout_pipe else log,
                 stderr=log,
+                start_new_session=True,
             )
 
     @property
@@ -327,11 +334,11 @@ class Cluster:
             await asyncio.sleep(0.2)
 
     async def stop(self) -> None:
-        """nginx first (no new requests), then the nodes (their streams are
-        told when to come back), then NATS."""
+        """The nodes first (their streams are told when to come back, through
+        nginx), then nginx, then NATS."""
+        await asyncio.gather(*(child.stop() for child, _ in self.nodes.values()))
         if self.nginx is not None:
             await self.nginx.stop(signal.SIGQUIT)
-        await asyncio.gather(*(child.stop() for child, _ in self.nodes.values()))
         if self.nats is not None:
             await self.nats.stop()
 
@@ -390,15 +397,20 @@ async def serve(cluster: Cluster, stop: asyncio.Event) -> str:
         else:
             ended = SIGNALLED
         for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel(task)
     return ended
+
+
+async def cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` until it ends: nats-py swallows a cancellation that
+    lands inside a publish, and the publisher would go on publishing."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.1)
 
 
 async def main(args: argparse.Namespace) -> int:
     run = Path(tempfile.mkdtemp(prefix="gochan-cluster-"))
-    if os.geteuid() == 0:
-        run.chmod(0o755)  # nginx's workers drop root: they must reach their temp paths
     cluster = Cluster(args, run)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

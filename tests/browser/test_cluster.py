@@ -135,8 +135,9 @@ def programs() -> None:
 
 
 class ClusterExample:
-    """examples/cluster/run.py, in a session of its own (its children share
-    its process group: a signal to the group is a Ctrl-C in a terminal)."""
+    """examples/cluster/run.py, in a session of its own as in a terminal
+    (a signal to its process group is a Ctrl-C; its programs run in
+    sessions of their own, which it stops)."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.port = free_port()
@@ -198,19 +199,36 @@ class ClusterExample:
         return "\n".join(parts)
 
     def interrupt(self) -> int:
-        """Ctrl-C: SIGINT to the whole process group, as a terminal sends it."""
+        """Ctrl-C: SIGINT to the foreground process group, as a terminal sends it."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGINT)
         return self.proc.wait(STOP_TIMEOUT_S)
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """The script and every program it printed, whatever state it is in."""
+        children = getattr(self, "nodes", {})
+        pids = [self.proc.pid, *(pid for _, pid in children.values())]
+        pids += [getattr(self, "nats_pid", 0), getattr(self, "nginx_pid", 0)]
+        for pid in filter(None, pids):
+            if pid == self.proc.pid or self.ours(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
         self.proc.wait(10)
+
+    def ours(self, pid: int) -> bool:
+        """``pid`` is still one of the example's programs (not a number
+        reused since): its command line names the run directory (NATS,
+        nginx) or the example's subject prefix (the nodes)."""
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+        run_dir = str(getattr(self, "run_dir", "\0"))
+        return run_dir in argv or "cluster-example." in argv
 
 
 @pytest.fixture
-def cluster_example(tmp_path: Path) -> Iterator[ClusterExample]:
+def cluster_example(tmp_path: Path, browser: BrowserSession) -> Iterator[ClusterExample]:
     programs()
     example = ClusterExample(tmp_path)
     try:
@@ -220,6 +238,8 @@ def cluster_example(tmp_path: Path) -> Iterator[ClusterExample]:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 example.interrupt()
         example.kill()  # whatever is left in its group
+        # Shown by pytest when the test failed: what each program said.
+        print(f"{example.logs()}\n--- console errors\n{browser.console_errors}")
 
 
 def alive(pid: int) -> bool:
