@@ -169,6 +169,12 @@ class Router:
         self._hosts = {h.lower() for h in config.allowed_hosts}
         self._host_answers: dict[str, bool] = {}  # Host value -> _judge_host's answer
         self._static = Path(config.static_dir).resolve() if config.static_dir else None
+        # A cluster node names itself on its streams and update answers, so
+        # what a load balancer spread can be tied to a node (curl -i, logs).
+        cluster = streamer.cluster
+        self._node: Headers = (
+            [(b"X-Gochan-Node", cluster.node_id.encode())] if cluster is not None else []
+        )
 
     # -- dispatch ----------------------------------------------------------
 
@@ -419,7 +425,8 @@ class Router:
         if request.method == "HEAD":
             # The stream's headers, less its Connection: the head's own says
             # keep-alive or close, as the request asked.
-            return Response(200, b"", [h for h in SSE_HEADERS if h[0] != b"Connection"], None)
+            head = [h for h in SSE_HEADERS if h[0] != b"Connection"]
+            return Response(200, b"", head + self._node, None)
         if identity is not None or (
             client is not None and len(client.streams) >= self.config.max_streams_per_client
         ):
@@ -471,7 +478,8 @@ class Router:
                 found = await cluster.lookup(client_id, identity)
                 if found is None:
                     return _text(401, "Invalid client ID")
-                return Response(200, b"", [h for h in SSE_HEADERS if h[0] != b"Connection"], None)
+                head = [h for h in SSE_HEADERS if h[0] != b"Connection"]
+                return Response(200, b"", head + self._node, None)
             client = await self.streamer.attach_client(client_id, identity)
         except LimitExceededError as exc:
             return _text(503, exc)
@@ -530,7 +538,8 @@ class Router:
         parts.append(first_frame(client.id, config.client_ttl, client.topics))
         parts.extend(extra_frames)
         token_exp = grant.exp if grant is not None else None
-        return OpenStream(client, list(SSE_HEADERS), b"".join(parts), last_id, token_exp)
+        headers = [*SSE_HEADERS, *self._node]
+        return OpenStream(client, headers, b"".join(parts), last_id, token_exp)
 
     # -- POST /update_subscriptions ----------------------------------------
 
@@ -606,14 +615,12 @@ class Router:
             return _text(504, exc)
         except (BrokerError, ClosedError) as exc:
             return _text(503, f"cluster store: {exc}")
-        return _json(
-            200,
-            {
-                "client_id": client_id,
-                "subscriptions": topics,
-                "errors": [e.as_dict() for e in forbidden + errors],
-            },
-        )
+        answer = {
+            "client_id": client_id,
+            "subscriptions": topics,
+            "errors": [e.as_dict() for e in forbidden + errors],
+        }
+        return Response(200, orjson.dumps(answer), list(self._node), JSON)
 
     async def _update(
         self, client: Client, add: list[str], remove: list[str], forbidden: list[TopicError]
