@@ -149,3 +149,28 @@ async def test_a_request_the_fast_path_declines_is_read_with_what_follows(
         assert len(t.writes) == 1 and statuses(t.wire) == [b"200"] * 3
         assert begun[0] == 2
         assert server.streamer.counters["published"] == 3
+
+
+async def test_a_publish_read_while_a_handler_waits_does_not_overtake_it(
+    begun: list[int],
+) -> None:
+    async with serving() as server:
+        client = server.streamer.create_client()
+        body = b'{"client_id":"%s"}' % client.id.encode()
+        update = (
+            b"POST /update_subscriptions HTTP/1.1\r\nHost: gochan\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (KEY.encode(), len(body), body)
+        )
+        proto, t = connect(server)
+        proto.data_received(update)
+        assert proto.busy and t.writes == []  # the update waits on the broker
+        proto.data_received(publish(b"after"))  # its own read, while the update waits
+        assert t.writes == [] and begun[0] == 2  # queued behind it, read by httptools
+        task = proto.task
+        assert task is not None
+        await task
+        wire = undated(t.wire)
+        assert statuses(wire) == [b"200", b"200"]
+        assert wire.index(b'"subscriptions"') < wire.index(b'{"id":')
+        proto.data_received(publish(b"idle"))  # idle again: the fast path reads it
+        assert statuses(t.wire) == [b"200"] * 3 and begun[0] == 2
