@@ -716,7 +716,12 @@ def table(results: list[ServerResult]) -> str:
             )
             row.append(fmt(ratio, ".2f") + ("x" if ratio is not None else ""))
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return aligned(rows)
+
+
+def aligned(rows: list[list[str]]) -> str:
+    """A text table: the first column left-aligned, the others right, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, row in enumerate(rows):
         cells = [row[0].ljust(widths[0])] + [
@@ -758,11 +763,9 @@ def parse_rates(text: str) -> list[float]:
     return rates
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1,000 connections, 3 short steps")
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
-    p.add_argument("--connections", type=int, default=None, help="default 10000 (quick 1000)")
+def add_load_arguments(p: argparse.ArgumentParser, server_cpu: str, client_cpu: str) -> None:
+    """The workload's and the load generator's options, shared with bench/cluster.py;
+    the ones left None here are set by :func:`fill_load_defaults`."""
     p.add_argument("--topics", type=int, default=1000)
     p.add_argument("--per-conn-topics", type=int, default=10)
     p.add_argument("--duration", type=float, default=None, help="measured seconds per step")
@@ -782,14 +785,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connect-timeout", type=float, default=180.0)
     p.add_argument("--publishers", type=int, default=4, help="publisher connections")
     p.add_argument("--pipeline", type=int, default=1000, help="requests in flight per publisher")
-    p.add_argument("--server-cpu", default="0", help="core for the server ('' = no pinning)")
-    p.add_argument("--client-cpu", default="1", help="core for the load generator")
+    p.add_argument("--server-cpu", default=server_cpu, help="core for the server ('' = no pinning)")
+    p.add_argument("--client-cpu", default=client_cpu, help="core for the load generator")
     p.add_argument("--max-runtime", type=float, default=1800.0, help="per-server cap, seconds")
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
-    args = p.parse_args(argv)
-    quick = args.quick
-    if args.connections is None:
-        args.connections = 1000 if quick else 10000
+
+
+def fill_load_defaults(args: argparse.Namespace, quick: bool) -> None:
     if args.duration is None:
         args.duration = 2.0 if quick else 5.0
     if args.warmup is None:
@@ -800,6 +802,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.refine = 0 if quick else 2
     args.server_cpu = args.server_cpu or None
     args.client_cpu = args.client_cpu or None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1,000 connections, 3 short steps")
+    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
+    p.add_argument("--connections", type=int, default=None, help="default 10000 (quick 1000)")
+    add_load_arguments(p, server_cpu="0", client_cpu="1")
+    args = p.parse_args(argv)
+    if args.connections is None:
+        args.connections = 1000 if args.quick else 10000
+    fill_load_defaults(args, args.quick)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(args.servers) - set(SERVERS)
     if unknown:
