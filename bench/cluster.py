@@ -27,6 +27,9 @@ port on for the message counts):
    and of the NATS server (less what they spend idle over as long), latency
    p50/p99, and the messages the nodes' cluster-store connections sent to NATS
    (``in_msgs`` of ``/connz``: key-value requests and node-to-node messages).
+   Then ``--hold-s`` seconds idle with every client still held: what holding
+   costs (heartbeats, and each node rewriting the records it holds once per
+   TTL refresh, every 10 s at the default ``client_ttl``).
 
 Nothing is pinned by default (``--server-cpu``/``--client-cpu`` pin every
 node / the load generator and NATS server as compare.py does): on a 2-core
@@ -71,7 +74,7 @@ CLUSTER_NAME = "bench"
 NATS_PREFIX = "bench."
 NATS_STREAM = "BENCH"
 DEFAULT_NODES = (1, 2, 4)
-DEFAULT_RATES = (100, 1000, 2000, 3000, 5000, 7000, 10000, 15000, 20000)
+DEFAULT_RATES = (300, 1000, 1500, 2000, 3000, 4000, 6000, 10000)
 QUICK_RATES = (50, 200)
 
 READY_TIMEOUT_S = 20.0  # every node ready and hearing every other
@@ -454,6 +457,25 @@ async def update_storm(c: Cluster, base: Baseline, cluster: bool, args: argparse
     await asyncio.gather(*(worker(w) for w in range(workers)))
     b = read(c)
     client_cpu = time.process_time() - cpu0
+    held = standing = None
+    if args.hold_s > 0:
+        # What the held clients cost while nothing happens: heartbeats and the
+        # TTL refreshes (every node rewrites the records it holds).
+        held = n * args.storm_topics + len(opened)
+        h0 = read(c)
+        await asyncio.sleep(args.hold_s)
+        h1 = read(c)
+        wall = h1.t - h0.t
+        standing = {
+            "held_clients": held,
+            "wall_s": round(wall, 3),
+            "nodes_cpu_share": (h1.nodes_cpu_s - h0.nodes_cpu_s) / wall,
+            "nats_cpu_share": (h1.nats_cpu_s - h0.nats_cpu_s) / wall,
+            "store_msgs_per_s": (h1.counts["store_msgs"] - h0.counts["store_msgs"]) / wall,
+            "in_msgs_per_s": (h1.counts["in_msgs"] - h0.counts["in_msgs"]) / wall,
+        }
+        standing["store_msgs_per_client_per_s"] = standing["store_msgs_per_s"] / held
+        standing["nodes_cpu_us_per_client_per_s"] = standing["nodes_cpu_share"] / held * 1e6
     for _, writer, task in opened:
         writer.close()
         task.cancel()
@@ -469,6 +491,7 @@ async def update_storm(c: Cluster, base: Baseline, cluster: bool, args: argparse
             "failures": len(failures),
             "failure_examples": failures[:5],
             "client_cpu_share": client_cpu / result["wall_s"] if result["wall_s"] else None,
+            "standing": standing,
         }
     )
     return result
@@ -607,6 +630,17 @@ def cost_table(off: Json, on: Json) -> str:
             a, b = dig(off.get(op, {}), key), dig(on.get(op, {}), key)
             diff = b - a if isinstance(a, int | float) and isinstance(b, int | float) else None
             rows.append(["  " + label, fmtv(a, spec), fmtv(b, spec), fmtv(diff, "+" + spec)])
+    standing = [x.get("update", {}).get("standing") for x in (off, on)]
+    if all(standing):
+        rows.append([f"idle, {standing[1]['held_clients']} clients held", "", "", ""])
+        for key, label, spec in (
+            ("store_msgs_per_s", "cluster-store msgs to NATS /s", ",.1f"),
+            ("in_msgs_per_s", "all msgs to NATS /s", ",.1f"),
+            ("nodes_cpu_share", "gochan CPU (cores, all nodes)", ".3f"),
+            ("nats_cpu_share", "nats-server CPU (cores)", ".3f"),
+        ):
+            a, b = standing[0][key], standing[1][key]
+            rows.append(["  " + label, fmtv(a, spec), fmtv(b, spec), fmtv(b - a, "+" + spec)])
     if on.get("update", {}).get("latency_ms_to_other_node", {}).get("count"):
         for which in ("to_holder", "to_other_node"):
             lat = on["update"][f"latency_ms_{which}"]
@@ -647,6 +681,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-jetstream: core NATS (the cluster store stays a JetStream key-value bucket)",
     )
     compare.add_load_arguments(p, server_cpu="", client_cpu="")
+    # Publishes spread over the nodes, 4 connections each at 4 nodes.
+    p.set_defaults(publishers=16, pipeline=100, refine=1)
     g = p.add_argument_group("cost")
     g.add_argument("--cost-nodes", type=int, default=2, help="nodes of the cost part")
     g.add_argument("--storm-connections", type=int, default=None, help="default 2000 (quick 100)")
@@ -655,6 +691,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--updates", type=int, default=None, help="default 4000 (quick 100)")
     g.add_argument("--update-streams", type=int, default=None, help="default 200 (quick 20)")
     g.add_argument("--update-concurrency", type=int, default=16, help="updates in flight")
+    g.add_argument(
+        "--hold-s",
+        type=float,
+        default=None,
+        help="after the update storm, seconds to watch the held clients idle (0: not at all; "
+        "default 10: one TTL refresh per node at the default client_ttl; quick 0)",
+    )
     args = p.parse_args(argv)
     quick = args.quick
     if args.rates is None:
@@ -668,6 +711,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.connections = args.connections or (200 if quick else 4000)
     args.storm_connections = args.storm_connections or (100 if quick else 2000)
     args.updates = args.updates or (100 if quick else 4000)
+    if args.hold_s is None:
+        args.hold_s = 0.0 if quick else 10.0
     args.update_streams = args.update_streams or (20 if quick else 200)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if set(args.parts) - {"throughput", "cost"}:

@@ -470,6 +470,8 @@ def test_cluster_runs_nodes_with_and_without_cluster(tmp_path: Path) -> None:
             "8",
             "--update-concurrency",
             "4",
+            "--hold-s",
+            "1",
             "--out",
             str(out),
         ],
@@ -498,4 +500,5 @@ def test_cluster_runs_nodes_with_and_without_cluster(tmp_path: Path) -> None:
     assert on["connect"]["store_msgs_per_op"] > 0.5
     assert on["update"]["latency_ms_to_other_node"]["count"] == 20
     assert off["update"]["latency_ms_to_other_node"]["count"] == 0
+    assert on["update"]["standing"]["held_clients"] == 2 * 10 + 8
     assert "cluster on" in run.stdout and "max sustained deliveries/s" in run.stdout
