@@ -28,9 +28,11 @@ port on for the message counts):
    and of the NATS server (less what they spend idle over as long), latency
    p50/p99, and the messages the nodes' cluster-store connections sent to NATS
    (``in_msgs`` of ``/connz``: key-value requests and node-to-node messages).
-   Then ``--hold-s`` seconds idle with every client still held: what holding
-   costs (heartbeats, and each node rewriting the records it holds once per
-   TTL refresh, every 10 s at the default ``client_ttl``).
+   Then ``--hold-s`` seconds idle with every client still held (the connect
+   storm's too): what holding costs (heartbeats, and each node rewriting the
+   records it holds once per TTL refresh, every 10 s at the default
+   ``client_ttl``), and how late ``GET /healthz`` is answered meanwhile. The
+   disconnects come last.
 
 Nothing is pinned by default (``--server-cpu``/``--client-cpu`` pin every
 node / the load generator and NATS server as compare.py does): on a 2-core
@@ -86,6 +88,7 @@ QUICK_RATES = (50, 200)
 READY_TIMEOUT_S = 20.0  # every node ready and hearing every other
 IDLE_S = 2.0  # the idle baseline's window
 HTTP_TIMEOUT_S = 10.0
+PROBE_S = 0.05  # GET /healthz on every node this often while the clients are held
 STORM_TOPIC = "Topic"  # the storms' topics, named as the load generator names them
 CLIENT_ID = re.compile(rb'"client_id":"([^"]+)"')
 
@@ -374,12 +377,12 @@ class Http:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self.reader is not None
         self.writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
@@ -419,17 +422,16 @@ async def open_stream(port: int, topic: str) -> tuple[str, asyncio.StreamWriter,
     return found.group(1).decode(), writer, asyncio.get_running_loop().create_task(drain())
 
 
-async def update_storm(c: Cluster, base: Baseline, cluster: bool, args: argparse.Namespace) -> Json:
-    """``--updates`` updates over ``--update-streams`` clients; each adds or
-    removes (in turn) one topic its node already holds. With ``cluster``,
-    every other update goes to a node that does not hold the client's stream."""
+async def update_storm(
+    c: Cluster, base: Baseline, cluster: bool, args: argparse.Namespace, client_ids: list[str]
+) -> Json:
+    """``--updates`` updates over the clients (the i-th with a stream on node
+    i mod n); each adds or removes (in turn) one topic its node already holds.
+    With ``cluster``, every other update goes to a node that does not hold the
+    client's stream."""
     n = len(c.ports)
     topics = args.storm_topics
-    opened = [
-        await open_stream(c.ports[i % n], f"{STORM_TOPIC}{i % topics}")
-        for i in range(args.update_streams)
-    ]
-    clients = [(client_id, i % n) for i, (client_id, _, _) in enumerate(opened)]
+    clients = [(client_id, i % n) for i, client_id in enumerate(client_ids)]
     added = [False] * len(clients)
     latencies: dict[str, list[int]] = {"holder": [], "other": []}
     failures: list[str] = []
@@ -448,7 +450,7 @@ async def update_storm(c: Cluster, base: Baseline, cluster: bool, args: argparse
                 change = "remove" if added[i] else "add"
                 body = json.dumps({"client_id": client_id, change: [topic]}).encode()
                 t0 = time.perf_counter_ns()
-                status, answer = await conns[node].post("/update_subscriptions", body)
+                status, answer = await conns[node].request("POST", "/update_subscriptions", body)
                 latencies["other" if remote else "holder"].append(time.perf_counter_ns() - t0)
                 held = status == 200 and topic in json.loads(answer).get("subscriptions", ())
                 if status != 200 or held != (change == "add"):
@@ -463,29 +465,6 @@ async def update_storm(c: Cluster, base: Baseline, cluster: bool, args: argparse
     await asyncio.gather(*(worker(w) for w in range(workers)))
     b = read(c)
     client_cpu = time.process_time() - cpu0
-    held = standing = None
-    if args.hold_s > 0:
-        # What the held clients cost while nothing happens: heartbeats and the
-        # TTL refreshes (every node rewrites the records it holds).
-        held = n * args.storm_topics + len(opened)
-        h0 = read(c)
-        await asyncio.sleep(args.hold_s)
-        h1 = read(c)
-        wall = h1.t - h0.t
-        standing = {
-            "held_clients": held,
-            "wall_s": round(wall, 3),
-            "nodes_cpu_share": (h1.nodes_cpu_s - h0.nodes_cpu_s) / wall,
-            "nats_cpu_share": (h1.nats_cpu_s - h0.nats_cpu_s) / wall,
-            "store_msgs_per_s": (h1.counts["store_msgs"] - h0.counts["store_msgs"]) / wall,
-            "in_msgs_per_s": (h1.counts["in_msgs"] - h0.counts["in_msgs"]) / wall,
-        }
-        standing["store_msgs_per_client_per_s"] = standing["store_msgs_per_s"] / held
-        standing["nodes_cpu_us_per_client_per_s"] = standing["nodes_cpu_share"] / held * 1e6
-    for _, writer, task in opened:
-        writer.close()
-        task.cancel()
-    await asyncio.gather(*(t for _, _, t in opened), return_exceptions=True)
     everything = latencies["holder"] + latencies["other"]
     result = per_op(a, b, base, len(everything))
     result.update(
@@ -497,10 +476,71 @@ async def update_storm(c: Cluster, base: Baseline, cluster: bool, args: argparse
             "failures": len(failures),
             "failure_examples": failures[:5],
             "client_cpu_share": client_cpu / result["wall_s"] if result["wall_s"] else None,
-            "standing": standing,
         }
     )
     return result
+
+
+async def hold(c: Cluster, held: int, seconds: float) -> Json:
+    """What ``held`` clients cost while nothing happens (heartbeats, and the
+    TTL refreshes: every node rewrites the records it holds), and how late
+    ``GET /healthz`` is answered meanwhile, probed on every node every
+    PROBE_S: a stalled event loop shows there."""
+    probes: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    async def probe(port: int) -> None:
+        h = Http(port)
+        deadline = loop.time() + seconds
+        try:
+            while loop.time() < deadline:
+                t0 = time.perf_counter_ns()
+                status, _ = await h.request("GET", "/healthz")
+                probes.append(time.perf_counter_ns() - t0)
+                if status != 200:
+                    raise RuntimeError(f"/healthz on port {port}: {status}")
+                await asyncio.sleep(PROBE_S)
+        finally:
+            h.close()
+
+    a = read(c)
+    await asyncio.gather(*(probe(p) for p in c.ports))
+    b = read(c)
+    wall = b.t - a.t
+    standing: Json = {
+        "held_clients": held,
+        "wall_s": round(wall, 3),
+        "nodes_cpu_share": (b.nodes_cpu_s - a.nodes_cpu_s) / wall,
+        "nats_cpu_share": (b.nats_cpu_s - a.nats_cpu_s) / wall,
+        "store_msgs_per_s": (b.counts["store_msgs"] - a.counts["store_msgs"]) / wall,
+        "in_msgs_per_s": (b.counts["in_msgs"] - a.counts["in_msgs"]) / wall,
+        "healthz_ms": quantiles_ms(probes),
+    }
+    standing["store_msgs_per_client_per_s"] = standing["store_msgs_per_s"] / held
+    return standing
+
+
+async def updates_then_hold(
+    c: Cluster, base: Baseline, cluster: bool, args: argparse.Namespace, held_before: int
+) -> tuple[Json, Json | None]:
+    """Open ``--update-streams`` streams (round-robin over the nodes), run the
+    update storm over their clients, then :func:`hold` with every client held."""
+    n = len(c.ports)
+    opened = [
+        await open_stream(c.ports[i % n], f"{STORM_TOPIC}{i % args.storm_topics}")
+        for i in range(args.update_streams)
+    ]
+    try:
+        updates = await update_storm(c, base, cluster, args, [cid for cid, _, _ in opened])
+        standing = None
+        if args.hold_s > 0:
+            standing = await hold(c, held_before + len(opened), args.hold_s)
+    finally:
+        for _, writer, task in opened:
+            writer.close()
+            task.cancel()
+        await asyncio.gather(*(t for _, _, t in opened), return_exceptions=True)
+    return updates, standing
 
 
 def run_cost(cluster: bool, args: argparse.Namespace, loadgen_bin: Path, logdir: Path) -> Json:
@@ -540,18 +580,24 @@ def run_cost(cluster: bool, args: argparse.Namespace, loadgen_bin: Path, logdir:
                                      "max": lat["max"] / 1000}  # fmt: skip
             out["connect"] = figures
             log(f"{tag}: connect storm: {describe(figures)}")
+
+            # The updates, and the idle hold, with the storm's clients still connected.
+            held = ready + n * args.storm_topics
+            updates, standing = asyncio.run(updates_then_hold(c, base, cluster, args, held))
+            out["update"] = updates
+            out["hold"] = standing
+            log(f"{tag}: update storm: {describe(updates)}")
+            if updates["failures"]:
+                log(f"{tag}: {updates['failures']} updates failed: {updates['failure_examples']}")
+            if standing:
+                log(f"{tag}: held idle: {standing}")
+
             a = read(c)
             lg.quit()
         compare.settle(c.pids)
         b = read(c)
         out["disconnect"] = per_op(a, b, base, ready)
         log(f"{tag}: disconnects: {describe(out['disconnect'])}")
-
-        updates = asyncio.run(update_storm(c, base, cluster, args))
-        out["update"] = updates
-        log(f"{tag}: update storm: {describe(updates)}")
-        if updates["failures"]:
-            log(f"{tag}: {updates['failures']} updates failed: {updates['failure_examples']}")
     return out
 
 
@@ -636,16 +682,21 @@ def cost_table(off: Json, on: Json) -> str:
             a, b = dig(off.get(op, {}), key), dig(on.get(op, {}), key)
             diff = b - a if isinstance(a, int | float) and isinstance(b, int | float) else None
             rows.append(["  " + label, fmtv(a, spec), fmtv(b, spec), fmtv(diff, "+" + spec)])
-    standing = [x.get("update", {}).get("standing") for x in (off, on)]
-    if all(standing):
-        rows.append([f"idle, {standing[1]['held_clients']} clients held", "", "", ""])
+    standing = [x.get("hold") for x in (off, on)]
+    if standing[0] and standing[1]:
+        rows.append(
+            [f"idle {standing[1]['wall_s']:.0f} s, {standing[1]['held_clients']} clients held",
+             "", "", ""]
+        )  # fmt: skip
         for key, label, spec in (
             ("store_msgs_per_s", "cluster-store msgs to NATS /s", ",.1f"),
             ("in_msgs_per_s", "all msgs to NATS /s", ",.1f"),
             ("nodes_cpu_share", "gochan CPU (cores, all nodes)", ".3f"),
             ("nats_cpu_share", "nats-server CPU (cores)", ".3f"),
+            ("healthz_ms.p99", "GET /healthz p99 (ms)", ".2f"),
+            ("healthz_ms.max", "GET /healthz max (ms)", ".2f"),
         ):
-            a, b = standing[0][key], standing[1][key]
+            a, b = dig(standing[0], key), dig(standing[1], key)
             rows.append(["  " + label, fmtv(a, spec), fmtv(b, spec), fmtv(b - a, "+" + spec)])
     if on.get("update", {}).get("latency_ms_to_other_node", {}).get("count"):
         for which in ("to_holder", "to_other_node"):

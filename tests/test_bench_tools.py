@@ -500,5 +500,7 @@ def test_cluster_runs_nodes_with_and_without_cluster(tmp_path: Path) -> None:
     assert on["connect"]["store_msgs_per_op"] > 0.5
     assert on["update"]["latency_ms_to_other_node"]["count"] == 20
     assert off["update"]["latency_ms_to_other_node"]["count"] == 0
-    assert on["update"]["standing"]["held_clients"] == 2 * 10 + 8
+    # Held idle: the storm's 40 clients, 10 holding streams per node, the 8 updated.
+    assert on["hold"]["held_clients"] == off["hold"]["held_clients"] == 40 + 2 * 10 + 8
+    assert on["hold"]["healthz_ms"]["count"] > 0
     assert "cluster on" in run.stdout and "max sustained deliveries/s" in run.stdout
