@@ -14,6 +14,10 @@
  * steps come from stdin ("step RATE WARMUP_S DURATION_S DRAIN_S", "quit"), so
  * a driver can measure the server between steps; otherwise --rates lists them.
  *
+ * With --ports P1,P2,.. the subscribers and publishers go round-robin over
+ * several servers (the nodes of a cluster), and --server-pid takes all their
+ * pids, whose CPU and write syscalls are summed.
+ *
  * Every loop is bounded: --max-runtime caps the whole process.
  */
 #define _GNU_SOURCE
