@@ -9,32 +9,30 @@ port on for the message counts):
    round-robin over the nodes' ports, and so do its publishers (POST
    /publish, which goes through JetStream to every node holding the topic).
    Rates step up as in compare.py until a step is not sustained (same
-   criteria, same p99 < 100 ms "usable" bound), over 10 s windows: one TTL
-   refresh of every node's records falls in each. Each step records the CPU of
+   criteria, same p99 < 100 ms "usable" bound). Each step records the CPU of
    all nodes together, of the NATS server and of the load generator.
 2. **cost**: what ``--cluster`` adds per operation, the same storms against
    ``--cost-nodes`` nodes with ``--cluster`` off then on:
    - a connect storm (the load generator's connect phase: ``--storm-connections``
      new clients, one topic each, ``--storm-concurrency`` in flight, round-robin
-     over the nodes) and the disconnect of all of them;
+     over the nodes); its clients stay until the end;
    - an update storm: ``--updates`` POST /update_subscriptions from
      ``--update-concurrency`` closed-loop workers, over ``--update-streams``
      clients with a stream open, each update adding or removing one topic.
      With ``--cluster`` half of them go to a node that does not hold the
      client's stream; without it, all to the holding node (a plain node knows
-     only its own clients).
+     only its own clients);
+   - ``--hold-s`` seconds idle with every client held: what holding costs
+     (heartbeats, and each node touching the records it holds, a slice each
+     second) and how late ``GET /healthz`` is answered meanwhile;
+   - the disconnect (RST) of the connect storm's clients.
    Before the storms a stream on every node holds every topic they use, so no
-   storm opens a JetStream consumer. Each storm starts when no node's TTL
-   refresh is due for ``--storm-window`` seconds (watched on /connz), so
-   that the refreshes' traffic is not counted as the storm's. Per operation: µs of CPU of the nodes
-   and of the NATS server (less what they spend idle over as long), latency
-   p50/p99, and the messages the nodes' cluster-store connections sent to NATS
-   (``in_msgs`` of ``/connz``: key-value requests and node-to-node messages).
-   Then ``--hold-s`` seconds idle with every client still held (the connect
-   storm's too): what holding costs (heartbeats, and each node rewriting the
-   records it holds once per TTL refresh, every 10 s at the default
-   ``client_ttl``), and how late ``GET /healthz`` is answered meanwhile. The
-   disconnects come last.
+   storm opens a JetStream consumer. Per operation: µs of CPU of the nodes
+   and of the NATS server, latency p50/p99, and the messages the nodes'
+   cluster-store connections sent to NATS (``in_msgs`` of ``/connz``:
+   key-value requests and node-to-node messages), each less what the same
+   processes do idle over as long, measured (2 s) just before the storm
+   with the clients held then.
 
 Nothing is pinned by default (``--server-cpu``/``--client-cpu`` pin every
 node / the load generator and NATS server as compare.py does): on a 2-core
@@ -81,21 +79,13 @@ NATS_PREFIX = "bench."
 NATS_STREAM = "BENCH"
 DEFAULT_NODES = (1, 2, 4)
 DEFAULT_RATES = (300, 1000, 1500, 2000, 3000, 4000, 6000)
-# A measured window as long as the period of a cluster node's TTL refresh
-# (client_ttl / 4, at most 10 s: gochan.cluster.node), in which it rewrites
-# every record it holds: each window holds one, so the p99 bound sees it.
-DEFAULT_DURATION_S = 10.0
+DEFAULT_DURATION_S = 5.0
 QUICK_RATES = (50, 200)
 
 READY_TIMEOUT_S = 20.0  # every node ready and hearing every other
 IDLE_S = 2.0  # the idle baseline's window
 HTTP_TIMEOUT_S = 10.0
 PROBE_S = 0.05  # GET /healthz on every node this often while the clients are held
-# A node rewrites the records it holds REFRESH_S after its last rewrite ended
-# (gochan.cluster.node: client_ttl / 4, at most 10 s; 10 s at the default 60 s).
-REFRESH_S = 10.0
-BURST_MSGS = 10  # store messages from one node within PROBE_S: a refresh under way
-CLEAR_WAIT_S = 3 * REFRESH_S  # the longest wait for a storm's window clear of refreshes
 STORM_TOPIC = "Topic"  # the storms' topics, named as the load generator names them
 CLIENT_ID = re.compile(rb'"client_id":"([^"]+)"')
 
@@ -259,57 +249,6 @@ def nats_counts(monitor_port: int) -> Json:
     }
 
 
-def store_msgs_by_node(monitor_port: int) -> dict[str, int]:
-    """Messages each node's cluster-store connection sent (``gochan-cluster-<node>``)."""
-    _, connz = http_get(monitor_port, "/connz?limit=100000")
-    prefix = "gochan-cluster-"
-    return {
-        str(conn["name"])[len(prefix) :]: int(conn["in_msgs"])
-        for conn in json.loads(connz).get("connections", [])
-        if str(conn.get("name", "")).startswith(prefix)
-    }
-
-
-def clear_of_refresh(c: Cluster, needed_s: float) -> float | None:
-    """Wait until no node is rewriting its records and none will for at least
-    ``needed_s``, so a storm's window holds none of the TTL refreshes (their
-    traffic, of every held client, would be counted as the storm's). Watches
-    each node's store connection; a node's next refresh starts REFRESH_S after
-    its last one ends. Returns the seconds until the next one (None: no
-    cluster store connections, or ``needed_s`` 0: no wait; a negative figure
-    if CLEAR_WAIT_S passed)."""
-    prev = store_msgs_by_node(c.monitor_port)
-    if not prev or needed_s <= 0:
-        return None
-    ended: dict[str, float] = {}
-    busy = dict.fromkeys(prev, False)
-    deadline = time.monotonic() + CLEAR_WAIT_S
-    while True:
-        time.sleep(PROBE_S)
-        now, counts = time.monotonic(), store_msgs_by_node(c.monitor_port)
-        for node, count in counts.items():
-            if count - prev.get(node, count) >= BURST_MSGS:
-                busy[node] = True
-            elif busy.get(node):
-                busy[node] = False
-                ended[node] = now
-        prev = counts
-        if len(ended) == len(counts) and not any(busy.values()):
-            clear = min(ended.values()) + REFRESH_S - now
-            if clear >= needed_s:
-                return clear
-        if now > deadline:
-            log(f"no window of {needed_s:g} s clear of TTL refreshes within {CLEAR_WAIT_S:g} s")
-            return -1.0
-
-
-def mark_clear(figures: Json, clear: float | None) -> None:
-    """Record how far the next TTL refresh was when a storm began, and whether
-    the storm lasted longer (then its figures include a refresh)."""
-    figures["clear_of_refresh_s"] = clear
-    figures["refresh_in_window"] = clear is not None and figures["wall_s"] >= clear
-
-
 @dataclass
 class Reading:
     t: float
@@ -327,7 +266,7 @@ def read(c: Cluster) -> Reading:
 
 @dataclass
 class Baseline:
-    """What the cluster does idle, per second (heartbeats, TTL refreshes,
+    """What the cluster does idle, per second (heartbeats, record touches,
     JetStream consumer heartbeats), taken off each storm's figures."""
 
     nodes_cpu: float
@@ -541,7 +480,7 @@ async def update_storm(
 
 async def hold(c: Cluster, held: int, seconds: float) -> Json:
     """What ``held`` clients cost while nothing happens (heartbeats, and the
-    TTL refreshes: every node rewrites the records it holds), and how late
+    record touches: every node rewrites the records it holds), and how late
     ``GET /healthz`` is answered meanwhile, probed on every node every
     PROBE_S: a stalled event loop shows there."""
     probes: list[int] = []
@@ -590,9 +529,8 @@ async def updates_then_hold(
     ]
     try:
         # Blocking the loop meanwhile is harmless: nothing is published.
-        clear = clear_of_refresh(c, args.storm_window)
+        base = Baseline.measure(c)
         updates = await update_storm(c, base, cluster, args, [cid for cid, _, _ in opened])
-        mark_clear(updates, clear)
         standing = None
         if args.hold_s > 0:
             standing = await hold(c, held_before + len(opened), args.hold_s)
@@ -626,7 +564,6 @@ def run_cost(cluster: bool, args: argparse.Namespace, loadgen_bin: Path, logdir:
         # Connect storm, then its disconnects (RST from the load generator).
         storm = storm_args(args, args.storm_connections)
         cmd = compare.loadgen_command(loadgen_bin, c.ports, c.pids, storm)
-        clear = clear_of_refresh(c, args.storm_window)
         a = read(c)
         with loadgen(cmd, f"{tag}.storm", logdir) as lg:
             connect = lg.read_json(args.connect_timeout + 30.0)
@@ -637,7 +574,6 @@ def run_cost(cluster: bool, args: argparse.Namespace, loadgen_bin: Path, logdir:
                 ready / connect["connect_time_s"] if connect["connect_time_s"] else None
             )
             figures["failed"] = connect["failed"]
-            mark_clear(figures, clear)
             lat = connect["ready_latency_us"]
             figures["latency_ms"] = {"p50": lat["p50"] / 1000, "p99": lat["p99"] / 1000,
                                      "max": lat["max"] / 1000}  # fmt: skip
@@ -655,13 +591,12 @@ def run_cost(cluster: bool, args: argparse.Namespace, loadgen_bin: Path, logdir:
             if standing:
                 log(f"{tag}: held idle: {standing}")
 
-            clear = clear_of_refresh(c, args.storm_window)
+            base = Baseline.measure(c)
             a = read(c)
             lg.quit()
         compare.settle(c.pids)
         b = read(c)
         out["disconnect"] = per_op(a, b, base, ready)
-        mark_clear(out["disconnect"], clear)
         log(f"{tag}: disconnects: {describe(out['disconnect'])}")
     return out
 
@@ -811,13 +746,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--storm-topics", type=int, default=100)
     g.add_argument("--storm-concurrency", type=int, default=50, help="connects in flight")
     g.add_argument("--updates", type=int, default=None, help="default 2000 (quick 100)")
-    g.add_argument(
-        "--storm-window",
-        type=float,
-        default=None,
-        help="a storm starts when no TTL refresh is due for this many seconds "
-        "(default 6, quick 0: at once)",
-    )
     g.add_argument("--update-streams", type=int, default=None, help="default 200 (quick 20)")
     g.add_argument("--update-concurrency", type=int, default=16, help="updates in flight")
     g.add_argument(
@@ -825,7 +753,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="after the update storm, seconds to watch the held clients idle (0: not at all; "
-        "default 10: one TTL refresh per node at the default client_ttl; quick 0)",
+        "default 10, quick 0)",
     )
     args = p.parse_args(argv)
     quick = args.quick
@@ -840,8 +768,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.connections = args.connections or (200 if quick else 4000)
     args.storm_connections = args.storm_connections or (100 if quick else 2000)
     args.updates = args.updates or (100 if quick else 2000)
-    if args.storm_window is None:
-        args.storm_window = 0.0 if quick else 6.0
     if args.hold_s is None:
         args.hold_s = 0.0 if quick else 10.0
     args.update_streams = args.update_streams or (20 if quick else 200)
@@ -927,10 +853,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         print()
         print(cost_table(cost["off"], cost["on"]))
-    for key, run in cost.items():
-        for op in ("connect", "update", "disconnect"):
-            if run.get(op, {}).get("refresh_in_window"):
-                print(f"NOTE: cluster {key}: a TTL refresh fell in the {op} storm's window")
     for e in errors:
         print(f"ERROR: {e}")
     if failed_updates:

@@ -472,8 +472,6 @@ def test_cluster_runs_nodes_with_and_without_cluster(tmp_path: Path) -> None:
             "4",
             "--hold-s",
             "1",
-            "--storm-window",
-            "0",
             "--out",
             str(out),
         ],
