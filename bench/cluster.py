@@ -40,7 +40,7 @@ machine the nodes, the NATS server and the load generator share the cores,
 and the per-step CPU shares say how.
 
 Usage:
-    python bench/cluster.py                 # both parts, about 5 minutes
+    python bench/cluster.py                 # both parts, about 4 minutes
     python bench/cluster.py --quick         # a smoke run, under a minute
     python bench/cluster.py --parts cost --cost-nodes 2
 """
