@@ -37,7 +37,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,15 +405,28 @@ def server_version(name: str) -> str:
     return ", ".join(parts)
 
 
-def measure_step(name: str, pid: int, lg: Loadgen, rate: float, args: argparse.Namespace) -> Json:
-    """One rate step, with the server's CPU and write syscalls and the machine's noise."""
-    cpu0, io0, t0 = cpu_s(pid), io_counters(pid), time.monotonic()
+def cpu_sum(pids: Sequence[int]) -> float:
+    return sum(map(cpu_s, pids))
+
+
+def syscw_sum(pids: Sequence[int]) -> int | None:
+    """Write syscalls of all of pids; None if one is unreadable."""
+    counts = [io_counters(p).get("syscw") for p in pids]
+    return None if None in counts else sum(c for c in counts if c is not None)
+
+
+def measure_step(
+    name: str, pids: Sequence[int], lg: Loadgen, rate: float, args: argparse.Namespace
+) -> Json:
+    """One rate step, with the server's CPU and write syscalls and the machine's noise.
+    ``pids``: the server's processes (several for the nodes of a cluster), summed."""
+    cpu0, io0, t0 = cpu_sum(pids), syscw_sum(pids), time.monotonic()
     lg_pids = [lg.proc.pid, *lg.helper_pids]
     lg0, busy0 = sum(map(cpu_s, lg_pids)), machine_busy_s()
     h0 = sum(map(cpu_s, lg.helper_pids))
     step = lg.step(rate, args.warmup, args.duration, args.drain)
     wall = time.monotonic() - t0
-    cpu1, io1 = cpu_s(pid), io_counters(pid)
+    cpu1, io1 = cpu_sum(pids), syscw_sum(pids)
     lg1, busy1 = sum(map(cpu_s, lg_pids)), machine_busy_s()
     if lg.helper_pids:
         step["broker_cpu_share"] = (sum(map(cpu_s, lg.helper_pids)) - h0) / wall if wall else None
@@ -429,8 +442,8 @@ def measure_step(name: str, pid: int, lg: Loadgen, rate: float, args: argparse.N
     total_rx = step["received"] + step["outside_window"]
     if step.get("server_syscw", -1) >= 0 and step["received"]:
         step["server_syscw_per_delivery"] = step["server_syscw"] / step["received"]
-    elif io0 and io1 and total_rx:
-        step["server_syscw_per_delivery"] = (io1["syscw"] - io0["syscw"]) / total_rx
+    elif io0 is not None and io1 is not None and total_rx:
+        step["server_syscw_per_delivery"] = (io1 - io0) / total_rx
     step["sustained"] = judge(step)
     lat = step["latency_us"]
     log(
@@ -445,14 +458,14 @@ def measure_step(name: str, pid: int, lg: Loadgen, rate: float, args: argparse.N
     return step
 
 
-def settle(pid: int) -> None:
+def settle(pids: Sequence[int]) -> None:
     """After an overloaded step, wait (bounded) until the server has drained its backlog."""
     deadline = time.monotonic() + SETTLE_MAX_S
     calm = 0
     while time.monotonic() < deadline:
-        c0 = cpu_s(pid)
+        c0 = cpu_sum(pids)
         time.sleep(0.5)
-        calm = calm + 1 if (cpu_s(pid) - c0) / 0.5 < SETTLED_CPU_SHARE else 0
+        calm = calm + 1 if (cpu_sum(pids) - c0) / 0.5 < SETTLED_CPU_SHARE else 0
         if calm >= 2:
             return
     log(f"server still busy after {SETTLE_MAX_S:g} s")
@@ -477,15 +490,22 @@ def wait_quiet(pids: list[int], max_s: float) -> float:
 
 
 def step_with_retry(
-    name: str, server: subprocess.Popen[Any], lg: Loadgen, rate: float, args: argparse.Namespace
+    name: str,
+    servers: Sequence[subprocess.Popen[Any]],
+    lg: Loadgen,
+    rate: float,
+    args: argparse.Namespace,
 ) -> Json:
-    """Run a step; retry a failed one once if other processes were busy meanwhile."""
+    """Run a step; retry a failed one once if other processes were busy meanwhile.
+    ``servers``: the server's processes (the nodes of a cluster)."""
     attempts: list[Json] = []
+    pids = [s.pid for s in servers]
     for attempt in range(1 + NOISY_RETRIES):
-        if server.poll() is not None:
-            raise RuntimeError(f"{name} exited with code {server.returncode}")
-        waited = wait_quiet([server.pid, lg.proc.pid, *lg.helper_pids], args.quiet_wait)
-        step = measure_step(name, server.pid, lg, rate, args)
+        for server in servers:
+            if server.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {server.returncode}")
+        waited = wait_quiet([*pids, lg.proc.pid, *lg.helper_pids], args.quiet_wait)
+        step = measure_step(name, pids, lg, rate, args)
         step["attempt"] = attempt + 1
         step["waited_for_quiet_s"] = round(waited, 1)
         attempts.append(step)
@@ -493,9 +513,102 @@ def step_with_retry(
         if step["sustained"] or not noisy or attempt == NOISY_RETRIES:
             break
         log(f"{name}: other processes used {step['other_cpu_cores']:.2f} cores; retrying")
-        settle(server.pid)
+        settle(pids)
     # A sustained attempt if any, else the least disturbed one.
     return min(attempts, key=lambda s: (not s["sustained"], s["other_cpu_cores"] or 0.0))
+
+
+def step_through_rates(
+    name: str, servers: Sequence[subprocess.Popen[Any]], lg: Loadgen, args: argparse.Namespace
+) -> list[Json]:
+    """``args.rates`` in turn up to the first step not sustained, then
+    ``args.refine`` steps bisecting between the last sustained rate and it."""
+    steps: list[Json] = []
+    ok_rate: float | None = None
+    fail_rate: float | None = None
+    for rate in args.rates:
+        step = step_with_retry(name, servers, lg, rate, args)
+        steps.append(step)
+        if not step["sustained"]:
+            fail_rate = rate
+            break
+        ok_rate = rate
+        time.sleep(STEP_PAUSE_S)
+    # Bisect (geometrically) between the last sustained and the first failed rate.
+    for _ in range(args.refine if ok_rate and fail_rate else 0):
+        assert ok_rate is not None and fail_rate is not None
+        mid = float(f"{math.sqrt(ok_rate * fail_rate):.2g}")
+        if not ok_rate < mid < fail_rate:
+            break
+        settle([s.pid for s in servers])
+        step = step_with_retry(name, servers, lg, mid, args)
+        steps.append(step)
+        if step["sustained"]:
+            ok_rate = mid
+        else:
+            fail_rate = mid
+    return steps
+
+
+def loadgen_command(
+    loadgen_bin: Path,
+    ports: Sequence[int],
+    server_pids: Sequence[int],
+    args: argparse.Namespace,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """sse_loadgen in --control mode against ``ports`` (subscribers and
+    publishers round-robin over them), sized by ``args``."""
+    return pinned(
+        args.client_cpu,
+        [
+            str(loadgen_bin),
+            "--control",
+            "--ports",
+            ",".join(map(str, ports)),
+            "--connections",
+            str(args.connections),
+            "--topics",
+            str(args.topics),
+            "--per-conn-topics",
+            str(args.per_conn_topics),
+            "--concurrency",
+            str(args.concurrency),
+            "--connect-timeout",
+            str(args.connect_timeout),
+            "--publishers",
+            str(args.publishers),
+            "--pipeline",
+            str(args.pipeline),
+            "--max-runtime",
+            str(args.max_runtime),
+            "--server-pid",
+            ",".join(map(str, server_pids)),
+            *extra,
+        ],
+    )
+
+
+def start_nats(
+    stack: contextlib.ExitStack,
+    port: int,
+    log_path: Path,
+    core: str | None,
+    extra: Sequence[str] = (),
+) -> subprocess.Popen[Any]:
+    """A nats-server of the benchmark's own on ``port`` (``extra``: more of
+    its flags, such as ``-js``), stopped when ``stack`` closes."""
+    nats_bin = shutil.which("nats-server")
+    if nats_bin is None:
+        raise RuntimeError("nats-server is not installed (apt-get install nats-server)")
+    cmd = pinned(core, [nats_bin, "-a", "127.0.0.1", "-p", str(port), *extra])
+    log(f"starting {' '.join(cmd)}")
+    out = stack.enter_context(log_path.open("w"))
+    nats = stack.enter_context(
+        started(cmd, "nats-server", stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    )
+    wait_listening(port, nats, SERVER_START_TIMEOUT_S)
+    return nats
 
 
 def run_server(
@@ -512,23 +625,8 @@ def run_server(
         if name == "gochan-nats":
             # A NATS server of its own, on the load side's core: the publisher
             # sends PUB frames to it, gochan (--driver nats) relays them.
-            nats_bin = shutil.which("nats-server")
-            if nats_bin is None:
-                raise RuntimeError("nats-server is not installed (apt-get install nats-server)")
             nats_port = free_port()
-            nats_cmd = pinned(args.client_cpu, [nats_bin, "-a", "127.0.0.1", "-p", str(nats_port)])
-            log(f"{name}: starting {' '.join(nats_cmd)}")
-            nats_log = stack.enter_context((logdir / f"{name}.nats-server.log").open("w"))
-            nats = stack.enter_context(
-                started(
-                    nats_cmd,
-                    "nats-server",
-                    stdin=subprocess.DEVNULL,
-                    stdout=nats_log,
-                    stderr=nats_log,
-                )
-            )
-            wait_listening(nats_port, nats, SERVER_START_TIMEOUT_S)
+            nats = start_nats(stack, nats_port, logdir / f"{name}.nats-server.log", args.client_cpu)
             lg_extra = ["--nats-port", str(nats_port)]
         cmd = pinned(args.server_cpu, server_command(name, port, args.connections, nats_port))
         log(f"{name}: starting on port {port}: {' '.join(cmd)}")
@@ -541,34 +639,7 @@ def run_server(
         time.sleep(0.5)
         result.rss_before_kib = rss_kib(server.pid)
 
-        lg_cmd = pinned(
-            args.client_cpu,
-            [
-                str(loadgen_bin),
-                "--control",
-                "--port",
-                str(port),
-                "--connections",
-                str(args.connections),
-                "--topics",
-                str(args.topics),
-                "--per-conn-topics",
-                str(args.per_conn_topics),
-                "--concurrency",
-                str(args.concurrency),
-                "--connect-timeout",
-                str(args.connect_timeout),
-                "--publishers",
-                str(args.publishers),
-                "--pipeline",
-                str(args.pipeline),
-                "--max-runtime",
-                str(args.max_runtime),
-                "--server-pid",
-                str(server.pid),
-                *lg_extra,
-            ],
-        )
+        lg_cmd = loadgen_command(loadgen_bin, [port], [server.pid], args, lg_extra)
         lg_err = (logdir / f"{name}.loadgen.log").open("w")
         stack.callback(lg_err.close)
         lg_proc = stack.enter_context(
@@ -591,29 +662,7 @@ def run_server(
         time.sleep(SETTLE_S)
         result.rss_after_kib = rss_kib(server.pid)
 
-        ok_rate: float | None = None
-        fail_rate: float | None = None
-        for rate in args.rates:
-            step = step_with_retry(name, server, lg, rate, args)
-            result.steps.append(step)
-            if not step["sustained"]:
-                fail_rate = rate
-                break
-            ok_rate = rate
-            time.sleep(STEP_PAUSE_S)
-        # Bisect (geometrically) between the last sustained and the first failed rate.
-        for _ in range(args.refine if ok_rate and fail_rate else 0):
-            assert ok_rate is not None and fail_rate is not None
-            mid = float(f"{math.sqrt(ok_rate * fail_rate):.2g}")
-            if not ok_rate < mid < fail_rate:
-                break
-            settle(server.pid)
-            step = step_with_retry(name, server, lg, mid, args)
-            result.steps.append(step)
-            if step["sustained"]:
-                ok_rate = mid
-            else:
-                fail_rate = mid
+        result.steps = step_through_rates(name, [server], lg, args)
         result.rss_peak_kib = proc_status(server.pid, "VmHWM")
         lg.quit()
         result.ok = True
@@ -667,7 +716,12 @@ def table(results: list[ServerResult]) -> str:
             )
             row.append(fmt(ratio, ".2f") + ("x" if ratio is not None else ""))
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return aligned(rows)
+
+
+def aligned(rows: list[list[str]]) -> str:
+    """A text table: the first column left-aligned, the others right, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for i, row in enumerate(rows):
         cells = [row[0].ljust(widths[0])] + [
@@ -709,11 +763,9 @@ def parse_rates(text: str) -> list[float]:
     return rates
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1,000 connections, 3 short steps")
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
-    p.add_argument("--connections", type=int, default=None, help="default 10000 (quick 1000)")
+def add_load_arguments(p: argparse.ArgumentParser, server_cpu: str, client_cpu: str) -> None:
+    """The workload's and the load generator's options, shared with bench/cluster.py;
+    the ones left None here are set by :func:`fill_load_defaults`."""
     p.add_argument("--topics", type=int, default=1000)
     p.add_argument("--per-conn-topics", type=int, default=10)
     p.add_argument("--duration", type=float, default=None, help="measured seconds per step")
@@ -733,14 +785,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connect-timeout", type=float, default=180.0)
     p.add_argument("--publishers", type=int, default=4, help="publisher connections")
     p.add_argument("--pipeline", type=int, default=1000, help="requests in flight per publisher")
-    p.add_argument("--server-cpu", default="0", help="core for the server ('' = no pinning)")
-    p.add_argument("--client-cpu", default="1", help="core for the load generator")
+    p.add_argument("--server-cpu", default=server_cpu, help="core for the server ('' = no pinning)")
+    p.add_argument("--client-cpu", default=client_cpu, help="core for the load generator")
     p.add_argument("--max-runtime", type=float, default=1800.0, help="per-server cap, seconds")
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
-    args = p.parse_args(argv)
-    quick = args.quick
-    if args.connections is None:
-        args.connections = 1000 if quick else 10000
+
+
+def fill_load_defaults(args: argparse.Namespace, quick: bool) -> None:
     if args.duration is None:
         args.duration = 2.0 if quick else 5.0
     if args.warmup is None:
@@ -751,6 +802,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.refine = 0 if quick else 2
     args.server_cpu = args.server_cpu or None
     args.client_cpu = args.client_cpu or None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1,000 connections, 3 short steps")
+    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
+    p.add_argument("--connections", type=int, default=None, help="default 10000 (quick 1000)")
+    add_load_arguments(p, server_cpu="0", client_cpu="1")
+    args = p.parse_args(argv)
+    if args.connections is None:
+        args.connections = 1000 if args.quick else 10000
+    fill_load_defaults(args, args.quick)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(args.servers) - set(SERVERS)
     if unknown:

@@ -428,3 +428,79 @@ def test_chart_refuses_a_file_that_is_not_a_result(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert "not a bench/compare.py result" in run.stderr
     assert not (tmp_path / "other.png").exists()
+
+
+# ---------------------------------------------------------------- bench/cluster.py
+
+
+def test_cluster_runs_nodes_with_and_without_cluster(tmp_path: Path) -> None:
+    """bench/cluster.py end to end at tiny sizes: two nodes on a NATS server of
+    its own (JetStream), the load spread over both, then the connect and
+    update storms with --cluster off and on. Counts only, no timings."""
+    need("cc")
+    need("nats-server")
+    out = tmp_path / "cluster.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "cluster.py"),
+            "--nodes",
+            "2",
+            "--connections",
+            "100",
+            "--rates",
+            "50",
+            "--warmup",
+            "0.3",
+            "--duration",
+            "1",
+            "--drain",
+            "5",
+            "--refine",
+            "0",
+            "--quiet-wait",
+            "0",
+            "--storm-connections",
+            "40",
+            "--storm-topics",
+            "10",
+            "--updates",
+            "40",
+            "--update-streams",
+            "8",
+            "--update-concurrency",
+            "4",
+            "--hold-s",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(out.read_text())
+    assert report["errors"] == []
+    [two] = report["throughput"]
+    assert two["nodes"] == 2 and two["ok"] and two["connect"]["ready"] == 100
+    [step] = two["steps"]
+    # 100 connections x 10 of 1,000 topics, half on each node; publishes to
+    # either node reach the subscribers of both.
+    assert step["received"] == step["expected"] == step["published"] > 0, step
+    assert step["disconnects"] == 0 and step["pub_non2xx"] == 0
+    assert "broker_cpu_share" in step
+    off, on = report["cost"]["off"], report["cost"]["on"]
+    for cost in (off, on):
+        assert cost["connect"]["ops"] == 40 and cost["connect"]["failed"] == 0
+        assert cost["disconnect"]["ops"] == 40
+        assert cost["update"]["ops"] == 40 and cost["update"]["failures"] == 0
+    # Only cluster nodes talk to the store; half the updates went to the other node.
+    assert off["connect"]["store_msgs_per_op"] == 0 == off["update"]["store_msgs_per_op"]
+    assert on["connect"]["store_msgs_per_op"] > 0.5
+    assert on["update"]["latency_ms_to_other_node"]["count"] == 20
+    assert off["update"]["latency_ms_to_other_node"]["count"] == 0
+    # Held idle: the storm's 40 clients, 10 holding streams per node, the 8 updated.
+    assert on["hold"]["held_clients"] == off["hold"]["held_clients"] == 40 + 2 * 10 + 8
+    assert on["hold"]["healthz_ms"]["count"] > 0
+    assert "cluster on" in run.stdout and "max sustained deliveries/s" in run.stdout

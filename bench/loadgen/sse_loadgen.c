@@ -14,6 +14,10 @@
  * steps come from stdin ("step RATE WARMUP_S DURATION_S DRAIN_S", "quit"), so
  * a driver can measure the server between steps; otherwise --rates lists them.
  *
+ * With --ports P1,P2,.. the subscribers and publishers go round-robin over
+ * several servers (the nodes of a cluster), and --server-pid takes all their
+ * pids, whose CPU and write syscalls are summed.
+ *
  * Every loop is bounded: --max-runtime caps the whole process.
  */
 #define _GNU_SOURCE
@@ -41,6 +45,7 @@
 #define MAX_EVENTS 1024
 #define MAX_STEPS 64
 #define MAX_PUBS 16
+#define MAX_PORTS 64
 #define MAX_LAG_S 0.05
 
 /* ---------------------------------------------------------------- utils */
@@ -93,6 +98,31 @@ static long long server_syscw(int pid) {
         if (sscanf(line, "syscw: %lld", &v) == 1) break;
     fclose(f);
     return v;
+}
+
+/* The same, summed over several server processes (the nodes of a cluster):
+ * -1 if any of them cannot be read. */
+static int o_server_pids[MAX_PORTS];
+static int o_nserver_pids = 0;
+
+static double servers_cpu_s(void) {
+    double sum = 0;
+    for (int k = 0; k < o_nserver_pids; k++) {
+        double c = server_cpu_s(o_server_pids[k]);
+        if (c < 0) return -1;
+        sum += c;
+    }
+    return sum;
+}
+
+static long long servers_syscw(void) {
+    long long sum = 0;
+    for (int k = 0; k < o_nserver_pids; k++) {
+        long long w = server_syscw(o_server_pids[k]);
+        if (w < 0) return -1;
+        sum += w;
+    }
+    return sum;
 }
 
 /* ------------------------------------------------------------ histogram */
@@ -284,7 +314,10 @@ static double o_warmup = 1.0, o_duration = 5.0, o_drain = 3.0;
 static int o_pubs = 1;
 static int o_pipeline = 1000;
 static double o_max_runtime = 3600.0;
-static int o_server_pid = 0;
+/* Several servers (--ports P1,P2,..): subscriber i connects to the
+ * (i mod n)th, publisher k to the (k mod n)th. */
+static int o_ports[MAX_PORTS];
+static int o_nports = 0;
 /* Subscriber sockets bind to this many loopback source addresses (127.0.0.2..)
  * in turn. With one, connect() searches the ephemeral port range for a free
  * port against every connection already open to the same address, which
@@ -306,6 +339,7 @@ static char **topic_names;
 static size_t *topic_name_len;
 static char rbuf[READ_BUF];
 static struct sockaddr_in addr;
+static struct sockaddr_in addrs[MAX_PORTS]; /* addr with each of o_ports */
 static struct sockaddr_in nats_addr;
 static volatile sig_atomic_t stop_flag = 0;
 static uint64_t t0;
@@ -487,7 +521,8 @@ static void conn_start(int i) {
             return;
         }
     }
-    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) {
+    struct sockaddr_in *to = &addrs[i % o_nports];
+    if (connect(fd, (struct sockaddr *)to, sizeof *to) < 0 && errno != EINPROGRESS) {
         conn_close(c, 1);
         return;
     }
@@ -514,7 +549,7 @@ static void conn_send_request(int i) {
     n += snprintf(req + n, sizeof req - (size_t)n,
                   " HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\n"
                   "Cache-Control: no-cache\r\nUser-Agent: sse_loadgen\r\n\r\n",
-                  o_host, o_port);
+                  o_host, o_ports[i % o_nports]);
     ssize_t w = write(c->fd, req, (size_t)n);
     if (w != n) {
         conn_close(c, 1);
@@ -596,7 +631,7 @@ static void pub_connect(int k) {
     pub_t *p = &pubs[k];
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) die("socket");
-    struct sockaddr_in *to = o_nats_port ? &nats_addr : &addr;
+    struct sockaddr_in *to = o_nats_port ? &nats_addr : &addrs[k % o_nports];
     if (connect(fd, (struct sockaddr *)to, sizeof *to) < 0) die("publisher connect");
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -794,7 +829,7 @@ static void pub_tick(uint64_t now) {
                     hl = snprintf(p->out + p->out_len, p->out_cap - p->out_len,
                                   "POST /publish?topic=%s HTTP/1.1\r\nHost: %s:%d\r\n"
                                   "Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s",
-                                  topic_names[t], o_host, o_port, bl, body);
+                                  topic_names[t], o_host, o_ports[k % o_nports], bl, body);
                     p->inflight++;
                 }
                 p->out_len += (size_t)hl;
@@ -899,9 +934,9 @@ static void phase_advance(uint64_t now) {
         cpu_mark = cpu_seconds(&cpu_user_mark, &cpu_sys_mark);
         bytes_mark = bytes_in;
         reads_mark = reads;
-        if (o_server_pid) {
-            srv_cpu_mark = server_cpu_s(o_server_pid);
-            srv_syscw_mark = server_syscw(o_server_pid);
+        if (o_nserver_pids) {
+            srv_cpu_mark = servers_cpu_s();
+            srv_syscw_mark = servers_syscw();
         }
     }
     if (phase == PH_MEASURE && now > win_end) {
@@ -913,9 +948,9 @@ static void phase_advance(uint64_t now) {
         reads_win = reads - reads_mark;
         srv_cpu_win = -1;
         srv_syscw_win = -1;
-        if (o_server_pid) {
-            double c = server_cpu_s(o_server_pid);
-            long long w = server_syscw(o_server_pid);
+        if (o_nserver_pids) {
+            double c = servers_cpu_s();
+            long long w = servers_syscw();
             if (c >= 0 && srv_cpu_mark >= 0) srv_cpu_win = c - srv_cpu_mark;
             if (w >= 0 && srv_syscw_mark >= 0) srv_syscw_win = w - srv_syscw_mark;
         }
@@ -981,9 +1016,19 @@ static void usage(void) {
             "  [--per-conn-topics K] [--topic-prefix S] [--concurrency N]\n"
             "  [--connect-timeout S] [--publishers N] [--pipeline N]\n"
             "  [--control | --rates R1,R2,... [--warmup S] [--duration S] [--drain S]]\n"
-            "  [--max-runtime S] [--server-pid PID] [--source-addrs N]\n"
-            "  [--nats-port P]\n");
+            "  [--max-runtime S] [--server-pid PID[,PID..]] [--source-addrs N]\n"
+            "  [--nats-port P] [--ports P1,P2,...]\n");
     exit(2);
+}
+
+/* "1,2,3" into out (at most max); the count. */
+static int int_list(const char *v, int *out, int max) {
+    int n = 0;
+    char *dup = strdup(v), *save = NULL;
+    for (char *t = strtok_r(dup, ",", &save); t && n < max; t = strtok_r(NULL, ",", &save))
+        out[n++] = atoi(t);
+    free(dup);
+    return n;
 }
 
 static void parse_args(int argc, char **argv) {
@@ -1005,7 +1050,8 @@ static void parse_args(int argc, char **argv) {
         else if (OPT("--duration")) o_duration = atof(v);
         else if (OPT("--drain")) o_drain = atof(v);
         else if (OPT("--max-runtime")) o_max_runtime = atof(v);
-        else if (OPT("--server-pid")) o_server_pid = atoi(v);
+        else if (OPT("--server-pid")) o_nserver_pids = int_list(v, o_server_pids, MAX_PORTS);
+        else if (OPT("--ports")) o_nports = int_list(v, o_ports, MAX_PORTS);
         else if (OPT("--source-addrs")) o_source_addrs = atoi(v);
         else if (OPT("--nats-port")) o_nats_port = atoi(v);
         else if (OPT("--rates")) {
@@ -1022,6 +1068,7 @@ static void parse_args(int argc, char **argv) {
         o_pubs > MAX_PUBS || o_pipeline < 1)
         usage();
     if (o_per_conn > o_topics) o_per_conn = o_topics;
+    if (o_nports == 0) o_ports[o_nports++] = o_port;
 }
 
 int main(int argc, char **argv) {
@@ -1046,6 +1093,10 @@ int main(int argc, char **argv) {
     if (inet_pton(AF_INET, o_host, &addr.sin_addr) != 1) {
         fprintf(stderr, "sse_loadgen: --host must be an IPv4 address\n");
         return 2;
+    }
+    for (int k = 0; k < o_nports; k++) {
+        addrs[k] = addr;
+        addrs[k].sin_port = htons((uint16_t)o_ports[k]);
     }
     nats_addr = addr;
     nats_addr.sin_port = htons((uint16_t)o_nats_port);
