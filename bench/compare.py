@@ -2,9 +2,18 @@
 and against c-epoll, a minimal C epoll server (bench/c_reference/server.c) that
 shows this machine's limit in the same run.
 
-The "1000topics" workload: C connections, each subscribed at connect to K of T topics
-(every topic gets about C*K/T subscribers), and a publisher sending round-robin over
-the topics at a rate R that steps up until the server no longer sustains it.
+A workload: C connections, each subscribed at connect to K of T topics (every topic
+gets about C*K/T subscribers), and a publisher sending round-robin over the topics at
+a rate R that steps up until the server no longer sustains it. ``--workload`` names
+the three shapes issue 15 measures (``--connections``, ``--topics`` and
+``--per-conn-topics`` override its numbers):
+
+- ``1000topics`` (the default): 10,000 connections x 10 of 1,000 topics, 100
+  subscribers per topic: the cost per delivery;
+- ``20subs``: 2,000 connections x 10 of 1,000 topics, 20 subscribers per topic;
+- ``notifications``: 10,000 connections x 1 of 10,000 topics, one subscriber per
+  topic: the cost per message.
+
 gochan runs twice: publishing through POST /publish ("gochan") and through NATS
 ("gochan-nats": the publisher sends NATS PUB frames to a nats-server started for
 the run on the load generator's core, and gochan relays them with --driver nats).
@@ -18,6 +27,7 @@ file (``--out``) and its chart beside it as PNG (bench/chart.py, if matplotlib i
 Usage:
     python bench/compare.py            # full run: 10,000 connections, rates up to 100k/s
     python bench/compare.py --quick    # smoke test: 1,000 connections, 3 short steps
+    python bench/compare.py --workload notifications --servers gochan,gochan-nats,c-epoll
 """
 
 from __future__ import annotations
@@ -51,6 +61,13 @@ C_REFERENCE_BIN = BENCH / "out" / "c-epoll"
 RESULTS = BENCH / "results"
 
 SERVERS = ("gochan", "gochan-nats", "sse-starlette", "aiohttp-sse", "c-epoll")
+# name -> (connections, topics, topics per connection)
+WORKLOADS: dict[str, tuple[int, int, int]] = {
+    "1000topics": (10_000, 1_000, 10),
+    "20subs": (2_000, 1_000, 10),
+    "notifications": (10_000, 10_000, 1),
+}
+QUICK_CONNECTIONS = 1_000
 DEFAULT_RATES = (100, 300, 1000, 3000, 5000, 7000, 10000, 15000, 20000, 30000, 50000, 100000)
 QUICK_RATES = (100, 1000, 10000)
 
@@ -766,8 +783,10 @@ def parse_rates(text: str) -> list[float]:
 def add_load_arguments(p: argparse.ArgumentParser, server_cpu: str, client_cpu: str) -> None:
     """The workload's and the load generator's options, shared with bench/cluster.py;
     the ones left None here are set by :func:`fill_load_defaults`."""
-    p.add_argument("--topics", type=int, default=1000)
-    p.add_argument("--per-conn-topics", type=int, default=10)
+    p.add_argument("--topics", type=int, default=None, help="default 1000 (or the workload's)")
+    p.add_argument(
+        "--per-conn-topics", type=int, default=None, help="default 10 (or the workload's)"
+    )
     p.add_argument("--duration", type=float, default=None, help="measured seconds per step")
     p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds per step")
     p.add_argument("--drain", type=float, default=3.0, help="max seconds to wait for stragglers")
@@ -792,6 +811,11 @@ def add_load_arguments(p: argparse.ArgumentParser, server_cpu: str, client_cpu: 
 
 
 def fill_load_defaults(args: argparse.Namespace, quick: bool) -> None:
+    _, topics, per_conn = WORKLOADS["1000topics"]
+    if args.topics is None:
+        args.topics = topics
+    if args.per_conn_topics is None:
+        args.per_conn_topics = per_conn
     if args.duration is None:
         args.duration = 2.0 if quick else 5.0
     if args.warmup is None:
@@ -808,11 +832,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1,000 connections, 3 short steps")
     p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset")
-    p.add_argument("--connections", type=int, default=None, help="default 10000 (quick 1000)")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="1000topics", help="see above")
+    p.add_argument(
+        "--connections", type=int, default=None, help="default the workload's (quick 1000)"
+    )
     add_load_arguments(p, server_cpu="0", client_cpu="1")
     args = p.parse_args(argv)
+    connections, topics, per_conn = WORKLOADS[args.workload]
     if args.connections is None:
-        args.connections = 1000 if args.quick else 10000
+        args.connections = min(QUICK_CONNECTIONS, connections) if args.quick else connections
+    if args.topics is None:
+        args.topics = topics
+    if args.per_conn_topics is None:
+        args.per_conn_topics = per_conn
     fill_load_defaults(args, args.quick)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(args.servers) - set(SERVERS)
@@ -899,7 +931,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     logdir = RESULTS / f"logs-{stamp}"
     logdir.mkdir()
-    out = args.out or RESULTS / f"compare-{stamp}{'-quick' if args.quick else ''}.json"
+    name = "" if args.workload == "1000topics" else f"{args.workload}-"
+    out = args.out or RESULTS / f"compare-{name}{stamp}{'-quick' if args.quick else ''}.json"
 
     loadavg_start = Path("/proc/loadavg").read_text().split()[:3]
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
@@ -920,7 +953,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "bench/compare.py", *given]),
         "commit": git_commit(),
         "workload": {
-            "name": "1000topics",
+            "name": args.workload,
             "connections": args.connections,
             "topics": args.topics,
             "per_conn_topics": args.per_conn_topics,
@@ -967,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     chart = write_chart(report, out.with_suffix(".png"))
     print()
     print(
-        f"1000topics: {args.connections} connections x {args.per_conn_topics} topics of "
+        f"{args.workload}: {args.connections} connections x {args.per_conn_topics} topics of "
         f"{args.topics} ({report['workload']['subscribers_per_topic']:g} subscribers/topic), "
         f"{args.duration:g} s steps"
     )

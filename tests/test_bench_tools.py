@@ -504,3 +504,20 @@ def test_cluster_runs_nodes_with_and_without_cluster(tmp_path: Path) -> None:
     assert on["hold"]["held_clients"] == off["hold"]["held_clients"] == 40 + 2 * 10 + 8
     assert on["hold"]["healthz_ms"]["count"] > 0
     assert "cluster on" in run.stdout and "max sustained deliveries/s" in run.stdout
+
+
+def test_compare_names_the_three_workloads_of_issue_15() -> None:
+    compare = load_compare()
+    shapes = {}
+    for name in ("1000topics", "20subs", "notifications"):
+        args = compare.parse_args(["--workload", name])
+        shapes[name] = (args.connections, args.topics, args.per_conn_topics)
+    assert shapes == {
+        "1000topics": (10_000, 1_000, 10),
+        "20subs": (2_000, 1_000, 10),
+        "notifications": (10_000, 10_000, 1),
+    }
+    assert compare.parse_args([]).workload == "1000topics"
+    # Numbers given override the workload's; --quick caps the connections.
+    args = compare.parse_args(["--workload", "notifications", "--topics", "500", "--quick"])
+    assert (args.connections, args.topics, args.per_conn_topics) == (1_000, 500, 1)
