@@ -75,17 +75,24 @@ def worker_pids(proc: ServerProcess) -> dict[int, int]:
 async def stream_on_each_worker(port: int, target: str) -> dict[int, SSEStream]:
     """One open stream per worker (the others opened on the way are closed)."""
     held: dict[int, SSEStream] = {}
-    for _ in range(ATTEMPTS):
-        stream = await SSEStream.open(port, target)
-        assert stream.status == 200, stream.head
-        worker = int(stream.headers["x-gochan-worker"])
-        if worker in held:
-            await stream.close()
-            continue
-        held[worker] = stream
-        if len(held) == WORKERS:
-            return held
-    raise AssertionError(f"no stream landed on every worker in {ATTEMPTS} connections: {held}")
+    try:
+        for _ in range(ATTEMPTS):
+            stream = await SSEStream.open(port, target)
+            if stream.status != 200:
+                await stream.close()
+                raise AssertionError(stream.head)
+            worker = int(stream.headers["x-gochan-worker"])
+            if worker in held:
+                await stream.close()
+                continue
+            held[worker] = stream
+            if len(held) == WORKERS:
+                return held
+        raise AssertionError(f"no stream landed on every worker in {ATTEMPTS} connections: {held}")
+    except BaseException:
+        for opened in held.values():  # a caller that tries again must not leak them
+            await opened.close()
+        raise
 
 
 async def client_id(stream: SSEStream) -> str:
