@@ -173,3 +173,54 @@ def check_exactly_once(frames: list[dict[str, str]], sent: dict[str, list[str]])
     for frame in frames:
         seen.setdefault(frame["event"], []).append(frame["data"])
     assert seen == sent, {t: (len(seen.get(t, [])), len(bodies)) for t, bodies in sent.items()}
+
+
+async def kill_and_resume(
+    http: httpx.AsyncClient,
+    stream: SSEStream,
+    client_id: str,
+    holder: Node,
+    publishers: Sequence[Node],
+    resume_on: Node,
+    sent: dict[str, list[str]],
+    before: Sequence[dict[str, str]] = (),
+) -> SSEStream:
+    """With a publisher running (``<topic>-<n>`` on the topics of ``sent``
+    in turn, through ``publishers`` in turn), SIGKILL ``holder`` mid-stream,
+    resume the client on ``resume_on`` with the last id it got, and check
+    that what came before and after holds every message once, in order.
+    ``before``: what the stream had already received of ``sent``. Returns
+    the resumed stream."""
+    topics = list(sent)
+    stop = asyncio.Event()
+
+    async def publisher() -> None:
+        n = 0
+        while not stop.is_set():
+            topic = topics[n % len(topics)]
+            body = f"{topic}-{n}"
+            await publish(http, publishers[n % len(publishers)], topic, body)
+            sent[topic].append(body)
+            n += 1
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(publisher())
+    try:
+        got = [*before, *await read_until(stream, 20)]
+        holder.kill()  # SIGKILL, mid-stream, with the publisher running
+        got += await read_to_end(stream, timeout=5.0)
+        await stream.close()
+        last_id = got[-1]["id"]
+        await asyncio.sleep(0.3)  # messages go on while the browser is away
+        again = await SSEStream.open(
+            resume_on.port, f"/events?id={client_id}", {"Last-Event-ID": last_id}
+        )
+        assert again.status == 200
+        assert (await again.config())["subscriptions"] == topics
+    finally:
+        stop.set()
+        await task
+    total = sum(len(bodies) for bodies in sent.values())
+    after = await read_until(again, total - len(got), timeout=15.0)
+    check_exactly_once(got + after, sent)
+    return again

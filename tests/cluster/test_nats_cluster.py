@@ -4,8 +4,6 @@ they are answered, and a node killed mid-stream loses nothing."""
 
 from __future__ import annotations
 
-import asyncio
-
 import nats
 
 from ..drivers._nats_server import NatsServer
@@ -14,8 +12,8 @@ from .nodes import (
     check_exactly_once,
     cluster,
     cluster_name,
+    kill_and_resume,
     publish,
-    read_to_end,
     read_until,
     update,
 )
@@ -94,35 +92,7 @@ async def test_a_killed_node_loses_nothing(nats_server: NatsServer) -> None:
         assert answer.status_code == 200, answer.text
 
         sent: dict[str, list[str]] = {"given": [], "added": []}
-        stop = asyncio.Event()
-
-        async def publisher() -> None:
-            n = 0
-            while not stop.is_set():
-                topic = ("given", "added")[n % 2]
-                body = f"{topic}-{n}"
-                await publish(http, (b, c)[n % 2], topic, body)
-                sent[topic].append(body)
-                n += 1
-                await asyncio.sleep(0.005)
-
-        task = asyncio.create_task(publisher())
-        before = await read_until(stream, 20)
-        a.kill()  # SIGKILL, mid-stream, with the publisher running
-        before += await read_to_end(stream, timeout=5.0)
-        await stream.close()
-        last_id = before[-1]["id"]
-        await asyncio.sleep(0.3)  # messages go on while the browser is away
-
-        again = await SSEStream.open(c.port, f"/events?id={client_id}", {"Last-Event-ID": last_id})
-        assert again.status == 200
-        hello = await again.config()
-        assert hello["subscriptions"] == ["given", "added"]
-        stop.set()
-        await task
-        total = sum(len(bodies) for bodies in sent.values())
-        after = await read_until(again, total - len(before), timeout=15.0)
-        check_exactly_once(before + after, sent)
+        again = await kill_and_resume(http, stream, client_id, a, (b, c), c, sent)
 
         # The dead holder does not hold updates up: once it is missed, an
         # update is answered (waiting for nobody's acknowledgement).

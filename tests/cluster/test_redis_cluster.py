@@ -4,18 +4,15 @@ browsers resume elsewhere with nothing lost."""
 
 from __future__ import annotations
 
-import asyncio
-
 import redis.asyncio
 
 from ..drivers._redis_server import RedisServer
 from ..support import SSEStream
 from .nodes import (
-    check_exactly_once,
     cluster,
     cluster_name,
+    kill_and_resume,
     publish,
-    read_to_end,
     read_until,
     update,
 )
@@ -55,30 +52,6 @@ async def test_redis_cluster_serves_any_client_and_survives_a_kill(
         await second.close()
 
         sent: dict[str, list[str]] = {"given": [], "added": ["now"]}
-        stop = asyncio.Event()
-
-        async def publisher() -> None:
-            n = 0
-            while not stop.is_set():
-                topic = ("given", "added")[n % 2]
-                body = f"{topic}-{n}"
-                await publish(http, (b, c)[n % 2], topic, body)
-                sent[topic].append(body)
-                n += 1
-                await asyncio.sleep(0.005)
-
-        task = asyncio.create_task(publisher())
-        before = [{"event": "added", "data": "now"}] + await read_until(stream, 20)
-        a.kill()
-        before += await read_to_end(stream, timeout=5.0)
-        await stream.close()
-        last_id = before[-1]["id"]
-        await asyncio.sleep(0.3)
-        again = await SSEStream.open(b.port, f"/events?id={client_id}", {"Last-Event-ID": last_id})
-        assert (await again.config())["subscriptions"] == ["given", "added"]
-        stop.set()
-        await task
-        total = sum(len(bodies) for bodies in sent.values())
-        after = await read_until(again, total - len(before), timeout=15.0)
-        check_exactly_once(before + after, sent)
+        before = [{"event": "added", "data": "now"}]
+        again = await kill_and_resume(http, stream, client_id, a, (b, c), b, sent, before)
         await again.close()
