@@ -349,10 +349,7 @@ class Streamer:
         """Make ``client``'s topics here exactly ``topics`` (the cluster
         store's word), subscribing and unsubscribing as needed."""
         wanted = self.check_topics(topics)
-        lock = client.updating
-        if not isinstance(lock, asyncio.Lock):
-            lock = client.updating = asyncio.Lock()
-        async with lock:
+        async with self._update_lock(client):
             keep = set(wanted)
             add = client.new_topics(wanted)
             remove = [t for t in client.topics if t not in keep]
@@ -410,15 +407,15 @@ class Streamer:
             if self.cluster is not None and isinstance(client, str):
                 return await self.cluster.remove(client)
             return False
-        shared = found.shared and self.cluster is not None
+        cluster = self.cluster if found.shared else None
         await self._end_client(found)
-        if shared and self.cluster is not None:
-            await self.cluster.remove(found.id)
+        if cluster is not None:
+            await cluster.remove(found.id)
         return True
 
     async def _end_client(self, found: Client) -> None:
-        if found.closed and not found.topic_count and not found.streams:
-            return
+        if found.closed:
+            return  # ended already (its peer share is not given back twice)
         self._forget_client(found)
         for sub in list(found.streams):
             self.hub.finish(sub, CLIENT_CLOSED_FRAME)
@@ -505,11 +502,16 @@ class Streamer:
             raise LimitExceededError(
                 f"a client may hold at most {self.config.max_topics_per_client} topics"
             )
-        lock = found.updating
-        if not isinstance(lock, asyncio.Lock):
-            lock = found.updating = asyncio.Lock()
-        async with lock:
+        async with self._update_lock(found):
             return await self._apply(found, add_list, remove_list)
+
+    @staticmethod
+    def _update_lock(client: Client) -> asyncio.Lock:
+        """The client's update lock (made on its first update)."""
+        lock = client.updating
+        if not isinstance(lock, asyncio.Lock):
+            lock = client.updating = asyncio.Lock()
+        return lock
 
     def add_held_topics(self, client: Client, topics: Iterable[str]) -> bool:
         """Subscribe ``client`` to ``topics`` without awaiting, when the driver

@@ -75,6 +75,9 @@ SSE_HEADERS = (
     (b"Connection", b"keep-alive"),
     (b"X-Accel-Buffering", b"no"),
 )
+# HEAD /events: the stream's headers, less its Connection (the head's own
+# says keep-alive or close, as the request asked).
+HEAD_HEADERS = tuple(h for h in SSE_HEADERS if h[0] != b"Connection")
 PREFLIGHT_MAX_AGE_S = 600
 # Distinct Host values whose loopback check is remembered (a bounded table:
 # past it, it is emptied).
@@ -105,6 +108,12 @@ def _uncounted(reason: str) -> None:
 
 def _json(status: int, data: Any) -> Response:
     return Response(status, orjson.dumps(data), [], JSON)
+
+
+def _message_data(data: object) -> bytes:
+    """A JSON publish's ``data`` as sent: a string as it is, any other value
+    as its JSON."""
+    return data.encode() if isinstance(data, str) else orjson.dumps(data)
 
 
 def _content_type(request: Request) -> str:
@@ -423,10 +432,7 @@ class Router:
         else:
             client = None
         if request.method == "HEAD":
-            # The stream's headers, less its Connection: the head's own says
-            # keep-alive or close, as the request asked.
-            head = [h for h in SSE_HEADERS if h[0] != b"Connection"]
-            return Response(200, b"", head + self._node, None)
+            return Response(200, b"", [*HEAD_HEADERS, *self._node], None)
         if identity is not None or (
             client is not None and len(client.streams) >= self.config.max_streams_per_client
         ):
@@ -478,8 +484,7 @@ class Router:
                 found = await cluster.lookup(client_id, identity)
                 if found is None:
                     return _text(401, "Invalid client ID")
-                head = [h for h in SSE_HEADERS if h[0] != b"Connection"]
-                return Response(200, b"", head + self._node, None)
+                return Response(200, b"", [*HEAD_HEADERS, *self._node], None)
             client = await self.streamer.attach_client(client_id, identity)
         except LimitExceededError as exc:
             return _text(503, exc)
@@ -568,9 +573,10 @@ class Router:
             lists.append(value)
         grant = request.grant
         identity = grant.sub if grant is not None else None
-        client = self.streamer.get_client(client_id)
-        # Another identity's client is answered as an unknown one.
+        # Another identity's client is answered as an unknown one (a cluster
+        # node asks the store, in _update_in_cluster).
         cluster = self.streamer.cluster is not None
+        client = None if cluster else self.streamer.get_client(client_id)
         if not cluster and (client is None or client.identity != identity):
             return _text(400, "Invalid Client ID")
         try:
@@ -647,14 +653,17 @@ class Router:
 
     def may_publish(self, request: Request) -> str | None:
         """None if ``request`` may publish, else why not."""
+        return self._publisher_refusal(request.peer, request.headers)
+
+    def _publisher_refusal(self, peer: Peer, headers: dict[str, str]) -> str | None:
         if not self.check_publishers:
             return None
         key = self.config.publish_key
         if not key:
-            if self.trust_loopback and is_loopback_host(request.peer):
+            if self.trust_loopback and is_loopback_host(peer):
                 return None
             return "publishing needs a key: set publish_key (GOCHAN_PUBLISH_KEY)" + self.no_key_hint
-        if self.has_publish_key(request.headers):
+        if self.has_publish_key(headers):
             return None
         return "missing or wrong publish key (Authorization: Bearer <key>)"
 
@@ -725,15 +734,9 @@ class Router:
             return None
         if origin and self._origins and ("*" in self._origins or origin in self._origins):
             return None  # cors() gives this answer headers: not the prebuilt one
-        if self.check_publishers:
-            key = self.config.publish_key
-            if not key:
-                if not (self.trust_loopback and is_loopback_host(peer)):
-                    return None
-            elif authorization is None or not self.has_publish_key(
-                {"authorization": authorization}
-            ):
-                return None
+        headers = {"authorization": authorization} if authorization is not None else {}
+        if self._publisher_refusal(peer, headers) is not None:
+            return None
         streamer = self.streamer
         try:
             streamer.check_topics((topic,))
@@ -854,10 +857,7 @@ class Router:
         for where, item in items:
             if not isinstance(item, dict) or not isinstance(item.get("topic"), str):
                 return _text(400, f'{where}: must be {{"topic": "...", "data": ...}}')
-            data = item.get("data", "")
-            batch.append(
-                (item["topic"], data.encode() if isinstance(data, str) else orjson.dumps(data))
-            )
+            batch.append((item["topic"], _message_data(item.get("data", ""))))
         try:
             self.streamer.check_topics([topic for topic, _ in batch])
         except InvalidTopicError:
@@ -901,10 +901,7 @@ class Router:
                 raise ValueError("give ?topic=, a form, or a JSON body") from None
             if not isinstance(body, dict) or not isinstance(body.get("topic"), str):
                 raise ValueError('the JSON body must be {"topic": "...", "data": ...}')
-            data = body.get("data", "")
-            if isinstance(data, str):
-                return body["topic"], data.encode()
-            return body["topic"], orjson.dumps(data)
+            return body["topic"], _message_data(body.get("data", ""))
         raise ValueError("missing topic: give ?topic=, a form, or a JSON body")
 
     # -- operations --------------------------------------------------------
