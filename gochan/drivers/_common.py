@@ -5,6 +5,7 @@ The lifecycle they share is :mod:`gochan.drivers._lifecycle`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import unicodedata
@@ -21,7 +22,6 @@ __all__ = [
     "backoff",
     "bounded",
     "cancel_and_wait",
-    "cancelled_meanwhile",
     "check_topic_bytes",
     "redact_url",
     "reject_renamed",
@@ -91,26 +91,9 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     calling task itself)."""
     if task is None or task is asyncio.current_task():
         return
-    current = asyncio.current_task()
-    before = current.cancelling() if current is not None else 0
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        # The task's own ending, unless the caller was asked to stop while it
-        # waited: that cancellation is the caller's, and goes on up. (One it
-        # was already unwinding from when it called, as in a close() on the
-        # way out of a cancelled block, lets the close finish.)
-        if current is not None and current.cancelling() > before:
-            raise
-
-
-def cancelled_meanwhile() -> bool:
-    """The running task has been asked to stop (``Task.cancel``), whatever
-    swallowed the CancelledError since: a client library that turns it
-    into a connection failure, or a suppress around an inner task."""
-    current = asyncio.current_task()
-    return current is not None and current.cancelling() > 0
 
 
 def redact_url(url: str) -> str:

@@ -31,14 +31,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from ..errors import BrokerConnectionError, BrokerError, ClosedError
 from ..log import broker_logger
-from ._common import (
-    backoff,
-    cancel_and_wait,
-    cancelled_meanwhile,
-    report_failure,
-    require_backoff,
-    require_positive,
-)
+from ._common import backoff, cancel_and_wait, report_failure, require_backoff, require_positive
 from .base import Receiver
 
 __all__ = ["Lifecycle", "State"]
@@ -231,8 +224,6 @@ class Lifecycle(Generic[_C]):
             try:
                 conn = await self._open()
             except Exception as exc:
-                if cancelled_meanwhile():  # the client library made close() a failure
-                    raise asyncio.CancelledError() from exc
                 broker_logger.info(
                     "%s: reconnection attempt %d failed: %s", self.name, attempt, exc
                 )
@@ -240,9 +231,6 @@ class Lifecycle(Generic[_C]):
             try:
                 restored = await self._restore(conn)
             except Exception as exc:
-                if cancelled_meanwhile():
-                    await self._discard(conn)
-                    raise asyncio.CancelledError() from exc
                 broker_logger.warning("%s: restore interrupted: %r", self.name, exc)
                 restored = False
             if restored:
