@@ -31,6 +31,9 @@ MAX_TOPIC_BYTES = 256
 MAX_CLIENT_ID_CHARS = 128
 RESERVED_TOPIC = "message"  # system frames use this event name
 CLIENT_ID_RANDOM_BYTES = 18  # 144 bits, base64url: 24 characters
+# Up to this many topics a client keeps them in a tuple (searched in order),
+# above it in a dict.
+SMALL_TOPICS = 16
 
 _CLIENT_ID = re.compile(rf"[A-Za-z0-9._~-]{{1,{MAX_CLIENT_ID_CHARS}}}")
 # C0 and C1 control characters and DEL: they would break the SSE framing
@@ -90,6 +93,7 @@ class Client:
 
     __slots__ = (
         "_topics",
+        "armed",
         "closed",
         "expires_at",
         "id",
@@ -108,11 +112,17 @@ class Client:
         # The address that made it by connecting without an id ("" for the
         # embedding API): its per-peer share is counted against that address.
         self.peer = peer
-        self._topics: dict[str, None] = {}
-        self.streams: list[Stream] = []
+        # A tuple while it is short (a third of a dict's size, for the one to
+        # ten topics most clients hold), a dict once it passes SMALL_TOPICS.
+        self._topics: tuple[str, ...] | dict[str, None] = ()
+        # A tuple: most clients have one stream, and a 1-tuple is smaller
+        # than a list.
+        self.streams: tuple[Stream, ...] = ()
         # Monotonic deadline after which the client is removed; None while it
         # has a live stream.
         self.expires_at: float | None = None
+        # How many entries the streamer's expiry queue holds for it.
+        self.armed = 0
         self.closed = False
         # In a cluster: its record is in the cluster store, which has the
         # last word on its topics.
@@ -138,13 +148,27 @@ class Client:
     # The streamer keeps topics, driver subscriptions and streams in step;
     # these are its only writers.
     def _add_topic(self, topic: str) -> None:
-        self._topics[topic] = None
+        self._add_topics((topic,))
 
-    def _add_topics(self, topics: list[str]) -> None:
-        self._topics.update(dict.fromkeys(topics))
+    def _add_topics(self, topics: Iterable[str]) -> None:
+        held = self._topics
+        if isinstance(held, dict):
+            held.update(dict.fromkeys(topics))
+            return
+        more = tuple(t for t in dict.fromkeys(topics) if t not in held)
+        if len(held) + len(more) > SMALL_TOPICS:
+            self._topics = dict.fromkeys(held + more)
+        elif more:
+            self._topics = held + more
 
     def _remove_topic(self, topic: str) -> bool:
-        return self._topics.pop(topic, False) is None
+        held = self._topics
+        if isinstance(held, dict):
+            return held.pop(topic, False) is None
+        if topic not in held:
+            return False
+        self._topics = tuple(t for t in held if t != topic)
+        return True
 
     def __repr__(self) -> str:
         return f"<Client {self.id[:6]}... topics={len(self._topics)} streams={len(self.streams)}>"

@@ -9,6 +9,7 @@ that sweeps heartbeats, client TTLs and whatever the server hooks in
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 import random
@@ -109,7 +110,11 @@ class Streamer:
         self._hub: Hub | None = None
         self._clients: dict[str, Client] = {}
         self._peer_clients: dict[str, int] = {}  # peer address -> clients it made
-        self._expiry: list[tuple[float, int, str]] = []  # (deadline, n, client id)
+        # Clients in the order their TTL started. Every TTL is client_ttl
+        # long, so this is also deadline order: a queue, one pointer per entry,
+        # not a heap of tuples. A client re-armed before its deadline has
+        # several entries; only its last one (Client.armed says which) counts.
+        self._expiry: collections.deque[Client] = collections.deque()
         self._expiry_n = itertools.count()
         self._tick_hooks: list[TickHook] = []
         self._tick_task: asyncio.Task[None] | None = None
@@ -228,14 +233,20 @@ class Streamer:
         if now >= self._next_heartbeat:
             self.hub.heartbeat(HEARTBEAT)
             self._next_heartbeat = now + self.config.heartbeat
-        while self._expiry and self._expiry[0][0] <= now:
-            _deadline, _n, client_id = heapq.heappop(self._expiry)
-            client = self._clients.get(client_id)
-            if client is not None and client.expires_at is not None and client.expires_at <= now:
-                # Gone from the table now, not when the task runs: a second
-                # heap entry for it (one per disconnect) must not count it
-                # again, and nobody can attach to it in between.
-                del self._clients[client_id]
+        expiry = self._expiry
+        while expiry:
+            client = expiry.popleft()
+            client.armed -= 1
+            if client.armed or client.expires_at is None or client.closed:
+                continue  # it was armed again later, has a stream, or is gone
+            if client.expires_at > now:
+                expiry.appendleft(client)  # its last entry, and not due: none after it is
+                client.armed += 1
+                break
+            if self._clients.get(client.id) is client:
+                # Gone from the table now, not when the task runs: nobody can
+                # attach to it in between.
+                del self._clients[client.id]
                 self.counters["clients_expired"] += 1
                 self._spawn(self._expire(client))
         if self._token_expiry and self._token_expiry[0][0] <= time.time():
@@ -282,7 +293,8 @@ class Streamer:
 
     def _arm_expiry(self, client: Client) -> None:
         client.expires_at = time.monotonic() + self.config.client_ttl
-        heapq.heappush(self._expiry, (client.expires_at, next(self._expiry_n), client.id))
+        client.armed += 1
+        self._expiry.append(client)
 
     def create_client(self, peer: str = "", identity: str | None = None) -> Client:
         """A new client with a random id and no topics (no broker I/O).
@@ -417,9 +429,9 @@ class Streamer:
         if found.closed:
             return  # ended already (its peer share is not given back twice)
         self._forget_client(found)
-        for sub in list(found.streams):
+        for sub in found.streams:
             self.hub.finish(sub, CLIENT_CLOSED_FRAME)
-        found.streams.clear()
+        found.streams = ()
         for topic in found.topics:
             found._remove_topic(topic)
             await self.subscriptions.release(topic)
@@ -589,7 +601,7 @@ class Streamer:
         ``token-expired`` and ``Client closed``."""
         stream = Stream(self.hub, transport, client, front_end)
         stream.send_first(head)
-        client.streams.append(stream)
+        client.streams += (stream,)
         client.expires_at = None
         identity = client.identity
         if identity is not None:
@@ -613,7 +625,7 @@ class Streamer:
         self.hub.close(stream)
         client = stream.owner
         if isinstance(client, Client) and stream in client.streams:
-            client.streams.remove(stream)
+            client.streams = tuple(s for s in client.streams if s is not stream)
             identity = client.identity
             if identity is not None:
                 left = self._identity_streams.get(identity, 0) - 1

@@ -16,7 +16,7 @@ from gochan import (
     Streamer,
     UnknownClientError,
 )
-from gochan.client import new_client_id
+from gochan.client import SMALL_TOPICS, Client, new_client_id
 
 
 def test_generated_ids_are_unguessable() -> None:
@@ -135,6 +135,44 @@ async def test_a_client_expiring_twice_in_one_tick_counts_once() -> None:
         assert streamer.get_client(client.id) is None  # at once, not when the task runs
         await _settle()
         assert streamer.counters["clients_expired"] == 1
+
+
+async def test_only_a_clients_last_ttl_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A and B start their TTL together; A is attached and detached later,
+    # which starts its TTL again. B's deadline passes with A's first one: B
+    # goes, A stays until its second; a client with a stream never goes.
+    clock = [1000.0]
+    monkeypatch.setattr("gochan.streamer.time.monotonic", lambda: clock[0])
+    async with Streamer(Config(client_ttl=10)) as streamer:
+        a, b, held = (streamer.create_client() for _ in range(3))
+        streamer.open_stream(held, _NullTransport(), b"")  # type: ignore[arg-type]
+        clock[0] = 1005.0
+        streamer.detach(streamer.open_stream(a, _NullTransport(), b""))  # type: ignore[arg-type]
+        streamer.tick(1011.0)
+        assert streamer.get_client(b.id) is None
+        assert streamer.get_client(a.id) is a
+        streamer.tick(1014.0)
+        assert streamer.get_client(a.id) is a
+        streamer.tick(1016.0)
+        assert streamer.get_client(a.id) is None
+        streamer.tick(5000.0)
+        assert streamer.get_client(held.id) is held
+        await _settle()
+        assert streamer.counters["clients_expired"] == 2
+
+
+def test_a_client_keeps_its_topics_in_order_past_the_small_size() -> None:
+    client = Client("c")
+    names = [f"t{i}" for i in range(SMALL_TOPICS + 3)]
+    client._add_topics(names[:SMALL_TOPICS] + names[:2])
+    assert client.topics == names[:SMALL_TOPICS]
+    assert client._remove_topic("t1") and not client._remove_topic("t1")
+    client._add_topics(names[SMALL_TOPICS:])  # past the small size: a dict now
+    client._add_topic("t1")
+    assert client.topics == [n for n in names if n != "t1"] + ["t1"]
+    assert client.has_topic("t0") and not client.has_topic("nope")
+    assert client._remove_topic("t0") and client.topic_count == SMALL_TOPICS + 2
+    assert client.new_topics(["t0", "t2", "t0"]) == ["t0"]
 
 
 class _NullTransport:

@@ -480,4 +480,4 @@ async def test_event_stream_opened_then_owned_by_the_hub() -> None:
         assert len(t.writes) == 1 and not t.is_closing()
         proto.connection_lost(None)
         assert hub.connection_count == 0
-        assert client.streams == [] and server.connections == 0
+        assert client.streams == () and server.connections == 0
