@@ -7,12 +7,18 @@ frames, heartbeats, ``Client closed``) goes through the fan-out core's
 stream waits while the transport holds a tail the kernel did not take), then
 one queue. A head the kernel takes only in part is never overtaken.
 While it replays, its replay state lives here too (see :mod:`gochan.replay`).
+
+On the HTTP server a stream is also its connection's protocol: once the head
+is written nothing more is parsed there, so the server hands the transport
+to the stream (``transport.set_protocol``) and drops the HTTP protocol
+object, one object fewer for every idle connection. It then tells its front
+end, through ``stream_lost``, when the connection is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 from ._fast import Hub, Subscriber
 
@@ -20,14 +26,20 @@ if TYPE_CHECKING:
     from .client import Client
     from .replay import ReplayState
 
-__all__ = ["Stream"]
+__all__ = ["Stream", "StreamHost"]
 
 
-class Stream(Subscriber):
+class StreamHost(Protocol):
+    """A front end that hands a stream its connection (the HTTP server)."""
+
+    def stream_lost(self, stream: Stream) -> None: ...
+
+
+class Stream(Subscriber, asyncio.Protocol):
     """An SSE stream of one client: its place in the fan-out, its queue, and
     its replay cursor or held frames while it replays."""
 
-    __slots__ = ("front_end", "replay")
+    __slots__ = ("front_end", "peer", "replay")
 
     def __init__(
         self,
@@ -40,6 +52,9 @@ class Stream(Subscriber):
         self.replay: ReplayState | None = None
         # The server (or adapter) that opened it, which ends it at shutdown.
         self.front_end = front_end
+        # The address it is read from ("": not known), while it is its
+        # connection's protocol.
+        self.peer = ""
 
     @property
     def client(self) -> Client:
@@ -53,3 +68,23 @@ class Stream(Subscriber):
         replay = self.replay
         if replay is not None:
             replay.drained(self)
+
+    # -- as the connection's protocol (see the module's docstring) ---------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # handed over on a live connection: never called
+
+    def data_received(self, data: bytes) -> None:
+        pass  # nothing is read from an event stream
+
+    def eof_received(self) -> bool:
+        return False  # the peer is done: close
+
+    def pause_writing(self) -> None:
+        self.pause()
+
+    def resume_writing(self) -> None:
+        self.writable()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cast("StreamHost", self.front_end).stream_lost(self)

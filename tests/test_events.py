@@ -252,6 +252,9 @@ class _PartialTransport:
     def get_extra_info(self, name: str, default: object = None) -> object:
         return {"socket": self.sock, "peername": ("127.0.0.1", 40000)}.get(name, default)
 
+    def set_protocol(self, protocol: asyncio.Protocol) -> None:
+        self.protocol = protocol  # the stream, once its head is written
+
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self.high = high or 0
         self._maybe_pause()

@@ -15,6 +15,7 @@ cdef enum:
     # one loop iteration go untimed rather than growing the array further.
     MAX_TIMED_MESSAGES = 65536
     TIMED_INITIAL_SLOTS = 64
+    OPEN_INITIAL_SLOTS = 64
     # What PublishParser.parse answers when it gives no request: the bytes
     # so far may still become one (wait for more), or they never will (the
     # general parser must read them).

@@ -210,7 +210,8 @@ cdef class Subscriber:
             # Data still in the transport (a large response head): wait for
             # its resume_writing() before writing around it.
             self.paused = transport.get_write_buffer_size() > 0
-        hub.subscribers.add(self)
+        self.open_index = -1
+        hub._add_open(self)
 
     def __dealloc__(self):
         # Hub.close() has normally run. Only C memory and owned frames are
@@ -422,7 +423,8 @@ cdef class Hub:
         self.direct = direct
         self.direct_writes = 0
         self.topics = {}
-        self.subscribers = set()
+        self.open = NULL
+        self.open_len = self.open_cap = 0
         self.dirty = []
         self.doomed = []
         self.flush_scheduled = False
@@ -439,6 +441,35 @@ cdef class Hub:
 
     def __dealloc__(self):
         PyMem_Free(self.timed)
+        # Streams still open hold the hub (Subscriber.hub), so it is freed
+        # with some open only once the collector has cleared those.
+        while self.open_len:
+            self.open_len -= 1
+            (<Subscriber>self.open[self.open_len]).open_index = -1
+            Py_DECREF(<object>self.open[self.open_len])
+        PyMem_Free(self.open)
+
+    cdef int _add_open(self, Subscriber sub) except -1:
+        if self.open_len == self.open_cap:
+            self.open = <PyObject**>_grow(self.open, &self.open_cap, OPEN_INITIAL_SLOTS,
+                                          sizeof(PyObject*))
+        Py_INCREF(sub)
+        self.open[self.open_len] = <PyObject*>sub
+        sub.open_index = self.open_len
+        self.open_len += 1
+        return 0
+
+    cdef void _drop_open(self, Subscriber sub) noexcept:
+        cdef Py_ssize_t index = sub.open_index
+        cdef Subscriber moved
+        if index < 0:
+            return
+        self.open_len -= 1
+        moved = <Subscriber>self.open[self.open_len]
+        self.open[index] = <PyObject*>moved
+        moved.open_index = index
+        sub.open_index = -1
+        Py_DECREF(sub)  # the caller holds its own reference
 
     cdef inline int _mark_dirty(self, Subscriber sub) except -1:
         if not sub.dirty:
@@ -561,7 +592,7 @@ cdef class Hub:
         sub._clear_queue()
         while sub.members_len:
             self._detach(sub, sub.members_len - 1)
-        self.subscribers.discard(sub)
+        self._drop_open(sub)
 
     def finish(self, Subscriber sub not None, bytes frame=None):
         """End a stream gracefully: hand what is queued (and ``frame``) to the
@@ -674,8 +705,9 @@ cdef class Hub:
     def heartbeat(self, bytes frame not None):
         """Send ``frame`` to every stream that sent nothing since the last call."""
         cdef Subscriber sub
-        cdef Py_ssize_t sent = 0
-        for sub in self.subscribers:
+        cdef Py_ssize_t i, sent = 0
+        for i in range(self.open_len):
+            sub = <Subscriber>self.open[i]
             if sub.closed:
                 continue
             if sub.active:
@@ -697,15 +729,15 @@ cdef class Hub:
 
     @property
     def connection_count(self):
-        return len(self.subscribers)
+        return self.open_len
 
     def open_subscribers(self):
         """A snapshot list of the open subscribers."""
-        return list(self.subscribers)
+        return [<object>self.open[i] for i in range(self.open_len)]
 
     def stats(self):
         return {
-            "connections": len(self.subscribers),
+            "connections": self.open_len,
             "topics": len(self.topics),
             "messages": self.messages,
             "deliveries": self.deliveries,

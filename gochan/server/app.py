@@ -23,6 +23,7 @@ from .routes import Headers, Router
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..stream import Stream
     from ..streamer import Streamer
     from .handoff import Handoff
     from .routes import Headers
@@ -185,15 +186,26 @@ class Server:
         # From connection_lost, for admitted and refused connections alike.
         if proto.state & ADMITTED:
             proto.state &= ~ADMITTED
-            self.metrics.connections -= 1
-            peer = proto.peer
-            if peer:
-                count = self.peers.get(peer, 0) - 1
-                if count > 0:
-                    self.peers[peer] = count
-                else:
-                    self.peers.pop(peer, None)
+            self._release(proto.peer)
         self.http.discard(proto)
+
+    def stream_lost(self, stream: Stream) -> None:
+        """A stream's connection is gone (the stream is its protocol: see
+        HttpProtocol.start_stream; only admitted connections stream)."""
+        log = self.access_log
+        if log is not None:
+            log.stream_ended(stream, stream.peer, stream.bytes_out)
+        self.streamer.detach(stream)
+        self._release(stream.peer)
+
+    def _release(self, peer: Peer) -> None:
+        self.metrics.connections -= 1
+        if peer:
+            count = self.peers.get(peer, 0) - 1
+            if count > 0:
+                self.peers[peer] = count
+            else:
+                self.peers.pop(peer, None)
 
     def _tick(self, now: float) -> None:
         refresh_date()

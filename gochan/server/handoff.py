@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from .app import Server
-    from .routes import OpenStream, Reply
+    from .routes import Reply
 
 __all__ = ["Handoff", "HandoffProtocol", "owner_tag", "worker_of"]
 
@@ -287,10 +287,6 @@ class HandoffProtocol(HttpProtocol):
         if self._owner >= 0:
             return True  # the owner reads the end too: it stays with the socket
         return super().eof_received()
-
-    def start_stream(self, head: bytes, reply: OpenStream) -> None:
-        super().start_stream(head, reply)
-        self._raw = None  # nothing more is read from a stream
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -48,8 +48,6 @@ HOLD_MAX_READS = 8
 
 
 # Shared, never written: see start_stream.
-_NO_HEADERS: dict[str, str] = {}
-_NO_PARTS: list[bytes] = []
 # A stream's pipeline and answer list: empty tuples, shared, so a stream does
 # not keep two empty lists (112 bytes), and a write to them would raise.
 _NO_REQUESTS = cast("list[Request]", ())
@@ -181,13 +179,8 @@ class HttpProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.config.write_buffer_high_bytes)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # A stream's connection ends in Stream.connection_lost (start_stream).
         self.state |= CLOSING
-        if self.stream is not None:
-            log = self.server.access_log
-            if log is not None:
-                log.stream_ended(self, self.peer, self.stream.bytes_out)
-            self.server.streamer.detach(self.stream)
-            self.stream = None
         if self.task is not None:
             self.task.cancel()
             self.task = None
@@ -215,16 +208,10 @@ class HttpProtocol(asyncio.Protocol):
         return bool((self.state & BUSY) or self.pipeline or self._unparsed)
 
     def pause_writing(self) -> None:
-        if self.stream is not None:
-            self.stream.pause()
-            return
         self.state |= WRITE_PAUSED
         self._pause_reading()  # stop reading requests whose answers the peer does not read
 
     def resume_writing(self) -> None:
-        if self.stream is not None:
-            self.stream.writable()
-            return
         self.state &= ~WRITE_PAUSED
         self._run()
         self._continue_input()
@@ -553,10 +540,10 @@ class HttpProtocol(asyncio.Protocol):
         if isinstance(reply, OpenStream):
             self._flush_out()
             head = response_head(200, reply.headers + cors, keep_alive=True)
-            self.start_stream(head + reply.preamble, reply)
+            stream = self.start_stream(head + reply.preamble, reply)
             log = self.server.access_log
             if log is not None:
-                log.stream_opened(self, request)
+                log.stream_opened(stream, request)
             return
         if reply.content_type is None:  # a bare head (HEAD of the event stream)
             data = response_head(reply.status, reply.headers + cors, keep_alive=request.keep_alive)
@@ -641,28 +628,24 @@ class HttpProtocol(asyncio.Protocol):
                 log.response(request, status, len(answer))
         self._close_after_flush()
 
-    def start_stream(self, head: bytes, reply: OpenStream) -> None:
+    def start_stream(self, head: bytes, reply: OpenStream) -> Stream:
         """Send the response head and first frames, then hand the connection
         to the hub. Nothing is awaited between the two, so no message can
-        fall between the first frame and live delivery."""
-        assert self.transport is not None
-        self.stream = self.server.streamer.open_stream(
-            reply.client, self.transport, head, reply.last_event_id, self.server, reply.token_exp
+        fall between the first frame and live delivery. From then on the
+        stream is the transport's protocol, and this object is let go."""
+        transport = self.transport
+        assert transport is not None
+        stream = self.server.streamer.open_stream(
+            reply.client, transport, head, reply.last_event_id, self.server, reply.token_exp
         )
-        # Nothing more is parsed on this connection: free the parser state.
-        self.parser = None
-        self.pipeline = _NO_REQUESTS
-        self._out = _NO_ANSWERS
-        self._unparsed = b""
-        self._held = ()
-        self.state &= ~WRITE_PAUSED
-        # Parse state is replaced whole by on_message_begin before any use, so
-        # a stream can point at shared empties rather than own three containers.
-        self._headers = _NO_HEADERS
-        self._url = self._body = _NO_PARTS
+        stream.peer = self.peer
+        self.stream = stream  # what is still running here stops at it
+        transport.set_protocol(stream)
+        self.parser = None  # it refers back to this object
         self.server.streaming(self)
         if self.state & READ_PAUSED:  # paused while the head was written; streams read (EOF)
             self._resume_reading()
+        return stream
 
     def expire(self, now: float) -> None:
         """Called by the server tick once the deadline has passed."""

@@ -102,6 +102,17 @@ class FakeTransport:
     def is_closing(self) -> bool:
         return self.closed or self.aborted
 
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol | None:
+        return self.protocol
+
+    def lose(self) -> None:
+        """The connection is gone: its protocol (now) hears it."""
+        assert self.protocol is not None
+        self.protocol.connection_lost(None)
+
 
 class FakeClock:
     """A monotonic clock that moves only when told to."""

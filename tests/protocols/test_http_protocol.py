@@ -475,9 +475,11 @@ async def test_event_stream_opened_then_owned_by_the_hub() -> None:
         assert client is not None and len(client.streams) == 1
         assert hub.connection_count == 1
         assert proto not in server.http and server.connections == 1
-        proto.data_received(HEALTHZ)  # nothing is read from a stream
+        # The stream is the connection's protocol now: nothing is read from it.
+        assert t.protocol is client.streams[0]
+        t.protocol.data_received(HEALTHZ)
         await settle()
         assert len(t.writes) == 1 and not t.is_closing()
-        proto.connection_lost(None)
+        t.lose()
         assert hub.connection_count == 0
         assert client.streams == () and server.connections == 0
