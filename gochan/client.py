@@ -92,6 +92,7 @@ class Client:
     """A client: its id, its topics in subscription order and its live streams."""
 
     __slots__ = (
+        "_streams",
         "_topics",
         "armed",
         "closed",
@@ -100,7 +101,6 @@ class Client:
         "identity",
         "peer",
         "shared",
-        "streams",
         "updating",
     )
 
@@ -115,9 +115,8 @@ class Client:
         # A tuple while it is short (a third of a dict's size, for the one to
         # ten topics most clients hold), a dict once it passes SMALL_TOPICS.
         self._topics: tuple[str, ...] | dict[str, None] = ()
-        # A tuple: most clients have one stream, and a 1-tuple is smaller
-        # than a list.
-        self.streams: tuple[Stream, ...] = ()
+        # None, the one stream (most clients have one) or a tuple of them.
+        self._streams: Stream | tuple[Stream, ...] | None = None
         # Monotonic deadline after which the client is removed; None while it
         # has a live stream.
         self.expires_at: float | None = None
@@ -128,6 +127,16 @@ class Client:
         # last word on its topics.
         self.shared = False
         self.updating: object = None  # the streamer's per-client update lock
+
+    @property
+    def streams(self) -> tuple[Stream, ...]:
+        """Its live streams, oldest first."""
+        held = self._streams
+        if held is None:
+            return ()
+        if isinstance(held, tuple):
+            return held
+        return (held,)
 
     @property
     def topics(self) -> list[str]:
@@ -160,6 +169,22 @@ class Client:
             self._topics = dict.fromkeys(held + more)
         elif more:
             self._topics = held + more
+
+    def _add_stream(self, stream: Stream) -> None:
+        held = self._streams
+        self._streams = stream if held is None else (*self.streams, stream)
+
+    def _remove_stream(self, stream: Stream) -> bool:
+        streams = self.streams
+        if stream not in streams:
+            return False
+        rest = tuple(s for s in streams if s is not stream)
+        self._streams = None if not rest else rest[0] if len(rest) == 1 else rest
+        return True
+
+    def _end_streams(self) -> tuple[Stream, ...]:
+        streams, self._streams = self.streams, None
+        return streams
 
     def _remove_topic(self, topic: str) -> bool:
         held = self._topics

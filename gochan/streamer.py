@@ -429,9 +429,8 @@ class Streamer:
         if found.closed:
             return  # ended already (its peer share is not given back twice)
         self._forget_client(found)
-        for sub in found.streams:
+        for sub in found._end_streams():
             self.hub.finish(sub, CLIENT_CLOSED_FRAME)
-        found.streams = ()
         for topic in found.topics:
             found._remove_topic(topic)
             await self.subscriptions.release(topic)
@@ -601,7 +600,7 @@ class Streamer:
         ``token-expired`` and ``Client closed``."""
         stream = Stream(self.hub, transport, client, front_end)
         stream.send_first(head)
-        client.streams += (stream,)
+        client._add_stream(stream)
         client.expires_at = None
         identity = client.identity
         if identity is not None:
@@ -624,8 +623,11 @@ class Streamer:
             self.replayer.forget(stream)
         self.hub.close(stream)
         client = stream.owner
-        if isinstance(client, Client) and stream in client.streams:
-            client.streams = tuple(s for s in client.streams if s is not stream)
+        if (
+            isinstance(client, Client)
+            and isinstance(stream, Stream)
+            and client._remove_stream(stream)
+        ):
             identity = client.identity
             if identity is not None:
                 left = self._identity_streams.get(identity, 0) - 1

@@ -245,3 +245,16 @@ async def test_a_bare_string_is_not_a_list_of_topics() -> None:
             await streamer.new_custom_client("c2", "news")  # type: ignore[arg-type]
         assert client.topics == ["a"]
         assert streamer.count_clients() == 1  # the refused ones left nothing
+
+
+def test_a_client_keeps_its_streams_in_order() -> None:
+    client = Client("c")
+    a, b, c = (object() for _ in range(3))
+    for stream in (a, b, c):
+        client._add_stream(stream)  # type: ignore[arg-type]
+    assert client.streams == (a, b, c)
+    assert client._remove_stream(b) and not client._remove_stream(b)  # type: ignore[arg-type]
+    assert client.streams == (a, c)
+    assert client._remove_stream(a) and client.streams == (c,)  # type: ignore[arg-type]
+    client._add_stream(a)  # type: ignore[arg-type]
+    assert client._end_streams() == (c, a) and client.streams == ()
