@@ -110,6 +110,7 @@ class Streamer:
         self._hub: Hub | None = None
         self._clients: dict[str, Client] = {}
         self._peer_clients: dict[str, int] = {}  # peer address -> clients it made
+        self._peer_client_limit = self.config.peer_client_limit
         # Clients in the order their TTL started. Every TTL is client_ttl
         # long, so this is also deadline order: a queue, one pointer per entry,
         # not a heap of tuples. A client re-armed before its deadline has
@@ -279,7 +280,7 @@ class Streamer:
             raise LimitExceededError(f"too many clients (max_clients={self.config.max_clients})")
         if peer:
             made = self._peer_clients.get(peer, 0)
-            if made >= self.config.peer_client_limit:
+            if made >= self._peer_client_limit:
                 raise PeerLimitError(
                     f"too many clients from one address "
                     f"(max_clients_per_peer={self.config.peer_client_limit})"
