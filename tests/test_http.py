@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from tests.support import SSEStream, raw_request, running
 
@@ -227,3 +228,18 @@ def test_the_prebuilt_json_answer_is_the_general_one() -> None:
         assert b"1970" not in http.json_ok(b"{}")
     finally:
         http.refresh_date()
+
+
+def test_a_stream_head_is_kept_until_the_date_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gochan.server import http
+
+    headers = [(b"Content-Type", b"text/event-stream"), (b"X-Gochan-Node", b"n1")]
+    first = http.stream_head(headers)
+    assert first == http.response_head(200, headers)
+    assert http.stream_head(headers) is first  # kept
+    monkeypatch.setattr(http, "formatdate", lambda usegmt: "Thu, 01 Jan 2099 00:00:00 GMT")
+    http.refresh_date()
+    later = http.stream_head(headers)
+    assert b"Date: Thu, 01 Jan 2099" in later and later == http.response_head(200, headers)
+    monkeypatch.undo()
+    http.refresh_date()

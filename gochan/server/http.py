@@ -21,6 +21,7 @@ __all__ = [
     "refresh_date",
     "response_head",
     "simple_response",
+    "stream_head",
 ]
 
 MAX_QUERY_FIELDS = 1100  # a browser may name ~1000 topics at connect
@@ -156,6 +157,24 @@ def response_head(
         parts.append(b"Connection: close\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+# 200 heads of event streams, by their headers: rebuilt once a second (the
+# Date), not once a connect. Few kinds exist (the node's, a worker's).
+_stream_heads: dict[tuple[tuple[bytes, bytes], ...], tuple[bytes, bytes]] = {}
+STREAM_HEAD_KINDS = 16
+
+
+def stream_head(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """``response_head(200, headers)``, kept while the Date is the same."""
+    key = tuple(headers)
+    cached = _stream_heads.get(key)
+    if cached is not None and cached[0] is _date:
+        return cached[1]
+    head = response_head(200, key)
+    if cached is not None or len(_stream_heads) < STREAM_HEAD_KINDS:
+        _stream_heads[key] = (_date, head)
+    return head
 
 
 TEXT = b"text/plain; charset=utf-8"

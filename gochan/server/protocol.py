@@ -24,7 +24,16 @@ import httptools
 from .._fast import PUBLISH_DECLINED, PUBLISH_INCOMPLETE, PublishParser
 from ..log import server_logger
 from ..stream import Stream
-from .http import JSON, NO_PEER, Peer, Request, json_ok, response_head, simple_response
+from .http import (
+    JSON,
+    NO_PEER,
+    Peer,
+    Request,
+    json_ok,
+    response_head,
+    simple_response,
+    stream_head,
+)
 from .routes import Headers, OpenStream, Reply, Response
 
 if TYPE_CHECKING:
@@ -539,7 +548,7 @@ class HttpProtocol(asyncio.Protocol):
         cors = self.server.router.cors(request)
         if isinstance(reply, OpenStream):
             self._flush_out()
-            head = response_head(200, reply.headers + cors, keep_alive=True)
+            head = response_head(200, reply.headers + cors) if cors else stream_head(reply.headers)
             stream = self.start_stream(head + reply.preamble, reply)
             log = self.server.access_log
             if log is not None:
