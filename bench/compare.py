@@ -127,10 +127,14 @@ def free_port() -> int:
 
 
 def server_command(
-    name: str, port: int, connections: int, nats_port: int | None = None
+    name: str, port: int, connections: int, nats_port: int | None = None, workers: int = 1
 ) -> list[str]:
+    """The server's command line; ``workers`` > 1 (gochan-nats only) adds
+    ``--workers N``: a supervisor forking N worker processes (docs/workers.md)."""
     py = sys.executable
     common = ["--host", "127.0.0.1", "--port", str(port)]
+    if workers > 1 and name != "gochan-nats":
+        raise ValueError(f"{name}: --workers {workers} needs a broker driver (gochan-nats)")
     if name == "gochan-nats":
         assert nats_port is not None
         nats_url = f"nats://127.0.0.1:{nats_port}"
@@ -140,6 +144,7 @@ def server_command(
             "nats",
             "--nats-url",
             nats_url,
+            *(["--workers", str(workers)] if workers > 1 else []),
         ]
     if name == "gochan":
         limit = str(connections + 1000)
@@ -217,6 +222,32 @@ def wait_listening(port: int, proc: subprocess.Popen[Any], timeout_s: float) -> 
                 return
         time.sleep(0.1)
     raise RuntimeError(f"server not listening on port {port} after {timeout_s} s")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The children of pid (every thread's), from /proc/PID/task/*/children."""
+    kids: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            kids.extend(int(k) for k in children.read_text().split())
+    return sorted(set(kids))
+
+
+def wait_workers(
+    proc: subprocess.Popen[Any], workers: int, log_path: Path, timeout_s: float
+) -> list[int]:
+    """With ``--workers N``: wait until the supervisor (proc) has said
+    "gochan listening on" in its log (every worker listens) and has its N
+    workers; their pids."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before listening")
+        kids = child_pids(proc.pid)
+        if len(kids) == workers and "gochan listening on" in log_path.read_text():
+            return kids
+        time.sleep(0.1)
+    raise RuntimeError(f"{workers} workers not listening after {timeout_s} s")
 
 
 # ---------------------------------------------------------------- /proc readings
@@ -325,6 +356,7 @@ class ServerResult:
     ok: bool = False
     error: str | None = None
     version: str = ""
+    workers: int = 1  # gochan's --workers: the processes summed in its CPU and RSS
     connect: Json = field(default_factory=dict)
     rss_before_kib: int = 0
     rss_after_kib: int = 0
@@ -437,14 +469,19 @@ def measure_step(
 ) -> Json:
     """One rate step, with the server's CPU and write syscalls and the machine's noise.
     ``pids``: the server's processes (several for the nodes of a cluster), summed."""
-    cpu0, io0, t0 = cpu_sum(pids), syscw_sum(pids), time.monotonic()
+    each0 = [cpu_s(p) for p in pids]
+    cpu0, io0, t0 = sum(each0), syscw_sum(pids), time.monotonic()
     lg_pids = [lg.proc.pid, *lg.helper_pids]
     lg0, busy0 = sum(map(cpu_s, lg_pids)), machine_busy_s()
     h0 = sum(map(cpu_s, lg.helper_pids))
     step = lg.step(rate, args.warmup, args.duration, args.drain)
     wall = time.monotonic() - t0
-    cpu1, io1 = cpu_sum(pids), syscw_sum(pids)
+    each1 = [cpu_s(p) for p in pids]
+    cpu1, io1 = sum(each1), syscw_sum(pids)
     lg1, busy1 = sum(map(cpu_s, lg_pids)), machine_busy_s()
+    if len(pids) > 1 and wall > 0:
+        # Each process's share over the whole step, in the order of pids.
+        step["server_cpu_share_each"] = [(b - a) / wall for a, b in zip(each0, each1, strict=True)]
     if lg.helper_pids:
         step["broker_cpu_share"] = (sum(map(cpu_s, lg.helper_pids)) - h0) / wall if wall else None
     # Server CPU and write syscalls over the measured window (read by the load
@@ -512,11 +549,13 @@ def step_with_retry(
     lg: Loadgen,
     rate: float,
     args: argparse.Namespace,
+    pids: Sequence[int] | None = None,
 ) -> Json:
     """Run a step; retry a failed one once if other processes were busy meanwhile.
-    ``servers``: the server's processes (the nodes of a cluster)."""
+    ``servers``: the server's processes (the nodes of a cluster); ``pids``: the
+    ones measured, if not theirs (a supervisor and its workers)."""
     attempts: list[Json] = []
-    pids = [s.pid for s in servers]
+    pids = [s.pid for s in servers] if pids is None else list(pids)
     for attempt in range(1 + NOISY_RETRIES):
         for server in servers:
             if server.poll() is not None:
@@ -536,15 +575,21 @@ def step_with_retry(
 
 
 def step_through_rates(
-    name: str, servers: Sequence[subprocess.Popen[Any]], lg: Loadgen, args: argparse.Namespace
+    name: str,
+    servers: Sequence[subprocess.Popen[Any]],
+    lg: Loadgen,
+    args: argparse.Namespace,
+    pids: Sequence[int] | None = None,
 ) -> list[Json]:
     """``args.rates`` in turn up to the first step not sustained, then
-    ``args.refine`` steps bisecting between the last sustained rate and it."""
+    ``args.refine`` steps bisecting between the last sustained rate and it.
+    ``pids``: the processes measured, if not ``servers``' own."""
     steps: list[Json] = []
+    measured = [s.pid for s in servers] if pids is None else list(pids)
     ok_rate: float | None = None
     fail_rate: float | None = None
     for rate in args.rates:
-        step = step_with_retry(name, servers, lg, rate, args)
+        step = step_with_retry(name, servers, lg, rate, args, measured)
         steps.append(step)
         if not step["sustained"]:
             fail_rate = rate
@@ -557,8 +602,8 @@ def step_through_rates(
         mid = float(f"{math.sqrt(ok_rate * fail_rate):.2g}")
         if not ok_rate < mid < fail_rate:
             break
-        settle([s.pid for s in servers])
-        step = step_with_retry(name, servers, lg, mid, args)
+        settle(measured)
+        step = step_with_retry(name, servers, lg, mid, args, measured)
         steps.append(step)
         if step["sustained"]:
             ok_rate = mid
@@ -628,41 +673,71 @@ def start_nats(
     return nats
 
 
+def row_name(name: str, workers: int) -> str:
+    """The report's name for a server: gochan-nats with --workers N > 1 is
+    ``gochan-nats-wN``, every other row its server's name."""
+    return f"{name}-w{workers}" if name == "gochan-nats" and workers > 1 else name
+
+
 def run_server(
     name: str, args: argparse.Namespace, loadgen_bin: Path, logdir: Path
 ) -> ServerResult:
-    result = ServerResult(name=name, version=server_version(name))
+    workers = args.workers if name == "gochan-nats" else 1
+    label = row_name(name, workers)
+    result = ServerResult(name=label, version=server_version(name), workers=workers)
     if name == "c-epoll":
         build_c_reference()
     port = free_port()
     nats_port: int | None = None
     lg_extra: list[str] = []
+    worker_pids: list[int] = []
     with contextlib.ExitStack() as stack:
+
+        @stack.callback
+        def kill_workers() -> None:
+            """Workers left after the supervisor stopped (they are in their own
+            process groups, out of reach of its killpg)."""
+            for pid in worker_pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
         nats: subprocess.Popen[Any] | None = None
         if name == "gochan-nats":
             # A NATS server of its own, on the load side's core: the publisher
             # sends PUB frames to it, gochan (--driver nats) relays them.
             nats_port = free_port()
-            nats = start_nats(stack, nats_port, logdir / f"{name}.nats-server.log", args.client_cpu)
+            nats = start_nats(
+                stack, nats_port, logdir / f"{label}.nats-server.log", args.client_cpu
+            )
             lg_extra = ["--nats-port", str(nats_port)]
-        cmd = pinned(args.server_cpu, server_command(name, port, args.connections, nats_port))
-        log(f"{name}: starting on port {port}: {' '.join(cmd)}")
-        server_log = (logdir / f"{name}.log").open("w")
+        cmd = pinned(
+            args.server_cpu, server_command(name, port, args.connections, nats_port, workers)
+        )
+        log(f"{label}: starting on port {port}: {' '.join(cmd)}")
+        server_log_path = logdir / f"{label}.log"
+        server_log = server_log_path.open("w")
         stack.callback(server_log.close)
         server = stack.enter_context(
-            started(cmd, name, stdin=subprocess.DEVNULL, stdout=server_log, stderr=server_log)
+            started(cmd, label, stdin=subprocess.DEVNULL, stdout=server_log, stderr=server_log)
         )
         wait_listening(port, server, SERVER_START_TIMEOUT_S)
+        if workers > 1:
+            worker_pids.extend(
+                wait_workers(server, workers, server_log_path, SERVER_START_TIMEOUT_S)
+            )
+            log(f"{label}: supervisor {server.pid}, workers {', '.join(map(str, worker_pids))}")
+        # The server's processes: CPU, RSS and syscalls are summed over them.
+        pids = [server.pid, *worker_pids]
         time.sleep(0.5)
-        result.rss_before_kib = rss_kib(server.pid)
+        result.rss_before_kib = sum(map(rss_kib, pids))
 
-        lg_cmd = loadgen_command(loadgen_bin, [port], [server.pid], args, lg_extra)
-        lg_err = (logdir / f"{name}.loadgen.log").open("w")
+        lg_cmd = loadgen_command(loadgen_bin, [port], pids, args, lg_extra)
+        lg_err = (logdir / f"{label}.loadgen.log").open("w")
         stack.callback(lg_err.close)
         lg_proc = stack.enter_context(
             started(
                 lg_cmd,
-                f"{name} loadgen",
+                f"{label} loadgen",
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=lg_err,
@@ -673,14 +748,14 @@ def run_server(
             lg.helper_pids.append(nats.pid)
         result.connect = lg.read_json(args.connect_timeout + 30.0)
         log(
-            f"{name}: {result.ready()}/{args.connections} connected in "
+            f"{label}: {result.ready()}/{args.connections} connected in "
             f"{result.connect['connect_time_s']:.2f} s"
         )
         time.sleep(SETTLE_S)
-        result.rss_after_kib = rss_kib(server.pid)
+        result.rss_after_kib = sum(map(rss_kib, pids))
 
-        result.steps = step_through_rates(name, [server], lg, args)
-        result.rss_peak_kib = proc_status(server.pid, "VmHWM")
+        result.steps = step_through_rates(label, [server], lg, args, pids)
+        result.rss_peak_kib = sum(proc_status(p, "VmHWM") for p in pids)
         lg.quit()
         result.ok = True
     return result
@@ -718,6 +793,15 @@ def table(results: list[ServerResult]) -> str:
     peers = [n for n in names if not n.startswith("gochan")] if "gochan" in names else []
     header = ["metric", "better", *names, *(f"gochan/{p}" for p in peers)]
     rows = [header]
+    if any(r.workers > 1 for r in results):
+        rows.append(
+            [
+                "gochan worker processes",
+                "",
+                *(str(r.workers) if r.name.startswith("gochan") else "-" for r in results),
+                *("" for _ in peers),
+            ]
+        )
     for key, label, spec, better in ROWS:
         row = [label, better]
         for n in names:
@@ -836,6 +920,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--connections", type=int, default=None, help="default the workload's (quick 1000)"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gochan-nats: python -m gochan.server --workers N (a supervisor and N\n"
+        "worker processes, docs/workers.md; row gochan-nats-wN); give them the\n"
+        "cores too, e.g. --server-cpu 0,1. gochan (mem driver) refuses N > 1",
+    )
     add_load_arguments(p, server_cpu="0", client_cpu="1")
     args = p.parse_args(argv)
     connections, topics, per_conn = WORKLOADS[args.workload]
@@ -850,7 +942,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.servers) - set(SERVERS)
     if unknown:
         p.error(f"unknown servers: {', '.join(sorted(unknown))} (known: {', '.join(SERVERS)})")
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    if args.workers > 1 and "gochan" in args.servers:
+        p.error(
+            f"--workers {args.workers}: gochan (the mem driver) runs in one process only; "
+            "use --servers gochan-nats"
+        )
     return args
+
+
+def cpu_count_of(spec: str) -> int:
+    """How many cores a taskset list names ("0", "0,1", "0-3,6")."""
+    cores: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return len(cores)
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -926,6 +1034,11 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit(args.connections + 200)
     # SIGTERM unwinds like Ctrl-C, so the context managers kill what we started.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.workers > 1 and args.server_cpu and cpu_count_of(args.server_cpu) < args.workers:
+        log(
+            f"WARNING: {args.workers} workers pinned to {cpu_count_of(args.server_cpu)} core(s) "
+            f"(--server-cpu {args.server_cpu}): they share it"
+        )
     loadgen_bin = build_loadgen()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -942,8 +1055,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results.append(run_server(name, args, loadgen_bin, logdir))
             except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
-                log(f"{name}: FAILED: {exc}")
-                results.append(ServerResult(name=name, error=str(exc)))
+                label = row_name(name, args.workers)
+                log(f"{label}: FAILED: {exc}")
+                workers = args.workers if name == "gochan-nats" else 1
+                results.append(ServerResult(name=label, error=str(exc), workers=workers))
     except KeyboardInterrupt:
         log("interrupted; processes stopped")
         return 130
@@ -967,6 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline": args.pipeline,
             "server_cpu": args.server_cpu,
             "client_cpu": args.client_cpu,
+            "workers": args.workers,
         },
         "machine": {
             "cpus": os.cpu_count(),
@@ -986,6 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ok": r.ok,
                 "error": r.error,
                 "version": r.version,
+                "workers": r.workers,
                 "summary": r.summary(),
                 "connect": r.connect,
                 "rss_before_kib": r.rss_before_kib,
