@@ -56,9 +56,8 @@ HOLD_MAX_BYTES = FEED_SLICE_BYTES
 HOLD_MAX_READS = 8
 
 
-# Shared, never written: see start_stream.
-# A stream's pipeline and answer list: empty tuples, shared, so a stream does
-# not keep two empty lists (112 bytes), and a write to them would raise.
+# The pipeline and answer list of a connection that is closing or closed:
+# empty tuples, shared and never written (a write to them would raise).
 _NO_REQUESTS = cast("list[Request]", ())
 _NO_ANSWERS = cast("list[bytes]", ())
 _NO_EXTRA: Headers = []
