@@ -5,7 +5,6 @@ The lifecycle they share is :mod:`gochan.drivers._lifecycle`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import unicodedata
@@ -88,12 +87,21 @@ async def bounded(aw: Awaitable[_T], timeout_s: float, broker: str) -> _T:
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     """Cancel ``task`` and wait until it has ended (nothing for None or the
-    calling task itself)."""
+    calling task itself); an error it ended with other than its cancellation
+    is raised here.
+
+    The wait is ``asyncio.wait``, not ``await task``: a caller cancelled while
+    it waits is cancelled (its CancelledError is not taken for the task's),
+    and ``task`` is not cancelled a second time in the middle of its cleanup.
+    """
     if task is None or task is asyncio.current_task():
         return
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await asyncio.wait((task,))
+    if not task.cancelled():
+        error = task.exception()
+        if error is not None:
+            raise error
 
 
 def redact_url(url: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from gochan.drivers import DRIVERS, create_driver
+from gochan.drivers._common import cancel_and_wait
 from gochan.drivers._lifecycle import Lifecycle, State
 from gochan.errors import BrokerConnectionError, ClosedError, ConfigurationError
 
@@ -122,3 +123,48 @@ async def test_delivery_is_guarded_and_counted() -> None:
     assert (stats["received"], stats["stray"]) == (1, 2)
     await driver.close()
     await asyncio.sleep(0)
+
+
+async def test_cancel_and_wait_lets_the_task_clean_up_and_keeps_the_callers_cancellation() -> None:
+    cleaned = asyncio.Event()
+    started = asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            started.set()
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.05)  # cleanup that must not be cut short
+            cleaned.set()
+
+    task = asyncio.create_task(slow_to_stop())
+    await started.wait()
+    caller = asyncio.create_task(cancel_and_wait(task))
+    await asyncio.sleep(0.01)  # the caller waits on the task's cleanup now
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert caller.cancelled()  # not swallowed as if it were the task's
+    await asyncio.wait_for(cleaned.wait(), 1)  # the cleanup ran to its end
+    assert task.cancelled()
+
+
+async def test_cancel_and_wait_returns_once_the_task_is_cancelled_and_raises_its_error() -> None:
+    async def sleeper() -> None:
+        await asyncio.sleep(3600)
+
+    async def fails_on_cancel() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("cleanup failed") from None
+
+    quiet = asyncio.create_task(sleeper())
+    await asyncio.sleep(0)
+    await cancel_and_wait(quiet)  # returns: the cancellation is the task's, not ours
+    assert quiet.cancelled()
+    await cancel_and_wait(None)
+    noisy = asyncio.create_task(fails_on_cancel())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="cleanup failed"):
+        await cancel_and_wait(noisy)
