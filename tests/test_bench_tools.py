@@ -521,3 +521,15 @@ def test_compare_names_the_three_workloads_of_issue_15() -> None:
     # Numbers given override the workload's; --quick caps the connections.
     args = compare.parse_args(["--workload", "notifications", "--topics", "500", "--quick"])
     assert (args.connections, args.topics, args.per_conn_topics) == (1_000, 500, 1)
+
+
+def test_connect_inproc_opens_every_stream() -> None:
+    """bench/connect_inproc.py at a tiny size: every connect answered with a
+    stream (it raises if one is refused or left unanswered)."""
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "connect_inproc.py"), "--connections", "300", "--rounds", "1",
+         "--topics", "50", "--per-conn-topics", "3"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert re.match(r"300 connects x 3 of 50 topics: [\d.]+ us per connect", run.stdout), run.stdout

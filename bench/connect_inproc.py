@@ -1,0 +1,166 @@
+"""The Python cost of one connect, with no socket: the server's protocol fed a
+``GET /events`` through a transport that only records what it is given.
+
+It measures what bench/connect.py cannot separate from uvloop and the kernel:
+gochan's own work per connect, from ``connection_made`` through the request's
+parse, the route, the client, the topics and the stream, to the head and
+first frame handed to the transport (the hub's flush included: the loop runs
+every 100 connects). The topics are subscribed by a warm-up first, as they
+are for all but the first connects of a storm. Streams are kept open, so the
+garbage collector sees the heap grow as it does in a server.
+
+Usage::
+
+    python bench/connect_inproc.py                      # 10,000 connects, 3 rounds
+    python bench/connect_inproc.py --profile 30         # cProfile, the 30 costliest functions
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gochan import Config, Streamer
+from gochan.server.app import Server
+
+WARMUP = 200
+SETTLE_EVERY = 100
+
+
+class Transport:
+    """What the protocol and the hub call on a transport, doing nothing but
+    keep what is written (no ``socket``: the hub writes through write())."""
+
+    __slots__ = ("closed", "peername", "protocol", "written")
+
+    def __init__(self, peername: tuple[str, int]) -> None:
+        self.peername = peername
+        self.protocol: Any = None
+        self.written = 0
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peername if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.written += sum(map(len, parts))
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> Any:
+        return self.protocol
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def is_reading(self) -> bool:
+        return True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+def request(i: int, topics: int, per_conn: int) -> bytes:
+    """compare.py's load generator's request for connection ``i``."""
+    query = "&".join(f"topic=Topic{(i * per_conn + k) % topics}" for k in range(per_conn))
+    return (
+        f"GET /events?{query} HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+        "Accept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: sse_loadgen\r\n\r\n"
+    ).encode()
+
+
+async def connect(server: Server, i: int, data: bytes, kept: list[Transport]) -> None:
+    protocol = server.protocol_factory()
+    transport = Transport((f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000))
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(data)
+    kept.append(transport)
+    if i % SETTLE_EVERY == SETTLE_EVERY - 1:
+        for _ in range(2):  # the hub's flush, a subscribing task's step
+            await asyncio.sleep(0)
+
+
+async def round_once(args: argparse.Namespace, profile: cProfile.Profile | None) -> float:
+    total = args.connections + WARMUP
+    config = Config(
+        max_connections=total + 100, max_clients=total + 100, connection_rate_per_peer=0
+    )
+    requests = [request(i, args.topics, args.per_conn_topics) for i in range(args.topics)]
+    async with Streamer(config) as streamer:
+        server = Server(streamer, config, sweep=False)
+        kept: list[Transport] = []
+        for i in range(WARMUP):
+            await connect(server, i, requests[i % len(requests)], kept)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        if profile is not None:
+            profile.enable()
+        started = time.perf_counter()
+        for i in range(WARMUP, total):
+            await connect(server, i, requests[i % len(requests)], kept)
+        took = time.perf_counter() - started
+        if profile is not None:
+            profile.disable()
+        # A stream is made the transport's protocol once its head is written.
+        streams = sum(1 for t in kept if t.protocol is not None and t.written and not t.closed)
+        if streams != total:
+            raise RuntimeError(f"only {streams} of {total} connects opened a stream")
+    return took / args.connections * 1e6
+
+
+async def main(args: argparse.Namespace) -> None:
+    if args.profile:
+        profile = cProfile.Profile()
+        us = await round_once(args, profile)
+        print(f"{us:.1f} us per connect under cProfile (its overhead included)")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile)
+        return
+    runs = [await round_once(args, None) for _ in range(args.rounds)]
+    print(
+        f"{args.connections} connects x {args.per_conn_topics} of {args.topics} topics: "
+        f"{statistics.median(runs):.1f} us per connect (median; runs "
+        + ", ".join(f"{r:.1f}" for r in runs)
+        + ")"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connections", type=int, default=10_000)
+    parser.add_argument("--topics", type=int, default=1000)
+    parser.add_argument("--per-conn-topics", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="one cProfile round; show N functions"
+    )
+    uvloop.run(main(parser.parse_args()))
