@@ -15,6 +15,9 @@ The servers:
 - ``uvloop-floor``: bench/peers/uvloop_floor.py, one asyncio Protocol on
   uvloop that answers every GET /events with a fixed head and a random id and
   does nothing else: the least any Python server on uvloop pays per connect;
+- ``core-floor``: the same with ``--core``: it also subscribes each stream to
+  its topics through gochan's Cython hub (what is left of gochan's connect
+  with no routing, validation, limits or client);
 - ``gochan``: ``python -m gochan.server`` as compare.py runs it (mem driver);
 - ``sse-starlette``, ``aiohttp-sse``: the Python peers, when asked for.
 
@@ -40,15 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare  # bench/ is not a package: found through sys.path
 
-SERVERS = ("c-epoll", "uvloop-floor", "gochan", "sse-starlette", "aiohttp-sse")
+SERVERS = ("c-epoll", "uvloop-floor", "core-floor", "gochan", "sse-starlette", "aiohttp-sse")
 DEFAULT_SERVERS = ("c-epoll", "uvloop-floor", "gochan")
 FLOOR = compare.BENCH / "peers" / "uvloop_floor.py"
 REFERENCE = "c-epoll"
 
 
 def command(name: str, port: int, connections: int) -> list[str]:
-    if name == "uvloop-floor":
-        return [sys.executable, str(FLOOR), "--host", "127.0.0.1", "--port", str(port)]
+    if name in ("uvloop-floor", "core-floor"):
+        core = ["--core"] if name == "core-floor" else []
+        return [sys.executable, str(FLOOR), "--host", "127.0.0.1", "--port", str(port), *core]
     return compare.server_command(name, port, connections)
 
 

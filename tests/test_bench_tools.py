@@ -533,3 +533,30 @@ def test_connect_inproc_opens_every_stream() -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert re.match(r"300 connects x 3 of 50 topics: [\d.]+ us per connect", run.stdout), run.stdout
+
+
+@pytest.mark.parametrize("core", [False, True], ids=["uvloop-floor", "core-floor"])
+def test_connect_floors_answer_a_stream(core: bool) -> None:
+    """bench/peers/uvloop_floor.py, which bench/connect.py runs beside gochan:
+    a GET /events gets an SSE head and a first frame with a fresh id; with
+    --core the streams are subscribed to their topics in gochan's hub."""
+    compare = load_compare()
+    port = compare.free_port()
+    cmd = [sys.executable, str(BENCH / "peers" / "uvloop_floor.py"), "--port", str(port)]
+    with serving(cmd + (["--core"] if core else []), port):
+        streams = []
+        for query in (b"topic=a&topic=b", b"topic=b&topic=c"):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            streams.append(sock)
+            sock.sendall(b"GET /events?%s HTTP/1.1\r\nHost: x\r\n\r\n" % query)
+            got = read_until(sock, b"", lambda b: b.endswith(b"\n\n"))
+            assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert b"Content-Type: text/event-stream\r\n" in got
+            assert re.search(rb'data: \{"client_id":"[A-Za-z0-9_-]{24}"\}\n\n$', got)
+        if core:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"GET /stats HTTP/1.1\r\n\r\n")
+                answer = read_until(sock, b"", lambda b: b.endswith(b"}"))
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {"topics": 3, "streams": 2}
+        for sock in streams:
+            sock.close()
