@@ -93,15 +93,31 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     The wait is ``asyncio.wait``, not ``await task``: a caller cancelled while
     it waits is cancelled (its CancelledError is not taken for the task's),
     and ``task`` is not cancelled a second time in the middle of its cleanup.
+    An error the task ends with after that has no one to be raised to: it is
+    logged when the task ends.
     """
     if task is None or task is asyncio.current_task():
         return
     task.cancel()
-    await asyncio.wait((task,))
+    try:
+        await asyncio.wait((task,))
+    except asyncio.CancelledError:
+        task.add_done_callback(_log_late_error)
+        raise
     if not task.cancelled():
         error = task.exception()
         if error is not None:
             raise error
+
+
+def _log_late_error(task: asyncio.Task[Any]) -> None:
+    """The end of a task whose canceller was cancelled before it ended."""
+    if not task.cancelled():
+        error = task.exception()  # retrieved: asyncio does not report it again
+        if error is not None:
+            broker_logger.warning(
+                "%s failed while it was being stopped: %r", task.get_name(), error
+            )
 
 
 def redact_url(url: str) -> str:

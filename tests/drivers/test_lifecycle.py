@@ -6,6 +6,7 @@ and the loop is driven through a fake driver."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -168,3 +169,31 @@ async def test_cancel_and_wait_returns_once_the_task_is_cancelled_and_raises_its
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError, match="cleanup failed"):
         await cancel_and_wait(noisy)
+
+
+async def test_cancel_and_wait_logs_an_error_that_ends_the_task_after_its_caller_is_cancelled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    started = asyncio.Event()
+
+    async def fails_late() -> None:
+        try:
+            started.set()
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.05)
+            raise RuntimeError("cleanup failed late")
+
+    task = asyncio.create_task(fails_late(), name="late-failer")
+    await started.wait()
+    caller = asyncio.create_task(cancel_and_wait(task))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    with caplog.at_level(logging.WARNING, logger="gochan.broker"):
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.wait((task,))
+        await asyncio.sleep(0)  # the done callbacks run
+    assert [r.getMessage() for r in caplog.records if "late-failer" in r.getMessage()] == [
+        "late-failer failed while it was being stopped: RuntimeError('cleanup failed late')"
+    ]
