@@ -9,9 +9,16 @@ every 100 connects). The topics are subscribed by a warm-up first, as they
 are for all but the first connects of a storm. Streams are kept open, so the
 garbage collector sees the heap grow as it does in a server.
 
+``--streamer-only`` leaves out the HTTP side (protocol, parse, router) and
+does only what the router asks of the streamer for such a connect: check the
+topics, create the client, hold its topics, open its stream with the same
+head and first frame. The difference between the two is what HTTP and
+routing cost per connect.
+
 Usage::
 
     python bench/connect_inproc.py                      # 10,000 connects, 3 rounds
+    python bench/connect_inproc.py --streamer-only      # the streamer's share alone
     python bench/connect_inproc.py --profile 30         # cProfile, the 30 costliest functions
 """
 
@@ -32,7 +39,10 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gochan import Config, Streamer
+from gochan.frames import first_frame
 from gochan.server.app import Server
+from gochan.server.http import parse_query, stream_head
+from gochan.server.routes import SSE_HEADERS
 
 WARMUP = 200
 SETTLE_EVERY = 100
@@ -110,6 +120,25 @@ async def connect(server: Server, i: int, data: bytes, kept: list[Transport]) ->
             await asyncio.sleep(0)
 
 
+async def connect_streamer_only(server: Server, i: int, data: bytes, kept: list[Transport]) -> None:
+    """What the router has the streamer do for ``data``'s connect, no more."""
+    streamer = server.streamer
+    transport = Transport((f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000))
+    query = data[data.index(b"?") + 1 : data.index(b" HTTP/")].decode("latin-1")
+    topics = streamer.check_topics(parse_query(query).get("topic", ()))
+    client = streamer.create_client(transport.peername[0])
+    if not streamer.add_held_topics(client, topics):
+        raise RuntimeError("a topic was not held: the warm-up should have held them all")
+    head = stream_head(SSE_HEADERS) + first_frame(
+        client.id, server.config.client_ttl, client.topics
+    )
+    transport.protocol = streamer.open_stream(client, transport, head, "", server)  # type: ignore[arg-type]
+    kept.append(transport)
+    if i % SETTLE_EVERY == SETTLE_EVERY - 1:
+        for _ in range(2):
+            await asyncio.sleep(0)
+
+
 async def round_once(args: argparse.Namespace, profile: cProfile.Profile | None) -> float:
     total = args.connections + WARMUP
     config = Config(
@@ -126,8 +155,9 @@ async def round_once(args: argparse.Namespace, profile: cProfile.Profile | None)
         if profile is not None:
             profile.enable()
         started = time.perf_counter()
+        measured = connect_streamer_only if args.streamer_only else connect
         for i in range(WARMUP, total):
-            await connect(server, i, requests[i % len(requests)], kept)
+            await measured(server, i, requests[i % len(requests)], kept)
         took = time.perf_counter() - started
         if profile is not None:
             profile.disable()
@@ -147,7 +177,8 @@ async def main(args: argparse.Namespace) -> None:
         return
     runs = [await round_once(args, None) for _ in range(args.rounds)]
     print(
-        f"{args.connections} connects x {args.per_conn_topics} of {args.topics} topics: "
+        f"{args.connections} connects x {args.per_conn_topics} of {args.topics} topics"
+        f"{' (streamer only)' if args.streamer_only else ''}: "
         f"{statistics.median(runs):.1f} us per connect (median; runs "
         + ", ".join(f"{r:.1f}" for r in runs)
         + ")"
@@ -160,6 +191,9 @@ if __name__ == "__main__":
     parser.add_argument("--topics", type=int, default=1000)
     parser.add_argument("--per-conn-topics", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--streamer-only", action="store_true", help="leave out the protocol, parse and router"
+    )
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="one cProfile round; show N functions"
     )

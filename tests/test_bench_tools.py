@@ -523,16 +523,21 @@ def test_compare_names_the_three_workloads_of_issue_15() -> None:
     assert (args.connections, args.topics, args.per_conn_topics) == (1_000, 500, 1)
 
 
-def test_connect_inproc_opens_every_stream() -> None:
+@pytest.mark.parametrize("only", [[], ["--streamer-only"]], ids=["whole", "streamer-only"])
+def test_connect_inproc_opens_every_stream(only: list[str]) -> None:
     """bench/connect_inproc.py at a tiny size: every connect answered with a
-    stream (it raises if one is refused or left unanswered)."""
+    stream (it raises if one is refused or left unanswered), through the
+    whole server or through the streamer alone."""
     run = subprocess.run(
         [sys.executable, str(BENCH / "connect_inproc.py"), "--connections", "300", "--rounds", "1",
-         "--topics", "50", "--per-conn-topics", "3"],
+         "--topics", "50", "--per-conn-topics", "3", *only],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert re.match(r"300 connects x 3 of 50 topics: [\d.]+ us per connect", run.stdout), run.stdout
+    label = " \\(streamer only\\)" if only else ""
+    assert re.match(rf"300 connects x 3 of 50 topics{label}: [\d.]+ us per connect", run.stdout), (
+        run.stdout
+    )
 
 
 @pytest.mark.parametrize("core", [False, True], ids=["uvloop-floor", "core-floor"])
