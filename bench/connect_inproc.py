@@ -39,10 +39,8 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gochan import Config, Streamer
-from gochan.frames import first_frame
 from gochan.server.app import Server
 from gochan.server.http import parse_query, stream_head
-from gochan.server.routes import SSE_HEADERS
 
 WARMUP = 200
 SETTLE_EVERY = 100
@@ -109,34 +107,41 @@ def request(i: int, topics: int, per_conn: int) -> bytes:
     ).encode()
 
 
-async def connect(server: Server, i: int, data: bytes, kept: list[Transport]) -> None:
-    protocol = server.protocol_factory()
-    transport = Transport((f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000))
-    protocol.connection_made(transport)  # type: ignore[arg-type]
-    protocol.data_received(data)
-    kept.append(transport)
+def transport_of(i: int) -> Transport:
+    """Connection ``i``'s transport, from an address of its own."""
+    return Transport((f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000))
+
+
+async def settle(i: int) -> None:
     if i % SETTLE_EVERY == SETTLE_EVERY - 1:
         for _ in range(2):  # the hub's flush, a subscribing task's step
             await asyncio.sleep(0)
 
 
+async def connect(server: Server, i: int, data: bytes, kept: list[Transport]) -> None:
+    protocol = server.protocol_factory()
+    transport = transport_of(i)
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(data)
+    kept.append(transport)
+    await settle(i)
+
+
 async def connect_streamer_only(server: Server, i: int, data: bytes, kept: list[Transport]) -> None:
-    """What the router has the streamer do for ``data``'s connect, no more."""
+    """What the router has the streamer do for ``data``'s connect, no more
+    (the stream's head and first frames built by the router's own code)."""
     streamer = server.streamer
-    transport = Transport((f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 40000))
+    transport = transport_of(i)
     query = data[data.index(b"?") + 1 : data.index(b" HTTP/")].decode("latin-1")
     topics = streamer.check_topics(parse_query(query).get("topic", ()))
     client = streamer.create_client(transport.peername[0])
     if not streamer.add_held_topics(client, topics):
         raise RuntimeError("a topic was not held: the warm-up should have held them all")
-    head = stream_head(SSE_HEADERS) + first_frame(
-        client.id, server.config.client_ttl, client.topics
-    )
+    reply = server.router._open_stream(client, [], "", None)
+    head = stream_head(reply.headers) + reply.preamble
     transport.protocol = streamer.open_stream(client, transport, head, "", server)  # type: ignore[arg-type]
     kept.append(transport)
-    if i % SETTLE_EVERY == SETTLE_EVERY - 1:
-        for _ in range(2):
-            await asyncio.sleep(0)
+    await settle(i)
 
 
 async def round_once(args: argparse.Namespace, profile: cProfile.Profile | None) -> float:

@@ -104,20 +104,22 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     except asyncio.CancelledError:
         task.add_done_callback(_log_late_error)
         raise
-    if not task.cancelled():
-        error = task.exception()
-        if error is not None:
-            raise error
+    error = _ended_with(task)
+    if error is not None:
+        raise error
+
+
+def _ended_with(task: asyncio.Task[Any]) -> BaseException | None:
+    """The error an ended task raised (retrieved: asyncio does not report it
+    again); None if it returned or was cancelled."""
+    return None if task.cancelled() else task.exception()
 
 
 def _log_late_error(task: asyncio.Task[Any]) -> None:
     """The end of a task whose canceller was cancelled before it ended."""
-    if not task.cancelled():
-        error = task.exception()  # retrieved: asyncio does not report it again
-        if error is not None:
-            broker_logger.warning(
-                "%s failed while it was being stopped: %r", task.get_name(), error
-            )
+    error = _ended_with(task)
+    if error is not None:
+        broker_logger.warning("%s failed while it was being stopped: %r", task.get_name(), error)
 
 
 def redact_url(url: str) -> str:

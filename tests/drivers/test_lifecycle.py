@@ -126,6 +126,14 @@ async def test_delivery_is_guarded_and_counted() -> None:
     await asyncio.sleep(0)
 
 
+async def cancel_and_wait_cancelled_midway(task: asyncio.Task[None]) -> asyncio.Task[None]:
+    """A caller of cancel_and_wait(task), cancelled while the task cleans up."""
+    caller = asyncio.create_task(cancel_and_wait(task))
+    await asyncio.sleep(0.01)  # the caller waits on the task's cleanup now
+    caller.cancel()
+    return caller
+
+
 async def test_cancel_and_wait_lets_the_task_clean_up_and_keeps_the_callers_cancellation() -> None:
     cleaned = asyncio.Event()
     started = asyncio.Event()
@@ -140,9 +148,7 @@ async def test_cancel_and_wait_lets_the_task_clean_up_and_keeps_the_callers_canc
 
     task = asyncio.create_task(slow_to_stop())
     await started.wait()
-    caller = asyncio.create_task(cancel_and_wait(task))
-    await asyncio.sleep(0.01)  # the caller waits on the task's cleanup now
-    caller.cancel()
+    caller = await cancel_and_wait_cancelled_midway(task)
     with pytest.raises(asyncio.CancelledError):
         await caller
     assert caller.cancelled()  # not swallowed as if it were the task's
@@ -186,9 +192,7 @@ async def test_cancel_and_wait_logs_an_error_that_ends_the_task_after_its_caller
 
     task = asyncio.create_task(fails_late(), name="late-failer")
     await started.wait()
-    caller = asyncio.create_task(cancel_and_wait(task))
-    await asyncio.sleep(0.01)
-    caller.cancel()
+    caller = await cancel_and_wait_cancelled_midway(task)
     with caplog.at_level(logging.WARNING, logger="gochan.broker"):
         with pytest.raises(asyncio.CancelledError):
             await caller
