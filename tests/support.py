@@ -1,5 +1,7 @@
 """Helpers shared by the tests: a real server on a free port, a raw-socket
-SSE reader that sees the exact bytes on the wire, and small waits."""
+SSE reader that sees the exact bytes on the wire, small waits, a loop in a
+thread (for hypothesis with blocking sockets) and what httptools reads of a
+request (the oracle of the fast paths' parsers)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,14 @@ import asyncio
 import contextlib
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from typing import Any
 
+import httptools
 import orjson
+import uvloop
 
 from gochan import Config, Streamer
 from gochan.server import Server
@@ -171,3 +177,56 @@ async def wait_for(predicate: Any, timeout: float = 5.0, step: float = 0.01) -> 
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(step)
+
+
+class LoopInThread:
+    """An event loop (uvloop) running in a thread of its own, so a plain
+    test (hypothesis) can drive servers on it with blocking sockets."""
+
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class HttpReading:
+    """What httptools and the slow path's callbacks make of a request."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.header_bytes = 0
+        self.body = b""
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        previous = self.headers.get(key)
+        self.headers[key] = text if previous is None else previous + ", " + text
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def httptools_reads(data: bytes) -> tuple[HttpReading, httptools.HttpRequestParser]:
+    reading = HttpReading()
+    parser = httptools.HttpRequestParser(reading)
+    parser.feed_data(data)
+    return reading, parser

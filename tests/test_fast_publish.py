@@ -15,17 +15,14 @@ import contextlib
 import re
 import socket
 import sysconfig
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import httptools
 import pytest
-import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +30,7 @@ from gochan import Config, Streamer
 from gochan._fast import PUBLISH_DECLINED, PUBLISH_INCOMPLETE, core, pure
 from gochan.server import Server
 from gochan.server.protocol import HttpProtocol
-from tests.support import SSEStream, running
+from tests.support import LoopInThread, SSEStream, httptools_reads, running
 
 PORT_IN_HOST = "3000"  # the same Host bytes go to every server (ports differ)
 KEY = "sekrit-key"
@@ -164,40 +161,6 @@ PARSER_ARGS = ("/publish", LIMITS["max_url_bytes"], LIMITS["max_header_bytes"],
                LIMITS["max_headers"], LIMITS["max_body_bytes"])  # fmt: skip
 
 
-class _Reading:
-    """What httptools and the slow path's callbacks make of a request."""
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: dict[str, str] = {}
-        self.header_bytes = 0
-        self.body = b""
-        self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_bytes += len(name) + len(value) + 4
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        previous = self.headers.get(key)
-        self.headers[key] = text if previous is None else previous + ", " + text
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-
-def httptools_reads(data: bytes) -> tuple[_Reading, httptools.HttpRequestParser]:
-    reading = _Reading()
-    parser = httptools.HttpRequestParser(reading)
-    parser.feed_data(data)
-    return reading, parser
-
-
 @settings(max_examples=300, deadline=timedelta(seconds=2))
 @given(case=pipelines(), start=st.integers(0, 3))
 def test_parser_matches_its_twin_and_httptools(case: tuple[bytes, list[int]], start: int) -> None:
@@ -275,20 +238,14 @@ class Pair:
     fast_calls: list[bool] = field(default_factory=list)  # publish_fast: answered?
 
 
-class Servers:
+class Servers(LoopInThread):
     """Servers on a loop in a thread, so hypothesis can drive them from a
     plain test with blocking sockets."""
 
     def __init__(self) -> None:
-        self.loop = uvloop.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        super().__init__()
         self.streamers: list[Streamer] = []
         self.subscribers: list[tuple[asyncio.StreamWriter, asyncio.Task[None]]] = []
-
-    def run(self, coro: Any) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(30)
 
     async def _server(self, options: dict[str, Any]) -> Server:
         streamer = Streamer(Config(port=0, header_timeout=5, **options))
@@ -348,9 +305,7 @@ class Servers:
                 await streamer.close()
 
         self.run(stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        super().close()
 
 
 @pytest.fixture(scope="module")
