@@ -5,4 +5,5 @@
 include "frames.pyx"
 include "histogram.pyx"
 include "hub.pyx"
+include "scan.pyx"
 include "publish.pyx"

@@ -40,26 +40,10 @@ cdef enum:
     H_ACCEPT
     H_ACCEPT_ENCODING
 
-cdef const char* _VERSION = b" HTTP/1.1\r\n"
-
 
 cdef inline bint _name_char(unsigned char c) noexcept:
     # Every accepted name is letters and "-": anything else ends the name.
     return (c >= b'a' and c <= b'z') or (c >= b'A' and c <= b'Z') or c == b'-'
-
-
-cdef inline bint _topic_char(unsigned char c) noexcept:
-    return 0x21 <= c <= 0x7e and c != b'&' and c != b'%' and c != b'+' and c != b'#'
-
-
-cdef inline bint _lower_is(const unsigned char* s, const char* word, Py_ssize_t n) noexcept:
-    # s holds letters, "-" or (for values) printable ASCII: c | 0x20 lowers a
-    # letter, keeps "-", and maps no other printable byte onto a letter or "-".
-    cdef Py_ssize_t i
-    for i in range(n):
-        if (s[i] | 0x20) != <unsigned char>word[i]:
-            return False
-    return True
 
 
 cdef int _header_id(const unsigned char* name, Py_ssize_t n) noexcept:
@@ -82,14 +66,6 @@ cdef int _header_id(const unsigned char* name, Py_ssize_t n) noexcept:
     if n == 15:
         return H_ACCEPT_ENCODING if _lower_is(name, b"accept-encoding", 15) else -1
     return -1
-
-
-cdef inline int _expect(const unsigned char* p, Py_ssize_t avail,
-                        const char* want, Py_ssize_t n) noexcept:
-    # 1: the n bytes are there; 0: fewer are, and they match so far; -1: no.
-    if avail >= n:
-        return 1 if memcmp(p, want, n) == 0 else -1
-    return 0 if memcmp(p, want, avail) == 0 else -1
 
 
 cdef class PublishParser:

@@ -1,0 +1,29 @@
+# Byte scanners shared by the fast paths' parsers (publish.pyx, connect.pyx):
+# each reads a strict subset of HTTP/1.1 and declines whatever else it meets.
+
+from libc.string cimport memcmp
+
+cdef const char* _VERSION = b" HTTP/1.1\r\n"
+
+
+cdef inline bint _topic_char(unsigned char c) noexcept:
+    return 0x21 <= c <= 0x7e and c != b'&' and c != b'%' and c != b'+' and c != b'#'
+
+
+cdef inline bint _lower_is(const unsigned char* s, const char* word, Py_ssize_t n) noexcept:
+    # s holds letters, digits, "-" or (for values) printable ASCII: c | 0x20
+    # lowers a letter, keeps a digit and "-", and maps no other printable byte
+    # onto a letter, a digit or "-".
+    cdef Py_ssize_t i
+    for i in range(n):
+        if (s[i] | 0x20) != <unsigned char>word[i]:
+            return False
+    return True
+
+
+cdef inline int _expect(const unsigned char* p, Py_ssize_t avail,
+                        const char* want, Py_ssize_t n) noexcept:
+    # 1: the n bytes are there; 0: fewer are, and they match so far; -1: no.
+    if avail >= n:
+        return 1 if memcmp(p, want, n) == 0 else -1
+    return 0 if memcmp(p, want, avail) == 0 else -1
