@@ -222,6 +222,10 @@ class Config:
     # the input buffer by the compiled core (a strict subset of HTTP/1.1;
     # anything else goes to httptools). Off only to rule it out.
     fast_publish: bool = True
+    # The same for a plain GET <events_path>?topic=T...: a connect with no id,
+    # Origin, Last-Event-ID or authorization goes to the events route
+    # without httptools or a request object. Off only to rule it out.
+    fast_connect: bool = True
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_S
     # Processes serving the port, each a full node on the broker (see
     # docs/workers.md); above 1 it needs a broker driver, not mem.
@@ -434,6 +438,8 @@ FLAG_HELP: dict[str, str] = {
     "keepalive_timeout": "seconds an idle keep-alive connection is kept open (default 75 s)",
     "fast_publish": "read plain POST ?topic= publishes on the compiled fast path, off with "
     "authorization or the access log (default true)",
+    "fast_connect": "read plain GET /events?topic= connects (no id, Origin or Last-Event-ID) on "
+    "the compiled fast path, off with authorization or the access log (default true)",
     "shutdown_grace": "seconds requests and streams get to finish on SIGTERM/SIGINT (default 5 s)",
     "shutdown_retry_min": "at shutdown, the shortest retry: a stream is given, in seconds "
     "(default 1 s)",

@@ -1,5 +1,5 @@
 """gochan's compiled core: SSE frame encoding, the topic table and the fan-out,
-and the publish fast path's request parser.
+and the fast paths' request parsers (publish, connect).
 
 There is deliberately no silent fallback: if the extension is not built,
 importing gochan fails with a message saying how to build it.
@@ -14,6 +14,7 @@ try:
         PUBLISH_DECLINED,
         PUBLISH_INCOMPLETE,
         STREAM_DURATION_BUCKETS_S,
+        ConnectParser,
         Histogram,
         Hub,
         PublishParser,
@@ -36,6 +37,7 @@ __all__ = [
     "PUBLISH_DECLINED",
     "PUBLISH_INCOMPLETE",
     "STREAM_DURATION_BUCKETS_S",
+    "ConnectParser",
     "Histogram",
     "Hub",
     "PublishParser",

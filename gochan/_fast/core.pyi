@@ -137,3 +137,26 @@ class PublishParser:
         ``PUBLISH_INCOMPLETE`` (the bytes so far may still become one: none
         is wrong yet, but it is not all there) or ``PUBLISH_DECLINED`` (not
         one the fast path takes: the general parser must read it)."""
+
+class ConnectParser:
+    """Reads a connect, ``GET <events_path>?topic=<T>&topic=<U>...`` that asks
+    for a new client and nothing else, from a whole input buffer, for the
+    protocol's fast path. It accepts only a strict subset of HTTP/1.1 (see
+    gochan/_fast/connect.pyx) and declines the rest for httptools to read."""
+
+    max_url_bytes: int
+    max_header_bytes: int
+    max_headers: int
+    max_topics: int
+    def __init__(
+        self,
+        events_path: str,
+        max_url_bytes: int,
+        max_header_bytes: int,
+        max_headers: int,
+        max_topics: int,
+    ) -> None: ...
+    def parse(self, data: bytes) -> list[str] | None:
+        """The topics of the connect that is all of ``data``, in order (as
+        the query names them, repeats too), or None: not one the fast path
+        takes (the general parser must read it)."""

@@ -12,11 +12,11 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from .._fast import PublishParser
+from .._fast import ConnectParser, PublishParser
 from ..log import server_logger
 from ..ratelimit import RateLimit
 from .access import AccessLog
-from .http import NO_PEER, Peer, is_loopback_host, refresh_date
+from .http import MAX_QUERY_FIELDS, NO_PEER, Peer, is_loopback_host, refresh_date
 from .metrics import Metrics
 from .protocol import ADMITTED, HttpProtocol, Refusal
 from .routes import Headers, Router
@@ -103,6 +103,22 @@ class Server:
                 config.max_header_bytes,
                 config.max_headers,
                 config.max_body_bytes,
+            )
+        # The connect fast path: the same, for a connect the events route
+        # takes without a request object (Router.connects_fast).
+        self.connect_parser: ConnectParser | None = None
+        if (
+            config.fast_connect
+            and self.access_log is None
+            and router.connects_fast
+            and _plain_path(config.events_path)
+        ):
+            self.connect_parser = ConnectParser(
+                config.events_path,
+                config.max_url_bytes,
+                config.max_header_bytes,
+                config.max_headers,
+                min(config.max_topics_per_client, MAX_QUERY_FIELDS),
             )
         rate = config.connection_rate_per_peer
         self.connection_rate = RateLimit(rate, config.connection_burst_per_peer) if rate else None

@@ -252,9 +252,10 @@ class HandoffProtocol(HttpProtocol):
     request names a client another worker holds."""
 
     __slots__ = ("_drop_rest", "_first_input", "_fresh", "_owner", "_raw", "new_connection")
-    # A worker's answers carry its header, and a publish read on the fast
-    # path would not go through on_message_complete: the fast path is off.
+    # A worker's answers carry its header, and a request read on a fast
+    # path would not go through on_message_complete: the fast paths are off.
     fast_publish = False
+    fast_connect = False
 
     def __init__(self, server: Server, first_input: bytes = b"") -> None:
         super().__init__(server)

@@ -89,8 +89,10 @@ class HttpProtocol(asyncio.Protocol):
     # A connection accepted here takes a token of its address's connection
     # rate; one another worker accepted and passed on has taken it there.
     new_connection = True
-    # Single publishes may be read on the server's fast path (when it has one).
+    # Single publishes and plain connects may be read on the server's fast
+    # paths (when it has them).
     fast_publish = True
+    fast_connect = True
 
     __slots__ = (
         "_body",
@@ -229,8 +231,21 @@ class HttpProtocol(asyncio.Protocol):
     def _input(self, data: bytes, held_reads: int = 0) -> None:
         """Read ``data``: single publishes on the fast path while the
         connection is idle (nothing before them waits for an answer), the
-        rest with httptools. ``held_reads``: ``data`` begins with a request
-        the fast path kept over that many reads."""
+        rest with httptools; a plain connect that is the whole read, with no
+        request before it, on the connect fast path. ``held_reads``:
+        ``data`` begins with a request the fast path kept over that many
+        reads."""
+        connect = self.server.connect_parser
+        if (
+            connect is not None
+            and self.fast_connect
+            and not (self.state & (IN_REQUEST | BUSY | WRITE_PAUSED | CLOSING))
+            and not self.pipeline
+            and self._failure is None
+        ):
+            topics = connect.parse(data)
+            if topics is not None and self._connect_fast(topics):
+                return
         parser = self.server.publish_parser
         if (
             parser is not None
@@ -243,6 +258,25 @@ class HttpProtocol(asyncio.Protocol):
             self._feed_fast(parser, data, held_reads)
             return
         self._feed(data)  # a kept start too: httptools reads it from here on
+
+    def _connect_fast(self, topics: list[str]) -> bool:
+        """Answer the connect the fast path read, as the events route
+        answers it; False, with nothing done, when it must be read again on
+        the slow path (a topic that is not valid)."""
+        try:
+            reply = self.server.router.events_fast(self.peer, topics)
+        except Exception:
+            server_logger.exception("handler failed: GET %s", self.config.events_path)
+            self.fail(500, "internal server error")
+            return True
+        if reply is None:
+            return False
+        # What the rest of the answer needs of the request: no CORS (no
+        # Origin), keep-alive; the access log is off on this path.
+        request = Request("GET", self.config.events_path, "", {}, b"", True, self.peer)
+        self._answer(reply, request)
+        self._run()  # what follows an answer: the flush, the keep-alive deadline
+        return True
 
     def _feed_fast(self, parser: PublishParser, data: bytes, held_reads: int) -> None:
         """Answer the fast-path publishes at the start of ``data`` in order,
@@ -478,15 +512,7 @@ class HttpProtocol(asyncio.Protocol):
                 server_logger.exception("handler failed: %s %s", request.method, request.path)
                 self.fail(500, "internal server error", request=request)
                 return
-            if isinstance(reply, (Response, OpenStream)):
-                if not self._deliver_safely(reply, request):
-                    return
-                if self._out_bytes >= self.config.write_buffer_high_bytes:
-                    self._flush_out()  # may pause writing: the peer must read first
-            else:
-                self._flush_out()
-                self.state |= BUSY
-                self.task = asyncio.get_running_loop().create_task(self._finish(reply, request))
+            if not self._answer(reply, request):
                 return
         if (
             (self.state & CLOSING)
@@ -506,6 +532,20 @@ class HttpProtocol(asyncio.Protocol):
         self._flush_out()
         if not (self.state & IN_REQUEST):
             self.deadline = time.monotonic() + self.config.keepalive_timeout
+
+    def _answer(self, reply: Reply | Awaitable[Reply], request: Request) -> bool:
+        """Deliver a handler's reply, or await it; False when the requests
+        behind it must wait (it is awaited) or the delivery failed."""
+        if isinstance(reply, (Response, OpenStream)):
+            if not self._deliver_safely(reply, request):
+                return False
+            if self._out_bytes >= self.config.write_buffer_high_bytes:
+                self._flush_out()  # may pause writing: the peer must read first
+            return True
+        self._flush_out()
+        self.state |= BUSY
+        self.task = asyncio.get_running_loop().create_task(self._finish(reply, request))
+        return False
 
     async def _finish(self, pending: Awaitable[Reply], request: Request) -> None:
         try:

@@ -98,6 +98,7 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "header_timeout",
             "keepalive_timeout",
             "fast_publish",
+            "fast_connect",
         ),
     ),
     ("Shutdown", ("shutdown_grace", "shutdown_retry_min", "shutdown_retry_max")),

@@ -433,6 +433,42 @@ class Router:
             client = None
         if request.method == "HEAD":
             return Response(200, b"", [*HEAD_HEADERS, *self._node], None)
+        last_id = request.headers.get("last-event-id") or (query.get("last_event_id") or [""])[0]
+        return self._connect(client, topics, last_id, grant, request.peer)
+
+    @property
+    def connects_fast(self) -> bool:
+        """A connect that names topics only may skip the request object
+        (:meth:`events_fast`): no hook authorizes it, and a connect
+        without an id makes a client."""
+        routes = self.routes[self.config.events_path]
+        return routes.get("GET") == self.events and self.config.auto_create_clients
+
+    def events_fast(self, peer: Peer, named: list[str]) -> Reply | Awaitable[Reply] | None:
+        """GET /events whose query names topics and nothing else, and whose
+        head carries nothing :meth:`events` reads (the connect fast path,
+        protocol.py): what events() answers it. None, with nothing done,
+        when a topic is not valid or there are too many: events() then
+        says why."""
+        if len(named) > self.config.max_topics_per_client:
+            return None
+        try:
+            topics = self.streamer.check_topics(named)
+        except InvalidTopicError:
+            return None
+        return self._connect(None, topics, "", None, peer)
+
+    def _connect(
+        self,
+        client: Client | None,
+        topics: list[str],
+        last_id: str,
+        grant: Grant | None,
+        peer: Peer,
+    ) -> Reply | Awaitable[Reply]:
+        """Open a stream for ``client`` (None: a new one, made for ``peer``)
+        subscribed to ``topics`` too, once the broker holds them."""
+        identity = grant.sub if grant is not None else None
         if identity is not None or (
             client is not None and len(client.streams) >= self.config.max_streams_per_client
         ):
@@ -442,13 +478,12 @@ class Router:
         created = client is None
         if client is None:
             try:
-                client = self.streamer.create_client(request.peer, identity)
+                client = self.streamer.create_client(peer, identity)
             except PeerLimitError as exc:
                 retry = b"%d" % max(1, int(self.config.client_ttl))
                 return _text(429, exc, [(b"Retry-After", retry)])
             except LimitExceededError as exc:
                 return _text(503, exc)
-        last_id = request.headers.get("last-event-id") or (query.get("last_event_id") or [""])[0]
         # Topics the client holds that this token does not allow go first,
         # so neither replay nor live delivery carries them.
         drop = grant.subscribe.refused(client.topics) if grant is not None and not created else ()
