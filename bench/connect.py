@@ -19,6 +19,8 @@ The servers:
   its topics through gochan's Cython hub (what is left of gochan's connect
   with no routing, validation, limits or client);
 - ``gochan``: ``python -m gochan.server`` as compare.py runs it (mem driver);
+- ``gochan-slow-connect``: the same with ``--no-fast-connect``: every
+  connect parsed by httptools and answered by the events route;
 - ``sse-starlette``, ``aiohttp-sse``: the Python peers, when asked for.
 
 Usage::
@@ -43,7 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compare  # bench/ is not a package: found through sys.path
 
-SERVERS = ("c-epoll", "uvloop-floor", "core-floor", "gochan", "sse-starlette", "aiohttp-sse")
+SERVERS = (
+    "c-epoll",
+    "uvloop-floor",
+    "core-floor",
+    "gochan",
+    "gochan-slow-connect",
+    "sse-starlette",
+    "aiohttp-sse",
+)
 DEFAULT_SERVERS = ("c-epoll", "uvloop-floor", "gochan")
 FLOOR = compare.BENCH / "peers" / "uvloop_floor.py"
 REFERENCE = "c-epoll"
@@ -53,6 +63,8 @@ def command(name: str, port: int, connections: int) -> list[str]:
     if name in ("uvloop-floor", "core-floor"):
         core = ["--core"] if name == "core-floor" else []
         return [sys.executable, str(FLOOR), "--host", "127.0.0.1", "--port", str(port), *core]
+    if name == "gochan-slow-connect":
+        return [*compare.server_command("gochan", port, connections), "--no-fast-connect"]
     return compare.server_command(name, port, connections)
 
 

@@ -13,12 +13,15 @@ garbage collector sees the heap grow as it does in a server.
 does only what the router asks of the streamer for such a connect: check the
 topics, create the client, hold its topics, open its stream with the same
 head and first frame. The difference between the two is what HTTP and
-routing cost per connect.
+routing cost per connect. ``--slow-connect`` turns the connect fast path
+off (``fast_connect=false``), so every connect is parsed by httptools and
+answered by the events route.
 
 Usage::
 
     python bench/connect_inproc.py                      # 10,000 connects, 3 rounds
     python bench/connect_inproc.py --streamer-only      # the streamer's share alone
+    python bench/connect_inproc.py --slow-connect       # without the connect fast path
     python bench/connect_inproc.py --profile 30         # cProfile, the 30 costliest functions
 """
 
@@ -147,7 +150,10 @@ async def connect_streamer_only(server: Server, i: int, data: bytes, kept: list[
 async def round_once(args: argparse.Namespace, profile: cProfile.Profile | None) -> float:
     total = args.connections + WARMUP
     config = Config(
-        max_connections=total + 100, max_clients=total + 100, connection_rate_per_peer=0
+        max_connections=total + 100,
+        max_clients=total + 100,
+        connection_rate_per_peer=0,
+        fast_connect=args.fast_connect,
     )
     requests = [request(i, args.topics, args.per_conn_topics) for i in range(args.topics)]
     async with Streamer(config) as streamer:
@@ -198,6 +204,12 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--streamer-only", action="store_true", help="leave out the protocol, parse and router"
+    )
+    parser.add_argument(
+        "--slow-connect",
+        dest="fast_connect",
+        action="store_false",
+        help="turn the connect fast path off (fast_connect=false): httptools and events()",
     )
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="one cProfile round; show N functions"
