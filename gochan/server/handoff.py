@@ -273,7 +273,7 @@ class HandoffProtocol(HttpProtocol):
             self.data_received(first)
 
     def data_received(self, data: bytes) -> None:
-        if self.parser is None or (self.state & CLOSING):
+        if self.stream is not None or (self.state & CLOSING):
             return
         if not (self.state & (IN_REQUEST | BUSY)) and not self.pipeline and not self._unparsed:
             self._raw = data  # idle: every byte before this was answered

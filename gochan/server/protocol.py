@@ -124,7 +124,9 @@ class HttpProtocol(asyncio.Protocol):
         self.server = server
         self.config = server.config
         self.transport: asyncio.Transport | None = None
-        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        # Made for the first request httptools reads: a connect taken on the
+        # fast path never needs one. None again once a stream has begun.
+        self.parser: httptools.HttpRequestParser | None = None
         # A list, not a deque: an empty list is far smaller, and it stays short.
         self.pipeline: list[Request] = []
         self.state = 0  # the bits below: nothing yet
@@ -201,7 +203,7 @@ class HttpProtocol(asyncio.Protocol):
         self.server.forget(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.parser is None or (self.state & CLOSING):
+        if self.stream is not None or (self.state & CLOSING):
             return  # nothing is read from an event stream
         if self._unparsed:  # a read that raced pause_reading: keep it in order
             self._unparsed += data
@@ -271,8 +273,16 @@ class HttpProtocol(asyncio.Protocol):
             return True
         if reply is None:
             return False
-        # What the rest of the answer needs of the request: no CORS (no
-        # Origin), keep-alive; the access log is off on this path.
+        if type(reply) is OpenStream:  # the usual answer: what deliver() does
+            # for it with no CORS header (no Origin) and no access log
+            try:
+                self.start_stream(stream_head(reply.headers) + reply.preamble, reply)
+            except Exception:
+                server_logger.exception("answer failed: GET %s", self.config.events_path)
+                self.fail(500, "internal server error")
+            return True
+        # A refusal, or a wait on the broker: what they need of the request
+        # is that it is keep-alive and has no Origin.
         request = Request("GET", self.config.events_path, "", {}, b"", True, self.peer)
         self._answer(reply, request)
         self._run()  # what follows an answer: the flush, the keep-alive deadline
@@ -357,6 +367,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
         size = len(data)
         pos = 0
         while pos < size:
@@ -368,7 +380,7 @@ class HttpProtocol(asyncio.Protocol):
             chunk = data if size <= FEED_SLICE_BYTES else data[pos : pos + FEED_SLICE_BYTES]
             pos += len(chunk)
             try:
-                parser.feed_data(chunk)  # type: ignore[union-attr]
+                parser.feed_data(chunk)
             except httptools.HttpParserUpgrade:
                 if self.pipeline and not (self.state & IN_REQUEST):
                     self.pipeline.pop()  # the upgrade request itself is not run
@@ -376,12 +388,12 @@ class HttpProtocol(asyncio.Protocol):
             except httptools.HttpParserError:
                 self._failed(*(self._reject or (400, "malformed HTTP request", _NO_EXTRA)))
             self._run()
-            if self.parser is None or (self.state & CLOSING):
+            if self.stream is not None or (self.state & CLOSING):
                 return  # a stream began, or the connection is ending
 
     def _continue_input(self) -> None:
         """The pipeline has room again: parse what was kept, then read on."""
-        if self._blocked() or self.parser is None:
+        if self._blocked() or self.stream is not None:
             return
         if self._unparsed:
             data, self._unparsed = self._unparsed, b""
