@@ -10,6 +10,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from typing import Any
@@ -177,6 +178,27 @@ async def wait_for(predicate: Any, timeout: float = 5.0, step: float = 0.01) -> 
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(step)
+
+
+def send_in_reads(port: int, data: bytes, cuts: list[int]) -> socket.socket:
+    """A connection to 127.0.0.1:``port`` that has sent ``data`` in reads
+    cut at ``cuts`` (what follows a send the server closed on is dropped),
+    for the caller to read the answers from and close."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    start = 0
+    for end in [*cuts, len(data)]:
+        try:
+            sock.sendall(data[start:end])
+        except OSError:
+            break  # closed after an error answer
+        start = end
+        time.sleep(0.002)  # a read of its own
+    return sock
+
+
+# An answer's Date header, blanked to compare two servers' answers.
+DATE_HEADER = re.compile(rb"\r\nDate: [^\r]*\r\n")
 
 
 class LoopInThread:

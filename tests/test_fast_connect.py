@@ -11,10 +11,7 @@ and new clients must be the same.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import socket
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -28,7 +25,7 @@ from gochan import Config, Streamer
 from gochan._fast import ConnectParser
 from gochan.server import Server
 from gochan.server.http import parse_query
-from tests.support import LoopInThread, httptools_reads, running
+from tests.support import DATE_HEADER, LoopInThread, httptools_reads, running, send_in_reads
 
 LIMITS = {"max_url_bytes": 120, "max_header_bytes": 240, "max_headers": 7}
 MAX_TOPICS = 4
@@ -235,7 +232,6 @@ def pair() -> Iterator[Pair]:
         servers.close()
 
 
-_DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
 _CLIENT_ID = re.compile(rb'"client_id":"[A-Za-z0-9_-]+"')
 
 
@@ -243,16 +239,9 @@ def exchange(port: int, data: bytes, cuts: list[int]) -> bytes:
     """Send ``data`` in reads cut at ``cuts``; what comes back until the
     server closes or, for a stream, until its first frame is in (a stream
     stays open), with Date and the client id blanked."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = send_in_reads(port, data, cuts)
     got = bytearray()
     try:
-        start = 0
-        for end in [*cuts, len(data)]:
-            with contextlib.suppress(OSError):
-                sock.sendall(data[start:end])
-            start = end
-            time.sleep(0.002)  # a read of its own
         sock.settimeout(0.3)
         while True:
             try:
@@ -267,7 +256,7 @@ def exchange(port: int, data: bytes, cuts: list[int]) -> bytes:
                 break  # the head, the retry line and the first frame
     finally:
         sock.close()
-    return _CLIENT_ID.sub(b'"client_id":"ID"', _DATE.sub(b"\r\nDate: D\r\n", bytes(got)))
+    return _CLIENT_ID.sub(b'"client_id":"ID"', DATE_HEADER.sub(b"\r\nDate: D\r\n", bytes(got)))
 
 
 def differs(pair: Pair, data: bytes, cuts: list[int]) -> tuple[Any, ...] | None:

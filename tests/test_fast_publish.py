@@ -15,7 +15,6 @@ import contextlib
 import re
 import socket
 import sysconfig
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -30,7 +29,14 @@ from gochan import Config, Streamer
 from gochan._fast import PUBLISH_DECLINED, PUBLISH_INCOMPLETE, core, pure
 from gochan.server import Server
 from gochan.server.protocol import HttpProtocol
-from tests.support import LoopInThread, SSEStream, httptools_reads, running
+from tests.support import (
+    DATE_HEADER,
+    LoopInThread,
+    SSEStream,
+    httptools_reads,
+    running,
+    send_in_reads,
+)
 
 PORT_IN_HOST = "3000"  # the same Host bytes go to every server (ports differ)
 KEY = "sekrit-key"
@@ -322,25 +328,15 @@ def servers() -> Iterator[dict[str, Pair]]:
         running_servers.close()
 
 
-_DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
 _ID = re.compile(rb'"id":"[0-9a-f]{8}-')
 
 
 def exchange(port: int, data: bytes, cuts: list[int]) -> bytes:
     """Send ``data`` in reads cut at ``cuts``, then the end of input; the
     answers, read until the server closes, with Date and the id epoch blanked."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = send_in_reads(port, data, cuts)
     got = bytearray()
     try:
-        start = 0
-        for end in [*cuts, len(data)]:
-            try:
-                sock.sendall(data[start:end])
-            except OSError:
-                break  # closed after an error answer
-            start = end
-            time.sleep(0.002)  # a read of its own
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
         while True:
@@ -353,7 +349,7 @@ def exchange(port: int, data: bytes, cuts: list[int]) -> bytes:
             got += chunk
     finally:
         sock.close()
-    return _ID.sub(b'"id":"EPOCH-', _DATE.sub(b"\r\nDate: D\r\n", bytes(got)))
+    return _ID.sub(b'"id":"EPOCH-', DATE_HEADER.sub(b"\r\nDate: D\r\n", bytes(got)))
 
 
 def differs(pair: Pair, data: bytes, cuts: list[int]) -> tuple[Any, ...] | None:

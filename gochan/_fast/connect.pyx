@@ -140,12 +140,8 @@ cdef class ConnectParser:
             kind = _name_kind(p, name_len)
             if kind == NAME_DECLINED:
                 return None
-            q += 1
-            while q < end and (q[0] == b' ' or q[0] == b'\t'):
-                q += 1  # llhttp drops the leading whitespace of a value
-            value = q
-            while q < end and 0x20 <= q[0] <= 0x7e:
-                q += 1
+            value = _value_start(q + 1, end)
+            q = _printable_end(value, end)
             if end - q < 2 or q[0] != b'\r' or q[1] != b'\n':
                 return None  # a tab, a control byte, a bare CR or LF, non-ASCII, the end
             value_len = q - value

@@ -160,12 +160,8 @@ cdef class PublishParser:
             if hid < 0 or (seen >> hid) & 1:
                 return PUBLISH_DECLINED_  # a name not in the subset, or repeated
             seen |= 1u << hid
-            q += 1
-            while q < end and (q[0] == b' ' or q[0] == b'\t'):
-                q += 1  # llhttp drops the leading whitespace of a value
-            value = q
-            while q < end and 0x20 <= q[0] <= 0x7e:
-                q += 1
+            value = _value_start(q + 1, end)
+            q = _printable_end(value, end)
             if q == end or (q[0] == b'\r' and q + 1 == end):
                 return PUBLISH_INCOMPLETE_
             if q[0] != b'\r' or q[1] != b'\n':

@@ -27,3 +27,19 @@ cdef inline int _expect(const unsigned char* p, Py_ssize_t avail,
     if avail >= n:
         return 1 if memcmp(p, want, n) == 0 else -1
     return 0 if memcmp(p, want, avail) == 0 else -1
+
+
+cdef inline const unsigned char* _value_start(const unsigned char* q,
+                                              const unsigned char* end) noexcept:
+    # Past the whitespace after a header's ":", which llhttp drops.
+    while q < end and (q[0] == b' ' or q[0] == b'\t'):
+        q += 1
+    return q
+
+
+cdef inline const unsigned char* _printable_end(const unsigned char* q,
+                                                const unsigned char* end) noexcept:
+    # Past the printable ASCII (spaces included) from q.
+    while q < end and 0x20 <= q[0] <= 0x7e:
+        q += 1
+    return q
