@@ -18,28 +18,33 @@ cdef class Topic:
 
 
 cdef class Subscriber:
+    # One per idle connection: the 8-byte fields first, then the 4-byte
+    # counts and the 1-byte flags, packed, so that a Stream (this and three
+    # Python slots) fits a 160-byte allocation (bench/profiles/connection_memory.md).
     cdef readonly Hub hub
     cdef readonly object transport
+    cdef readonly object owner       # what the caller attached (the Client)
+    # Frames queued since the last flush (owned references).
+    cdef PyObject** queue
+    cdef Membership* members
+    cdef Py_ssize_t queue_bytes
+    # When it joined the hub (CLOCK_MONOTONIC), for the stream duration
+    # histogram; 0 once observed (Hub.close may run more than once).
+    cdef double opened_at
+    # Bytes handed to the socket or the transport, head included.
+    cdef readonly unsigned long long bytes_out
     # The socket, when frames may be written to it directly (plain TCP, and
     # only while the transport holds nothing: see Subscriber.__cinit__); -1
     # sends everything through the transport.
     cdef int fd
-    cdef readonly object owner       # what the caller attached (the Client)
-    # Frames queued since the last flush (owned references).
-    cdef PyObject** queue
-    cdef Py_ssize_t queue_len, queue_cap, queue_bytes
-    cdef Membership* members
-    cdef Py_ssize_t members_len, members_cap
-    cdef bint dirty, active
-    # When it joined the hub (CLOCK_MONOTONIC), for the stream duration
-    # histogram; 0 once observed (Hub.close may run more than once).
-    cdef double opened_at
-    cdef readonly bint paused
-    cdef readonly bint closed
+    # Array lengths and sizes (_grow_small keeps them within an int).
+    cdef int queue_len, queue_cap
+    cdef int members_len, members_cap
     # Its place in Hub.open (-1: not there).
-    cdef Py_ssize_t open_index
-    # Bytes handed to the socket or the transport, head included.
-    cdef readonly unsigned long long bytes_out
+    cdef int open_index
+    cdef unsigned char dirty, active
+    # Read from Python as the properties paused and closed.
+    cdef unsigned char _paused, _closed
 
     cdef int _enqueue(self, bytes frame) except -1
     cdef int _append(self, bytes frame) except -1

@@ -47,6 +47,7 @@ from cpython.mem cimport PyMem_Realloc, PyMem_Free
 from cpython.dict cimport PyDict_GetItem
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
+from libc.limits cimport INT_MAX
 from libc.string cimport memcpy
 from libc.errno cimport errno, EAGAIN, EINTR
 from posix.uio cimport iovec, writev
@@ -108,6 +109,16 @@ cdef void* _grow(void* ptr, Py_ssize_t* capacity, Py_ssize_t initial,
         raise MemoryError()
     capacity[0] = cap
     return new
+
+
+cdef void* _grow_small(void* ptr, int* capacity, int initial, size_t item_size) except NULL:
+    # _grow for the int-sized arrays of a Subscriber.
+    cdef Py_ssize_t cap = capacity[0]
+    if cap > INT_MAX // 2:
+        raise MemoryError()
+    ptr = _grow(ptr, &cap, initial, item_size)
+    capacity[0] = <int>cap
+    return ptr
 
 
 cdef int _direct_fd(object transport) except -2:
@@ -199,7 +210,7 @@ cdef class Subscriber:
         self.queue_len = self.queue_cap = self.queue_bytes = 0
         self.members = NULL
         self.members_len = self.members_cap = 0
-        self.paused = self.dirty = self.active = self.closed = False
+        self._paused = self.dirty = self.active = self._closed = False
         self.bytes_out = 0
         self.opened_at = _now()
         hub.streams_opened += 1
@@ -209,7 +220,7 @@ cdef class Subscriber:
             transport.set_write_buffer_limits(0)
             # Data still in the transport (a large response head): wait for
             # its resume_writing() before writing around it.
-            self.paused = transport.get_write_buffer_size() > 0
+            self._paused = transport.get_write_buffer_size() > 0
         self.open_index = -1
         hub._add_open(self)
 
@@ -226,6 +237,16 @@ cdef class Subscriber:
         return [(<Topic>self.members[i].topic).name for i in range(self.members_len)]
 
     @property
+    def paused(self):
+        """Frames are held: the transport holds data the kernel has not taken."""
+        return self._paused != 0
+
+    @property
+    def closed(self):
+        """It is out of the fan-out: closed, or dropped as a slow consumer."""
+        return self._closed != 0
+
+    @property
     def pending_bytes(self):
         """Bytes queued and not yet handed to the transport."""
         return self.queue_bytes
@@ -234,7 +255,7 @@ cdef class Subscriber:
         """Queue one frame for this stream only (its head, system frames,
         replay). ``bounded=False``: past max_pending too (a stream's head,
         its last frame)."""
-        if self.closed:
+        if self._closed:
             return False
         if bounded:
             self._enqueue(frame)
@@ -252,9 +273,9 @@ cdef class Subscriber:
         anything else. Else it is queued first, like ``send``."""
         cdef Py_ssize_t size = PyBytes_GET_SIZE(head)
         cdef ssize_t sent
-        if self.closed:
+        if self._closed:
             return False
-        if self.fd < 0 or self.paused or self.queue_len:
+        if self.fd < 0 or self._paused or self.queue_len:
             return self.send(head, False)
         sent = fd_write(self.fd, PyBytes_AS_STRING(head), size)
         if sent < 0:
@@ -266,7 +287,7 @@ cdef class Subscriber:
         self.hub.bytes_written += size
         self.bytes_out += size
         if sent < size:
-            self.paused = True  # until the transport has written the rest
+            self._paused = True  # until the transport has written the rest
             self.transport.write(head[sent:])
         self.active = True
         return True
@@ -274,8 +295,8 @@ cdef class Subscriber:
     cdef int _append(self, bytes frame) except -1:
         # Queue one frame whatever the bound says.
         if self.queue_len == self.queue_cap:
-            self.queue = <PyObject**>_grow(self.queue, &self.queue_cap,
-                                           QUEUE_INITIAL_SLOTS, sizeof(PyObject*))
+            self.queue = <PyObject**>_grow_small(self.queue, &self.queue_cap,
+                                                 QUEUE_INITIAL_SLOTS, sizeof(PyObject*))
         Py_INCREF(frame)
         self.queue[self.queue_len] = <PyObject*>frame
         self.queue_len += 1
@@ -284,19 +305,19 @@ cdef class Subscriber:
 
     def pause(self):
         """The transport's buffer is full (``pause_writing``): hold frames."""
-        self.paused = True
+        self._paused = True
 
     def resume(self):
         """The transport drained (``resume_writing``): write what was held."""
-        self.paused = False
-        if self.queue_len and not self.closed:
+        self._paused = False
+        if self.queue_len and not self._closed:
             self._write_queue()
 
     cdef int _enqueue(self, bytes frame) except -1:
         cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
         if self.queue_bytes + size > self.hub.max_pending:
             # A slow consumer: drop it rather than grow without bound.
-            self.closed = True
+            self._closed = True
             self._clear_queue()
             self.hub.doomed.append(self)
             self.hub._mark_dirty(self)
@@ -341,7 +362,7 @@ cdef class Subscriber:
         cdef object data
         if self.queue_len == 0:
             return 0
-        if self.fd >= 0 and not self.paused and self.queue_len <= MAX_IOV:
+        if self.fd >= 0 and not self._paused and self.queue_len <= MAX_IOV:
             return self._send_direct()
         data = <object>self.queue[0] if self.queue_len == 1 else self._joined(0)
         self.hub.writes += 1
@@ -497,7 +518,7 @@ cdef class Hub:
         t = <Topic>found
         for i in range(t.count):
             sub = <Subscriber>t.slots[i]
-            if sub.closed:
+            if sub._closed:
                 continue
             sub._enqueue(frame)
             sub.active = True
@@ -516,7 +537,7 @@ cdef class Hub:
 
     def subscribe(self, Subscriber sub not None, str topic not None):
         """Put ``sub`` in ``topic``; False if it was there already or is closed."""
-        if sub.closed or sub.hub is not self:
+        if sub._closed or sub.hub is not self:
             return False
         return self._subscribe(sub, topic)
 
@@ -525,17 +546,19 @@ cdef class Hub:
         how many it was not in yet. Its membership table is sized once, exactly."""
         cdef Py_ssize_t wanted, added = 0
         cdef void* grown
-        if sub.closed or sub.hub is not self:
+        if sub._closed or sub.hub is not self:
             return 0
         if not isinstance(topics, (list, tuple)):
             topics = tuple(topics)
         wanted = sub.members_len + len(topics)
+        if wanted > INT_MAX:
+            raise MemoryError()
         if wanted > sub.members_cap:
             grown = PyMem_Realloc(sub.members, <size_t>wanted * sizeof(Membership))
             if grown == NULL:
                 raise MemoryError()
             sub.members = <Membership*>grown
-            sub.members_cap = wanted
+            sub.members_cap = <int>wanted
         for topic in topics:
             added += self._subscribe(sub, topic)
         return added
@@ -554,8 +577,8 @@ cdef class Hub:
             if sub._find(found) >= 0:
                 return False
         if sub.members_len == sub.members_cap:
-            sub.members = <Membership*>_grow(sub.members, &sub.members_cap,
-                                             MEMBER_INITIAL_SLOTS, sizeof(Membership))
+            sub.members = <Membership*>_grow_small(sub.members, &sub.members_cap,
+                                                   MEMBER_INITIAL_SLOTS, sizeof(Membership))
         t._append(sub)
         sub.members[sub.members_len].topic = <PyObject*>t
         sub.members[sub.members_len].index = t.count - 1
@@ -588,7 +611,7 @@ cdef class Hub:
         if sub.opened_at > 0.0:
             self.durations.observe(_now() - sub.opened_at)
             sub.opened_at = 0.0
-        sub.closed = True
+        sub._closed = True
         sub._clear_queue()
         while sub.members_len:
             self._detach(sub, sub.members_len - 1)
@@ -607,11 +630,11 @@ cdef class Hub:
         already cut as a slow consumer gets nothing more (its unstarted
         frames are gone): it is only closed, after what it had started."""
         cdef object data
-        if not sub.closed:
+        if not sub._closed:
             if frame is not None:
                 sub._append(frame)  # past the bound too: one small last frame
             try:
-                if not sub.paused:
+                if not sub._paused:
                     sub._write_queue()
                 elif sub.queue_len:
                     data = sub._joined(0)
@@ -636,7 +659,7 @@ cdef class Hub:
         self.dirty = []
         for sub in dirty:
             sub.dirty = False
-            if sub.closed or sub.paused:
+            if sub._closed or sub._paused:
                 continue
             try:
                 sub._write_queue()
@@ -708,7 +731,7 @@ cdef class Hub:
         cdef Py_ssize_t i, sent = 0
         for i in range(self.open_len):
             sub = <Subscriber>self.open[i]
-            if sub.closed:
+            if sub._closed:
                 continue
             if sub.active:
                 sub.active = False
