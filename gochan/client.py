@@ -35,6 +35,9 @@ CLIENT_ID_RANDOM_BYTES = 18  # 144 bits, base64url: 24 characters
 # Up to this many topics a client keeps them in a tuple (searched in order),
 # above it in a dict.
 SMALL_TOPICS = 16
+# Client._flags
+_CLOSED = 1
+_SHARED = 2
 
 _CLIENT_ID = re.compile(rf"[A-Za-z0-9._~-]{{1,{MAX_CLIENT_ID_CHARS}}}")
 # C0 and C1 control characters and DEL: they would break the SSE framing
@@ -93,17 +96,17 @@ class TopicError(NamedTuple):
 class Client:
     """A client: its id, its topics in subscription order and its live streams."""
 
+    # Eight slots: one per idle connection, so it fits a 96-byte allocation
+    # (bench/profiles/connection_memory.md); closed and shared share one.
     __slots__ = (
+        "_flags",
         "_streams",
         "_topics",
         "armed",
-        "closed",
         "expires_at",
         "id",
         "identity",
         "peer",
-        "shared",
-        "updating",
     )
 
     def __init__(self, client_id: str, peer: str = "", identity: str | None = None) -> None:
@@ -124,11 +127,26 @@ class Client:
         self.expires_at: float | None = None
         # How many entries the streamer's expiry queue holds for it.
         self.armed = 0
-        self.closed = False
-        # In a cluster: its record is in the cluster store, which has the
-        # last word on its topics.
-        self.shared = False
-        self.updating: object = None  # the streamer's per-client update lock
+        self._flags = 0  # _CLOSED, _SHARED
+
+    @property
+    def closed(self) -> bool:
+        """Removed from its streamer: nothing more is done for it."""
+        return bool(self._flags & _CLOSED)
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self._flags = self._flags | _CLOSED if value else self._flags & ~_CLOSED
+
+    @property
+    def shared(self) -> bool:
+        """In a cluster: its record is in the cluster store, which has the
+        last word on its topics."""
+        return bool(self._flags & _SHARED)
+
+    @shared.setter
+    def shared(self, value: bool) -> None:
+        self._flags = self._flags | _SHARED if value else self._flags & ~_SHARED
 
     @property
     def streams(self) -> tuple[Stream, ...]:

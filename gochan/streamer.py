@@ -110,6 +110,9 @@ class Streamer:
         self._hub: Hub | None = None
         self._clients: dict[str, Client] = {}
         self._peer_clients: dict[str, int] = {}  # peer address -> clients it made
+        # The update lock of each client that has been updated (made on its
+        # first update, dropped with the client): most clients never are.
+        self._update_locks: dict[Client, asyncio.Lock] = {}
         self._peer_client_limit = self.config.peer_client_limit
         # Clients in the order their TTL started. Every TTL is client_ttl
         # long, so this is also deadline order: a queue, one pointer per entry,
@@ -447,6 +450,7 @@ class Streamer:
     def _forget_client(self, client: Client) -> None:
         client.closed = True
         self._clients.pop(client.id, None)
+        self._update_locks.pop(client, None)
         if client.peer:
             made = self._peer_clients.get(client.peer, 0) - 1
             if made > 0:
@@ -517,12 +521,11 @@ class Streamer:
         async with self._update_lock(found):
             return await self._apply(found, add_list, remove_list)
 
-    @staticmethod
-    def _update_lock(client: Client) -> asyncio.Lock:
+    def _update_lock(self, client: Client) -> asyncio.Lock:
         """The client's update lock (made on its first update)."""
-        lock = client.updating
-        if not isinstance(lock, asyncio.Lock):
-            lock = client.updating = asyncio.Lock()
+        lock = self._update_locks.get(client)
+        if lock is None:
+            lock = self._update_locks[client] = asyncio.Lock()
         return lock
 
     def add_held_topics(self, client: Client, topics: Iterable[str]) -> bool:
@@ -531,8 +534,8 @@ class Streamer:
         no task per connection). False, with nothing changed, when one must
         wait for the broker (or an update of this client is under way): use
         :meth:`update_subscriptions` then. Topics must be checked already."""
-        lock = client.updating
-        if client.closed or (isinstance(lock, asyncio.Lock) and lock.locked()):
+        lock = self._update_locks.get(client)
+        if client.closed or (lock is not None and lock.locked()):
             return False
         new = client.new_topics(topics)
         if not self.subscriptions.subscribed.issuperset(new):
