@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
 
 import pytest
@@ -16,7 +18,9 @@ from gochan import (
     Streamer,
     UnknownClientError,
 )
+from gochan._fast import Hub
 from gochan.client import SMALL_TOPICS, Client, new_client_id
+from gochan.stream import Stream
 
 
 def test_generated_ids_are_unguessable() -> None:
@@ -258,3 +262,23 @@ def test_a_client_keeps_its_streams_in_order() -> None:
     assert client._remove_stream(a) and client.streams == (c,)  # type: ignore[arg-type]
     client._add_stream(a)  # type: ignore[arg-type]
     assert client._end_streams() == (c, a) and client.streams == ()
+
+
+def test_an_idle_streams_own_objects_keep_their_sizes() -> None:
+    # The 2 KiB per idle connection budget (issue 15) has little slack:
+    # a Stream must fit a 160-byte allocation and a Client a 96-byte one
+    # (bench/profiles/connection_memory.md). A field added to either shows
+    # here before it shows in compare.py's RSS.
+    loop = asyncio.new_event_loop()
+    try:
+        client = Client("x" * 24, "127.0.0.1")
+        stream = Stream(Hub(loop), None, client)
+        assert sys.getsizeof(stream) <= 160
+        assert sys.getsizeof(client) <= 96
+        assert stream.paused is False and stream.closed is False  # still bools
+        client.closed = client.shared = True
+        assert (client.closed, client.shared) == (True, True)
+        client.shared = False
+        assert (client.closed, client.shared) == (True, False)
+    finally:
+        loop.close()
