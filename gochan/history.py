@@ -36,7 +36,9 @@ class History:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
-        self._ring: deque[Retained] = deque()
+        # (seq, topic, frame, at) tuples: a Retained is made only when read
+        # (a replay), not for each of the messages kept.
+        self._ring: deque[tuple[int, str, bytes, float]] = deque()
         self._floors: dict[str, int] = {}  # topic -> oldest id replayable in full
         self._shared_floor = 0  # the floor of every topic not in _floors
         self.bytes = 0
@@ -52,30 +54,32 @@ class History:
     @property
     def first_seq(self) -> int:
         """The oldest retained seq (last_seq + 1 when empty)."""
-        return self._ring[0].seq if self._ring else self.last_seq + 1
+        return self._ring[0][0] if self._ring else self.last_seq + 1
 
     def add(self, seq: int, topic: str, frame: bytes, now: float) -> None:
-        if seq != self.last_seq + 1 and self._ring:
+        # Once the ring is full (the steady state), every message evicts the
+        # oldest: this runs once per message published, so it is inlined.
+        ring = self._ring
+        if seq != self.last_seq + 1 and ring:
             # Numbering restarted or skipped: what is kept can no longer be
             # located by seq, so start over.
             self.clear()
         self.last_seq = seq
-        self._ring.append(Retained(seq, topic, frame, now))
+        ring.append((seq, topic, frame, now))
         self.bytes += len(frame) + ENTRY_BYTES
-        while len(self._ring) > self.max_messages or self.bytes > self.max_bytes:
-            self._evict()
+        while len(ring) > self.max_messages or self.bytes > self.max_bytes:
+            old_seq, old_topic, old_frame, _ = ring.popleft()
+            self.bytes -= len(old_frame) + ENTRY_BYTES
+            self._set_floor(old_topic, old_seq)
         # Age is enforced by expire(), which the streamer's tick calls.
 
     def expire(self, now: float) -> None:
         deadline = now - self.max_age_s
         ring = self._ring
-        while ring and ring[0].at < deadline:
-            self._evict()
-
-    def _evict(self) -> None:
-        old = self._ring.popleft()
-        self.bytes -= len(old.frame) + ENTRY_BYTES
-        self._set_floor(old.topic, old.seq)
+        while ring and ring[0][3] < deadline:
+            old_seq, old_topic, old_frame, _ = ring.popleft()
+            self.bytes -= len(old_frame) + ENTRY_BYTES
+            self._set_floor(old_topic, old_seq)
 
     def mark_gap(self, topic: str) -> None:
         """Something on ``topic`` was (or may have been) lost now: a replay
@@ -112,4 +116,4 @@ class History:
         ring = self._ring
         if not ring:
             return iter(())
-        return islice(ring, max(0, seq + 1 - ring[0].seq), None)
+        return map(Retained._make, islice(ring, max(0, seq + 1 - ring[0][0]), None))
