@@ -740,12 +740,14 @@ class Streamer:
 
     def publish_nowait(self, topic: str, data: bytes) -> str | None:
         """Publish without awaiting, for drivers that can (the in-memory one).
-        Raises InterfaceError for drivers that need a round trip."""
+        Raises InterfaceError for drivers that need a round trip, and
+        InvalidTopicError for a topic that is not valid, before anything
+        else (the server's publish fast path relies on that)."""
         publish = getattr(self.driver, "publish_nowait", None)
         if publish is None:
             raise InterfaceError(f"driver {self.driver.name!r} cannot publish without awaiting")
-        self._check_open()
         self.check_topics((topic,))
+        self._check_open()
         self.counters["published"] += 1
         self._note_unheld(topic)
         event_id: str | None = publish(topic, data)

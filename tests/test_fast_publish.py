@@ -284,8 +284,9 @@ class Servers(LoopInThread):
                 def recording(
                     topic: str, data: bytes, log: list[Any] = log, publish: Any = publish
                 ) -> str | None:
+                    event_id = publish(topic, data)  # what it refuses is not logged
                     log.append((topic, data))
-                    return publish(topic, data)
+                    return event_id
 
                 streamer.publish_nowait = recording  # type: ignore[method-assign]
             answer = fast.router.publish_fast
