@@ -530,21 +530,21 @@ class Streamer:
 
     def add_held_topics(self, client: Client, topics: Iterable[str]) -> bool:
         """Subscribe ``client`` to ``topics`` without awaiting, when the driver
-        already holds every one of them (a connect storm on known topics needs
-        no task per connection). False, with nothing changed, when one must
+        already holds every one of them or subscribes without a round trip
+        (in memory): a connect storm needs no task per connection then.
+        False, with nothing changed, when one must
         wait for the broker (or an update of this client is under way): use
         :meth:`update_subscriptions` then. Topics must be checked already."""
         lock = self._update_locks.get(client)
         if client.closed or (lock is not None and lock.locked()):
             return False
         new = client.new_topics(topics)
-        if not self.subscriptions.subscribed.issuperset(new):
-            return False
         if client.topic_count + len(new) > self.config.max_topics_per_client:
             raise LimitExceededError(
                 f"a client may hold at most {self.config.max_topics_per_client} topics"
             )
-        self.subscriptions.hold_now(new)
+        if not self.subscriptions.hold_now(new):
+            return False
         client._add_topics(new)
         for stream in client.streams:
             if stream.replay is None:  # a replaying stream joins when it is done

@@ -5,6 +5,7 @@ but the driver calls it makes, one at a time per topic."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from .drivers import Driver
 from .errors import BrokerError
@@ -27,6 +28,10 @@ class Subscriptions:
         self.refs: dict[str, int] = {}  # topic -> clients holding it
         self.subscribed: set[str] = set()  # topics the driver is subscribed to
         self._locks: dict[str, asyncio.Lock] = {}
+        # A driver that subscribes without a round trip (the in-memory one).
+        self._subscribe_nowait: Callable[[str], None] | None = getattr(
+            driver, "subscribe_nowait", None
+        )
 
     def held(self, topic: str) -> bool:
         """Some client here holds ``topic``."""
@@ -34,9 +39,22 @@ class Subscriptions:
 
     def hold_now(self, topics: list[str]) -> bool:
         """Count ``topics`` held without awaiting, when the driver holds every
-        one of them already; False, with nothing changed, otherwise."""
-        if not self.subscribed.issuperset(topics):
-            return False
+        one of them already, or can subscribe to the others without awaiting
+        and no driver call on them is under way; False, with nothing
+        changed, otherwise."""
+        subscribed = self.subscribed
+        if not subscribed.issuperset(topics):
+            subscribe = self._subscribe_nowait
+            if subscribe is None:
+                return False
+            missing = [t for t in dict.fromkeys(topics) if t not in subscribed]
+            if any(t in self._locks for t in missing):
+                return False  # reconcile() is at it: it has the last word
+            for topic in missing:
+                subscribe(topic)
+                subscribed.add(topic)
+                if not self.sees_every_publish:  # as acquire() does for a first holder
+                    self.history.mark_gap(topic)
         refs = self.refs
         for topic in topics:
             refs[topic] = refs.get(topic, 0) + 1

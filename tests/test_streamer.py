@@ -212,8 +212,18 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+class RoundTripDriver(MemDriver):
+    """The in-memory driver with a subscribe of its own, which is then
+    awaited, as a broker driver's is (no subscribe_nowait)."""
+
+    async def subscribe(self, topic: str) -> None:
+        await asyncio.sleep(0)  # the broker's answer
+        await super().subscribe(topic)
+
+
 async def test_add_held_topics_only_without_waiting_on_the_broker() -> None:
-    driver = MemDriver()
+    driver = RoundTripDriver()
+    assert driver.subscribe_nowait is None and MemDriver().subscribe_nowait is not None
     async with Streamer(Config(max_topics_per_client=3), driver=driver) as streamer:
         first = await streamer.new_client(["a"])
         client = streamer.create_client()
@@ -232,6 +242,21 @@ async def test_add_held_topics_only_without_waiting_on_the_broker() -> None:
         assert client.topics == ["a", "b", "c"]
         await streamer.remove_client(client)
         await streamer.remove_client(other)
+        assert driver.topics == frozenset()
+
+
+async def test_add_held_topics_subscribes_in_memory_without_waiting() -> None:
+    driver = MemDriver()
+    async with Streamer(Config(max_topics_per_client=3), driver=driver) as streamer:
+        first = await streamer.new_client(["a"])
+        client = streamer.create_client()
+        assert streamer.add_held_topics(client, ["a", "b", "b"])  # "b": subscribed now
+        assert client.topics == ["a", "b"] and driver.topics == {"a", "b"}
+        assert streamer.subscriptions.refs == {"a": 2, "b": 1}
+        assert streamer.client_topics(first) == ["a"]
+        await streamer.remove_client(client)
+        assert driver.topics == {"a"}  # "b" had one holder
+        await streamer.remove_client(first)
         assert driver.topics == frozenset()
 
 

@@ -9,11 +9,13 @@ Drivers call back into a :class:`Receiver` (the streamer) from the event loop's
 thread. ``on_message`` must not be awaited and must not block: it encodes the
 frame once and queues it on every subscribed connection.
 
-Two methods are optional. ``publish_nowait(topic, data)``: a driver that
-needs no round trip (the in-memory one) publishes without awaiting.
-``publish_many(messages)`` (:class:`BatchDriver`): a batch in one go, where
-the broker batches natively (one flush, one pipeline); drivers without it
-get :func:`publish_each`, a loop over ``publish``.
+Three methods are optional. ``publish_nowait(topic, data)`` and
+``subscribe_nowait(topic)``: a driver that needs no round trip (the
+in-memory one) publishes and subscribes without awaiting, so a connect on
+a topic nobody held yet needs no task. ``publish_many(messages)``
+(:class:`BatchDriver`): a batch in one go, where the broker batches
+natively (one flush, one pipeline); drivers without it get
+:func:`publish_each`, a loop over ``publish``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ topic, so nothing was sent).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from ..errors import BatchPublishError, ClosedError
@@ -27,6 +27,12 @@ class MemDriver:
         self._closed = False
         self.published = 0
         self._received = 0
+        # Subscribing needs no round trip here (see base.py), unless a
+        # subclass changes subscribe() (a test double that refuses some
+        # topics, say): then it is awaited, as a broker driver's is.
+        self.subscribe_nowait: Callable[[str], None] | None = (
+            self._topics.add if type(self).subscribe is MemDriver.subscribe else None
+        )
 
     @property
     def ready(self) -> bool:
