@@ -53,11 +53,15 @@ class Subscriptions:
             for topic in missing:
                 subscribe(topic)
                 subscribed.add(topic)
-                if not self.sees_every_publish:  # as acquire() does for a first holder
-                    self.history.mark_gap(topic)
         refs = self.refs
+        gaps = not self.sees_every_publish
         for topic in topics:
-            refs[topic] = refs.get(topic, 0) + 1
+            held = refs.get(topic, 0)
+            if not held and gaps:
+                # As acquire() does for a first holder: while nobody held it
+                # (its unsubscribe pending), what came on it was not kept.
+                self.history.mark_gap(topic)
+            refs[topic] = held + 1
         return True
 
     async def acquire(self, topic: str) -> None:

@@ -12,6 +12,7 @@ import orjson
 
 from gochan import Config, MemDriver, Streamer
 from gochan.history import ENTRY_BYTES, History
+from gochan.subscriptions import Subscriptions
 from tests.support import SSEStream, running, wait_for
 
 
@@ -49,6 +50,23 @@ def test_history_release_and_folded_floors() -> None:
     assert len(history._floors) <= 4096
     # Folding only makes answers more cautious, never wrongly complete.
     assert not history.complete_after(1, ["a"])
+
+
+def test_a_topic_held_again_before_its_unsubscribe_is_marked_as_a_gap() -> None:
+    # With a broker, a topic nobody holds is still subscribed until its
+    # unsubscribe runs; what arrives meanwhile is not kept. A client that
+    # holds it again then (hold_now, no await) must not be told a replay
+    # across that time is complete.
+    history = History(max_messages=10, max_bytes=10_000, max_age_s=10)
+    subscriptions = Subscriptions(MemDriver(), history, sees_every_publish=False)
+    subscriptions.subscribed.update(("gone", "held"))
+    subscriptions.refs["held"] = 1
+    history.add(1, "held", b"1", now=0.0)
+    assert history.complete_after(1, ["gone"]) and history.complete_after(1, ["held"])
+    assert subscriptions.hold_now(["gone", "held"])
+    assert subscriptions.refs == {"gone": 1, "held": 2}
+    assert not history.complete_after(1, ["gone"])  # nobody held it: a gap
+    assert history.complete_after(1, ["held"])  # held all along: none
 
 
 def test_history_memory_stays_within_its_bound() -> None:
