@@ -532,8 +532,8 @@ class Streamer:
         """Subscribe ``client`` to ``topics`` without awaiting, when the driver
         already holds every one of them or subscribes without a round trip
         (in memory): a connect storm needs no task per connection then.
-        False, with nothing changed, when one must
-        wait for the broker (or an update of this client is under way): use
+        False, with nothing changed, when one must wait for the broker (or
+        an update of this client is under way): use
         :meth:`update_subscriptions` then. Topics must be checked already."""
         lock = self._update_locks.get(client)
         if client.closed or (lock is not None and lock.locked()):

@@ -206,8 +206,6 @@ async def test_publish_returns_event_id() -> None:
 
 
 async def _settle() -> None:
-    import asyncio
-
     for _ in range(5):
         await asyncio.sleep(0)
 

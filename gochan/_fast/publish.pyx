@@ -46,6 +46,14 @@ cdef inline bint _name_char(unsigned char c) noexcept:
     return (c >= b'a' and c <= b'z') or (c >= b'A' and c <= b'Z') or c == b'-'
 
 
+cdef inline int _expect(const unsigned char* p, Py_ssize_t avail,
+                        const char* want, Py_ssize_t n) noexcept:
+    # 1: the n bytes are there; 0: fewer are, and they match so far; -1: no.
+    if avail >= n:
+        return 1 if memcmp(p, want, n) == 0 else -1
+    return 0 if memcmp(p, want, avail) == 0 else -1
+
+
 cdef int _header_id(const unsigned char* name, Py_ssize_t n) noexcept:
     if n == 4:
         return H_HOST if _lower_is(name, b"host", 4) else -1

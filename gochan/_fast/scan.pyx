@@ -1,7 +1,6 @@
 # Byte scanners shared by the fast paths' parsers (publish.pyx, connect.pyx):
 # each reads a strict subset of HTTP/1.1 and declines whatever else it meets.
 
-from libc.string cimport memcmp
 
 cdef const char* _VERSION = b" HTTP/1.1\r\n"
 
@@ -19,14 +18,6 @@ cdef inline bint _lower_is(const unsigned char* s, const char* word, Py_ssize_t 
         if (s[i] | 0x20) != <unsigned char>word[i]:
             return False
     return True
-
-
-cdef inline int _expect(const unsigned char* p, Py_ssize_t avail,
-                        const char* want, Py_ssize_t n) noexcept:
-    # 1: the n bytes are there; 0: fewer are, and they match so far; -1: no.
-    if avail >= n:
-        return 1 if memcmp(p, want, n) == 0 else -1
-    return 0 if memcmp(p, want, avail) == 0 else -1
 
 
 cdef inline const unsigned char* _value_start(const unsigned char* q,

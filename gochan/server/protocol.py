@@ -273,16 +273,8 @@ class HttpProtocol(asyncio.Protocol):
             return True
         if reply is None:
             return False
-        if type(reply) is OpenStream:  # the usual answer: what deliver() does
-            # for it with no CORS header (no Origin) and no access log
-            try:
-                self.start_stream(stream_head(reply.headers) + reply.preamble, reply)
-            except Exception:
-                server_logger.exception("answer failed: GET %s", self.config.events_path)
-                self.fail(500, "internal server error")
-            return True
-        # A refusal, or a wait on the broker: what they need of the request
-        # is that it is keep-alive and has no Origin.
+        # What the answer needs of the request: keep-alive, no Origin (so no
+        # CORS headers); the access log is off on this path.
         request = Request("GET", self.config.events_path, "", {}, b"", True, self.peer)
         self._answer(reply, request)
         self._run()  # what follows an answer: the flush, the keep-alive deadline
