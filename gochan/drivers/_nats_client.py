@@ -1,6 +1,6 @@
 """What the NATS driver needs to know of nats-py: its connection errors,
 subject rules, a true round trip, stopping a JetStream subscription's tasks,
-core messages handed over without a task (the three places that use nats-py
+core subscriptions with no nats-py Subscription (these three use nats-py
 internals, which the ``<3`` bound of the ``nats`` extra and
 tests/drivers/test_nats.py pin), and JetStream replay."""
 
@@ -15,7 +15,6 @@ from typing import cast
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
 from ..errors import BrokerConnectionError, BrokerError, ReplayGapError
@@ -25,6 +24,7 @@ __all__ = [
     "CONNECTION_ERRORS",
     "PERMISSION_RE",
     "DirectClient",
+    "DirectSubscription",
     "ensure_stream",
     "flush",
     "replay_stream",
@@ -67,30 +67,25 @@ def subject_problem(subject: str) -> str | None:
     return None
 
 
-async def flush(nc: Client, timeout_s: float) -> None:
-    """Wait until the server has processed every command sent before: a
-    PING/PONG round trip (``Client.rtt``).
-
-    The PING must follow the earlier SUB and PUB commands: nats-py writes it
-    straight to the socket while they may still sit in the pending buffer
-    waiting for the flusher task, so the PONG could come back before the
-    server has seen them (a message published just after ``subscribe``
-    returned would be missed, a refused SUB reported late). So first wait for
-    the flusher to have written the pending buffer
-    (``_flush_pending(force_flush=True)`` waits for exactly that).
+async def flush(nc: DirectClient, timeout_s: float) -> None:
+    """Wait until the server has processed every command queued on ``nc``
+    before: a PING/PONG round trip after them (:meth:`DirectClient.ping`).
 
     Not ``Client.flush``: when nats-py's read loop has died it skips the round
     trip and returns at once, so a publish would look delivered while nothing
-    is read from the server any more. ``rtt`` always waits for the PONG.
-    A timeout here leaves the connection unusable (see ``_round_trip``).
+    is read from the server any more. Nor ``Client.rtt``: it writes its PING
+    straight to the socket while earlier commands may still wait in the
+    pending buffer for the flusher task, so the PONG could come back before
+    the server has seen them; and when it times out it cancels the PONG's
+    future, which the late PONG then fails to resolve, killing the read loop.
+    Here the PONG's future is never cancelled. A timeout still means the
+    connection is unusable (see ``NatsDriver._one_trip``).
     """
-    flush_pending = getattr(nc, "_flush_pending", None)
-    if flush_pending is not None:
-        await asyncio.wait_for(flush_pending(force_flush=True), timeout_s)
-    else:  # the flusher was woken when the commands were queued: let it run
-        await asyncio.sleep(0)
-    # nats-py annotates the timeout as int; asyncio takes float seconds.
-    await nc.rtt(timeout=cast(int, timeout_s))
+    pong = nc.ping()
+    done, _ = await asyncio.wait((pong,), timeout=timeout_s)
+    if not done:
+        raise nats.errors.TimeoutError
+    pong.result()
 
 
 class DirectClient(Client):
@@ -101,9 +96,11 @@ class DirectClient(Client):
     task of that subscription to await and pass to the callback: a queue
     put, a get and a task switch per message, about half of the server CPU
     a message from NATS cost (bench/profiles/notifications.md), and one
-    task per topic held. A subscription registered in ``direct`` (by its
-    sid, made without a callback so it has no task) skips all that: its
-    messages reach ``direct[sid](data)`` from the parser, in the order they
+    task per topic held. Its ``Subscription`` holds two asyncio queues
+    too, 3.8 KiB of the 4.1 KiB one costs, which for per-user topics is
+    most of a connection's memory. A subscription made by
+    :meth:`subscribe_direct` has none of that: a sid in ``direct``, whose
+    messages reach ``direct[sid](data)`` from the parser in the order they
     arrived. JetStream subscriptions keep nats-py's path (their ordering
     and flow control live there).
     """
@@ -111,6 +108,53 @@ class DirectClient(Client):
     def __init__(self) -> None:
         super().__init__()
         self.direct: dict[int, Callable[[bytes], None]] = {}
+
+    async def subscribe_direct(
+        self, subject: str, deliver: Callable[[bytes], None]
+    ) -> DirectSubscription:
+        """SUB ``subject`` (a literal subject the caller has checked), its
+        messages to ``deliver``. The SUB is only queued: the :meth:`ping`
+        that must follow to know the server has it (or refused it) writes
+        it, and no flusher wakeup is spent on it."""
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining:
+            raise nats.errors.ConnectionDrainingError
+        self._sid += 1
+        sid = self._sid
+        self.direct[sid] = deliver
+        await self._send_command(b"SUB %s %d\r\n" % (subject.encode(), sid))
+        return DirectSubscription(self, sid)
+
+    def ping(self) -> asyncio.Future[bool]:
+        """Write the commands queued for the flusher and a PING after them,
+        now and at once; the future is resolved by the PONG.
+
+        nats-py's keepalive PINGs are written straight to the socket too and
+        register their PONG future in the same list at the same moment, so
+        the PONGs, which come in PING order, resolve the right futures."""
+        transport = self._transport
+        if transport is None or not self.is_connected:
+            raise nats.errors.ConnectionClosedError
+        pong = asyncio.get_running_loop().create_future()
+        commands = self._pending
+        self._pending = []
+        self._pending_data_size = 0
+        commands.append(b"PING\r\n")
+        self._pongs.append(pong)
+        transport.writelines(commands)
+        return pong
+
+    async def unsubscribe_direct(self, sid: int) -> None:
+        """UNSUB ``sid``; what still arrives for it is dropped."""
+        self.direct.pop(sid, None)
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining:
+            raise nats.errors.ConnectionDrainingError
+        if not self.is_reconnecting:
+            await self._send_command(b"UNSUB %d\r\n" % sid)
+            await self._flush_pending()
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
@@ -125,7 +169,21 @@ class DirectClient(Client):
         deliver(data)  # headers, if a publisher sent any, carry nothing gochan relays
 
 
-def stop_consumer_tasks(sub: Subscription) -> None:
+class DirectSubscription:
+    """A subscription of :meth:`DirectClient.subscribe_direct`: its sid, on
+    its connection."""
+
+    __slots__ = ("conn", "sid")
+
+    def __init__(self, conn: DirectClient, sid: int) -> None:
+        self.conn = conn
+        self.sid = sid
+
+    async def unsubscribe(self) -> None:
+        await self.conn.unsubscribe_direct(self.sid)
+
+
+def stop_consumer_tasks(sub: object) -> None:
     """Cancel the heartbeat and flow-control tasks of a JetStream subscription.
 
     nats-py cancels them in ``PushSubscription.unsubscribe`` only when the

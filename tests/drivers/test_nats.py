@@ -339,6 +339,99 @@ async def test_core_messages_come_in_order_with_no_task_per_topic(own_nats: Nats
         assert b"after" not in rec.bodies(topics[0])
 
 
+def count_pings(driver: Any) -> list[int]:
+    """A one-item list counting the PINGs the driver's connection writes."""
+    nc, count = driver._nc, [0]
+    ping = nc.ping
+
+    def counted() -> Any:
+        count[0] += 1
+        return ping()
+
+    nc.ping = counted
+    return count
+
+
+async def test_core_subscriptions_hold_no_nats_py_subscription(own_nats: NatsServer) -> None:
+    """A core topic costs a sid and a function, not nats-py's Subscription
+    with its two asyncio queues (4 KiB, most of an idle connection's memory
+    with per-user topics)."""
+    name = unique("light")
+    topics = [unique("light") for _ in range(20)]
+    async with connected(own_nats.url, name=name) as (driver, rec):
+        held_by_nats_py = len(driver._nc._subs)
+        for topic in topics:
+            await driver.subscribe(topic)
+        assert len(driver._nc._subs) == held_by_nats_py
+        assert sorted(await asyncio.to_thread(own_nats.subscriptions, name)) == sorted(topics)
+        for topic in topics[:10]:
+            await driver.unsubscribe(topic)
+        assert sorted(await poll(lambda: own_nats.subscriptions(name), lambda s: len(s) == 10)) == (
+            sorted(topics[10:])
+        )
+        async with raw_client(own_nats.url) as nc:
+            for topic in topics:
+                await nc.publish(topic, topic.encode())
+            await nc.flush()
+        await rec.wait_messages(10)
+        await asyncio.sleep(0.2)
+        assert sorted(t for t, _, _ in rec.messages) == sorted(topics[10:])
+
+
+async def test_subscribes_made_together_share_one_round_trip(own_nats: NatsServer) -> None:
+    name = unique("together")
+    topics = [unique("together") for _ in range(200)]
+    async with connected(own_nats.url, name=name) as (driver, _rec):
+        pings = count_pings(driver)
+        await asyncio.gather(*(driver.subscribe(t) for t in topics))
+        assert pings[0] == 1
+        # Each returned once the server had its SUB: no polling needed.
+        assert len(await asyncio.to_thread(own_nats.subscriptions, name)) == 200
+
+
+async def test_round_trips_asked_for_during_one_wait_for_the_next(own_nats: NatsServer) -> None:
+    """A group commit: while one round trip is unanswered, every caller that
+    comes joins the next one, which starts when it ends."""
+    name = unique("group")
+    first, *later = [unique("group") for _ in range(50)]
+    async with connected(own_nats.url, name=name) as (driver, _rec):
+        pings = count_pings(driver)
+        own_nats.freeze()
+        try:
+            tasks = [asyncio.create_task(driver.subscribe(first))]
+            await wait_until(lambda: pings[0] == 1, PROMPT_S)
+            for topic in later:  # one per loop pass, all while the first waits
+                tasks.append(asyncio.create_task(driver.subscribe(topic)))
+                await asyncio.sleep(0)
+        finally:
+            own_nats.thaw()
+        await asyncio.gather(*tasks)
+        assert pings[0] == 2
+        assert len(await asyncio.to_thread(own_nats.subscriptions, name)) == 50
+
+
+async def test_a_caller_cancelled_in_a_shared_round_trip_leaves_it_to_the_others(
+    own_nats: NatsServer,
+) -> None:
+    name = unique("cancelled")
+    gone, kept = unique("cancelled"), unique("cancelled")
+    async with connected(own_nats.url, name=name) as (driver, rec):
+        leaving = asyncio.create_task(driver.subscribe(gone))
+        staying = asyncio.create_task(driver.subscribe(kept))
+        await asyncio.sleep(0)  # both queued their SUB and wait for one PONG
+        leaving.cancel()
+        await staying
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert await poll(lambda: own_nats.subscriptions(name), lambda s: s == [kept]) == [kept]
+        async with raw_client(own_nats.url) as nc:
+            await nc.publish(gone, b"not held")
+            await nc.publish(kept, b"held")
+            await nc.flush()
+        await rec.wait_body(kept, b"held")
+        assert rec.bodies(gone) == []
+
+
 async def test_two_processes_hold_one_subscription_each(own_nats: NatsServer) -> None:
     topic = unique("one-each")
 
@@ -458,16 +551,22 @@ async def test_a_publish_unanswered_by_a_frozen_broker_replaces_the_connection(
 ) -> None:
     """A broker frozen past the request timeout: the publish is refused, the
     driver says it is not ready and refuses at once, and once the broker
-    resumes a NEW connection delivers again. (nats-py's read loop dies on the
-    late PONG of a timed-out flush while the connection still counts as
-    connected: kept, it would acknowledge publishes and deliver nothing.)"""
+    resumes a NEW connection delivers again. A publish whose round trip was
+    queued behind the one that timed out fails with it, not a timeout later."""
     topic = unique("frozen")
     async with connected(own_nats.url, request_timeout=1.0) as (driver, rec):
         await driver.subscribe(topic)
         own_nats.freeze()
         try:
+            unanswered = asyncio.create_task(driver.publish(topic, b"unanswered"))
+            await asyncio.sleep(0.1)
+            queued = asyncio.create_task(driver.publish(topic, b"queued"))
             with pytest.raises(BrokerConnectionError):
-                await driver.publish(topic, b"unanswered")
+                await unanswered
+            failed_at = time.monotonic()
+            with pytest.raises(BrokerConnectionError):
+                await queued
+            assert time.monotonic() - failed_at < 0.1
             assert not driver.ready
             started = time.monotonic()
             with pytest.raises(BrokerConnectionError):
@@ -486,30 +585,37 @@ async def test_a_publish_unanswered_by_a_frozen_broker_replaces_the_connection(
 
 
 def test_the_nats_py_internals_the_driver_uses_are_there() -> None:
-    """The driver reaches into nats-py in three places (each with a fallback
-    that is correct but weaker, or slower): ``Client._flush_pending(force_flush=True)``
-    to order a PING after queued commands, a JetStream subscription's
-    ``_sub._jsi._hbtask``/``_fctask`` to stop its heartbeat tasks, and
-    ``Client._process_msg`` (with a subscription's ``_id`` and ``_conn``) to
-    hand core messages over without a task (DirectClient). When nats-py
-    moves them this fails, and pyproject.toml's upper bound keeps users on a
-    version where they are."""
+    """The driver reaches into nats-py in two places. DirectClient makes
+    core subscriptions without nats-py's Subscription: it numbers them with
+    ``Client._sid``, queues SUB and UNSUB with ``_send_command``, gets each
+    MSG from the parser through ``Client._process_msg`` by sid, and its
+    ``ping`` writes the ``_pending`` buffer and a PING on ``_transport`` and
+    registers the PONG's future in ``_pongs``, as ``_send_ping`` does, for
+    ``_process_pong`` to resolve in order. And a JetStream subscription's
+    ``_sub._jsi._hbtask``/``_fctask`` are cancelled to stop its heartbeat
+    tasks. When nats-py moves them this fails, and pyproject.toml's upper
+    bound keeps users on a version where they are."""
     import inspect
 
     from nats.aio.client import Client
     from nats.js.client import JetStreamContext
-
-    assert "force_flush" in inspect.signature(Client._flush_pending).parameters
-    # DirectClient: the parser hands each MSG to Client._process_msg, by sid.
-    from nats.aio.subscription import Subscription
     from nats.protocol import parser
 
     assert "nc._process_msg(sid, subject, reply, payload, hdr)" in inspect.getsource(parser)
     assert list(inspect.signature(Client._process_msg).parameters) == [
         "self", "sid", "subject", "reply", "data", "headers",
     ]  # fmt: skip
-    init = inspect.getsource(Subscription.__init__)
-    assert "self._conn = conn" in init and "self._id = id" in init
+    init = inspect.getsource(Client.__init__)
+    for attr in ("_sid", "_pending", "_pending_data_size", "_pongs", "_transport"):
+        assert f"self.{attr}:" in init, attr
+    assert "self._sid += 1" in inspect.getsource(Client.subscribe)
+    assert "self._pending.append(cmd)" in inspect.getsource(Client._send_command)
+    flusher = inspect.getsource(Client._flusher)
+    assert "self._transport.writelines(self._pending[:])" in flusher
+    ping = inspect.getsource(Client._send_ping)
+    assert "self._pongs.append(future)" in ping and "self._transport.write(" in ping
+    pong = inspect.getsource(Client._process_pong)
+    assert "self._pongs.pop(0)" in pong and "set_result(True)" in pong
     jsi = inspect.getsource(JetStreamContext._JSI)
     assert "self._hbtask" in jsi and "self._fctask" in jsi
     assert "self._sub._jsi" in inspect.getsource(JetStreamContext)
