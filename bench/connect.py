@@ -21,12 +21,16 @@ The servers:
 - ``gochan``: ``python -m gochan.server`` as compare.py runs it (mem driver);
 - ``gochan-slow-connect``: the same with ``--no-fast-connect``: every
   connect parsed by httptools and answered by the events route;
+- ``gochan-nats``: the same as ``gochan`` on the NATS driver, with a
+  nats-server of its own on the load generator's core (a stream is answered
+  once the server has its topics' SUBs);
 - ``sse-starlette``, ``aiohttp-sse``: the Python peers, when asked for.
 
 Usage::
 
     python bench/connect.py                      # 3 rounds, 10,000 connections
     python bench/connect.py --rounds 5 --servers c-epoll,uvloop-floor,gochan,aiohttp-sse
+    python bench/connect.py --servers c-epoll,gochan,gochan-nats --topics 10000 --per-conn-topics 1
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ SERVERS = (
     "core-floor",
     "gochan",
     "gochan-slow-connect",
+    "gochan-nats",
     "sse-starlette",
     "aiohttp-sse",
 )
@@ -59,13 +64,13 @@ FLOOR = compare.BENCH / "peers" / "uvloop_floor.py"
 REFERENCE = "c-epoll"
 
 
-def command(name: str, port: int, connections: int) -> list[str]:
+def command(name: str, port: int, connections: int, nats_port: int | None) -> list[str]:
     if name in ("uvloop-floor", "core-floor"):
         core = ["--core"] if name == "core-floor" else []
         return [sys.executable, str(FLOOR), "--host", "127.0.0.1", "--port", str(port), *core]
     if name == "gochan-slow-connect":
         return [*compare.server_command("gochan", port, connections), "--no-fast-connect"]
-    return compare.server_command(name, port, connections)
+    return compare.server_command(name, port, connections, nats_port)
 
 
 def utime_stime(pid: int) -> tuple[float, float]:
@@ -77,8 +82,12 @@ def utime_stime(pid: int) -> tuple[float, float]:
 def measure(name: str, args: argparse.Namespace, loadgen: Path, logdir: Path) -> dict[str, Any]:
     """One server, one connect phase: wall time, server user/sys CPU."""
     port = compare.free_port()
-    cmd = compare.pinned(args.server_cpu, command(name, port, args.connections))
     with contextlib.ExitStack() as stack:
+        nats_port: int | None = None
+        if name == "gochan-nats":  # a nats-server of its own, on the load side's core
+            nats_port = compare.free_port()
+            compare.start_nats(stack, nats_port, logdir / f"{name}.nats.log", args.client_cpu)
+        cmd = compare.pinned(args.server_cpu, command(name, port, args.connections, nats_port))
         server_log = stack.enter_context((logdir / f"{name}.log").open("w"))
         server = stack.enter_context(
             compare.started(

@@ -540,6 +540,24 @@ def test_connect_inproc_opens_every_stream(only: list[str]) -> None:
     )
 
 
+def test_nats_subscribe_subscribes_every_topic() -> None:
+    """bench/nats_subscribe.py at a tiny size against a nats-server started
+    here: both modes print a figure (it exits non-zero if the driver does not
+    hold every topic a round subscribed)."""
+    from tests.drivers._nats_server import NatsServer
+
+    for server in NatsServer.running():
+        run = subprocess.run(
+            [sys.executable, str(BENCH / "nats_subscribe.py"), "--url", server.url,
+             "--topics", "200", "--rounds", "1"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        for mode in ("serial", "together"):
+            figure = rf"{mode}: +[\d.]+ us CPU, +[\d.]+ us wall per subscribe"
+            assert re.search(figure, run.stdout), run.stdout
+
+
 @pytest.mark.parametrize("core", [False, True], ids=["uvloop-floor", "core-floor"])
 def test_connect_floors_answer_a_stream(core: bool) -> None:
     """bench/peers/uvloop_floor.py, which bench/connect.py runs beside gochan:
