@@ -17,6 +17,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gochan.errors import (
     BrokerConnectionError,
@@ -40,6 +42,7 @@ from .harness import (
 
 nats = import_or_skip("nats")
 nats_driver = import_or_skip("gochan.drivers.nats")
+nats_client = import_or_skip("gochan.drivers._nats_client")
 NatsDriver = nats_driver.NatsDriver
 
 RECONNECT_TIMEOUT_S = 15.0
@@ -117,6 +120,8 @@ def test_check_topic_accepts_literal_subjects(topic: str) -> None:
         ("nbsp\u00a0here", "whitespace"),
         ("line\nbreak", "whitespace"),
         ("nul\x00", "control"),
+        ("del\x7f", "control"),
+        ("unit\x1fseparator", "whitespace"),
         ("*", "wildcard"),
         ("orders.*", "wildcard"),
         ("orders.>", "wildcard"),
@@ -135,6 +140,42 @@ def test_check_topic_refuses_unmappable(topic: str, reason: str) -> None:
             driver.check_topic(topic)
         assert info.value.topic == topic
         assert reason in info.value.reason
+
+
+def rule_by_rule(subject: str) -> str | None:
+    """The subject rules, one character at a time: what subject_problem's
+    regex scan must agree with."""
+    for ch in subject:
+        if ch.isspace():
+            return "NATS subjects cannot contain whitespace"
+        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+            return "NATS subjects cannot contain control characters"
+        if ch in "*>":
+            return f"{ch!r} is a NATS wildcard"
+    if "" in subject.split("."):
+        return "'.' separates NATS subject tokens, which cannot be empty"
+    return None
+
+
+@given(
+    st.text(
+        st.characters(codec="utf-8") | st.sampled_from(" .*>\x00\x1f\x7f\x85\t\u00a0\u2028\u3000"),
+        max_size=24,
+    )
+)
+def test_subject_problem_follows_the_rules_character_by_character(subject: str) -> None:
+    assert nats_client.subject_problem(subject) == rule_by_rule(subject)
+
+
+def test_subject_problem_judges_every_character_as_the_rules_do() -> None:
+    """Each character up to U+3000 (every whitespace character is in that
+    range) alone between two letters: random text seldom has one odd
+    character without another before it."""
+    for code in range(0x3001):
+        if 0xD800 <= code <= 0xDFFF:
+            continue  # surrogates: never in a decoded topic
+        subject = f"a{chr(code)}b"
+        assert nats_client.subject_problem(subject) == rule_by_rule(subject), hex(code)
 
 
 def test_dollar_subjects_reserved_without_prefix() -> None:
