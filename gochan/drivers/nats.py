@@ -605,11 +605,11 @@ class NatsDriver(Lifecycle[DirectClient]):
         """
         if before is not None:
             await asyncio.wait((before,))  # its outcome is its own callers'
-        if nc is not self._nc:
-            raise nats.errors.ConnectionClosedError
         trip = self._next_trip
         if trip is not None and trip[1] is asyncio.current_task():
             self._next_trip = None  # from now on a caller needs a later PING
+        if nc is not self._nc:
+            raise nats.errors.ConnectionClosedError
         try:
             await flush(nc, self._request_timeout_s)
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
