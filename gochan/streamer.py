@@ -47,6 +47,7 @@ from .frames import (
     closing_frame,
     subscription_failure_frame,
 )
+from .locks import KeyedLocks
 from .log import logger
 from .ratelimit import RateLimit
 from .replay import Replayer
@@ -110,9 +111,9 @@ class Streamer:
         self._hub: Hub | None = None
         self._clients: dict[str, Client] = {}
         self._peer_clients: dict[str, int] = {}  # peer address -> clients it made
-        # The update lock of each client that has been updated (made on its
-        # first update, dropped with the client): most clients never are.
-        self._update_locks: dict[Client, asyncio.Lock] = {}
+        # Updates of one client run one at a time: a lock per client being
+        # updated, none kept for the others.
+        self._update_locks: KeyedLocks[Client] = KeyedLocks()
         self._peer_client_limit = self.config.peer_client_limit
         # Clients in the order their TTL started. Every TTL is client_ttl
         # long, so this is also deadline order: a queue, one pointer per entry,
@@ -365,7 +366,7 @@ class Streamer:
         """Make ``client``'s topics here exactly ``topics`` (the cluster
         store's word), subscribing and unsubscribing as needed."""
         wanted = self.check_topics(topics)
-        async with self._update_lock(client):
+        async with self._update_locks.hold(client):
             keep = set(wanted)
             add = client.new_topics(wanted)
             remove = [t for t in client.topics if t not in keep]
@@ -450,7 +451,6 @@ class Streamer:
     def _forget_client(self, client: Client) -> None:
         client.closed = True
         self._clients.pop(client.id, None)
-        self._update_locks.pop(client, None)
         if client.peer:
             made = self._peer_clients.get(client.peer, 0) - 1
             if made > 0:
@@ -518,15 +518,8 @@ class Streamer:
             raise LimitExceededError(
                 f"a client may hold at most {self.config.max_topics_per_client} topics"
             )
-        async with self._update_lock(found):
+        async with self._update_locks.hold(found):
             return await self._apply(found, add_list, remove_list)
-
-    def _update_lock(self, client: Client) -> asyncio.Lock:
-        """The client's update lock (made on its first update)."""
-        lock = self._update_locks.get(client)
-        if lock is None:
-            lock = self._update_locks[client] = asyncio.Lock()
-        return lock
 
     def add_held_topics(self, client: Client, topics: Iterable[str]) -> bool:
         """Subscribe ``client`` to ``topics`` without awaiting, when the driver
@@ -535,8 +528,7 @@ class Streamer:
         False, with nothing changed, when one must wait for the broker (or
         an update of this client is under way): use
         :meth:`update_subscriptions` then. Topics must be checked already."""
-        lock = self._update_locks.get(client)
-        if client.closed or (lock is not None and lock.locked()):
+        if client.closed or self._update_locks.busy(client):
             return False
         new = client.new_topics(topics)
         if client.topic_count + len(new) > self.config.max_topics_per_client:

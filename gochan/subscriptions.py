@@ -4,12 +4,12 @@ but the driver calls it makes, one at a time per topic."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from .drivers import Driver
 from .errors import BrokerError
 from .history import History
+from .locks import KeyedLocks
 from .log import logger
 
 __all__ = ["Subscriptions"]
@@ -27,7 +27,7 @@ class Subscriptions:
         self.sees_every_publish = sees_every_publish
         self.refs: dict[str, int] = {}  # topic -> clients holding it
         self.subscribed: set[str] = set()  # topics the driver is subscribed to
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: KeyedLocks[str] = KeyedLocks()
         # A driver that subscribes without a round trip (the in-memory one).
         self._subscribe_nowait: Callable[[str], None] | None = getattr(
             driver, "subscribe_nowait", None
@@ -48,7 +48,7 @@ class Subscriptions:
             if subscribe is None:
                 return False
             missing = [t for t in dict.fromkeys(topics) if t not in subscribed]
-            if any(t in self._locks for t in missing):
+            if any(self._locks.busy(t) for t in missing):
                 return False  # reconcile() is at it: it has the last word
             for topic in missing:
                 subscribe(topic)
@@ -103,19 +103,12 @@ class Subscriptions:
     async def reconcile(self, topic: str) -> None:
         """Bring the driver in line with whether any client holds ``topic``
         now; one driver call at a time per topic."""
-        lock = self._locks.get(topic)
-        if lock is None:
-            lock = self._locks[topic] = asyncio.Lock()
-        try:
-            async with lock:
-                wanted = topic in self.refs
-                held = topic in self.subscribed
-                if wanted and not held:
-                    await self.driver.subscribe(topic)
-                    self.subscribed.add(topic)
-                elif held and not wanted:
-                    self.subscribed.discard(topic)
-                    await self.driver.unsubscribe(topic)
-        finally:
-            if not lock.locked() and self._locks.get(topic) is lock:
-                del self._locks[topic]
+        async with self._locks.hold(topic):
+            wanted = topic in self.refs
+            held = topic in self.subscribed
+            if wanted and not held:
+                await self.driver.subscribe(topic)
+                self.subscribed.add(topic)
+            elif held and not wanted:
+                self.subscribed.discard(topic)
+                await self.driver.unsubscribe(topic)

@@ -47,6 +47,18 @@ async def test_clients_topics_and_counts() -> None:
             streamer.client_topics(a.id)
 
 
+async def test_updated_clients_keep_no_lock() -> None:
+    """A client's updates run one at a time under a lock that lasts only
+    while one is under way or waiting: 1,000 clients updated hold none."""
+    async with Streamer(Config()) as streamer:
+        clients = [await streamer.new_client(["x"]) for _ in range(1000)]
+        await asyncio.gather(
+            *(streamer.update_subscriptions(c, add=[f"t{i}"]) for i, c in enumerate(clients))
+        )
+        assert len(streamer._update_locks) == 0
+        assert sorted(streamer.client_topics(clients[7])) == ["t7", "x"]
+
+
 async def test_custom_client_errors() -> None:
     async with Streamer() as streamer:
         await streamer.new_custom_client("taken")

@@ -27,7 +27,6 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
@@ -44,6 +43,7 @@ from ..errors import (
     LimitExceededError,
     UnknownClientError,
 )
+from ..locks import KeyedLocks
 from ..log import broker_logger
 from .store import ALL_NODES, ClusterStore, key_of, valid_node_id
 
@@ -146,7 +146,7 @@ class ClusterNode:
         self.holding: dict[str, int] = {}  # client id -> record revision applied here
         self.last_seen: dict[str, float] = {}  # node -> loop time of its heartbeat
         self._streamer: Streamer | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: KeyedLocks[str] = KeyedLocks()
         self._waiters: dict[int, _Waiter] = {}
         self._seq = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -263,18 +263,6 @@ class ClusterNode:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, client_id: str) -> AsyncIterator[None]:
-        lock = self._locks.get(client_id)
-        if lock is None:
-            lock = self._locks[client_id] = asyncio.Lock()
-        try:
-            async with lock:
-                yield
-        finally:
-            if not lock.locked() and self._locks.get(client_id) is lock:
-                del self._locks[client_id]
-
     @property
     def streamer(self) -> Streamer:
         if self._streamer is None:
@@ -326,7 +314,7 @@ class ClusterNode:
         its holders and its local client takes the record's topics. None
         when no such client is owned by ``identity``."""
         streamer = self.streamer
-        async with self._locked(client_id):
+        async with self._locks.hold(client_id):
             local = streamer.get_client(client_id)
             if client_id in self.holding and local is not None:
                 return local if local.identity == identity else None
@@ -369,7 +357,7 @@ class ClusterNode:
         within ``cluster_timeout``."""
         self.counters["updates"] += 1
         errors: list[TopicError] = []
-        async with self._locked(client_id):
+        async with self._locks.hold(client_id):
             for _ in range(CAS_ATTEMPTS):
                 found = await self._read(client_id)
                 if found is None or found[0].identity != identity:
@@ -434,7 +422,7 @@ class ClusterNode:
             self._spawn(self._release(client.id))
 
     async def _release(self, client_id: str) -> None:
-        async with self._locked(client_id):
+        async with self._locks.hold(client_id):
             local = self.streamer.get_client(client_id)
             if local is not None and local.streams:
                 return  # a stream opened again meanwhile
@@ -462,7 +450,7 @@ class ClusterNode:
         """The client's local TTL ran out here: delete its record if no node
         has held it for ``client_ttl``."""
         try:
-            async with self._locked(client_id):
+            async with self._locks.hold(client_id):
                 found = await self._read(client_id)
                 if found is None:
                     return
@@ -518,7 +506,7 @@ class ClusterNode:
         errors: list[TopicError] = []
         self.counters["remote_applies"] += 1
         try:
-            async with self._locked(client_id):
+            async with self._locks.hold(client_id):
                 local = self.streamer.get_client(client_id)
                 applied = self.holding.get(client_id)
                 if local is not None and applied is not None and revision > applied:
