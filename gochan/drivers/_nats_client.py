@@ -109,30 +109,29 @@ class DirectClient(Client):
     task per topic held. Its ``Subscription`` holds two asyncio queues
     too, 3.8 KiB of the 4.1 KiB one costs, which for per-user topics is
     most of a connection's memory. A subscription made by
-    :meth:`subscribe_direct` has none of that: a sid in ``direct``, whose
-    messages reach ``direct[sid](data)`` from the parser in the order they
-    arrived. JetStream subscriptions keep nats-py's path (their ordering
-    and flow control live there).
+    :meth:`subscribe_direct` has none of that: its sid maps to its topic in
+    ``direct``, and its messages reach ``deliver(topic, data)`` from the
+    parser in the order they arrived. JetStream subscriptions keep
+    nats-py's path (their ordering and flow control live there).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, deliver: Callable[[str, bytes], None]) -> None:
         super().__init__()
-        self.direct: dict[int, Callable[[bytes], None]] = {}
+        self.deliver = deliver
+        self.direct: dict[int, str] = {}
 
-    async def subscribe_direct(
-        self, subject: str, deliver: Callable[[bytes], None]
-    ) -> DirectSubscription:
+    async def subscribe_direct(self, subject: str, topic: str) -> DirectSubscription:
         """SUB ``subject`` (a literal subject the caller has checked), its
-        messages to ``deliver``. The SUB is only queued: the :meth:`ping`
-        that must follow to know the server has it (or refused it) writes
-        it, and no flusher wakeup is spent on it."""
+        messages to ``deliver`` as ``topic``'s. The SUB is only queued: the
+        :meth:`ping` that must follow to know the server has it (or refused
+        it) writes it, and no flusher wakeup is spent on it."""
         if self.is_closed:
             raise nats.errors.ConnectionClosedError
         if self.is_draining:
             raise nats.errors.ConnectionDrainingError
         self._sid += 1
         sid = self._sid
-        self.direct[sid] = deliver
+        self.direct[sid] = topic
         await self._send_command(b"SUB %s %d\r\n" % (subject.encode(), sid))
         return DirectSubscription(self, sid)
 
@@ -169,14 +168,14 @@ class DirectClient(Client):
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
     ) -> None:
-        deliver = self.direct.get(sid)
-        if deliver is None:
+        topic = self.direct.get(sid)
+        if topic is None:
             await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
             return
         stats = self.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
-        deliver(data)  # headers, if a publisher sent any, carry nothing gochan relays
+        self.deliver(topic, data)  # headers, if a publisher sent any, carry nothing gochan relays
 
 
 class DirectSubscription:

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar
 
@@ -459,7 +458,7 @@ class NatsDriver(Lifecycle[DirectClient]):
 
     async def _open(self) -> DirectClient:
         """A new connection (stream ensured with JetStream), or BrokerError."""
-        nc = DirectClient()
+        nc = DirectClient(self._deliver)
         connect_errors: list[Exception] = []
 
         async def on_error(exc: Exception) -> None:
@@ -710,7 +709,7 @@ class NatsDriver(Lifecycle[DirectClient]):
         self, nc: DirectClient, topic: str, subject: str, last_seq: int | None
     ) -> Sub:
         if not self._jetstream:
-            return await nc.subscribe_direct(subject, functools.partial(self._deliver, topic))
+            return await nc.subscribe_direct(subject, topic)
         callback = self._callback(topic)
         assert last_seq is not None
         start = self._positions.setdefault(topic, last_seq)
