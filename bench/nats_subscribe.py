@@ -10,13 +10,19 @@ difference is what a round trip costs this process; connects on per-user
 topics pay the first figure when they come one by one, and approach the
 second under load.
 
-It needs a nats-server (``--url``, by default the local one on 4222); each
-round subscribes fresh topics and unsubscribes them after.
+``--jetstream`` subscribes through JetStream instead (an ordered push
+consumer per topic on a stream of the benchmark's own, deleted after), as
+``--nats-jetstream`` does.
+
+It needs a nats-server (``--url``, by default the local one on 4222; with
+JetStream enabled for ``--jetstream``); each round subscribes fresh topics
+and unsubscribes them after.
 
 Usage::
 
     python bench/nats_subscribe.py                    # 5,000 topics, 2 rounds of each
     python bench/nats_subscribe.py --topics 20000 --rounds 3
+    python bench/nats_subscribe.py --jetstream --topics 1000
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import time
 import uuid
 from typing import Any
 
+import nats
 import uvloop
 
 from gochan.drivers.nats import NatsDriver
@@ -58,7 +65,11 @@ async def one_round(driver: NatsDriver, mode: str, count: int) -> tuple[float, f
 
 
 async def main(args: argparse.Namespace) -> None:
-    driver = NatsDriver(url=args.url)
+    stream = f"BENCH_{uuid.uuid4().hex[:8].upper()}"
+    options: dict[str, Any] = {"url": args.url}
+    if args.jetstream:
+        options.update(jetstream=True, prefix=f"{stream.lower()}.", stream=stream)
+    driver = NatsDriver(**options)
     await driver.connect(Discard())
     try:
         for _ in range(args.rounds):
@@ -69,6 +80,12 @@ async def main(args: argparse.Namespace) -> None:
                 )
     finally:
         await driver.close()
+        if args.jetstream:
+            nc = await nats.connect(args.url)
+            try:
+                await nc.jetstream().delete_stream(stream)
+            finally:
+                await nc.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", default="nats://127.0.0.1:4222")
     p.add_argument("--topics", type=int, default=5000, help="topics per round")
     p.add_argument("--rounds", type=int, default=2, help="rounds of each mode, alternated")
+    p.add_argument("--jetstream", action="store_true", help="subscribe through JetStream")
     return p.parse_args(argv)
 
 

@@ -540,7 +540,8 @@ def test_connect_inproc_opens_every_stream(only: list[str]) -> None:
     )
 
 
-def test_nats_subscribe_subscribes_every_topic() -> None:
+@pytest.mark.parametrize("jetstream", [[], ["--jetstream"]], ids=["core", "jetstream"])
+def test_nats_subscribe_subscribes_every_topic(jetstream: list[str]) -> None:
     """bench/nats_subscribe.py at a tiny size against a nats-server started
     here: both modes print a figure (it exits non-zero if the driver does not
     hold every topic a round subscribed)."""
@@ -549,7 +550,7 @@ def test_nats_subscribe_subscribes_every_topic() -> None:
     for server in NatsServer.running():
         run = subprocess.run(
             [sys.executable, str(BENCH / "nats_subscribe.py"), "--url", server.url,
-             "--topics", "200", "--rounds", "1"],
+             "--topics", "200", "--rounds", "1", *jetstream],
             capture_output=True, text=True, timeout=120, cwd=ROOT,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
