@@ -79,5 +79,5 @@ class _Holding(Generic[K]):
     def _leave(self) -> None:
         entry = self._entry
         entry.users -= 1
-        if not entry.users and self._locks._entries.get(self._key) is entry:
+        if not entry.users:  # only the entry in use is ever in the dict
             del self._locks._entries[self._key]
