@@ -11,6 +11,7 @@ from .errors import BrokerError
 from .history import History
 from .locks import KeyedLocks
 from .log import logger
+from .topicset import TopicSet
 
 __all__ = ["Subscriptions"]
 
@@ -26,7 +27,7 @@ class Subscriptions:
         # a topic nobody holds is seen being lost; with a broker it is not.
         self.sees_every_publish = sees_every_publish
         self.refs: dict[str, int] = {}  # topic -> clients holding it
-        self.subscribed: set[str] = set()  # topics the driver is subscribed to
+        self.subscribed = TopicSet()  # topics the driver is subscribed to
         self._locks: KeyedLocks[str] = KeyedLocks()
         # A driver that subscribes without a round trip (the in-memory one).
         self._subscribe_nowait: Callable[[str], None] | None = getattr(

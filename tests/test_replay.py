@@ -59,7 +59,7 @@ def test_a_topic_held_again_before_its_unsubscribe_is_marked_as_a_gap() -> None:
     # across that time is complete.
     history = History(max_messages=10, max_bytes=10_000, max_age_s=10)
     subscriptions = Subscriptions(MemDriver(), history, sees_every_publish=False)
-    subscriptions.subscribed.update(("gone", "held"))
+    subscriptions.subscribed.update(dict.fromkeys(("gone", "held")))
     subscriptions.refs["held"] = 1
     history.add(1, "held", b"1", now=0.0)
     assert history.complete_after(1, ["gone"]) and history.complete_after(1, ["held"])

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 from ..errors import BatchPublishError, ClosedError
+from ..topicset import TopicSet
 from .base import Receiver
 
 __all__ = ["MemDriver"]
@@ -23,7 +24,7 @@ class MemDriver:
 
     def __init__(self) -> None:
         self._receiver: Receiver | None = None
-        self._topics: set[str] = set()
+        self._topics: TopicSet = TopicSet()
         self._closed = False
         self.published = 0
         self._received = 0

@@ -55,6 +55,7 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
+from ..topicset import TopicSet
 from ._common import check_topic_bytes, require_positive
 from ._lifecycle import Lifecycle
 
@@ -162,7 +163,7 @@ class MqttDriver(Lifecycle[aiomqtt.Client]):
         self._keepalive = int(keepalive)
         self._timeout = float(timeout)
         super().__init__(reconnect_min, reconnect_max)
-        self._topics: set[str] = set()
+        self._topics: TopicSet = TopicSet()
         self._client: aiomqtt.Client | None = None
 
     # -- Driver protocol -------------------------------------------------

@@ -89,6 +89,7 @@ from ..errors import (
     ReplayGapError,
 )
 from ..log import broker_logger
+from ..topicset import TopicSet
 from ._common import redact_url, reject_renamed, require_positive
 from ._lifecycle import Lifecycle
 from ._nats_client import (
@@ -254,7 +255,7 @@ class NatsDriver(Lifecycle[DirectClient]):
         self._nc: DirectClient | None = None
         # Topics the streamer holds (including any being restored) and the
         # live broker subscription of each.
-        self._topics: set[str] = set()
+        self._topics: TopicSet = TopicSet()
         self._subs: dict[str, Sub] = {}
         # JetStream: last stream sequence delivered (or skipped) per topic.
         self._positions: dict[str, int] = {}

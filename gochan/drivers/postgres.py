@@ -59,6 +59,7 @@ from ..errors import (
     LimitExceededError,
 )
 from ..log import broker_logger
+from ..topicset import TopicSet
 from ._common import check_topic_bytes, require_positive
 from ._lifecycle import Lifecycle
 
@@ -153,7 +154,7 @@ class PostgresDriver(Lifecycle[Any]):
         self._timeout = float(timeout)
         self._ping_interval = float(ping_interval)
         super().__init__(reconnect_min, reconnect_max)
-        self._topics: set[str] = set()
+        self._topics: TopicSet = TopicSet()
         self._conn: Any = None  # the listening asyncpg.Connection
         self._pool: Any = None  # asyncpg.Pool for publishing
         self._lost = asyncio.Event()

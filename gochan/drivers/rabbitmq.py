@@ -60,6 +60,7 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
+from ..topicset import TopicSet
 from ._common import check_topic_bytes, require_positive
 from ._lifecycle import Lifecycle
 
@@ -170,7 +171,7 @@ class RabbitMQDriver(Lifecycle[_Session]):
         self._connection_name = connection_name
         self._timeout = float(timeout)
         super().__init__(reconnect_min, reconnect_max)
-        self._topics: set[str] = set()
+        self._topics: TopicSet = TopicSet()
         self._session: _Session | None = None
 
     # -- Driver protocol -------------------------------------------------
