@@ -473,10 +473,14 @@ class Streamer:
             topics if isinstance(topics, (list, tuple)) else list(topics)
         )
         try:
-            # All seen before, the usual case. Anything else (a new name, a
-            # non-str: KeyError or TypeError) goes through the checks below.
-            return [known[topic] for topic in listed]
-        except (KeyError, TypeError):
+            # All seen before, the usual case: no None among them. A new name
+            # (None) or a non-str (a TypeError if unhashable) goes through the
+            # checks below. No KeyError: raising one costs more than the
+            # lookups (a connect on a new per-user topic).
+            found = list(map(known.get, listed))
+            if None not in found:
+                return found  # type: ignore[return-value]
+        except TypeError:
             pass
         checked: list[str] = []
         for topic in listed:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import sys
 import time
 
@@ -24,9 +26,29 @@ from gochan.stream import Stream
 
 
 def test_generated_ids_are_unguessable() -> None:
-    ids = {new_client_id() for _ in range(1000)}
+    ids = {new_client_id() for _ in range(1000)}  # several urandom batches
     assert len(ids) == 1000
-    assert all(len(i) == 24 for i in ids)  # 18 random bytes, base64url
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{24}", i) for i in ids)  # 18 random bytes, base64url
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_makes_ids_of_its_own() -> None:
+    # Ids come from batches of one urandom read: a child that went on with
+    # its parent's batch would hand out the ids the parent hands out next.
+    new_client_id()  # the parent holds a batch now
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.write(writer, "".join(new_client_id() for _ in range(3)).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        child = pipe.read().decode()
+    os.waitpid(pid, 0)
+    parent = "".join(new_client_id() for _ in range(3))
+    assert len(child) == 72 and child != parent
 
 
 async def test_clients_topics_and_counts() -> None:

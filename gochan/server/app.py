@@ -65,6 +65,7 @@ class Server:
         loopback peers when no publish_key is set."""
         self.streamer = streamer
         self.config = config
+        self._peer_connection_limit = config.peer_connection_limit  # per connect: kept
         self.metrics = Metrics(streamer)
         self.router = Router(
             streamer,
@@ -183,7 +184,7 @@ class Server:
                         (b"Retry-After", retry)
                     ])  # fmt: skip
             count = self.peers.get(address, 0)
-            if count >= self.config.peer_connection_limit:
+            if count >= self._peer_connection_limit:
                 metrics.connections_refused += 1
                 metrics.peer_refusals += 1
                 metrics.refuse("max_connections_per_peer")
