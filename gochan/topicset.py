@@ -5,7 +5,7 @@ holds 50,000 names, and keeps it at most 60% full: at 20,000 names it takes
 105 B per name, and 62 B on average between 1,000 and 10,000 names. A dict
 keeps its entries in a compact array beside a small index: 21 B at 20,000
 names, 27 B on average between 1,000 and 10,000 (48 against 32 B between
-10,000 and 100,000, where the set doubles instead). With a topic per user,
+10,000 and 100,000; past 50,000 the set only doubles). With a topic per user,
 the streamer and its driver each keep such a set of every topic held, so
 the difference is paid for every connection
 (bench/profiles/connection_memory.md)."""
