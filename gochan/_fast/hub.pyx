@@ -171,6 +171,8 @@ cdef class Topic:
         return self.count
 
     cdef int _append(self, Subscriber sub) except -1:
+        if self.count >= INT_MAX:  # a Membership keeps the slot as an int
+            raise MemoryError()
         if self.count == self.capacity:
             self.slots = <PyObject**>_grow(self.slots, &self.capacity,
                                            TOPIC_INITIAL_SLOTS, sizeof(PyObject*))
@@ -185,7 +187,7 @@ cdef class Topic:
         if index != last:
             self.slots[index] = self.slots[last]
             moved = <Subscriber>self.slots[index]
-            moved.members[moved._find(<PyObject*>self)].index = index
+            moved.members[moved._find(<PyObject*>self)].index = <int>index
         self.count = last
         # Give memory back when a big topic empties out.
         if self.capacity > TOPIC_INITIAL_SLOTS and self.count * 4 <= self.capacity:
@@ -581,7 +583,7 @@ cdef class Hub:
                                                    MEMBER_INITIAL_SLOTS, sizeof(Membership))
         t._append(sub)
         sub.members[sub.members_len].topic = <PyObject*>t
-        sub.members[sub.members_len].index = t.count - 1
+        sub.members[sub.members_len].index = <int>(t.count - 1)
         sub.members_len += 1
         return True
 
