@@ -62,6 +62,7 @@ from .server.metrics import Metrics
 from .server.routes import OpenStream, Response, Router
 from .stream import Stream
 from .streamer import Streamer
+from .waiting import within
 
 __all__ = ["GochanASGI", "Message", "Receive", "Scope", "Send"]
 
@@ -478,7 +479,7 @@ class GochanASGI:
         # Dropped by gochan (slow consumer, or the close did not flush in
         # time): end the response if the server takes it at once.
         with contextlib.suppress(Exception, asyncio.TimeoutError):
-            await asyncio.wait_for(send(_end()), DEFAULT_END_TIMEOUT_S)
+            await within(send(_end()), DEFAULT_END_TIMEOUT_S)
 
 
 def _chain_exit_signals(callback: Callable[[], None]) -> Callable[[], None] | None:

@@ -45,6 +45,7 @@ from ..errors import (
 )
 from ..locks import KeyedLocks
 from ..log import broker_logger
+from ..waiting import within
 from .store import ALL_NODES, ClusterStore, key_of, valid_node_id
 
 if TYPE_CHECKING:
@@ -408,7 +409,7 @@ class ClusterNode:
                     )
                 waiter.woken.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(waiter.woken.wait(), min(left, LIVENESS_CHECK_S))
+                    await within(waiter.woken.wait(), min(left, LIVENESS_CHECK_S))
                 # A holder that died meanwhile has no streams left to change.
                 waiter.pending = {n for n in waiter.pending if self.alive(n)}
         finally:

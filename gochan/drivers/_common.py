@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from ..client import MAX_TOPIC_BYTES
 from ..errors import ClosedError, ConfigurationError, InvalidTopicError
 from ..log import broker_logger
+from ..waiting import within
 from .base import Receiver
 
 __all__ = [
@@ -80,7 +81,7 @@ def require_open(closed: bool) -> None:
 async def bounded(aw: Awaitable[_T], timeout_s: float, broker: str) -> _T:
     """``await aw``, or :class:`TimeoutError` naming ``broker`` after ``timeout_s``."""
     try:
-        return await asyncio.wait_for(aw, timeout_s)
+        return await within(aw, timeout_s)
     except asyncio.TimeoutError as exc:  # an alias of TimeoutError from 3.11
         raise TimeoutError(f"no answer from {broker} within {timeout_s}s") from exc
 

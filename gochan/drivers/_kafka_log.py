@@ -19,6 +19,7 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
 
 from ..errors import BrokerError, ReplayGapError
 from ..log import broker_logger
+from ..waiting import within
 from ._common import bounded
 
 __all__ = ["cluster_id", "log_bounds", "log_tag", "read_log", "record_topic"]
@@ -133,6 +134,6 @@ async def read_log(
                 raise BrokerError(f"kafka: replay of {log_topic!r} stalled")
     finally:
         try:
-            await asyncio.wait_for(consumer.stop(), STOP_TIMEOUT_S)
+            await within(consumer.stop(), STOP_TIMEOUT_S)
         except Exception as exc:
             broker_logger.debug("kafka: stop replay consumer: %r", exc)

@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from ..errors import BrokerConnectionError, BrokerError, ConfigurationError
 from ..log import broker_logger
+from ..waiting import within
 from ._common import redact_url, reject_renamed, require_positive
 from ._lifecycle import Lifecycle
 
@@ -237,9 +238,7 @@ class RedisBase(Lifecycle[AbstractConnection]):
         conn: AbstractConnection | None = None
         try:
             conn = _new_connection(self._listen_pool)
-            await asyncio.wait_for(
-                _connect(conn), self._connect_timeout_s + self._command_timeout_s
-            )
+            await within(_connect(conn), self._connect_timeout_s + self._command_timeout_s)
             await self._opened(conn)
         except BaseException as exc:
             if conn is not None:

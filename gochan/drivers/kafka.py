@@ -92,6 +92,7 @@ from ..errors import (
     ReplayGapError,
 )
 from ..log import broker_logger
+from ..waiting import within
 from ._common import bounded, cancel_and_wait, require_positive
 from ._kafka_log import cluster_id, log_tag, read_log, record_topic
 from ._lifecycle import Lifecycle
@@ -513,7 +514,7 @@ class KafkaDriver(Lifecycle[None]):
             if remaining <= 0:
                 raise BrokerError(f"kafka: live delivery did not reach offset {after} in time")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), remaining)
+                await within(self._progress.wait(), remaining)
         return self._delivered
 
     @staticmethod
@@ -522,6 +523,6 @@ class KafkaDriver(Lifecycle[None]):
             if client is None:
                 continue
             try:
-                await asyncio.wait_for(client.stop(), STOP_TIMEOUT_S)
+                await within(client.stop(), STOP_TIMEOUT_S)
             except Exception as exc:
                 broker_logger.debug("kafka: stop: %r", exc)

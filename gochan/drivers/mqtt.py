@@ -40,7 +40,6 @@ failure code, for example an ACL) is dropped and reported through
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import ssl
@@ -56,6 +55,7 @@ from ..errors import (
 )
 from ..log import broker_logger
 from ..topicset import TopicSet
+from ..waiting import within
 from ._common import check_topic_bytes, require_positive
 from ._lifecycle import Lifecycle
 
@@ -272,7 +272,7 @@ class MqttDriver(Lifecycle[aiomqtt.Client]):
 
     async def _discard(self, client: aiomqtt.Client) -> None:
         try:
-            await asyncio.wait_for(client.__aexit__(None, None, None), self._timeout)
+            await within(client.__aexit__(None, None, None), self._timeout)
         except Exception as exc:
             broker_logger.debug("mqtt: error closing the connection: %r", exc)
 

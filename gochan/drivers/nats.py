@@ -90,6 +90,7 @@ from ..errors import (
 )
 from ..log import broker_logger
 from ..topicset import TopicSet
+from ..waiting import within
 from ._common import redact_url, reject_renamed, require_positive
 from ._lifecycle import Lifecycle
 from ._nats_client import (
@@ -475,7 +476,7 @@ class NatsDriver(Lifecycle[DirectClient]):
             self._lost(nc, "lost the connection")
 
         try:
-            await asyncio.wait_for(
+            await within(
                 nc.connect(
                     servers=self._servers,
                     name=self._client_name,
@@ -511,7 +512,7 @@ class NatsDriver(Lifecycle[DirectClient]):
             self._nc = None
             self._drop_subs()
         try:
-            await asyncio.wait_for(nc.close(), self._request_timeout_s)
+            await within(nc.close(), self._request_timeout_s)
         except Exception as exc:  # closing a broken connection may fail: it is gone anyway
             broker_logger.debug("closing a NATS connection failed: %r", exc)
 
@@ -627,7 +628,7 @@ class NatsDriver(Lifecycle[DirectClient]):
         """
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._lost_event.wait(), self._ping_interval_s)
+                await within(self._lost_event.wait(), self._ping_interval_s)
                 return self._lost_why
             try:
                 await self._round_trip(nc)

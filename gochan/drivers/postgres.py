@@ -60,6 +60,7 @@ from ..errors import (
 )
 from ..log import broker_logger
 from ..topicset import TopicSet
+from ..waiting import within
 from ._common import check_topic_bytes, require_positive
 from ._lifecycle import Lifecycle
 
@@ -218,7 +219,7 @@ class PostgresDriver(Lifecycle[Any]):
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
-                await asyncio.wait_for(pool.close(), self._timeout)
+                await within(pool.close(), self._timeout)
             except Exception as exc:
                 broker_logger.debug("postgres: error closing the pool: %r", exc)
                 pool.terminate()
@@ -296,7 +297,7 @@ class PostgresDriver(Lifecycle[Any]):
         return conn
 
     async def _bounded(self, aw: Awaitable[_T]) -> _T:
-        return await asyncio.wait_for(aw, self._timeout)
+        return await within(aw, self._timeout)
 
     async def _locked(self, aw: Awaitable[_T]) -> _T:
         async with self._lock:
@@ -332,7 +333,7 @@ class PostgresDriver(Lifecycle[Any]):
         """Return once the listening connection is found dead."""
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), self._ping_interval)
+                await within(self._lost.wait(), self._ping_interval)
                 return "listening connection lost"
             if conn.is_closed():
                 return "listening connection closed"

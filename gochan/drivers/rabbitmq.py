@@ -61,6 +61,7 @@ from ..errors import (
 )
 from ..log import broker_logger
 from ..topicset import TopicSet
+from ..waiting import within
 from ._common import check_topic_bytes, require_positive
 from ._lifecycle import Lifecycle
 
@@ -113,7 +114,7 @@ class _Session:
             except Exception as exc:  # the queue goes with the connection anyway
                 broker_logger.debug("rabbitmq: could not delete queue %s: %r", self.queue.name, exc)
         try:
-            await asyncio.wait_for(self.connection.close(), timeout)
+            await within(self.connection.close(), timeout)
         except Exception as exc:
             broker_logger.debug("rabbitmq: error closing the connection: %r", exc)
 
@@ -264,7 +265,7 @@ class RabbitMQDriver(Lifecycle[_Session]):
         connection = await aio_pika.connect(url, timeout=self._timeout)
         try:
             channel = connection.channel(publisher_confirms=True)
-            await asyncio.wait_for(channel.initialize(), self._timeout)
+            await within(channel.initialize(), self._timeout)
             exchange = await channel.declare_exchange(
                 self._exchange_name,
                 aio_pika.ExchangeType.TOPIC,
@@ -280,7 +281,7 @@ class RabbitMQDriver(Lifecycle[_Session]):
             channel.close_callbacks.add(session.mark_lost)
         except BaseException:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), self._timeout)
+                await within(connection.close(), self._timeout)
             raise
         broker_logger.debug(
             "rabbitmq: connected, exchange %s, queue %s", self._exchange_name, queue.name

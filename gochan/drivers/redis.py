@@ -48,6 +48,7 @@ from redis.exceptions import ResponseError
 
 from ..errors import BatchPublishError, BrokerConnectionError, BrokerError, ConfigurationError
 from ..log import broker_logger
+from ..waiting import within
 from ._redis_conn import (
     CONNECTION_ERRORS,
     SESSION_ERRORS,
@@ -91,7 +92,7 @@ class RedisPubSubDriver(RedisBase):
         self._add_topic(topic, channel)
         done = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(
+            await within(
                 self._request(
                     conn, [("SUBSCRIBE", channel)], [_Pending(b"subscribe", topic, done)], done
                 ),
@@ -116,7 +117,7 @@ class RedisPubSubDriver(RedisBase):
             return  # the subscription went with the connection
         done = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(
+            await within(
                 self._request(
                     conn, [("UNSUBSCRIBE", channel)], [_Pending(b"unsubscribe", topic, done)], done
                 ),
@@ -132,9 +133,7 @@ class RedisPubSubDriver(RedisBase):
         self._check_ready()
         key = self._key(topic)
         try:
-            receivers = await asyncio.wait_for(
-                execute(client, "PUBLISH", key, data), self._command_timeout_s
-            )
+            receivers = await within(execute(client, "PUBLISH", key, data), self._command_timeout_s)
         except ResponseError as exc:
             raise BrokerError(f"Redis refused to publish on {key!r}: {exc}") from exc
         except CONNECTION_ERRORS as exc:
@@ -150,9 +149,7 @@ class RedisPubSubDriver(RedisBase):
         keys = [self._key(topic) for topic, _ in messages]
         commands = [("PUBLISH", key, data) for key, (_, data) in zip(keys, messages, strict=True)]
         try:
-            replies = await asyncio.wait_for(
-                execute_multi(client, commands), self._command_timeout_s
-            )
+            replies = await within(execute_multi(client, commands), self._command_timeout_s)
         except ResponseError as exc:
             error = BrokerError(f"Redis refused the batch: {exc}")
             raise BatchPublishError([], len(messages), error) from exc
@@ -194,7 +191,7 @@ class RedisPubSubDriver(RedisBase):
                 [_Pending(b"subscribe", topic, restore=True) for topic, _channel in topics],
             )
         while self._restoring > 0:
-            reply = await asyncio.wait_for(self._read(conn), self._command_timeout_s)
+            reply = await within(self._read(conn), self._command_timeout_s)
             if reply is not None:
                 self._on_reply(reply)
         return self._conn is conn and conn.is_connected

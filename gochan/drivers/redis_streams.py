@@ -73,6 +73,7 @@ from ..errors import (
     ReplayGapError,
 )
 from ..log import broker_logger
+from ..waiting import within
 from ._common import require_positive
 from ._redis_conn import (
     CONNECTION_ERRORS,
@@ -184,7 +185,7 @@ class RedisStreamsDriver(RedisBase):
         client = self._client()
         try:
             # Also tells a key of another type at once (WRONGTYPE).
-            last = await asyncio.wait_for(
+            last = await within(
                 execute(client, "XREVRANGE", self._stream, "+", "-", "COUNT", 1),
                 self._command_timeout_s,
             )
@@ -210,7 +211,7 @@ class RedisStreamsDriver(RedisBase):
         client = self._client()
         trim: list[Any] = ["MAXLEN", "~", self._stream_maxlen] if self._stream_maxlen else []
         try:
-            entry_id = await asyncio.wait_for(
+            entry_id = await within(
                 execute(
                     client, "XADD", self._stream, *trim, "*",
                     STREAM_TOPIC_FIELD, topic.encode(), STREAM_DATA_FIELD, data,
@@ -235,9 +236,7 @@ class RedisStreamsDriver(RedisBase):
             for topic, data in messages
         ]  # fmt: skip
         try:
-            entry_ids = await asyncio.wait_for(
-                execute_multi(client, commands), self._command_timeout_s
-            )
+            entry_ids = await within(execute_multi(client, commands), self._command_timeout_s)
         except ResponseError as exc:
             error = BrokerError(f"Redis refused the batch on {self._stream!r}: {exc}")
             raise BatchPublishError([], len(messages), error) from exc
@@ -295,7 +294,7 @@ class RedisStreamsDriver(RedisBase):
 
     async def _command(self, client: redis.asyncio.Redis, *args: Any) -> Any:
         try:
-            return await asyncio.wait_for(execute(client, *args), self._command_timeout_s)
+            return await within(execute(client, *args), self._command_timeout_s)
         except ResponseError as exc:
             raise BrokerError(f"Redis refused {args[0]} on {self._stream!r}: {exc}") from exc
         except CONNECTION_ERRORS as exc:
@@ -320,10 +319,10 @@ class RedisStreamsDriver(RedisBase):
         cursor = self._cursor
         if cursor is None:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), self._ping_interval_s)
+                await within(self._wakeup.wait(), self._ping_interval_s)
             except asyncio.TimeoutError:
                 await conn.send_command("PING", check_health=False)
-                await asyncio.wait_for(conn.read_response(), self._command_timeout_s)
+                await within(conn.read_response(), self._command_timeout_s)
             return
         block_ms = max(1, round(self._stream_block_s * 1000))
         try:
@@ -332,7 +331,7 @@ class RedisStreamsDriver(RedisBase):
                 "STREAMS", self._stream, cursor,
                 check_health=False,
             )  # fmt: skip
-            reply = await asyncio.wait_for(
+            reply = await within(
                 conn.read_response(), self._stream_block_s + self._command_timeout_s
             )
         except ResponseError as exc:

@@ -63,6 +63,7 @@ from ..errors import (
     InvalidTopicError,
 )
 from ..log import broker_logger
+from ..waiting import within
 from ._common import bounded, require_positive
 from ._lifecycle import Lifecycle
 
@@ -365,7 +366,7 @@ class SqsDriver(Lifecycle[None]):
         """Receive, deliver and delete, until a receive fails."""
         while True:
             try:
-                response = await asyncio.wait_for(
+                response = await within(
                     self._sqs.receive_message(
                         QueueUrl=self.queue_url,
                         MaxNumberOfMessages=RECEIVE_BATCH,

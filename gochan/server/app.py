@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from .._fast import ConnectParser, PublishParser
 from ..log import server_logger
 from ..ratelimit import RateLimit
+from ..waiting import within
 from .access import AccessLog
 from .http import MAX_QUERY_FIELDS, NO_PEER, Peer, is_loopback_host, refresh_date
 from .metrics import Metrics
@@ -328,7 +329,7 @@ class Server:
         if self._listener is not None:
             try:
                 remaining = max(SHUTDOWN_POLL_S, deadline - time.monotonic())
-                await asyncio.wait_for(self._listener.wait_closed(), remaining)
+                await within(self._listener.wait_closed(), remaining)
             except asyncio.TimeoutError:
                 server_logger.warning("connections still open after the grace period")
 
