@@ -5,7 +5,12 @@ Dropping a lock as soon as it is not ``locked()`` is wrong: when its holder
 releases it, the first waiter is only woken, and until that waiter runs the
 lock reads as free. A caller that came in between would find no lock, make
 a new one and run beside the woken waiter. Here a lock is dropped when the
-count of its holder and waiters falls to zero."""
+count of its holder and waiters falls to zero.
+
+Most holds find nobody else on their key (a new client's first
+subscription, one topic's subscribe). Those take no ``asyncio.Lock`` at
+all: the entry alone says the key is held, and the lock is made by the
+first caller that has to wait."""
 
 from __future__ import annotations
 
@@ -23,8 +28,8 @@ class _Entry:
     __slots__ = ("lock", "users")
 
     def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0  # the holder and every waiter
+        self.lock: asyncio.Lock | None = None  # made when someone must wait
+        self.users = 1  # the holder and every waiter
 
 
 class KeyedLocks(Generic[K]):
@@ -57,12 +62,19 @@ class _Holding(Generic[K]):
     async def __aenter__(self) -> None:
         entries = self._locks._entries
         entry = entries.get(self._key)
-        if entry is None:
-            entry = entries[self._key] = _Entry()
+        if entry is None:  # nobody on this key: it is ours, with no lock
+            self._entry = entries[self._key] = _Entry()
+            return
         self._entry = entry
         entry.users += 1
+        lock = entry.lock
+        if lock is None:
+            lock = entry.lock = asyncio.Lock()
+            # Taken for the holder, who releases it on leaving: a free lock
+            # with no waiters is taken without suspending.
+            await lock.acquire()
         try:
-            await entry.lock.acquire()
+            await lock.acquire()
         except BaseException:
             self._leave()
             raise
@@ -73,7 +85,9 @@ class _Holding(Generic[K]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._entry.lock.release()
+        lock = self._entry.lock
+        if lock is not None:
+            lock.release()  # to the first waiter
         self._leave()
 
     def _leave(self) -> None:

@@ -101,3 +101,22 @@ async def test_a_waiter_cancelled_or_a_body_that_raises_leaves_no_lock() -> None
     assert len(locks) == 0
     await bodies.run("after")  # the key is free again
     assert bodies.entered == ["holder", "after"]
+
+
+async def test_a_hold_nobody_waits_for_makes_no_asyncio_lock() -> None:
+    """The usual hold (a new client, one topic's subscribe) finds its key
+    free: the entry alone marks it held, and a lock is made only for the
+    first caller that has to wait."""
+    locks: KeyedLocks[str] = KeyedLocks()
+    async with locks.hold("k"):
+        assert locks._entries["k"].lock is None
+    gate = asyncio.Event()
+    bodies = Bodies(locks)
+    held = asyncio.create_task(bodies.run("holder", gate=gate))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(bodies.run("waiter"))
+    await asyncio.sleep(0)
+    assert locks._entries["k"].lock is not None and locks._entries["k"].users == 2
+    gate.set()
+    await asyncio.gather(held, waiter)
+    assert bodies.most == 1 and len(locks) == 0
