@@ -15,7 +15,11 @@ topics, create the client, hold its topics, open its stream with the same
 head and first frame. The difference between the two is what HTTP and
 routing cost per connect. ``--slow-connect`` turns the connect fast path
 off (``fast_connect=false``), so every connect is parsed by httptools and
-answered by the events route.
+answered by the events route. ``--nats URL`` puts the NATS driver under
+the streamer (a nats-server at URL): a connect that names a topic nobody
+holds yet then waits for the broker's SUB and PONG, as gochan-nats does, and
+the figure is the wall time until every stream is open, with the process's
+CPU time per connect beside it.
 
 Usage::
 
@@ -23,6 +27,7 @@ Usage::
     python bench/connect_inproc.py --streamer-only      # the streamer's share alone
     python bench/connect_inproc.py --slow-connect       # without the connect fast path
     python bench/connect_inproc.py --profile 30         # cProfile, the 30 costliest functions
+    python bench/connect_inproc.py --nats nats://127.0.0.1:4222 --topics 20000 --per-conn-topics 1
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import pstats
 import statistics
 import sys
@@ -42,6 +48,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gochan import Config, Streamer
+from gochan.drivers.nats import NatsDriver
 from gochan.server.app import Server
 from gochan.server.http import parse_query, stream_head
 
@@ -147,7 +154,17 @@ async def connect_streamer_only(server: Server, i: int, data: bytes, kept: list[
     await settle(i)
 
 
-async def round_once(args: argparse.Namespace, profile: cProfile.Profile | None) -> float:
+async def all_open(kept: list[Transport], total: int) -> None:
+    """Wait until every connect has its stream and its head is written
+    (those waiting on the broker too)."""
+    while sum(1 for t in kept if t.protocol is not None and t.written) < total:
+        await asyncio.sleep(0.001)
+
+
+async def round_once(
+    args: argparse.Namespace, profile: cProfile.Profile | None
+) -> tuple[float, float]:
+    """Wall and CPU microseconds per measured connect."""
     total = args.connections + WARMUP
     config = Config(
         max_connections=total + 100,
@@ -156,42 +173,52 @@ async def round_once(args: argparse.Namespace, profile: cProfile.Profile | None)
         fast_connect=args.fast_connect,
     )
     requests = [request(i, args.topics, args.per_conn_topics) for i in range(args.topics)]
-    async with Streamer(config) as streamer:
+    driver = NatsDriver(args.nats, prefix=f"inproc{time.time_ns()}.") if args.nats else None
+    async with Streamer(config, driver=driver) as streamer:
         server = Server(streamer, config, sweep=False)
+        gc.collect()
+        gc.freeze()  # as the server does once it listens
         kept: list[Transport] = []
         for i in range(WARMUP):
             await connect(server, i, requests[i % len(requests)], kept)
         for _ in range(5):
             await asyncio.sleep(0)
+        await all_open(kept, WARMUP)
         if profile is not None:
             profile.enable()
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         measured = connect_streamer_only if args.streamer_only else connect
         for i in range(WARMUP, total):
             await measured(server, i, requests[i % len(requests)], kept)
-        took = time.perf_counter() - started
+        await all_open(kept, total)
+        took, cpu = time.perf_counter() - started, time.process_time() - cpu
         if profile is not None:
             profile.disable()
         # A stream is made the transport's protocol once its head is written.
         streams = sum(1 for t in kept if t.protocol is not None and t.written and not t.closed)
         if streams != total:
             raise RuntimeError(f"only {streams} of {total} connects opened a stream")
-    return took / args.connections * 1e6
+    gc.unfreeze()
+    return took / args.connections * 1e6, cpu / args.connections * 1e6
 
 
 async def main(args: argparse.Namespace) -> None:
     if args.profile:
         profile = cProfile.Profile()
-        us = await round_once(args, profile)
+        us, _cpu = await round_once(args, profile)
         print(f"{us:.1f} us per connect under cProfile (its overhead included)")
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile)
         return
-    runs = [await round_once(args, None) for _ in range(args.rounds)]
+    results = [await round_once(args, None) for _ in range(args.rounds)]
+    runs, cpus = [r[0] for r in results], [r[1] for r in results]
     print(
         f"{args.connections} connects x {args.per_conn_topics} of {args.topics} topics"
-        f"{' (streamer only)' if args.streamer_only else ''}: "
+        f"{' (streamer only)' if args.streamer_only else ''}"
+        f"{' on NATS' if args.nats else ''}: "
         f"{statistics.median(runs):.1f} us per connect (median; runs "
         + ", ".join(f"{r:.1f}" for r in runs)
+        + f"), CPU {statistics.median(cpus):.1f} us (runs "
+        + ", ".join(f"{c:.1f}" for c in cpus)
         + ")"
     )
 
@@ -210,6 +237,9 @@ if __name__ == "__main__":
         dest="fast_connect",
         action="store_false",
         help="turn the connect fast path off (fast_connect=false): httptools and events()",
+    )
+    parser.add_argument(
+        "--nats", metavar="URL", default="", help="the NATS driver on this nats-server"
     )
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="one cProfile round; show N functions"

@@ -389,7 +389,7 @@ class Streamer:
         if not topics:
             return
         try:
-            errors = await self.update_subscriptions(client, add=topics)
+            errors = await self.add_checked_topics(client, topics)
         except BaseException:
             await self.remove_client(client.id)
             raise
@@ -546,6 +546,18 @@ class Streamer:
             if stream.replay is None:  # a replaying stream joins when it is done
                 self.hub.subscribe_all(stream, new)
         return True
+
+    async def add_checked_topics(self, client: Client, topics: list[str]) -> list[TopicError]:
+        """:meth:`update_subscriptions` with ``add=topics`` and nothing to
+        remove, for ``topics`` that :meth:`check_topics` returned (not
+        checked again): what a connect awaits when :meth:`add_held_topics`
+        could not subscribe without the broker."""
+        if client.topic_count + len(client.new_topics(topics)) > self.config.max_topics_per_client:
+            raise LimitExceededError(
+                f"a client may hold at most {self.config.max_topics_per_client} topics"
+            )
+        async with self._update_locks.hold(client):
+            return await self._apply(client, topics, [])
 
     async def _apply(self, client: Client, add: list[str], remove: list[str]) -> list[TopicError]:
         errors: list[TopicError] = []

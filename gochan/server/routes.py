@@ -545,7 +545,9 @@ class Router:
     ) -> Reply:
         errors: list[TopicError] = []
         try:
-            if topics or drop:
+            if created and topics:  # checked (events, events_fast); nothing to drop
+                errors = await self.streamer.add_checked_topics(client, topics)
+            elif topics or drop:
                 errors = await self.streamer.update_subscriptions(client, add=topics, remove=drop)
             if created:
                 await self.streamer.register_client(client)
