@@ -540,6 +540,23 @@ def test_connect_inproc_opens_every_stream(only: list[str]) -> None:
     )
 
 
+def test_connect_inproc_on_nats_opens_every_stream() -> None:
+    """bench/connect_inproc.py --nats at a tiny size, a topic per connect:
+    every connect waits for its SUB and still gets its stream (it raises if
+    one is left unanswered), with the CPU figure beside the wall time."""
+    from tests.drivers._nats_server import NatsServer
+
+    for server in NatsServer.running():
+        run = subprocess.run(
+            [sys.executable, str(BENCH / "connect_inproc.py"), "--connections", "300",
+             "--rounds", "1", "--topics", "1000", "--per-conn-topics", "1", "--nats", server.url],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        figure = r"300 connects x 1 of 1000 topics on NATS: [\d.]+ us per connect .*CPU [\d.]+ us"
+        assert re.match(figure, run.stdout), run.stdout
+
+
 @pytest.mark.parametrize("jetstream", [[], ["--jetstream"]], ids=["core", "jetstream"])
 def test_nats_subscribe_subscribes_every_topic(jetstream: list[str]) -> None:
     """bench/nats_subscribe.py at a tiny size against a nats-server started
