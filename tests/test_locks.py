@@ -31,6 +31,18 @@ class Bodies:
                 await asyncio.sleep(0)
             self.inside[key] -= 1
 
+    async def held_and_waited_for(
+        self, waiter: str
+    ) -> tuple[asyncio.Event, asyncio.Task[None], asyncio.Task[None]]:
+        """A holder on "k" inside its body until the event is set, and
+        ``waiter`` queued behind it."""
+        gate = asyncio.Event()
+        held = asyncio.create_task(self.run("holder", gate=gate))
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(self.run(waiter))
+        await asyncio.sleep(0)
+        return gate, held, waiting
+
 
 async def test_a_caller_that_comes_as_the_lock_is_handed_on_waits_its_turn() -> None:
     """The holder releases, the first waiter is woken but has not run yet,
@@ -82,12 +94,8 @@ async def test_keys_do_not_wait_for_each_other_and_leave_nothing_behind() -> Non
 
 async def test_a_waiter_cancelled_or_a_body_that_raises_leaves_no_lock() -> None:
     locks: KeyedLocks[str] = KeyedLocks()
-    gate = asyncio.Event()
     bodies = Bodies(locks)
-    held = asyncio.create_task(bodies.run("holder", gate=gate))
-    await asyncio.sleep(0)
-    waiting = asyncio.create_task(bodies.run("cancelled"))
-    await asyncio.sleep(0)
+    gate, held, waiting = await bodies.held_and_waited_for("cancelled")
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
@@ -110,12 +118,8 @@ async def test_a_hold_nobody_waits_for_makes_no_asyncio_lock() -> None:
     locks: KeyedLocks[str] = KeyedLocks()
     async with locks.hold("k"):
         assert locks._entries["k"].lock is None
-    gate = asyncio.Event()
     bodies = Bodies(locks)
-    held = asyncio.create_task(bodies.run("holder", gate=gate))
-    await asyncio.sleep(0)
-    waiter = asyncio.create_task(bodies.run("waiter"))
-    await asyncio.sleep(0)
+    gate, held, waiter = await bodies.held_and_waited_for("waiter")
     assert locks._entries["k"].lock is not None and locks._entries["k"].users == 2
     gate.set()
     await asyncio.gather(held, waiter)
